@@ -1,0 +1,175 @@
+"""File I/O shared by every stage: atomic writes, pickle-free .npz/JSON, validated NIfTI.
+
+Every writer goes through :func:`atomic_path`, so a crash or ``kill -9`` leaves either the old
+file or the complete new one, never a half-written file. Readers refuse pickled content.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "CaseError",
+    "NiftiVolume",
+    "atomic_path",
+    "save_npz",
+    "load_npz",
+    "write_json",
+    "read_json",
+    "load_nifti",
+    "save_nifti",
+    "affines_match",
+]
+
+
+class CaseError(ValueError):
+    """Bad input for one case; the message is one line naming the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the full suffix (``.npz``, ``.nii.gz``) so writers that pick a
+    format from the extension behave, and starts with ``.`` so globs for outputs skip it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress: bool = True) -> None:
+    """Write ``arrays`` to ``path`` (.npz) atomically. Object arrays are refused (they need pickle)."""
+    for key, value in arrays.items():
+        if np.asarray(value).dtype == object:
+            raise TypeError(f"{path}: array {key!r} has dtype object, which would need pickle")
+    writer = np.savez_compressed if compress else np.savez
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            writer(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Read an .npz into a dict of arrays (never unpickling).
+
+    ``keys`` restricts what is decompressed and checks that those keys exist.
+    Raises :class:`CaseError` naming the file when it is unreadable or a key is missing.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            wanted = data.files if keys is None else keys
+            missing = [k for k in wanted if k not in data.files]
+            if missing:
+                raise CaseError(f"{path}: missing key(s) {missing}; has {sorted(data.files)}")
+            return {k: data[k] for k in wanted}
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        if isinstance(err, CaseError):
+            raise
+        raise CaseError(f"{path}: unreadable .npz ({_one_line(err)})") from err
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically; numpy values and paths are converted."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_to_jsonable, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, raising :class:`CaseError` naming the file when it is missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise CaseError(f"{path}: file not found") from err
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CaseError(f"{path}: unreadable JSON ({_one_line(err)})") from err
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """A 3-D volume in array axis order (X, Y, Z).
+
+    data: float32 or the stored integer dtype (see :func:`load_nifti`); affine: (4, 4) float64
+    voxel-to-world (RAS, mm); zooms: (3,) voxel spacing in mm, array axis order.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    zooms: tuple[float, float, float]
+    path: Path
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (product of zooms in mm / 1000)."""
+        return float(np.prod(self.zooms)) / 1000.0
+
+
+def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> NiftiVolume:
+    """Load a 3-D NIfTI, checking it is readable, 3-D and finite.
+
+    A trailing singleton 4th axis is dropped; a real 4-D series is an error. The data is cast
+    to ``dtype`` (float32 for images; pass ``np.float32`` for masks too and check labels with
+    :func:`strokeseg.geometry.as_binary_mask`). Raises :class:`CaseError` naming the file.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except FileNotFoundError as err:
+        raise CaseError(f"{path}: file not found") from err
+    except Exception as err:  # nibabel raises many types for corrupt/truncated files
+        raise CaseError(f"{path}: unreadable NIfTI ({_one_line(err)})") from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise CaseError(f"{path}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    data = np.asarray(data, dtype=dtype)
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int(np.size(data) - np.isfinite(data).sum())
+        raise CaseError(f"{path}: {bad} NaN/Inf voxel(s)")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), zooms=zooms, path=path)
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a 3-D array (X, Y, Z) with its (4, 4) affine as NIfTI-1, atomically."""
+    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def affines_match(a: np.ndarray, b: np.ndarray, atol: float = 1e-3) -> bool:
+    """True when two (4, 4) affines agree element-wise within ``atol`` (mm)."""
+    return bool(np.allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0.0))
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
