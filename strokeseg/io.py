@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_path",
     "save_npz",
     "load_npz",
+    "load_npz_mmap",
     "write_json",
     "read_json",
     "load_nifti",
@@ -48,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from a shared group
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -83,6 +86,42 @@ def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> di
         if isinstance(err, CaseError):
             raise
         raise CaseError(f"{path}: unreadable .npz ({_one_line(err)})") from err
+
+
+def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.memmap]:
+    """Memory-map members of an uncompressed .npz (written with ``compress=False``).
+
+    ``np.load`` cannot map .npz members, so this finds each stored member's byte offset and maps
+    it read-only: a patch read touches only its own pages, not the whole volume. Raises
+    :class:`CaseError` for compressed members, missing keys or unreadable files.
+    """
+    out: dict[str, np.memmap] = {}
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            for key in keys:
+                try:
+                    info = archive.getinfo(f"{key}.npy")
+                except KeyError:
+                    raise CaseError(f"{path}: missing key {key!r}") from None
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CaseError(f"{path}: member {key!r} is compressed and cannot be memory-mapped")
+                raw.seek(info.header_offset + 26)  # local file header: name and extra-field lengths
+                name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                raw.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(raw)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+                if dtype.hasobject:
+                    raise CaseError(f"{path}: member {key!r} holds objects (pickle), refused")
+                order = "F" if fortran else "C"
+                out[key] = np.memmap(path, dtype=dtype, mode="r", shape=shape, order=order, offset=raw.tell())
+    except (OSError, zipfile.BadZipFile, ValueError, struct.error) as err:
+        if isinstance(err, CaseError):
+            raise
+        raise CaseError(f"{path}: unreadable .npz ({_one_line(err)})") from err
+    return out
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -169,6 +208,12 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) ->
 def affines_match(a: np.ndarray, b: np.ndarray, atol: float = 1e-3) -> bool:
     """True when two (4, 4) affines agree element-wise within ``atol`` (mm)."""
     return bool(np.allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0.0))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,19 +1,23 @@
 """The per-case loop every stage script shares: progress, one log line per case, failures
 collected instead of raised, optional process parallelism, a summary JSON and the exit status.
 
-A stage script provides ``process(case_id) -> CaseResult`` (a top-level function or
-``functools.partial`` so it can run in worker processes) and calls :func:`run_cases`.
+A stage script maps case ids to work items (paths, records) and provides
+``process(item) -> CaseResult``, a top-level function or ``functools.partial`` of one so it can
+run in worker processes, then calls :func:`run_cases` and :func:`finish`.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import logging
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
 
 from tqdm import tqdm
 
@@ -27,6 +31,7 @@ __all__ = [
     "run_cases",
     "write_run_args",
     "finish",
+    "add_run_arguments",
 ]
 
 LOG = logging.getLogger("strokeseg")
@@ -90,10 +95,10 @@ class RunReport:
         }
 
 
-def _run_one(process: Callable[[str], CaseResult], case_id: str) -> CaseResult:
+def _run_one(process: Callable[[Any], CaseResult], case_id: str, item: Any) -> CaseResult:
     start = time.perf_counter()
     try:
-        result = process(case_id)
+        result = process(item)
     except CaseError as err:
         result = CaseResult(case_id, "failed", reason=str(err))
     except Exception as err:  # one bad case must not stop the others; keep its reason
@@ -110,27 +115,34 @@ def _log_result(log: logging.Logger, index: int, total: int, result: CaseResult)
     log.info(line)
 
 
+def _single_threaded_worker() -> None:
+    # Parallelism comes from the processes; one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+
+
 def run_cases(
-    case_ids: Sequence[str],
-    process: Callable[[str], CaseResult],
+    cases: Mapping[str, Any],
+    process: Callable[[Any], CaseResult],
     workers: int = 1,
     desc: str = "cases",
 ) -> RunReport:
-    """Run ``process`` on every case, in ``workers`` processes when > 1; never raises per case.
+    """Run ``process(item)`` for every ``case_id -> item`` of ``cases``; never raises per case.
 
-    Exceptions become ``failed`` results with a one-line reason. Results come back in
-    completion order in the log and sorted by case id in the report.
+    With ``workers`` > 1 the cases run in that many spawned processes (spawn, not fork, so
+    OpenMP/BLAS thread pools of the parent cannot deadlock a child). Exceptions become
+    ``failed`` results with a one-line reason; ``process`` may itself return ``skipped``.
     """
     log = get_logger()
     results: list[CaseResult] = []
-    total = len(case_ids)
+    total = len(cases)
     if workers <= 1 or total <= 1:
-        for case_id in progress(case_ids, total=total, desc=desc):
-            results.append(_run_one(process, case_id))
+        for case_id, item in progress(cases.items(), total=total, desc=desc):
+            results.append(_run_one(process, case_id, item))
             _log_result(log, len(results), total, results[-1])
         return RunReport(results)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_one, process, case_id) for case_id in case_ids]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_threaded_worker) as pool:
+        futures = [pool.submit(_run_one, process, case_id, item) for case_id, item in cases.items()]
         for future in progress(as_completed(futures), total=total, desc=desc):
             results.append(future.result())
             _log_result(log, len(results), total, results[-1])
@@ -157,3 +169,9 @@ def finish(summary_path: str | Path, report: RunReport, extra: dict[str, Any] | 
     for item in summary["failed"]:
         log.info(f"  FAILED {item['case_id']}: {item['reason']}")
     return 1 if report.n_failed else 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every per-case stage shares: ``--workers`` and ``--overwrite``."""
+    parser.add_argument("--workers", type=int, default=1, help="cases processed in parallel processes (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists (default: skip them)")

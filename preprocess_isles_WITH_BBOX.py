@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""ISLES 2022 evaluation preprocessing: as ``preprocess_v2_isles.py`` plus native-space metadata.
+
+Each ``<case>.npz`` also holds ``bbox`` (3, 2) [start, stop) voxels, ``original_shape``,
+``cropped_shape``, ``original_affine`` (4, 4), ``original_mask`` (native grid, uint8) and
+``spacing`` (mm), so ``evaluate.py`` maps predictions back to the native grid from the .npz alone.
+
+    python preprocess_isles_WITH_BBOX.py --isles-dir /data/ISLES2022/derivatives \
+        --output-dir /data/preprocessed_isles_eval --target-shape 96 96 96
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from strokeseg.isles import add_isles_arguments, preprocess_isles
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_isles_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _, status = preprocess_isles(args, with_bbox=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""ISLES 2022: case discovery in both release layouts and per-case preprocessing.
+
+Layout A (Zenodo BIDS): ``ROOT/<sub>/ses-*/dwi/<sub>_ses-*_{dwi,adc}.nii.gz``;
+layout B (organisers' sample): ``ROOT/rawdata/<sub>/ses-*/<sub>_ses-*_{dwi,adc}.nii.gz``;
+both with masks in ``ROOT/derivatives/<sub>/ses-*/<sub>_ses-*_msk.nii.gz``. ``--isles-dir`` may
+be ROOT or its ``derivatives/`` folder. File names are matched case-insensitively.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
+from .io import CaseError, affines_match, load_nifti, save_npz
+from .runner import CaseResult, RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
+
+__all__ = [
+    "IslesCase",
+    "discover_isles_cases",
+    "preprocess_isles_case",
+    "add_isles_arguments",
+    "preprocess_isles",
+    "TRAIN_KEYS",
+    "BBOX_KEYS",
+]
+
+TRAIN_KEYS = ("dwi", "adc", "mask")
+BBOX_KEYS = TRAIN_KEYS + ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
+_FILE = re.compile(r"^(sub-[^_]+)_(ses-[^_]+)_(dwi|adc|msk)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class IslesCase:
+    """Paths of one ISLES case; a missing modality is None (reported when the case is processed)."""
+
+    case_id: str
+    dwi: Path | None
+    adc: Path | None
+    mask: Path | None
+
+
+def _dataset_root(isles_dir: Path) -> Path:
+    if not isles_dir.is_dir():
+        raise CaseError(f"{isles_dir}: ISLES folder not found")
+    return isles_dir.parent if isles_dir.name.lower() == "derivatives" else isles_dir
+
+
+def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
+    """Find every subject with any of DWI, ADC or mask under the dataset root, in either layout.
+
+    Returns cases sorted by id (``sub-strokecaseNNNN``; the session is added only when a
+    subject has several). Raises :class:`CaseError` when nothing ISLES-like is found.
+    """
+    root = _dataset_root(Path(isles_dir))
+    found: dict[tuple[str, str], dict[str, Path]] = {}
+    for path in sorted(root.rglob("*")):
+        match = _FILE.match(path.name)
+        if not match or not path.is_file():
+            continue
+        sub, ses, kind = match.group(1), match.group(2), match.group(3).lower()
+        in_derivatives = any(part.lower() == "derivatives" for part in path.relative_to(root).parts)
+        if (kind == "msk") != in_derivatives:
+            continue  # masks live in derivatives/, images outside it
+        slot = found.setdefault((sub, ses), {})
+        if kind in slot:
+            raise CaseError(f"{path}: second {kind} file for {sub}/{ses} (first: {slot[kind]})")
+        slot[kind] = path
+    if not found:
+        raise CaseError(f"{root}: no ISLES 2022 files (*_dwi/_adc/_msk.nii.gz) found")
+    sessions_per_sub: dict[str, int] = {}
+    for sub, _ in found:
+        sessions_per_sub[sub] = sessions_per_sub.get(sub, 0) + 1
+    cases = [
+        IslesCase(
+            case_id=sub if sessions_per_sub[sub] == 1 else f"{sub}_{ses}",
+            dwi=files.get("dwi"),
+            adc=files.get("adc"),
+            mask=files.get("msk"),
+        )
+        for (sub, ses), files in found.items()
+    ]
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _require(path: Path | None, what: str, case_id: str) -> Path:
+    if path is None:
+        raise CaseError(f"{case_id}: no {what} file found")
+    return path
+
+
+def preprocess_isles_case(
+    case: IslesCase, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
+) -> CaseResult:
+    """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``.
+
+    Keys: ``dwi``, ``adc`` float32 (X, Y, Z) z-scored on non-zero voxels; ``mask`` uint8 {0,1}.
+    With ``with_bbox`` also: ``bbox`` int64 (3, 2) [start, stop) in native voxels,
+    ``original_shape``/``cropped_shape`` int64 (3,), ``original_affine`` float64 (4, 4),
+    ``original_mask`` uint8 native grid, ``spacing`` float64 (3,) mm.
+    """
+    out_path = output_dir / f"{case.case_id}.npz"
+    if out_path.exists() and not overwrite:
+        return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
+    dwi = load_nifti(_require(case.dwi, "DWI", case.case_id))
+    adc = load_nifti(_require(case.adc, "ADC", case.case_id))
+    msk = load_nifti(_require(case.mask, "mask", case.case_id))
+    for other in (adc, msk):
+        if other.data.shape != dwi.data.shape:
+            raise CaseError(f"{other.path}: shape {other.data.shape} differs from DWI {dwi.data.shape}")
+        if not affines_match(other.affine, dwi.affine):
+            raise CaseError(f"{other.path}: affine differs from the DWI's by more than 1e-3")
+    mask = as_binary_mask(msk.data, msk.path)
+    bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
+
+    arrays = {
+        "dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False)),
+        "adc": zscore(resample_to_shape(crop(adc.data, bbox), target_shape, is_label=False)),
+        "mask": resample_to_shape(crop(mask, bbox), target_shape, is_label=True),
+    }
+    if with_bbox:
+        arrays.update(
+            bbox=bbox,
+            original_shape=np.array(dwi.data.shape, dtype=np.int64),
+            cropped_shape=bbox[:, 1] - bbox[:, 0],
+            original_affine=dwi.affine,
+            original_mask=mask,
+            spacing=np.array(dwi.zooms, dtype=np.float64),
+        )
+    save_npz(out_path, arrays)
+    info = {
+        "lesion_voxels_native": int(mask.sum()),
+        "lesion_ml": float(mask.sum()) * dwi.voxel_volume_ml,
+        "original_shape": list(dwi.data.shape),
+        "spacing_mm": list(dwi.zooms),
+    }
+    return CaseResult(case.case_id, "done", info=info)
+
+
+def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of both ISLES preprocessing scripts (the paper's, plus margin/workers/overwrite)."""
+    parser.add_argument("--isles-dir", type=Path, required=True, help="ISLES 2022 dataset root or its derivatives/ folder (layout A or B)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for <case>.npz, summary and run_args.json")
+    parser.add_argument("--target-shape", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"), help="resampled shape in voxels (default 96 96 96)")
+    parser.add_argument("--margin", type=int, default=4, help="voxels kept around the DWI brain bounding box (default 4)")
+    add_run_arguments(parser)
+
+
+def preprocess_isles(args: argparse.Namespace, with_bbox: bool) -> tuple[RunReport, int]:
+    """Discover, preprocess every case, write ``preprocessing_summary.json``; returns the report
+    and the exit status (1 when any case failed or nothing was found)."""
+    log = get_logger()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_args(args.output_dir, args)
+    cases = {case.case_id: case for case in discover_isles_cases(args.isles_dir)}
+    log.info(f"{len(cases)} ISLES cases under {args.isles_dir}; target shape {tuple(args.target_shape)}; bbox metadata: {with_bbox}")
+    process = functools.partial(
+        preprocess_isles_case,
+        output_dir=args.output_dir,
+        target_shape=tuple(args.target_shape),
+        margin=args.margin,
+        with_bbox=with_bbox,
+        overwrite=args.overwrite,
+    )
+    report = run_cases(cases, process, workers=args.workers, desc="ISLES")
+    keys = BBOX_KEYS if with_bbox else TRAIN_KEYS
+    status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": "ISLES2022", "keys": list(keys)})
+    return report, status

@@ -1,0 +1,186 @@
+"""Cross-validation splits as files: a fixed held-out test set plus K disjoint train/val folds.
+
+File shape (the original repository's, so its split files load too)::
+
+    {"fold_0": {"ISLES2022": {"train": [...], "val": [...], "test": [...]}}, "fold_1": ...}
+
+Test and folds are stratified by lesion volume (cases sorted by volume, dealt out from blocks of
+similar volume) and optionally grouped (all visits of one patient go to the same side).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .io import CaseError, read_json, write_json
+from .runner import get_logger
+
+__all__ = ["Split", "make_splits", "load_split", "validate_splits", "write_splits_once"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Case ids of one fold: train and val are disjoint, test is the fixed held-out set."""
+
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+def _group_volumes(
+    case_ids: Sequence[str], volumes: Mapping[str, float], groups: Mapping[str, str] | None
+) -> dict[str, float]:
+    """Mean lesion volume per group (a group is one case when ``groups`` is None)."""
+    members: dict[str, list[float]] = {}
+    for case_id in case_ids:
+        key = groups[case_id] if groups else case_id
+        members.setdefault(key, []).append(float(volumes[case_id]))
+    return {key: float(np.mean(vals)) for key, vals in members.items()}
+
+
+def _stratified_assign(keys_by_volume: list[str], n_bins: int, rng: np.random.Generator) -> dict[str, int]:
+    """Deal keys (sorted by volume) into ``n_bins`` bins: each block of ``n_bins`` consecutive keys
+    is shuffled and spread one per bin, so every bin covers the whole volume range."""
+    assignment: dict[str, int] = {}
+    offset = 0
+    for start in range(0, len(keys_by_volume), n_bins):
+        block = keys_by_volume[start : start + n_bins]
+        order = rng.permutation(len(block))
+        for slot, idx in enumerate(order):
+            assignment[block[idx]] = (slot + offset) % n_bins
+        offset += len(block)  # rotate where a partial block lands so bins stay balanced
+    return assignment
+
+
+def make_splits(
+    lesion_volumes: Mapping[str, float],
+    dataset: str,
+    n_folds: int = 5,
+    test_fraction: float = 0.2,
+    seed: int = 42,
+    groups: Mapping[str, str] | None = None,
+) -> dict:
+    """Build the splits dictionary for ``dataset``.
+
+    lesion_volumes: case id -> lesion volume (voxels or ml; only the order matters).
+    groups: optional case id -> patient id; a patient's cases never straddle test/train/val.
+    test_fraction: share of groups held out as the fixed test set (0 for none).
+    """
+    case_ids = sorted(lesion_volumes)
+    if len(set(case_ids)) != len(case_ids):
+        raise ValueError("duplicate case ids")
+    group_vol = _group_volumes(case_ids, lesion_volumes, groups)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if len(group_vol) < n_folds + (1 if test_fraction > 0 else 0):
+        raise ValueError(f"{len(group_vol)} patients are too few for {n_folds} folds plus a test set")
+    rng = np.random.default_rng(seed)
+    keys = sorted(group_vol, key=lambda k: (group_vol[k], k))
+
+    test_keys: set[str] = set()
+    n_test = int(round(test_fraction * len(keys)))
+    if n_test:
+        # Evenly spaced ranks over the volume order, shifted by a seeded offset: stratified.
+        ranks = np.floor((np.arange(n_test) + rng.random()) * len(keys) / n_test).astype(int)
+        test_keys = {keys[r] for r in ranks}
+    cv_keys = [k for k in keys if k not in test_keys]
+    fold_of = _stratified_assign(cv_keys, n_folds, rng)
+
+    def cases_of(selected: set[str]) -> list[str]:
+        return sorted(c for c in case_ids if (groups[c] if groups else c) in selected)
+
+    test = cases_of(test_keys)
+    splits = {}
+    for fold in range(n_folds):
+        val_keys = {k for k in cv_keys if fold_of[k] == fold}
+        train_keys = set(cv_keys) - val_keys
+        splits[f"fold_{fold}"] = {dataset: {"train": cases_of(train_keys), "val": cases_of(val_keys), "test": test}}
+    validate_splits(splits, groups=groups)
+    return splits
+
+
+def validate_splits(splits: dict, source: str | Path = "splits", groups: Mapping[str, str] | None = None) -> None:
+    """Check every fold: unique ids, train/val/test pairwise disjoint, validation sets disjoint
+    across folds, and (with ``groups``) no patient on both sides. Raises :class:`CaseError`."""
+    seen_val: dict[str, str] = {}
+    for fold_name, per_dataset in splits.items():
+        for dataset, parts in per_dataset.items():
+            where = f"{source}: {fold_name}/{dataset}"
+            for part in ("train", "val", "test"):
+                ids = parts.get(part, [])
+                if len(set(ids)) != len(ids):
+                    dups = sorted({i for i in ids if ids.count(i) > 1})
+                    raise CaseError(f"{where}: duplicated id(s) in {part}: {dups[:5]}")
+            train, val, test = (set(parts.get(p, [])) for p in ("train", "val", "test"))
+            for a, b, name_a, name_b in ((train, val, "train", "val"), (train, test, "train", "test"), (val, test, "val", "test")):
+                overlap = a & b
+                if overlap:
+                    raise CaseError(f"{where}: {len(overlap)} id(s) in both {name_a} and {name_b}: {sorted(overlap)[:5]}")
+            if groups:
+                crossing = {groups[c] for c in train if c in groups} & {groups[c] for c in val if c in groups}
+                if crossing:
+                    raise CaseError(f"{where}: patient(s) in both train and val: {sorted(crossing)[:5]}")
+            for case_id in val:
+                other = seen_val.setdefault(f"{dataset}/{case_id}", fold_name)
+                if other != fold_name:
+                    raise CaseError(f"{source}: {case_id} is in the validation sets of {other} and {fold_name}")
+
+
+def load_split(path: str | Path, fold: int, dataset: str | None = None) -> Split:
+    """Read fold ``fold`` of a splits file, validating the whole file first.
+
+    ``dataset`` picks the dataset key; when None the fold must hold exactly one dataset.
+    Raises :class:`CaseError` naming the file on any problem.
+    """
+    splits = read_json(path)
+    if not isinstance(splits, dict) or not splits:
+        raise CaseError(f"{path}: not a splits file (expected {{'fold_0': {{dataset: {{...}}}}}})")
+    key = f"fold_{fold}"
+    if key not in splits:
+        raise CaseError(f"{path}: no {key}; folds present: {sorted(splits)}")
+    validate_splits(splits, source=path)
+    per_dataset = splits[key]
+    if dataset is None:
+        if len(per_dataset) != 1:
+            raise CaseError(f"{path}: {key} holds datasets {sorted(per_dataset)}; name one")
+        dataset = next(iter(per_dataset))
+    if dataset not in per_dataset:
+        raise CaseError(f"{path}: {key} has no dataset {dataset!r}; has {sorted(per_dataset)}")
+    parts = per_dataset[dataset]
+    if not parts.get("train") or not parts.get("val"):
+        raise CaseError(f"{path}: {key}/{dataset} needs non-empty 'train' and 'val' lists")
+    return Split(train=list(parts["train"]), val=list(parts["val"]), test=list(parts.get("test", [])))
+
+
+def write_splits_once(
+    path: Path,
+    lesion_volumes: Mapping[str, float],
+    dataset: str,
+    test_fraction: float,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write the 5-fold splits file unless it exists; an existing file is kept (folds must not move
+    under running experiments) and a warning is logged when its cases differ from ``lesion_volumes``."""
+    log = get_logger()
+    if path.exists() and not overwrite:
+        existing = read_json(path)
+        validate_splits(existing, source=path, groups=groups)
+        listed = {c for per_ds in existing.values() for parts in per_ds.values() for ids in parts.values() for c in ids}
+        if listed != set(lesion_volumes):
+            log.info(
+                f"WARNING {path}: kept existing splits, but they list {len(listed)} cases and "
+                f"{len(lesion_volumes)} are preprocessed; pass --overwrite to rebuild them"
+            )
+        else:
+            log.info(f"kept existing splits {path}")
+        return existing
+    splits = make_splits(lesion_volumes, dataset, test_fraction=test_fraction, seed=seed, groups=groups)
+    write_json(path, splits)
+    fold0 = splits["fold_0"][dataset]
+    log.info(f"wrote {path}: {len(fold0['test'])} test cases, 5 folds of ~{len(fold0['val'])} val / {len(fold0['train'])} train")
+    return splits

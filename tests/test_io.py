@@ -1,0 +1,84 @@
+"""Atomic writes and pickle-free readers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from strokeseg.io import CaseError, atomic_path, load_nifti, load_npz, load_npz_mmap, read_json, save_nifti, save_npz, write_json
+
+
+def test_atomic_path_leaves_old_file_when_the_writer_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_npz_round_trip_and_refusals(tmp_path: Path) -> None:
+    arrays = {"image": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "ids": np.array(["a", "bc"])}
+    save_npz(tmp_path / "x.npz", arrays)
+    back = load_npz(tmp_path / "x.npz")
+    np.testing.assert_array_equal(back["image"], arrays["image"])
+    assert back["ids"].tolist() == ["a", "bc"]
+    assert list(load_npz(tmp_path / "x.npz", keys=("ids",))) == ["ids"]
+    with pytest.raises(CaseError, match=r"x\.npz: missing key"):
+        load_npz(tmp_path / "x.npz", keys=("mask",))
+    with pytest.raises(TypeError, match="object"):
+        save_npz(tmp_path / "o.npz", {"bad": np.array([{"a": 1}], dtype=object)})
+    (tmp_path / "broken.npz").write_bytes((tmp_path / "x.npz").read_bytes()[:40])
+    with pytest.raises(CaseError, match=r"broken\.npz: unreadable"):
+        load_npz(tmp_path / "broken.npz")
+
+
+def test_json_round_trip_with_numpy_values(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", {"shape": np.array([1, 2]), "v": np.float32(0.5), "p": tmp_path})
+    assert read_json(tmp_path / "a.json") == {"shape": [1, 2], "v": 0.5, "p": str(tmp_path)}
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(CaseError, match=r"bad\.json: unreadable JSON"):
+        read_json(tmp_path / "bad.json")
+    with pytest.raises(CaseError, match="file not found"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_outputs_follow_the_umask(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", {})
+    assert (tmp_path / "a.json").stat().st_mode & 0o044 == 0o044  # group/other readable under umask 022
+
+
+def test_nifti_round_trip_and_validation(tmp_path: Path) -> None:
+    affine = np.array([[2.0, 0.1, 0, -90], [0, 2.0, 0, -100], [0, 0, 5.0, -60], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).random((5, 6, 4)).astype(np.float32)
+    save_nifti(tmp_path / "v.nii.gz", data, affine)
+    vol = load_nifti(tmp_path / "v.nii.gz")
+    np.testing.assert_allclose(vol.data, data, rtol=1e-6)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+    assert vol.zooms == pytest.approx((2.0, 2.0025, 5.0), abs=1e-3)  # column norms of the affine
+    nib.save(nib.Nifti1Image(data[..., None], affine), str(tmp_path / "single.nii.gz"))
+    assert load_nifti(tmp_path / "single.nii.gz").data.shape == (5, 6, 4)
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), affine), str(tmp_path / "four.nii.gz"))
+    with pytest.raises(CaseError, match=r"four\.nii\.gz: expected a 3-D volume"):
+        load_nifti(tmp_path / "four.nii.gz")
+    with pytest.raises(CaseError, match="file not found"):
+        load_nifti(tmp_path / "none.nii.gz")
+
+
+def test_memory_mapped_members_equal_loaded_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    arrays = {"image": rng.random((17, 9, 11), dtype=np.float32), "lesion_mask": (rng.random((17, 9, 11)) > 0.5).astype(np.uint8)}
+    save_npz(tmp_path / "u.npz", arrays, compress=False)
+    mapped = load_npz_mmap(tmp_path / "u.npz", ("image", "lesion_mask"))
+    for key, value in arrays.items():
+        assert isinstance(mapped[key], np.memmap)
+        np.testing.assert_array_equal(mapped[key], value)
+    save_npz(tmp_path / "c.npz", arrays)
+    with pytest.raises(CaseError, match="compressed"):
+        load_npz_mmap(tmp_path / "c.npz", ("image",))
+    with pytest.raises(CaseError, match="missing key"):
+        load_npz_mmap(tmp_path / "u.npz", ("brain_mask",))
