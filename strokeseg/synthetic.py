@@ -1,0 +1,660 @@
+"""Synthetic MRI datasets written in the real on-disk layouts (SPEC.md section 1).
+
+Every dataset is built from the same pure building blocks: :func:`smooth_field` (cheap smooth
+random fields), :func:`brain_phantom` (a tissue label map: head, CSF, grey and white matter),
+:func:`lesion_mask` (irregular blobs inside the parenchyma), :func:`render` (tissue contrast,
+bias field, noise) and :func:`oblique_affine` (voxel-to-world matrix). Case ``i`` is drawn from
+its own generator (:func:`case_rng`), so its content depends on ``seed`` and ``i`` only, never
+on how many cases are generated. Files are written with :func:`strokeseg.io.save_nifti`.
+
+Example (tiny test-sized ISLES data, every 3rd case lesion-free)::
+
+    python -m strokeseg.synthetic --dataset isles --out /tmp/isles --n-cases 6 --seed 0 \\
+        --layout B --shape 40 40 24 --empty-every 3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from enum import IntEnum
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .io import save_nifti
+from .runner import progress, write_run_args
+
+__all__ = [
+    "Tissue",
+    "case_rng",
+    "smooth_field",
+    "oblique_affine",
+    "brain_phantom",
+    "lesion_mask",
+    "render",
+    "make_isles",
+    "make_atlas",
+    "make_uoa",
+    "make_brats",
+    "main",
+]
+
+Shape3 = tuple[int, int, int]
+
+
+class Tissue(IntEnum):
+    """Labels of a phantom label map (uint8). Values >= CSF are inside the brain."""
+
+    BACKGROUND = 0
+    SCALP = 1
+    SKULL = 2
+    CSF = 3
+    GM = 4
+    WM = 5
+    STROKE = 6
+    CORE = 7  # BraTS label 1, non-enhancing tumour core
+    OEDEMA = 8  # BraTS label 2, surrounding FLAIR hyperintensity
+    ENHANCING = 9  # BraTS label 3
+    CAVITY = 10  # BraTS label 4, resection cavity
+
+
+# Relative intensities per tissue (white matter about 0.8). Tissues left out render as exactly 0,
+# which is how skull stripping is expressed. ADC is in 1e-3 mm^2/s.
+_CONTRASTS: dict[str, dict[Tissue, float]] = {
+    "dwi": {Tissue.CSF: 0.3, Tissue.GM: 1.0, Tissue.WM: 0.8, Tissue.STROKE: 2.4},
+    "adc": {Tissue.CSF: 3.0, Tissue.GM: 0.9, Tissue.WM: 0.75, Tissue.STROKE: 0.4},
+    "flair": {
+        Tissue.CSF: 0.15, Tissue.GM: 0.9, Tissue.WM: 0.7, Tissue.STROKE: 1.3,
+        Tissue.CORE: 1.6, Tissue.OEDEMA: 1.9, Tissue.ENHANCING: 1.7, Tissue.CAVITY: 0.2,
+    },
+    "t1": {
+        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85, Tissue.STROKE: 0.3,
+        Tissue.CORE: 0.4, Tissue.OEDEMA: 0.6, Tissue.ENHANCING: 0.55, Tissue.CAVITY: 0.2,
+    },
+    "t1c": {
+        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85,
+        Tissue.CORE: 0.35, Tissue.OEDEMA: 0.6, Tissue.ENHANCING: 1.5, Tissue.CAVITY: 0.2,
+    },
+    "t2": {
+        Tissue.CSF: 1.0, Tissue.GM: 0.55, Tissue.WM: 0.4,
+        Tissue.CORE: 0.85, Tissue.OEDEMA: 0.8, Tissue.ENHANCING: 0.7, Tissue.CAVITY: 1.0,
+    },
+}
+_HEAD = {Tissue.SCALP: 0.75, Tissue.SKULL: 0.08}  # T1 of a head that was not skull-stripped
+
+_DATASET_KEYS = {"isles": 1, "atlas": 2, "uoa": 3, "brats": 4}
+_LESION_COUNTS, _LESION_COUNT_P = (1, 2, 3, 4), (0.4, 0.3, 0.15, 0.15)
+_MNI_RADII = (0.36, 0.38, 0.34)  # brain semi-axes as fractions of an MNI grid (X, Y, Z)
+_MNI_CENTRE_MM = (0.0, -18.0, 22.0)  # world position of the MNI grid's centre voxel
+_ATLAS_SUBJECTS_PER_COHORT = 4
+_UOA_ALT_SPACING_MM = (1.25, 1.5, 2.0)  # distinct per axis so axis-order mistakes show
+_BRATS_RADII = (0.29, 0.36, 0.40)
+_BRATS_SEG = {Tissue.CORE: 1, Tissue.OEDEMA: 2, Tissue.ENHANCING: 3, Tissue.CAVITY: 4}
+_BRATS_MODALITIES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair"}
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def case_rng(seed: int, dataset: str, *key: int) -> np.random.Generator:
+    """Generator for one case: ``dataset`` (isles, atlas, uoa, brats), then integer ``key`` parts
+    (case index; BraTS adds the visit). Independent of how many cases are generated."""
+    if seed < 0 or any(k < 0 for k in key):
+        raise ValueError(f"seed and case keys must be >= 0, got seed={seed}, key={key}")
+    if dataset not in _DATASET_KEYS:
+        raise ValueError(f"dataset must be one of {sorted(_DATASET_KEYS)}, got {dataset!r}")
+    return np.random.default_rng(np.random.SeedSequence([seed, _DATASET_KEYS[dataset], *key]))
+
+
+def _upsampling_matrix(n_out: int, n_coarse: int) -> np.ndarray:
+    """(n_out, n_coarse) Gaussian interpolation weights, rows of unit L2 norm (unit variance out)."""
+    position = (np.arange(n_out) + 0.5) * (n_coarse / n_out) - 0.5  # output voxel in coarse units
+    weights = np.exp(-0.5 * ((position[:, None] - np.arange(n_coarse)[None, :]) / 0.8) ** 2)
+    return (weights / np.linalg.norm(weights, axis=1, keepdims=True)).astype(np.float32)
+
+
+def smooth_field(rng: np.random.Generator, shape: Sequence[int], n_coarse: int = 6) -> np.ndarray:
+    """Smooth random field, (X, Y, Z) float32, standard normal at every voxel.
+
+    A coarse ``n_coarse``^3 grid of N(0, 1) values is upsampled separably with Gaussian weights
+    (features about ``shape / n_coarse`` voxels across): three small matrix products, about
+    0.05 s for 197x233x189, instead of full-resolution filtering.
+    """
+    coarse = rng.standard_normal((n_coarse,) * 3).astype(np.float32)
+    wx, wy, wz = (_upsampling_matrix(int(n), n_coarse) for n in shape)
+    field = np.einsum("kc,abc->abk", wz, coarse)
+    field = np.einsum("jb,abk->ajk", wy, field)
+    return np.ascontiguousarray(np.einsum("ia,ajk->ijk", wx, field))
+
+
+def _rotation(angles_deg: Sequence[float]) -> np.ndarray:
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def oblique_affine(
+    shape: Sequence[int],
+    spacing_mm: Sequence[float],
+    angles_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    centre_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    axis_signs: Sequence[int] = (1, 1, 1),
+) -> np.ndarray:
+    """(4, 4) float64 voxel-to-world affine (RAS, mm) of a grid of ``shape`` voxels.
+
+    Column ``i`` of the 3x3 part is ``axis_signs[i] * spacing_mm[i]`` along world axis ``i``,
+    rotated about world x, then y, then z by ``angles_deg`` (degrees). The grid's centre voxel,
+    ``(shape - 1) / 2``, maps to ``centre_mm``. ``axis_signs=(-1, 1, 1)`` gives the LAS layout of
+    scanner (ISLES) and FSL MNI images; BraTS uses ``(-1, -1, 1)``.
+    """
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if spacing.shape != (3,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing_mm must be 3 positive values, got {tuple(spacing_mm)}")
+    matrix = _rotation(angles_deg) @ np.diag(spacing * np.asarray(axis_signs, dtype=np.float64))
+    affine = np.eye(4)
+    affine[:3, :3] = matrix
+    affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - matrix @ ((np.asarray(shape) - 1) / 2.0)
+    return affine
+
+
+def _normalised_radius(shape: Shape3, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) float32 ellipsoidal radius: 1 on the ellipsoid surface."""
+    axes = [((np.arange(n, dtype=np.float32) - c) / r) ** 2 for n, c, r in zip(shape, centre, radii)]
+    return np.sqrt(axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :])
+
+
+def _blob(
+    rng: np.random.Generator,
+    shape: Shape3,
+    centre: np.ndarray,
+    radii: np.ndarray,
+    n_lobes: int = 1,
+    roughness: float = 0.25,
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """Union of ``n_lobes`` ellipsoids (semi-axes ``radii`` voxels, extra lobes smaller and
+    offset) around ``centre`` (voxels), their surfaces warped by ``roughness`` x a smooth field.
+
+    Returns the bounding box as slices and the box's bool mask; the centre voxel is always set.
+    Only the box is computed, so small lesions in large volumes cost almost nothing.
+    """
+    lobes = [(np.asarray(centre, float), np.asarray(radii, float))]
+    for _ in range(n_lobes - 1):
+        lobes.append((lobes[0][0] + rng.uniform(-0.8, 0.8, 3) * radii, radii * rng.uniform(0.4, 0.8, 3)))
+    reach = 1.0 + 2.0 * roughness
+    size = np.asarray(shape)
+    low = np.clip(np.floor(np.min([c - reach * r for c, r in lobes], axis=0)), 0, size - 1).astype(int)
+    high = np.clip(np.ceil(np.max([c + reach * r for c, r in lobes], axis=0)) + 1, 1, size).astype(int)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+    box_shape = tuple(int(b - a) for a, b in zip(low, high))
+    mask = np.zeros(box_shape, dtype=bool)
+    for c, r in lobes:
+        inside = 1.0
+        if roughness > 0:
+            inside = np.clip(1.0 + roughness * smooth_field(rng, box_shape, 4), 0.3, reach)
+        mask |= _normalised_radius(box_shape, c - low, r) < inside
+    mask[tuple(np.clip(np.round(centre).astype(int), 0, size - 1) - low)] = True
+    return box, mask
+
+
+def brain_phantom(rng: np.random.Generator, shape: Sequence[int], radii_frac: Sequence[float]) -> np.ndarray:
+    """Tissue label map of a head, (X, Y, Z) uint8 :class:`Tissue` values.
+
+    Axes run left-right, posterior-anterior, inferior-superior. The brain is an ellipsoid with
+    semi-axes ``radii_frac`` x ``shape`` (voxels), warped by a smooth field; it is wrapped in
+    skull and scalp (clipped at the grid edge) and holds an outer CSF layer, a cortex of varying
+    thickness, white matter, deep grey nuclei and two lateral ventricles.
+    """
+    shape = _check_shape(shape)
+    size = np.asarray(shape, dtype=np.float64)
+    centre = (size - 1) / 2 + rng.uniform(-0.02, 0.02, 3) * size
+    radii = np.asarray(radii_frac, dtype=np.float64) * size
+    rho = _normalised_radius(shape, centre, radii)
+    rho *= 1.0 + 0.06 * smooth_field(rng, shape, 4)
+    cortex = rho + 0.03 * smooth_field(rng, shape, 12)
+    white = rho + 0.05 * smooth_field(rng, shape, 8)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[rho < 1.25] = Tissue.SCALP
+    labels[rho < 1.15] = Tissue.SKULL
+    brain = rho < 1.0
+    labels[brain] = Tissue.CSF
+    labels[brain & (cortex < 0.95)] = Tissue.GM
+    labels[brain & (white < 0.78)] = Tissue.WM
+    for side in (-1.0, 1.0):
+        nuclei = centre + radii * np.array([0.22 * side, 0.0, 0.0])
+        box, mask = _blob(rng, shape, nuclei, radii * np.array([0.1, 0.16, 0.12]), roughness=0.1)
+        labels[box][mask] = Tissue.GM
+        ventricle = centre + radii * np.array([0.09 * side, -0.05, 0.12])
+        box, mask = _blob(rng, shape, ventricle, radii * np.array([0.06, 0.3, 0.1]), roughness=0.1)
+        labels[box][mask] = Tissue.CSF
+    return labels
+
+
+def _extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and half-extent (voxels) of the bounding box of the allowed region (bool mask)."""
+    if not mask.any():
+        raise ValueError("no voxel where a lesion may lie (empty parenchyma)")
+    first, last = [], []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        first.append(hits[0])
+        last.append(hits[-1])
+    first_a, last_a = np.asarray(first, float), np.asarray(last, float)
+    return (first_a + last_a) / 2, (last_a - first_a + 1) / 2
+
+
+def _draw_centre(rng: np.random.Generator, allowed: np.ndarray, spread: float) -> np.ndarray:
+    """A voxel of ``allowed`` (voxel coordinates, float), drawn uniformly from the ellipsoid of
+    ``spread`` x the mask's bounding box; falls back to any allowed voxel."""
+    centre, half = _extent(allowed)
+    for _ in range(100):
+        direction = rng.standard_normal(3)
+        offset = direction / np.linalg.norm(direction) * rng.uniform() ** (1 / 3)
+        voxel = np.round(centre + spread * half * offset).astype(int)
+        if allowed[tuple(voxel)]:
+            return voxel.astype(float)
+    return np.asarray(np.unravel_index(rng.choice(np.flatnonzero(allowed)), allowed.shape), dtype=float)
+
+
+def lesion_mask(
+    rng: np.random.Generator,
+    allowed: np.ndarray,
+    n_lesions: int,
+    size_frac: tuple[float, float] = (0.04, 0.4),
+) -> np.ndarray:
+    """Union of ``n_lesions`` irregular blobs inside ``allowed``, (X, Y, Z) bool.
+
+    allowed: (X, Y, Z) bool, where lesions may lie (the parenchyma). Each blob is 1-3 warped
+    ellipsoids around a centre drawn inside ``allowed``; its semi-axes are a log-uniform
+    fraction in ``size_frac`` of the allowed region's half-extent per axis (at least 1 voxel),
+    so sizes run from a few voxels to a large territory. Blobs may touch and merge.
+    ``n_lesions=0`` gives an empty mask.
+    """
+    if n_lesions < 0:
+        raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
+    lesion = np.zeros(allowed.shape, dtype=bool)
+    if n_lesions == 0:
+        return lesion
+    _, half = _extent(allowed)
+    for _ in range(n_lesions):
+        centre = _draw_centre(rng, allowed, 0.75)
+        frac = math.exp(rng.uniform(math.log(size_frac[0]), math.log(size_frac[1])))
+        radii = np.maximum(frac * half * rng.uniform(0.7, 1.3, 3), 1.0)
+        box, mask = _blob(rng, allowed.shape, centre, radii, n_lobes=int(rng.integers(1, 4)))
+        lesion[box] |= mask & allowed[box]
+    return lesion
+
+
+def render(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    contrast: Mapping[Tissue, float],
+    noise_sd: float,
+    bias_sd: float = 0.1,
+) -> np.ndarray:
+    """MR-like image of a label map, (X, Y, Z) float32 in the units of ``contrast``.
+
+    Each voxel is ``contrast[label]`` x a smooth multiplicative field (bias ``bias_sd`` plus a
+    faint tissue texture) + Gaussian noise of ``noise_sd``. Tissues missing from ``contrast``
+    (background, and skull and scalp for skull-stripped images) are exactly 0.
+    """
+    table = np.zeros(len(Tissue), dtype=np.float32)
+    for tissue, value in contrast.items():
+        table[tissue] = value
+    base = table[labels]
+    gain = 1.0 + bias_sd * smooth_field(rng, labels.shape, 3)
+    gain += 0.03 * smooth_field(rng, labels.shape, 12)
+    image = base * gain
+    image += np.float32(noise_sd) * rng.standard_normal(labels.shape, dtype=np.float32)
+    image[base == 0] = 0
+    return image
+
+
+# --------------------------------------------------------------------------- shared case logic
+
+
+def _check_shape(shape: Sequence[int], minimum: int = 8) -> Shape3:
+    values = tuple(int(s) for s in shape)
+    if len(values) != 3 or min(values) < minimum:
+        raise ValueError(f"shape must be 3 sizes >= {minimum} voxels, got {tuple(shape)}")
+    return values  # type: ignore[return-value]
+
+
+def _check_count(value: int, name: str, minimum: int) -> None:
+    if int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _every(index: int, every: int) -> bool:
+    """True for case numbers every, 2*every, ... (index is 0-based); never when every == 0."""
+    return every > 0 and (index + 1) % every == 0
+
+
+def _lesion_count(rng: np.random.Generator, empty: bool) -> int:
+    return 0 if empty else int(rng.choice(_LESION_COUNTS, p=_LESION_COUNT_P))
+
+
+def _parenchyma(labels: np.ndarray) -> np.ndarray:
+    return (labels == Tissue.GM) | (labels == Tissue.WM)
+
+
+def _mni_case(rng: np.random.Generator, shape: Shape3, empty: bool, head: bool) -> tuple[np.ndarray, np.ndarray]:
+    """T1 (float32, a.u.) and lesion (bool) of one MNI-space stroke case (ATLAS and UOA)."""
+    labels = brain_phantom(rng, shape, np.asarray(_MNI_RADII) * rng.uniform(0.97, 1.03, 3))
+    lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.05, 0.4))
+    labels[lesion] = Tissue.STROKE
+    contrast = {**_CONTRASTS["t1"], **_HEAD} if head else _CONTRASTS["t1"]
+    t1 = render(rng, labels, contrast, noise_sd=0.04) * np.float32(rng.uniform(60.0, 120.0))
+    return t1, lesion
+
+
+# --------------------------------------------------------------------------- ISLES 2022
+
+
+def _isles_grid(rng: np.random.Generator, shape: Shape3 | None) -> tuple[Shape3, np.ndarray]:
+    """Per-case DWI grid: shape (voxels) and anisotropic spacing (mm, X Y Z)."""
+    in_plane, slices = rng.uniform(1.8, 2.2), rng.uniform(2.4, 5.0)
+    spacing = np.array([in_plane, in_plane, slices])
+    if shape is None:
+        fov_mm = np.array([rng.uniform(210, 240)] * 2 + [rng.uniform(130, 160)])
+        return _check_shape(np.round(fov_mm / spacing)), spacing
+    jitter = rng.uniform(0.9, 1.1, 2)
+    return _check_shape(np.round(np.asarray(shape) * jitter[[0, 0, 1]])), spacing
+
+
+def _isles_case(seed: int, index: int, shape: Shape3 | None, empty: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Arrays and affines of one ISLES case: keys dwi, adc, msk (one grid) and flair (its own)."""
+    rng = case_rng(seed, "isles", index)
+    grid, spacing = _isles_grid(rng, shape)
+    angles = np.array([rng.choice([-1, 1]) * rng.uniform(3, 12), 0.0, 0.0])
+    if rng.random() < 0.5:
+        angles[2] = rng.choice([-1, 1]) * rng.uniform(1, 5)
+    centre_mm = rng.uniform([-5, -25, 5], [5, -10, 25])
+    affine = oblique_affine(grid, spacing, angles, centre_mm, axis_signs=(-1, 1, 1))
+    labels = brain_phantom(rng, grid, rng.uniform(0.33, 0.39, 3))
+    lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.04, 0.4))
+    labels[lesion] = Tissue.STROKE
+    integer_scale = rng.random() < 0.5  # centres store 0-4095 integers or ~0-5 floats
+    dwi = render(rng, labels, _CONTRASTS["dwi"], noise_sd=0.05) * np.float32(rng.uniform(150, 1200))
+    adc = render(rng, labels, _CONTRASTS["adc"], noise_sd=0.08, bias_sd=0.03)
+    if integer_scale:
+        brain = labels >= Tissue.CSF
+        dwi = np.where(brain, np.clip(np.round(dwi), 1, 32767), 0).astype(np.int16)
+        adc = np.where(brain, np.clip(np.round(adc * 1000), 1, 4095), 0).astype(np.int16)
+    else:
+        dwi, adc = dwi.astype(np.float64), adc.astype(np.float64)
+    flair_grid, flair_affine = _flair_grid(rng, grid, spacing, angles, centre_mm)
+    to_dwi = np.linalg.inv(affine) @ flair_affine
+    flair_labels = ndimage.affine_transform(
+        labels, to_dwi[:3, :3], offset=to_dwi[:3, 3], output_shape=flair_grid, order=0, cval=0
+    )
+    flair = render(rng, flair_labels, _CONTRASTS["flair"], noise_sd=0.04) * np.float32(rng.uniform(200, 2000))
+    return {
+        "dwi": (dwi, affine),
+        "adc": (adc, affine),
+        "msk": (lesion.astype(np.uint16), affine),
+        "flair": (flair, flair_affine),
+    }
+
+
+def _flair_grid(
+    rng: np.random.Generator, grid: Shape3, spacing: np.ndarray, angles: np.ndarray, centre_mm: np.ndarray
+) -> tuple[Shape3, np.ndarray]:
+    """FLAIR's own grid: finer in-plane, thicker slices, slightly different FOV and tilt."""
+    in_plane = rng.uniform(0.8, 1.0)
+    flair_spacing = np.array([in_plane, in_plane, rng.uniform(4.0, 6.0)])
+    fov_mm = np.asarray(grid) * spacing * rng.uniform(1.0, 1.1)
+    flair_grid = _check_shape(np.maximum(np.round(fov_mm / flair_spacing), 8))
+    flair_angles = angles + rng.uniform(-3, 3, 3)
+    flair_centre = centre_mm + rng.uniform(-4, 4, 3)
+    return flair_grid, oblique_affine(flair_grid, flair_spacing, flair_angles, flair_centre, axis_signs=(-1, 1, 1))
+
+
+def _isles_paths(root: Path, case_id: str, layout: str) -> dict[str, Path]:
+    session = f"{case_id}/ses-0001"
+    stem = f"{case_id}_ses-0001"
+    if layout == "A":
+        raw = {
+            "dwi": root / session / "dwi" / f"{stem}_dwi.nii.gz",
+            "adc": root / session / "dwi" / f"{stem}_adc.nii.gz",
+            "flair": root / session / "anat" / f"{stem}_FLAIR.nii.gz",
+        }
+    else:
+        raw = {name: root / "rawdata" / session / f"{stem}_{name}.nii.gz" for name in ("dwi", "adc", "flair")}
+    return {**raw, "msk": root / "derivatives" / session / f"{stem}_msk.nii.gz"}
+
+
+def make_isles(
+    root: str | os.PathLike,
+    n_cases: int,
+    layout: str = "A",
+    seed: int = 0,
+    shape: Sequence[int] | None = None,
+    empty_every: int = 0,
+) -> list[str]:
+    """Write ``n_cases`` ISLES 2022-like cases under ``root``; return their ids (sub-strokecaseNNNN).
+
+    layout: "A" (Zenodo BIDS: <sub>/ses-0001/dwi/..._dwi|_adc, anat/..._FLAIR) or "B" (organisers'
+    sample: rawdata/<sub>/ses-0001/..._dwi|_adc|_flair); masks in derivatives/<sub>/ses-0001/..._msk.
+    DWI, ADC and mask (uint16 {0,1}) share one oblique grid, anisotropic (about 2 x 2 x 2.4-5 mm);
+    FLAIR has its own grid. ``shape`` (voxels, X Y Z) is the nominal DWI grid, varied by up to
+    10 % per case; None gives realistic sizes (about 110 x 110 x 30-65). About half the cases
+    store DWI/ADC as int16 with ADC in 1e-6 mm^2/s (0-4095), the others as float64 with ADC in
+    1e-3 mm^2/s (0-5). DWI and ADC are 0 outside the brain. Every ``empty_every``-th case
+    (0 = none) has an empty mask.
+    """
+    if layout not in ("A", "B"):
+        raise ValueError(f"layout must be 'A' or 'B', got {layout!r}")
+    _check_count(n_cases, "n_cases", 1)
+    _check_count(empty_every, "empty_every", 0)
+    nominal = None if shape is None else _check_shape(shape)
+    root = Path(root)
+    case_ids = []
+    for index in progress(range(n_cases), total=n_cases, desc="isles"):
+        case_id = f"sub-strokecase{index + 1:04d}"
+        volumes = _isles_case(seed, index, nominal, _every(index, empty_every))
+        for name, path in _isles_paths(root, case_id, layout).items():
+            save_nifti(path, *volumes[name])
+        case_ids.append(case_id)
+    return case_ids
+
+
+# --------------------------------------------------------------------------- ATLAS v2.0 and UOA
+
+
+def make_atlas(
+    root: str | os.PathLike,
+    n_cases: int,
+    seed: int = 0,
+    shape: Sequence[int] = (197, 233, 189),
+    empty_every: int = 0,
+) -> list[str]:
+    """Write ``n_cases`` ATLAS v2.0-like cases; return their ids (``sub-r001s001_ses-1``: the file
+    name before ``_space-``, as SPEC.md defines the ATLAS case id).
+
+    Files: root/Training/R001/sub-r001s001/ses-1/anat/sub-r001s001_ses-1_space-MNI152NLin2009aSym_
+    T1w.nii.gz (float32, head with skull, background 0, dark lesions) and ..._label-L_desc-
+    T1lesion_mask.nii.gz (uint8 {0,1}); 4 subjects per cohort folder R001, R002, ... 1 mm
+    isotropic, axis-aligned MNI affine; ``shape`` in voxels. Every ``empty_every``-th case
+    (0 = none) has an empty mask.
+    """
+    _check_count(n_cases, "n_cases", 1)
+    _check_count(empty_every, "empty_every", 0)
+    shape = _check_shape(shape)
+    affine = oblique_affine(shape, (1.0, 1.0, 1.0), centre_mm=_MNI_CENTRE_MM)
+    case_ids = []
+    for index in progress(range(n_cases), total=n_cases, desc="atlas"):
+        cohort = index // _ATLAS_SUBJECTS_PER_COHORT + 1
+        subject = f"sub-r{cohort:03d}s{index % _ATLAS_SUBJECTS_PER_COHORT + 1:03d}"
+        anat = Path(root) / "Training" / f"R{cohort:03d}" / subject / "ses-1" / "anat"
+        stem = anat / f"{subject}_ses-1_space-MNI152NLin2009aSym"
+        t1, lesion = _mni_case(case_rng(seed, "atlas", index), shape, _every(index, empty_every), head=True)
+        save_nifti(f"{stem}_T1w.nii.gz", t1, affine)
+        save_nifti(f"{stem}_label-L_desc-T1lesion_mask.nii.gz", lesion.astype(np.uint8), affine)
+        case_ids.append(f"{subject}_ses-1")
+    return case_ids
+
+
+def make_uoa(
+    root: str | os.PathLike,
+    n_cases: int,
+    seed: int = 0,
+    shape: Sequence[int] = (182, 218, 182),
+    empty_every: int = 0,
+    spacing_every: int = 0,
+) -> list[str]:
+    """Write ``n_cases`` UOA-like cases; return their ids (UOA001, ...).
+
+    Files: root/UOA001/UOA001_T1_FNIRT_MNI.nii.gz (float32, skull-stripped, dark lesions) and
+    root/UOA001/UOA001_lesion.nii.gz (float32 {0., 1.}), FSL-style MNI affine (x flipped).
+    ``shape`` is the 1 mm grid in voxels. Every ``spacing_every``-th case (0 = none) is stored at
+    1.25 x 1.5 x 2.0 mm instead, on a grid of about ``shape / spacing`` voxels covering the same
+    field of view; every ``empty_every``-th case (0 = none) has an empty mask.
+    """
+    _check_count(n_cases, "n_cases", 1)
+    _check_count(empty_every, "empty_every", 0)
+    _check_count(spacing_every, "spacing_every", 0)
+    shape = _check_shape(shape)
+    case_ids = []
+    for index in progress(range(n_cases), total=n_cases, desc="uoa"):
+        spacing = _UOA_ALT_SPACING_MM if _every(index, spacing_every) else (1.0, 1.0, 1.0)
+        grid = _check_shape(np.round(np.asarray(shape) / np.asarray(spacing)))
+        affine = oblique_affine(grid, spacing, centre_mm=_MNI_CENTRE_MM, axis_signs=(-1, 1, 1))
+        t1, lesion = _mni_case(case_rng(seed, "uoa", index), grid, _every(index, empty_every), head=False)
+        case_id = f"UOA{index + 1:03d}"
+        save_nifti(Path(root) / case_id / f"{case_id}_T1_FNIRT_MNI.nii.gz", t1, affine)
+        save_nifti(Path(root) / case_id / f"{case_id}_lesion.nii.gz", lesion.astype(np.float32), affine)
+        case_ids.append(case_id)
+    return case_ids
+
+
+# --------------------------------------------------------------------------- BraTS 2024 GLI
+
+
+def _brats_labels(seed: int, patient: int, visit: int, shape: Shape3) -> np.ndarray:
+    """Label map of one visit: the patient's anatomy and tumour site, the visit's tumour shape.
+
+    Visit 100 has a resection cavity with probability 0.3; later visits always have one and a
+    tumour shrunk to 70 %.
+    """
+    rng = case_rng(seed, "brats", patient)
+    labels = brain_phantom(rng, shape, np.asarray(_BRATS_RADII) * rng.uniform(0.97, 1.03, 3))
+    parenchyma = _parenchyma(labels)
+    centre = _draw_centre(rng, parenchyma, 0.6)
+    oedema_radii = rng.uniform(0.3, 0.5) * _extent(parenchyma)[1] * rng.uniform(0.8, 1.2, 3)
+    visit_rng = case_rng(seed, "brats", patient, visit)
+    post_op = visit > 100 or visit_rng.random() < 0.3
+    radii = oedema_radii * (0.7 if visit > 100 else 1.0)
+    brain = labels >= Tissue.CSF
+    for tissue, frac, lobes in ((Tissue.OEDEMA, 1.0, 2), (Tissue.ENHANCING, 0.6, 1), (Tissue.CORE, 0.4, 1)):
+        box, mask = _blob(visit_rng, shape, centre, radii * frac, n_lobes=lobes, roughness=0.15)
+        labels[box][mask & brain[box]] = tissue
+    if post_op:
+        direction = visit_rng.standard_normal(3)
+        cavity = centre + 0.45 * oedema_radii * direction / np.linalg.norm(direction)
+        box, mask = _blob(visit_rng, shape, cavity, 0.3 * oedema_radii, roughness=0.1)
+        labels[box][mask & brain[box]] = Tissue.CAVITY
+    return labels
+
+
+def make_brats(
+    root: str | os.PathLike,
+    n_patients: int,
+    seed: int = 0,
+    shape: Sequence[int] = (240, 240, 155),
+    second_visit_every: int = 3,
+) -> list[str]:
+    """Write BraTS 2024 GLI-like visits; return their ids (BraTS-GLI-PPPPP-VVV), sorted.
+
+    Patient ``i`` gets the 5-digit id ``5 + 2 i`` and visit 100; every ``second_visit_every``-th
+    patient (0 = none) also visit 101 (same anatomy, treated tumour). Files: root/<id>/<id>-
+    {t1n,t1c,t2w,t2f}.nii.gz (float32, skull-stripped) and <id>-seg.nii.gz (uint8: 0 background,
+    1 tumour core, 2 FLAIR hyperintensity, 3 enhancing, 4 resection cavity, nested). T2-FLAIR
+    is bright over labels 1-3. 1 mm grid of ``shape`` voxels with the BraTS LPS-style affine.
+    """
+    _check_count(n_patients, "n_patients", 1)
+    _check_count(second_visit_every, "second_visit_every", 0)
+    shape = _check_shape(shape)
+    # BraTS headers: diag(-1, -1, 1) with the origin at (0, Y - 1, 0)
+    centre_mm = (np.asarray(shape) - 1) / 2 * np.array([-1, 1, 1])
+    affine = oblique_affine(shape, (1.0, 1.0, 1.0), centre_mm=centre_mm, axis_signs=(-1, -1, 1))
+    seg_table = np.zeros(len(Tissue), dtype=np.uint8)
+    for tissue, value in _BRATS_SEG.items():
+        seg_table[tissue] = value
+    case_ids = []
+    for patient in progress(range(n_patients), total=n_patients, desc="brats"):
+        visits = (100, 101) if _every(patient, second_visit_every) else (100,)
+        for visit in visits:
+            case_id = f"BraTS-GLI-{5 + 2 * patient:05d}-{visit}"
+            labels = _brats_labels(seed, patient, visit, shape)
+            rng = case_rng(seed, "brats", patient, visit, 1)  # image noise, separate from the tumour draw
+            for suffix, modality in _BRATS_MODALITIES.items():
+                image = render(rng, labels, _CONTRASTS[modality], noise_sd=0.04) * np.float32(rng.uniform(300, 3000))
+                save_nifti(Path(root) / case_id / f"{case_id}-{suffix}.nii.gz", image, affine)
+            save_nifti(Path(root) / case_id / f"{case_id}-seg.nii.gz", seg_table[labels], affine)
+            case_ids.append(case_id)
+    return sorted(case_ids)
+
+
+# --------------------------------------------------------------------------- command line
+
+_FILES_PER_CASE = {"isles": 4, "atlas": 2, "uoa": 2, "brats": 5}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m strokeseg.synthetic",
+        description="Write a synthetic dataset in the on-disk layout of ISLES 2022, ATLAS v2.0, UOA or BraTS 2024.",
+    )
+    add = parser.add_argument
+    add("--dataset", required=True, choices=sorted(_FILES_PER_CASE), help="which layout to write")
+    add("--out", required=True, type=Path, metavar="DIR", help="dataset root directory (created)")
+    add("--n-cases", required=True, type=int, metavar="N", help="number of cases (BraTS: patients), >= 1")
+    add("--seed", type=int, default=0, metavar="S", help="random seed >= 0 (default 0); case i depends on S and i only")
+    add("--layout", choices=("A", "B"), default=None,
+        help="ISLES only: A = Zenodo BIDS, B = rawdata/ + derivatives/ (default A)")
+    add("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+        help="grid size in voxels (default: ISLES varied about 110x110x30-65 at ~2x2x2.4-5 mm, "
+             "ATLAS 197 233 189, UOA 182 218 182, BraTS 240 240 155, all 1 mm)")
+    add("--empty-every", type=int, default=0, metavar="K",
+        help="every K-th case gets an empty lesion mask, 0 = none (default 0; not BraTS)")
+    add("--spacing-every", type=int, default=0, metavar="K",
+        help="UOA only: every K-th case at 1.25 x 1.5 x 2.0 mm instead of 1 mm, 0 = none (default 0)")
+    add("--second-visit-every", type=int, default=3, metavar="K",
+        help="BraTS only: every K-th patient also gets visit -101, 0 = none (default 3)")
+    args = parser.parse_args(argv)
+    if args.layout is not None and args.dataset != "isles":
+        parser.error("--layout applies to --dataset isles only")
+    if args.empty_every and args.dataset == "brats":
+        parser.error("--empty-every does not apply to --dataset brats")
+    if args.spacing_every and args.dataset != "uoa":
+        parser.error("--spacing-every applies to --dataset uoa only")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dataset == "isles":
+        case_ids = make_isles(args.out, args.n_cases, args.layout or "A", args.seed, args.shape, args.empty_every)
+    elif args.dataset == "atlas":
+        case_ids = make_atlas(args.out, args.n_cases, args.seed, args.shape or (197, 233, 189), args.empty_every)
+    elif args.dataset == "uoa":
+        shape = args.shape or (182, 218, 182)
+        case_ids = make_uoa(args.out, args.n_cases, args.seed, shape, args.empty_every, args.spacing_every)
+    else:
+        case_ids = make_brats(args.out, args.n_cases, args.seed, args.shape or (240, 240, 155), args.second_visit_every)
+    write_run_args(args.out, args)
+    n_files = len(case_ids) * _FILES_PER_CASE[args.dataset]
+    print(f"{args.dataset}: wrote {len(case_ids)} case(s), {n_files} NIfTI file(s) under {args.out}")
+    for case_id in case_ids:
+        print(f"  {case_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared pytest fixtures: the real ISLES sample and tiny synthetic datasets (one per session).
+
+Synthetic datasets (all written by :mod:`strokeseg.synthetic`, seconds in total):
+- ``synthetic_isles_a``: layout A, 6 cases sub-strokecase0001..0006, DWI grid about 40x40x24,
+  sub-strokecase0006 has an empty mask.
+- ``synthetic_isles_b``: layout B, 6 cases, same sizes, seed 1, no empty mask.
+- ``synthetic_atlas``: 6 cases 48x56x44 (R001: 4 subjects, R002: 2), sub-r002s002 empty.
+- ``synthetic_uoa``: 4 cases UOA001..UOA004 on 46x54x46 at 1 mm, except UOA004 at
+  1.25 x 1.5 x 2.0 mm (37x36x23 voxels).
+- ``synthetic_brats``: 4 patients 48x48x32 (00005, 00007, 00009, 00011); 00007 and 00011 also
+  have visit -101 (6 visits in all).
+Treat them as read-only: they are shared by every test in the session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from strokeseg import synthetic
+
+ISLES_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isles22_sample"
+
+
+@pytest.fixture(scope="session")
+def isles_sample_dir() -> Path:
+    """Root of the real ISLES 2022 case (layout B, sub-strokecase0009); skips when absent."""
+    if not ISLES_SAMPLE_DIR.is_dir():
+        pytest.skip(f"real ISLES sample not found at {ISLES_SAMPLE_DIR} (clone shared/ beside the repository)")
+    return ISLES_SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_isles_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("isles_a")
+    synthetic.make_isles(root, 6, layout="A", seed=0, shape=(40, 40, 24), empty_every=6)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_isles_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("isles_b")
+    synthetic.make_isles(root, 6, layout="B", seed=1, shape=(40, 40, 24))
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_atlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("atlas")
+    synthetic.make_atlas(root, 6, seed=0, shape=(48, 56, 44), empty_every=6)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_uoa(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("uoa")
+    synthetic.make_uoa(root, 4, seed=0, shape=(46, 54, 46), spacing_every=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("brats")
+    synthetic.make_brats(root, 4, seed=0, shape=(48, 48, 32), second_visit_every=2)
+    return root
