@@ -1,0 +1,48 @@
+"""Networks for lesion segmentation: ResNet-18 U-Net (four variants) and UCTransNet3D.
+
+Every network follows one contract (see :mod:`models.common`): ``model(x)`` maps
+x (B, C_in, X, Y, Z) to a tuple of per-head logits (B, num_classes, X, Y, Z), and
+:func:`foreground_probability` applies its inference rule. Build from a plain dict with
+:func:`build_model`, persist with :func:`save_checkpoint` / :func:`model_from_checkpoint`,
+transfer with :func:`load_pretrained`. ``python -m models`` prints parameter counts.
+"""
+from .common import NORMS, count_parameters, foreground_probability, make_norm, unwrap_model
+from .factory import (
+    ARCHS,
+    FORMAT_VERSION,
+    TransferReport,
+    build_model,
+    load_checkpoint,
+    load_pretrained,
+    model_config_defaults,
+    model_config_of,
+    model_from_checkpoint,
+    resolve_model_config,
+    save_checkpoint,
+)
+from .resnet_unet import VARIANTS, ResNetUNet, ResNetUNetConfig
+from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
+
+__all__ = [
+    "ARCHS",
+    "FORMAT_VERSION",
+    "NORMS",
+    "VARIANTS",
+    "ResNetUNet",
+    "ResNetUNetConfig",
+    "UCTransNet3D",
+    "UCTransNet3DConfig",
+    "TransferReport",
+    "build_model",
+    "count_parameters",
+    "foreground_probability",
+    "load_checkpoint",
+    "load_pretrained",
+    "make_norm",
+    "model_config_defaults",
+    "model_config_of",
+    "model_from_checkpoint",
+    "resolve_model_config",
+    "save_checkpoint",
+    "unwrap_model",
+]

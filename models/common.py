@@ -1,0 +1,115 @@
+"""Pieces every network in ``models/`` shares: normalisation, conv-norm-ReLU, argument checks
+and the inference rule.
+
+Model contract (every network here follows it):
+
+- ``model(x)`` with ``x`` (B, C_in, X, Y, Z) float returns a tuple of per-head logits, each
+  (B, num_classes, X, Y, Z); a single-head model returns a 1-tuple.
+- ``model.num_classes``: 1 → one lesion logit (sigmoid); >= 2 → softmax over classes,
+  channel 0 is background.
+- ``model.inference_heads``: indices of the heads whose foreground probabilities are averaged
+  at inference, e.g. ``(0,)`` (first head only) or ``(0, 1)`` (mean of two heads).
+- ``model.arch`` and ``model.config`` (a dataclass) identify the network; with
+  ``model.encoder_prefixes`` and ``model.input_conv_keys`` they drive transfer loading.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "NORMS",
+    "make_norm",
+    "ConvNormReLU",
+    "check_int",
+    "check_choice",
+    "unwrap_model",
+    "count_parameters",
+    "foreground_probability",
+]
+
+NORMS = ("batch", "group", "instance")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Normalisation layer for (B, channels, X, Y, Z) features.
+
+    kind: 'batch' (BatchNorm3d), 'group' (GroupNorm with gcd(8, channels) groups, so any
+    width works: 64 channels → 8 groups, 12 → 4, 3 → 1) or 'instance' (InstanceNorm3d with
+    affine weights, no running statistics).
+    """
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class ConvNormReLU(nn.Sequential):
+    """k³ convolution (no bias, 'same' padding) → norm → ReLU: (B, C_in, X, Y, Z) → (B, C_out, X/s, Y/s, Z/s)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: str, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+            make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int (not bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DataParallel/DistributedDataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, in any nesting.
+
+    Its ``state_dict()`` has no ``module.`` / ``_orig_mod.`` key prefixes; this is the one
+    place that deals with wrappers.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (works on the meta device: no memory, no forward)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _head_foreground(logits: Tensor, num_classes: int) -> Tensor:
+    # (B, K, X, Y, Z) logits → (B, 1, X, Y, Z) probability of "not background".
+    logits = logits.float()
+    if num_classes == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)[:, 1:].sum(dim=1, keepdim=True)
+
+
+def foreground_probability(model: nn.Module, x: Tensor) -> Tensor:
+    """Apply a model's inference rule: x (B, C_in, X, Y, Z) → (B, 1, X, Y, Z) float32 probabilities.
+
+    Per head: sigmoid of the logit when num_classes == 1, else the softmax summed over the
+    non-background channels (= softmax channel 1 for two classes). The heads listed in ``model.inference_heads`` are
+    averaged (ResNet 'separate': DWI head only; 'shared': mean of DWI and ADC heads).
+    Gradient mode, eval mode and autocast are the caller's choice.
+    """
+    net = unwrap_model(model)
+    heads = model(x)
+    probs = [_head_foreground(heads[i], net.num_classes) for i in net.inference_heads]
+    return torch.stack(probs).mean(dim=0)
