@@ -1,0 +1,192 @@
+"""Time strokeseg's sliding-window inference against MONAI's on one synthetic volume.
+
+Both run the same predictor (same weights) on the same windows (overlap, Gaussian blending,
+batch size), interleaved, under ``torch.inference_mode``; on CUDA MONAI's predictor runs under the
+same autocast as ours. Prints wall time (best of --repeats), the part spent inside the predictor,
+the rest (gathering and stitching), the time ratio ours / MONAI (target <= 0.8), the max
+absolute output difference (target <= 1e-4) and the peak memory of one call of each, measured
+in a fresh process (CUDA: allocator peak; CPU: growth of the peak resident set).
+With a real network the predictor dominates and is the same for both: the "rest" column and the
+--model pointwise run show what the implementations themselves cost.
+
+    python benchmarks/bench_inference.py                      # tiny conv net, 197x233x189, window 96
+    python benchmarks/bench_inference.py --model pointwise    # stitching overhead only
+    python benchmarks/bench_inference.py --device cuda --width 16 --repeats 5
+
+MONAI is needed only here: ``.venv/bin/pip install --no-deps monai`` (torch and numpy are its
+only hard dependencies, --no-deps keeps the pinned versions).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from strokeseg.inference import amp_autocast, sliding_window_inference  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=[197, 233, 189], help="volume size X Y Z in voxels")
+    p.add_argument("--channels", type=int, default=1, help="input channels C")
+    p.add_argument("--window", type=int, default=96, help="cubic window size in voxels")
+    p.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per predictor call")
+    p.add_argument("--model", default="conv", choices=["conv", "pointwise", "resnet18"],
+                   help="conv: 3^3 conv, ReLU, 1^3 conv, sigmoid, built here; "
+                        "pointwise: sigmoid only (measures stitching); "
+                        "resnet18: the ResNet-18 U-Net of models/ at --width")
+    p.add_argument("--width", type=int, default=4, help="hidden channels of the conv net; base width of --model resnet18")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each method (best is reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--memory-of", choices=["ours", "monai"], help=argparse.SUPPRESS)  # child process mode
+    return p.parse_args(argv)
+
+
+def build_predictor(args: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """(B, C, wx, wy, wz) -> foreground probabilities (B, 1, wx, wy, wz); None if unavailable."""
+    torch.manual_seed(0)
+    if args.model == "pointwise":
+        return torch.sigmoid
+    if args.model == "conv":
+        net = torch.nn.Sequential(
+            torch.nn.Conv3d(args.channels, args.width, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv3d(args.width, 1, 1),
+            torch.nn.Sigmoid(),
+        )
+        return net.to(device).eval()
+    import models
+
+    config = {"arch": "resnet18_unet", "variant": "single", "in_channels": args.channels, "width": args.width}
+    model = models.build_model(config).to(device).eval()
+    return lambda x: models.foreground_probability(model, x)
+
+
+def peak_memory_mib(name: str, argv: list[str]) -> float:
+    """Peak memory of one ``name`` call in a fresh process, in MiB above the level after setup.
+
+    A fresh process, because freed memory stays with the allocator and would hide the second
+    method's peak. CUDA: allocator peak; CPU: growth of the peak resident set (Linux only).
+    """
+    cmd = [sys.executable, __file__, *argv, "--memory-of", name]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        print(f"memory run of {name} failed: {result.stderr.strip()[-500:]}")
+        return float("nan")
+    return float(lines[-1])
+
+
+def _memory_child(name: str, volume: torch.Tensor, predictor: Callable, args, device: torch.device) -> None:
+    run_once(name, volume[:, : args.window + 8, : args.window, : args.window], predictor, args, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_once(name, volume, predictor, args, device)
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        base = _peak_rss_kib()
+        run_once(name, volume, predictor, args, device)
+        print((_peak_rss_kib() - base) / 1024)
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM, KiB). Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, which would hide the child's own peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+class TimedPredictor:
+    """Wraps a predictor and adds up the seconds spent inside it (synchronising on CUDA)."""
+
+    def __init__(self, predictor: Callable, device: torch.device, autocast: bool):
+        self.predictor, self.device, self.autocast, self.seconds = predictor, device, autocast, 0.0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        if self.autocast:  # MONAI applies no autocast itself: give it the same as ours
+            with amp_autocast(self.device):
+                out = self.predictor(batch)
+        else:
+            out = self.predictor(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def run_once(name: str, volume: torch.Tensor, predictor: Callable, args, device) -> tuple[np.ndarray, dict]:
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    timed = TimedPredictor(predictor, device, autocast=name == "monai")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if name == "ours":
+            out = sliding_window_inference(volume, timed, args.window, overlap=args.overlap, mode="gaussian",
+                                           sw_batch_size=args.sw_batch_size, device=device)
+        else:
+            out = monai_swi(volume[None], args.window, args.sw_batch_size, timed, overlap=args.overlap,
+                            mode="gaussian", sigma_scale=0.125)[0, 0].float().cpu().numpy()
+    return out, {"total": time.perf_counter() - start, "predictor": timed.seconds}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import monai
+    except ImportError:
+        print("MONAI is not installed; install it for this benchmark with: .venv/bin/pip install --no-deps monai")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    predictor = build_predictor(args, device)
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.standard_normal((args.channels, *args.shape), dtype=np.float32)).to(device)
+    if args.memory_of:
+        _memory_child(args.memory_of, volume, predictor, args, device)
+        return 0
+    print(f"MONAI {monai.__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
+    model = f"{args.model} width {args.width}" if args.model == "conv" else args.model
+    print(f"volume {tuple(volume.shape)}, window {args.window}, overlap {args.overlap}, "
+          f"sw_batch_size {args.sw_batch_size}, model {model}")
+
+    warm = volume[:, : args.window + 8, : args.window, : args.window]
+    for name in ("ours", "monai"):
+        run_once(name, warm, predictor, args, device)
+    runs: dict[str, list[dict]] = {"ours": [], "monai": []}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name in ("ours", "monai"):
+            outputs[name], stats = run_once(name, volume, predictor, args, device)
+            runs[name].append(stats)
+
+    best = {name: min(stats, key=lambda s: s["total"]) for name, stats in runs.items()}
+    child_argv = sys.argv[1:] if argv is None else list(argv)
+    print(f"{'':8}{'total s':>10}{'predictor s':>13}{'rest s':>9}{'peak MiB':>10}")
+    for name, s in best.items():
+        memory = peak_memory_mib(name, child_argv)
+        print(f"{name:8}{s['total']:10.3f}{s['predictor']:13.3f}{s['total'] - s['predictor']:9.3f}{memory:10.1f}")
+    ratio = best["ours"]["total"] / best["monai"]["total"]
+    rest = {name: s["total"] - s["predictor"] for name, s in best.items()}
+    rest_ratio = rest["ours"] / rest["monai"]
+    diff = float(np.abs(outputs["ours"] - outputs["monai"]).max())
+    print(f"time ratio ours/MONAI: {ratio:.3f} (target <= 0.8); outside the predictor: {rest_ratio:.3f}")
+    print(f"max |ours - MONAI|: {diff:.2e} (target <= 1e-4) -> {'OK' if diff <= 1e-4 else 'MISMATCH'}")
+    return 0 if diff <= 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
