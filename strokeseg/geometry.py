@@ -1,7 +1,7 @@
 """Intensity and geometry operations on 3-D volumes (X, Y, Z), shared by the preprocessing stages.
 
 Resampling uses voxel-centre alignment (PyTorch ``align_corners=False``): trilinear for images,
-``nearest-exact`` for label maps, so masks are never interpolated and re-thresholded. The same
+nearest neighbour ("nearest-exact") for label maps, so masks are never interpolated and re-thresholded. The same
 convention maps predictions back (:func:`uncrop_to_native`), which makes the round trip exact
 up to the resampling itself.
 """
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .io import CaseError
 
 __all__ = [
+    "as_label_map",
     "as_binary_mask",
     "foreground_bbox",
     "crop",
@@ -24,19 +25,33 @@ __all__ = [
     "rescale_affine",
     "zscore",
     "clip_percentile",
+    "clip_between",
+    "percentile_bounds",
     "uncrop_to_native",
 ]
 
 Shape3 = tuple[int, int, int]
 
 
+def as_label_map(data: np.ndarray, allowed: tuple[int, ...], path: str | Path) -> np.ndarray:
+    """Return an integer label volume (X, Y, Z) as uint8 when every value is in ``allowed``.
+
+    Raises :class:`CaseError` naming ``path`` and the offending values otherwise (NaN included).
+    Only the non-zero voxels are inspected, so the check costs little for sparse label maps.
+    """
+    nonzero = data[data != 0]
+    bad = nonzero[~np.isin(nonzero, [a for a in allowed if a != 0])]
+    if bad.size:
+        values = np.unique(bad)
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+        wanted = "0/1" if tuple(sorted(allowed)) == (0, 1) else "/".join(str(a) for a in sorted(allowed))
+        raise CaseError(f"{path}: mask values must be {wanted}; found other value(s) {{{shown}}}")
+    return data.astype(np.uint8)
+
+
 def as_binary_mask(data: np.ndarray, path: str | Path) -> np.ndarray:
     """Return a {0,1} label volume as uint8; raise :class:`CaseError` naming ``path`` otherwise."""
-    values = np.unique(data)
-    if not np.isin(values, (0, 1)).all():
-        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
-        raise CaseError(f"{path}: mask values must be 0/1, found {{{shown}}}")
-    return data.astype(np.uint8)
+    return as_label_map(data, (0, 1), path)
 
 
 def foreground_bbox(image: np.ndarray, margin: int, path: str | Path = "image") -> np.ndarray:
@@ -45,12 +60,15 @@ def foreground_bbox(image: np.ndarray, margin: int, path: str | Path = "image") 
     Returns an int64 array (3, 2) of [start, stop) per axis. Raises :class:`CaseError` when the
     image has no non-zero voxel (an empty brain).
     """
-    nonzero = np.nonzero(image)
-    if nonzero[0].size == 0:
+    nonzero = image != 0
+    if not nonzero.any():
         raise CaseError(f"{path}: empty brain (no non-zero voxel)")
-    starts = [max(int(ax.min()) - margin, 0) for ax in nonzero]
-    stops = [min(int(ax.max()) + 1 + margin, size) for ax, size in zip(nonzero, image.shape)]
-    return np.array(list(zip(starts, stops)), dtype=np.int64)
+    bbox = np.zeros((3, 2), dtype=np.int64)
+    for axis in range(3):
+        # projections onto each axis: three reductions instead of listing every voxel
+        hits = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
+        bbox[axis] = max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, image.shape[axis])
+    return bbox
 
 
 def crop(volume: np.ndarray, bbox: np.ndarray) -> np.ndarray:
@@ -58,25 +76,36 @@ def crop(volume: np.ndarray, bbox: np.ndarray) -> np.ndarray:
     return volume[tuple(slice(int(a), int(b)) for a, b in bbox)]
 
 
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output voxel, ``floor((j + 0.5) * n_in / n_out)``, in exact integers."""
+    return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
+
+
 def resample_to_shape(
     volume: np.ndarray | torch.Tensor, shape: Shape3, is_label: bool, device: torch.device | None = None
 ) -> np.ndarray:
     """Resample a 3-D volume to ``shape`` with voxel-centre alignment.
 
-    Images: trilinear, returned as float32. Labels (``is_label``): nearest neighbour, returned in
-    the input dtype. Runs on ``device`` (CPU when None); the result is a NumPy array on the CPU.
+    Images: trilinear (``align_corners=False``), returned as float32. Labels (``is_label``):
+    nearest neighbour, output voxel j taking input voxel ``floor((j + 0.5) * n_in / n_out)``
+    per axis (PyTorch's "nearest-exact", computed exactly), returned in the input dtype, so
+    label values are never mixed. Runs on ``device`` (CPU when None); returns a CPU NumPy array.
     """
     shape = tuple(int(s) for s in shape)
-    src = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume)
-    out_dtype = src.dtype
-    if tuple(src.shape) == shape:
-        return src.cpu().numpy() if is_label else src.cpu().numpy().astype(np.float32, copy=False)
-    x = src.to(device=device, dtype=torch.float32)[None, None]
     if is_label:
-        y = F.interpolate(x, size=shape, mode="nearest-exact")[0, 0].to(out_dtype)
-    else:
-        y = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0]
-    return y.cpu().numpy()
+        index = [_nearest_indices(n_in, n_out) for n_in, n_out in zip(volume.shape, shape)]
+        if device is None:
+            array = volume.cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume)
+            return array.take(index[0], 0).take(index[1], 1).take(index[2], 2)
+        x = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume).to(device)
+        for axis, idx in enumerate(index):
+            x = x.index_select(axis, torch.as_tensor(idx, device=device))
+        return x.cpu().numpy()
+    src = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume)
+    if tuple(src.shape) == shape:
+        return src.cpu().numpy().astype(np.float32, copy=False)
+    x = src.to(device=device, dtype=torch.float32)[None, None]
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0].cpu().numpy()
 
 
 def spacing_to_shape(shape: Shape3, zooms: tuple[float, ...], target_spacing: tuple[float, ...]) -> Shape3:
@@ -97,31 +126,86 @@ def rescale_affine(affine: np.ndarray, old_shape: Shape3, new_shape: Shape3) -> 
     return out
 
 
-def zscore(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def _region_tensors(
+    volume: np.ndarray, region: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.as_tensor(np.asarray(volume), device=device), torch.as_tensor(np.asarray(region, dtype=bool), device=device)
+
+
+def zscore(volume: np.ndarray, mask: np.ndarray | None = None, device: torch.device | None = None) -> np.ndarray:
     """Z-score ``volume`` over ``mask`` (default: its non-zero voxels); voxels outside become 0.
 
-    Returns float32 (X, Y, Z). A constant region (std 0) is only centred, never divided by 0.
+    Mean and std (population) are accumulated in float64. Returns float32 (X, Y, Z) on the CPU.
+    A constant region (std 0) is only centred, never divided by 0. With ``device`` (e.g. CUDA)
+    the arithmetic runs there in PyTorch; None runs NumPy on the CPU. Both give the same result.
     """
-    region = volume != 0 if mask is None else mask.astype(bool)
+    region = volume != 0 if mask is None else mask.astype(bool, copy=False)
+    if device is not None:
+        vol, reg = _region_tensors(volume, region, device)
+        values = vol[reg].to(torch.float64)
+        out_t = torch.zeros(vol.shape, dtype=torch.float32, device=device)
+        if values.numel():
+            std = float(values.std(correction=0))
+            out_t[reg] = ((values - values.mean()) / (std if std > 0 else 1.0)).to(torch.float32)
+        return out_t.cpu().numpy()
     out = np.zeros(volume.shape, dtype=np.float32)
-    values = volume[region].astype(np.float64)
+    values = volume[region]
     if values.size == 0:
         return out
-    std = values.std()
-    out[region] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    out[region] = ((values - mean) / (std if std > 0 else 1.0)).astype(np.float32, copy=False)
     return out
 
 
-def clip_percentile(volume: np.ndarray, mask: np.ndarray, percentile: float) -> np.ndarray:
-    """Clip ``volume`` to [p_low, p_high] of the voxels in ``mask``, p_high = ``percentile``,
-    p_low = 100 - ``percentile`` (e.g. 0.5 and 99.5). Returns float32."""
+def _torch_percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    """NumPy's default ('linear') percentiles of a 1-D tensor; sorting avoids torch.quantile's size limit."""
+    ordered = torch.sort(values.to(torch.float64)).values
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (ordered.numel() - 1)
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        out.append(float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)))
+    return out
+
+
+def percentile_bounds(
+    volume: np.ndarray, mask: np.ndarray, percentile: float, device: torch.device | None = None
+) -> tuple[float, float] | None:
+    """(p_low, p_high) of the voxels in ``mask``: p_high = ``percentile``, p_low = 100 - ``percentile``
+    (e.g. 0.5 and 99.5), in the units of ``volume``. None when ``mask`` is empty. ``device`` as in
+    :func:`zscore`."""
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"clip percentile must be in (50, 100], got {percentile}")
-    values = volume[mask.astype(bool)]
+    qs = (100.0 - percentile, percentile)
+    if device is not None:
+        vol, reg = _region_tensors(volume, mask, device)
+        values = vol[reg]
+        return tuple(_torch_percentiles(values, qs)) if values.numel() else None
+    values = volume[mask.astype(bool, copy=False)]
     if values.size == 0:
+        return None
+    low, high = np.percentile(values, qs)
+    return float(low), float(high)
+
+
+def clip_between(volume: np.ndarray, low: float, high: float, device: torch.device | None = None) -> np.ndarray:
+    """Clip ``volume`` (X, Y, Z) to [``low``, ``high``]; float32 on the CPU. ``device`` as in :func:`zscore`."""
+    if device is not None:
+        return torch.as_tensor(np.asarray(volume), device=device).clamp(low, high).to(torch.float32).cpu().numpy()
+    return np.clip(volume, low, high).astype(np.float32, copy=False)
+
+
+def clip_percentile(
+    volume: np.ndarray, mask: np.ndarray, percentile: float, device: torch.device | None = None
+) -> np.ndarray:
+    """Clip the whole ``volume`` to :func:`percentile_bounds` of the voxels in ``mask``.
+
+    Returns float32 (X, Y, Z) on the CPU (``volume`` unchanged when ``mask`` is empty).
+    """
+    bounds = percentile_bounds(volume, mask, percentile, device)
+    if bounds is None:
         return volume.astype(np.float32)
-    low, high = np.percentile(values, [100.0 - percentile, percentile])
-    return np.clip(volume, low, high).astype(np.float32)
+    return clip_between(volume, bounds[0], bounds[1], device)
 
 
 def uncrop_to_native(

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Lesion-focused patch extraction from the full volumes of preprocess_stroke_foundation.py.
+
+Despite the file name, any ``--patch_size`` works. For each ``<input_dir>/<dataset>/<case>.npz``
+writes ``<output_dir>/<dataset>_patches_<size>/<case>.npz`` (``patches``, ``masks``, ``centers``,
+``original_shape``, ``spacing``, ``lesion_volume``, ``patient_id``, ``patch_kind``; see
+strokeseg.patches.extract_case_patches), ``patient_ids.json`` and ``<dataset>_<size>_summary.json``.
+Every patch has lesion fraction >= --min_lesion_overlap, except the single centroid patch of a
+lesion too small for the rule ("fallback" in the summary). Lesion-free cases are kept, with
+patches at brain voxels ("lesion_free"). Windows stay inside the volume; a volume shorter than
+the patch is padded with 0 (the z-scored background). Flags may be spelled --input_dir or --input-dir.
+
+    python extract_patches_96x96x96.py --input_dir /data/foundation --output_dir /data/foundation \\
+        --datasets ATLAS UOA_Private --patch_size 96 --max_patches 20 --min_lesion_overlap 0.01
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from strokeseg.io import CaseError, write_json
+from strokeseg.patches import PATCH_KEYS, PatchItem, extract_case_patches
+from strokeseg.runner import RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
+from strokeseg.splits import load_split
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="root holding <dataset>/<case>.npz from the foundation stage")
+    parser.add_argument("--output_dir", "--output-dir", type=Path, required=True, help="root where <dataset>_patches_<size>/ folders are created")
+    parser.add_argument("--datasets", nargs="+", default=["ATLAS", "UOA_Private"], help="dataset sub-folder names (default ATLAS UOA_Private)")
+    parser.add_argument("--patch_size", "--patch-size", type=int, default=96, help="isotropic patch size in voxels (96 for ResNet-18, 64 for UCTransNet3D)")
+    parser.add_argument("--max_patches", "--max-patches", type=int, default=20, help="most patches per case (default 20)")
+    parser.add_argument("--min_lesion_overlap", "--min-lesion-overlap", type=float, default=0.01, help="least lesion fraction (lesion voxels / patch voxels) per patch, in [0, 1] (default 0.01)")
+    parser.add_argument("--seed", type=int, default=42, help="seed; each case's draw depends on (seed, case id) only (default 42)")
+    parser.add_argument("--splits_file", "--splits-file", type=Path, default=None, help="splits JSON selecting cases with --fold/--split (default none)")
+    parser.add_argument("--fold", type=int, default=None, help="fold (0-4) of --splits_file")
+    parser.add_argument("--split", choices=("all", "train", "val", "test"), default="all", help="cases to process; all = every case in the input folder (default)")
+    parser.add_argument("--no-compress", "--no_compress", dest="compress", action="store_false", help="write stored (uncompressed) .npz: ~1.5x disk, ~10x faster, memory-mappable (default: compressed)")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.split != "all" and (args.splits_file is None or args.fold is None):
+        parser.error(f"--split {args.split} needs --splits_file and --fold")
+    if args.patch_size < 1 or args.max_patches < 1 or not 0.0 <= args.min_lesion_overlap <= 1.0:
+        parser.error("--patch_size and --max_patches must be >= 1 and --min_lesion_overlap in [0, 1]")
+    return args
+
+
+def select_cases(args: argparse.Namespace, dataset: str) -> dict[str, PatchItem]:
+    """Case id -> item: every ``<case>.npz`` of the dataset folder, or the chosen split's cases."""
+    in_dir = args.input_dir / dataset
+    if not in_dir.is_dir():
+        raise CaseError(f"{in_dir}: dataset folder not found")
+    found = {p.stem: p for p in sorted(in_dir.glob("*.npz")) if not p.name.startswith(".")}
+    if args.split == "all":
+        wanted = sorted(found)
+    else:
+        wanted = sorted(getattr(load_split(args.splits_file, args.fold, dataset), args.split))
+    if not wanted:
+        raise CaseError(f"{in_dir}: no cases to process (split {args.split})")
+    return {c: PatchItem(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
+
+
+def _kinds(report: RunReport, kind: str) -> list[str]:
+    return sorted(r.case_id for r in report.results if r.info.get("patch_kind") == kind)
+
+
+def run_dataset(args: argparse.Namespace, dataset: str) -> int:
+    log = get_logger()
+    out_dir = args.output_dir / f"{dataset}_patches_{args.patch_size}"
+    try:
+        cases = select_cases(args, dataset)
+    except CaseError as err:
+        log.info(f"ERROR {err}")
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_run_args(out_dir, args)
+    log.info(f"{dataset}: {len(cases)} cases ({args.split}), {args.patch_size}^3 patches, at most {args.max_patches} each -> {out_dir}")
+    process = functools.partial(
+        extract_case_patches, output_dir=out_dir, patch_size=args.patch_size, max_patches=args.max_patches,
+        min_overlap=args.min_lesion_overlap, seed=args.seed, overwrite=args.overwrite, compress=args.compress,
+    )
+    report = run_cases(cases, process, workers=args.workers, desc=dataset)
+    written = sorted(r.case_id for r in report.results if r.status in ("done", "skipped"))
+    write_json(out_dir / "patient_ids.json", written)
+    extra = {
+        "dataset": dataset, "keys": list(PATCH_KEYS), "patch_size": args.patch_size, "max_patches": args.max_patches,
+        "min_lesion_overlap": args.min_lesion_overlap, "seed": args.seed, "split": args.split, "fold": args.fold,
+        "splits_file": args.splits_file, "compressed": args.compress, "border": "windows kept inside the volume; shorter axes padded with 0",
+        "lesion_free": _kinds(report, "tissue"), "fallback": _kinds(report, "fallback"),
+    }
+    return finish(out_dir / f"{dataset}_{args.patch_size}_summary.json", report, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return max(run_dataset(args, dataset) for dataset in args.datasets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Patch sampling and extraction on full volumes, for the patch stage and for training.
+
+Conventions (every function): a patch of size P around centre ``c`` (voxel indices, int64,
+array axis order) covers ``[c - P // 2, c - P // 2 + P)`` on each axis. The centre samplers
+return centres whose window lies inside the volume wherever the volume is at least P long
+(:func:`clamp_centers`); on a shorter axis the volume sits in the middle of the window.
+:func:`extract_patch` fills any part of the window outside the volume with 0, which is the
+value of the z-scored background outside the brain (and "no lesion" in masks). Storing the
+centres is therefore enough to cut the same patch again.
+
+Randomness comes only from the ``rng`` argument; :func:`case_rng` derives it from
+``(seed, case_id)`` with SHA-256, so a case gets the same patches whatever the processing
+order, batch or number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import as_binary_mask, crop, foreground_bbox
+from .io import CaseError, load_npz, read_json, save_npz
+from .runner import CaseResult
+
+__all__ = [
+    "PATCH_KEYS",
+    "PatchItem",
+    "case_rng",
+    "clamp_centers",
+    "lesion_fraction",
+    "lesion_centers",
+    "tissue_centers",
+    "random_centers",
+    "extract_patch",
+    "extract_patches",
+    "extract_case_patches",
+]
+
+PATCH_KEYS = ("patches", "masks", "centers", "original_shape", "spacing", "lesion_volume", "patient_id", "patch_kind")
+_CHUNK = 4096  # candidate centres scored per vectorised step
+
+
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """Generator for one case from ``(seed, case_id)`` via SHA-256 (stable across runs and
+    processes, unlike Python's salted ``hash``)."""
+    digest = hashlib.sha256(f"{int(seed)}\x00{case_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def _check_patch_size(patch_size: int) -> int:
+    if int(patch_size) != patch_size or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size}")
+    return int(patch_size)
+
+
+def clamp_centers(centers: np.ndarray, shape: tuple[int, ...], patch_size: int) -> np.ndarray:
+    """Move centres (N, 3) so their P-windows lie inside a volume of ``shape`` (X, Y, Z).
+
+    On an axis shorter than P the centre is fixed so the volume sits in the window's middle.
+    Returns int64 (N, 3).
+    """
+    p = _check_patch_size(patch_size)
+    half = p // 2
+    out = np.array(centers, dtype=np.int64).reshape(-1, 3)
+    for axis, size in enumerate(shape[-3:]):
+        if size >= p:
+            out[:, axis] = np.clip(out[:, axis], half, size - p + half)
+        else:
+            out[:, axis] = half - (p - size) // 2
+    return out
+
+
+class _WindowCounter:
+    """Counts foreground voxels of a binary volume in many P-windows with an integral image.
+
+    The cumulative sum covers only the bounding box of the foreground (windows are clipped to
+    it), so one count is 8 look-ups whatever P, and the set-up costs one pass over the box.
+    """
+
+    def __init__(self, mask: np.ndarray) -> None:
+        if not mask.any():
+            self.origin = np.zeros(3, dtype=np.int64)
+            self.cum = np.zeros((1, 1, 1), dtype=np.int64)
+            return
+        bbox = foreground_bbox(mask, margin=0)
+        self.origin = bbox[:, 0]
+        box = crop(mask, bbox).astype(bool)
+        dtype = np.int32 if box.size < 2**31 else np.int64
+        self.cum = np.zeros(tuple(s + 1 for s in box.shape), dtype=dtype)
+        self.cum[1:, 1:, 1:] = box.cumsum(0, dtype=dtype).cumsum(1).cumsum(2)
+
+    def count(self, starts: np.ndarray, patch_size: int) -> np.ndarray:
+        """Foreground voxels in the windows ``[start, start + P)``; starts (N, 3) -> (N,) int64."""
+        limit = np.array(self.cum.shape, dtype=np.int64) - 1
+        lo = np.clip(starts - self.origin, 0, limit)
+        hi = np.clip(starts + patch_size - self.origin, 0, limit)
+        total = np.zeros(len(starts), dtype=np.int64)
+        for corner in range(8):
+            pick = [(corner >> axis) & 1 for axis in range(3)]
+            idx = tuple(np.where(pick[a], hi[:, a], lo[:, a]) for a in range(3))
+            sign = -1 if (3 - sum(pick)) % 2 else 1  # inclusion-exclusion over the 8 corners
+            total += sign * self.cum[idx].astype(np.int64)
+        return total
+
+
+def lesion_fraction(mask: np.ndarray, centers: np.ndarray, patch_size: int) -> np.ndarray:
+    """Share of each P-window (N,) float64 that is lesion: lesion voxels / P³ (voxels outside
+    the volume count as non-lesion). mask: (X, Y, Z) binary; centers: (N, 3)."""
+    p = _check_patch_size(patch_size)
+    starts = np.asarray(centers, dtype=np.int64).reshape(-1, 3) - p // 2
+    return _WindowCounter(mask).count(starts, p) / float(p**3)
+
+
+def _unique_rows(rows: np.ndarray, limit: int) -> np.ndarray:
+    """First ``limit`` distinct rows of (N, 3), in their order."""
+    _, first = np.unique(rows, axis=0, return_index=True)
+    return rows[np.sort(first)][:limit]
+
+
+def lesion_centers(
+    mask: np.ndarray, n: int, patch_size: int, min_overlap: float, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    """Up to ``n`` distinct centres (N, 3) int64 of P-windows whose lesion fraction is at least
+    ``min_overlap`` (see :func:`lesion_fraction`), and whether the fallback was used.
+
+    Candidates are lesion voxels taken in a uniformly random order (no bias to low indices),
+    moved inside the volume (:func:`clamp_centers`) and rejected when their window fails the
+    rule. When no window can pass (a lesion too small for the rule), the result is the single
+    window at the lesion's centroid and ``used_fallback`` is True. Raises ValueError when the
+    mask has no lesion voxel (use :func:`tissue_centers`).
+    """
+    p = _check_patch_size(patch_size)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must be in [0, 1], got {min_overlap}")
+    voxels = np.flatnonzero(mask)
+    if voxels.size == 0:
+        raise ValueError("mask has no lesion voxel; sample with tissue_centers instead")
+    accepted = np.zeros((0, 3), dtype=np.int64)
+    if voxels.size >= min_overlap * p**3:  # otherwise no window can reach the rule
+        counter = _WindowCounter(mask)
+        order = rng.permutation(voxels.size)
+        for start in range(0, order.size, max(_CHUNK, 8 * n)):
+            flat = voxels[order[start : start + max(_CHUNK, 8 * n)]]
+            candidates = clamp_centers(np.stack(np.unravel_index(flat, mask.shape), axis=1), mask.shape, p)
+            passed = candidates[counter.count(candidates - p // 2, p) >= min_overlap * p**3]
+            accepted = _unique_rows(np.concatenate([accepted, passed]), n)
+            if len(accepted) == n:
+                break
+    if len(accepted):
+        return accepted, False
+    centroid = np.round(np.stack(np.unravel_index(voxels, mask.shape), axis=1).mean(axis=0))
+    return clamp_centers(centroid[None], mask.shape, p), True
+
+
+def tissue_centers(brain_mask: np.ndarray, n: int, patch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``n`` distinct centres (N, 3) int64 at brain voxels drawn uniformly without
+    replacement, moved inside the volume. Raises ValueError for an empty ``brain_mask``."""
+    p = _check_patch_size(patch_size)
+    voxels = np.flatnonzero(brain_mask)
+    if voxels.size == 0:
+        raise ValueError("brain mask is empty")
+    flat = voxels[rng.choice(voxels.size, size=min(n, voxels.size), replace=False)]
+    centers = clamp_centers(np.stack(np.unravel_index(flat, brain_mask.shape), axis=1), brain_mask.shape, p)
+    return _unique_rows(centers, n)
+
+
+def random_centers(shape: tuple[int, int, int], n: int, patch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` centres (N, 3) int64 drawn uniformly over all windows inside a volume of ``shape``
+    (a fixed middle position on axes shorter than P)."""
+    p = _check_patch_size(patch_size)
+    half = p // 2
+    columns = [
+        rng.integers(half, size - p + half, size=n, endpoint=True) if size >= p else np.full(n, half - (p - size) // 2)
+        for size in shape
+    ]
+    return np.stack(columns, axis=1).astype(np.int64)
+
+
+def _copy_window(volume: np.ndarray, center: np.ndarray, p: int, out: np.ndarray) -> None:
+    """Write the P³ window around ``center`` of ``volume`` (..., X, Y, Z) into ``out`` (..., P, P, P),
+    zero-filling whatever lies outside the volume."""
+    start = np.asarray(center, dtype=np.int64) - p // 2
+    src, dst = [], []
+    for axis, size in enumerate(volume.shape[-3:]):
+        a, b = max(int(start[axis]), 0), min(int(start[axis]) + p, size)
+        if b <= a:
+            out[...] = 0
+            return
+        src.append(slice(a, b))
+        dst.append(slice(a - int(start[axis]), b - int(start[axis])))
+    if any(d.start > 0 or d.stop < p for d in dst):
+        out[...] = 0
+    out[(..., *dst)] = volume[(..., *src)]
+
+
+def extract_patch(volume: np.ndarray, center: np.ndarray, patch_size: int) -> np.ndarray:
+    """The P³ window around ``center`` (3,) from ``volume`` (..., X, Y, Z): shape (..., P, P, P),
+    same dtype; parts outside the volume are 0."""
+    p = _check_patch_size(patch_size)
+    out = np.empty(volume.shape[:-3] + (p, p, p), dtype=volume.dtype)
+    _copy_window(volume, center, p, out)
+    return out
+
+
+def extract_patches(volume: np.ndarray, centers: np.ndarray, patch_size: int) -> np.ndarray:
+    """Stack of :func:`extract_patch` for centres (N, 3): shape (N, ..., P, P, P)."""
+    p = _check_patch_size(patch_size)
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, 3)
+    out = np.empty((len(centers),) + volume.shape[:-3] + (p, p, p), dtype=volume.dtype)
+    for i, center in enumerate(centers):
+        _copy_window(volume, center, p, out[i])
+    return out
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass(frozen=True)
+class PatchItem:
+    """One preprocessed case: its ``<case>.npz`` (None when a splits file names a case that has
+    none) and ``<case>_metadata.json`` from ``preprocess_stroke_foundation.py``."""
+
+    case_id: str
+    npz: Path | None
+    metadata: Path
+
+
+def _skipped(case_id: str, out_path: Path) -> CaseResult:
+    kind = str(load_npz(out_path, keys=("patch_kind",))["patch_kind"])
+    return CaseResult(case_id, "skipped", reason="output exists (use --overwrite)", info={"patch_kind": kind})
+
+
+def extract_case_patches(
+    item: PatchItem,
+    output_dir: Path,
+    patch_size: int,
+    max_patches: int,
+    min_overlap: float,
+    seed: int,
+    overwrite: bool,
+    compress: bool = True,
+) -> CaseResult:
+    """Cut up to ``max_patches`` P³ patches from one case and write ``<case>.npz``.
+
+    Lesion cases: :func:`lesion_centers` (every window has lesion fraction >= ``min_overlap``,
+    or the single centroid window: ``patch_kind`` "fallback"). Lesion-free cases: windows at
+    brain voxels (:func:`tissue_centers`, ``patch_kind`` "tissue"). Randomness from
+    :func:`case_rng` (``seed``, case id).
+
+    Keys: ``patches`` (N, P, P, P) float32, ``masks`` (N, P, P, P) uint8, ``centers`` (N, 3)
+    int64 voxel indices into the full volume, ``original_shape`` (3,) int64 full-volume shape,
+    ``spacing`` (3,) float64 mm, ``lesion_volume`` int64 lesion voxels of the full volume,
+    ``patient_id`` and ``patch_kind`` ("lesion", "fallback" or "tissue") unicode scalars.
+    ``compress=False`` writes a stored .npz: about 1.5x the disk space, about 10x faster to
+    write, and its members can be memory-mapped (:func:`strokeseg.io.load_npz_mmap`).
+    """
+    out_path = output_dir / f"{item.case_id}.npz"
+    if item.npz is None:
+        raise CaseError(f"{item.case_id}: listed in the splits file but no {item.case_id}.npz in the input folder")
+    if out_path.exists() and not overwrite:
+        return _skipped(item.case_id, out_path)
+    data = load_npz(item.npz, keys=("image", "lesion_mask", "brain_mask"))
+    image, lesion = data["image"], as_binary_mask(data["lesion_mask"], item.npz)
+    if not (image.shape == lesion.shape == data["brain_mask"].shape) or image.ndim != 3:
+        shapes = {k: v.shape for k, v in data.items()}
+        raise CaseError(f"{item.npz}: image, lesion_mask and brain_mask must be equal 3-D shapes, got {shapes}")
+    spacing = read_json(item.metadata).get("spacing")
+    if not isinstance(spacing, list) or len(spacing) != 3:
+        raise CaseError(f"{item.metadata}: 'spacing' must be a list of 3 numbers (mm), got {spacing!r}")
+    rng = case_rng(seed, item.case_id)
+    if lesion.any():
+        centers, fallback = lesion_centers(lesion, max_patches, patch_size, min_overlap, rng)
+        kind = "fallback" if fallback else "lesion"
+    else:
+        if not data["brain_mask"].any():
+            raise CaseError(f"{item.npz}: no lesion and an empty brain_mask: nothing to sample")
+        centers, kind = tissue_centers(data["brain_mask"], max_patches, patch_size, rng), "tissue"
+    masks = extract_patches(lesion, centers, patch_size)
+    arrays = {
+        "patches": extract_patches(image.astype(np.float32, copy=False), centers, patch_size),
+        "masks": masks,
+        "centers": centers,
+        "original_shape": np.array(image.shape, dtype=np.int64),
+        "spacing": np.array(spacing, dtype=np.float64),
+        "lesion_volume": np.int64(lesion.sum()),
+        "patient_id": np.array(item.case_id),
+        "patch_kind": np.array(kind),
+    }
+    save_npz(out_path, arrays, compress=compress)
+    fractions = np.count_nonzero(masks.reshape(len(masks), -1), axis=1) / float(patch_size**3)
+    info = {"patch_kind": kind, "n_patches": len(centers), "min_lesion_fraction": float(fractions.min())}
+    return CaseResult(item.case_id, "done", info=info)
