@@ -5,7 +5,7 @@ Each ``<case>.npz`` also holds ``bbox`` (3, 2) [start, stop) voxels, ``original_
 ``cropped_shape``, ``original_affine`` (4, 4), ``original_mask`` (native grid, uint8) and
 ``spacing`` (mm), so ``evaluate.py`` maps predictions back to the native grid from the .npz alone.
 
-    python preprocess_isles_WITH_BBOX.py --isles-dir /data/ISLES2022/derivatives \
+    python preprocess_isles_WITH_BBOX.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_eval --target-shape 96 96 96
 """
 from __future__ import annotations

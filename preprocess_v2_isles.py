@@ -4,7 +4,7 @@
 Writes ``<case>.npz`` (``dwi``, ``adc`` float32, ``mask`` uint8, all ``--target-shape``) and
 ``isles2022_splits_5fold.json`` (fixed 20 % test set + 5 CV folds, stratified by lesion volume).
 
-    python preprocess_v2_isles.py --isles-dir /data/ISLES2022/derivatives \
+    python preprocess_v2_isles.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_train --target-shape 96 96 96
 """
 from __future__ import annotations

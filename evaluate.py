@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Evaluate fold checkpoints on the held-out test set: whole-volume metrics, tables, figures.
+
+Each run is a training output folder holding ``fold_<k>/best_model.pth``; every fold model is
+scored on the test cases of the splits file, giving the paper's mean ± std across fold means.
+ISLES 2022 reads ``preprocess_isles_WITH_BBOX.py`` output and scores on the native grid;
+ATLAS / UOA read ``preprocess_stroke_foundation.py`` output and score whole volumes.
+
+    python evaluate.py --dataset ISLES2022 --data-dir /data/preprocessed_isles_eval \\
+        --splits-file /data/preprocessed_isles_train/isles2022_splits_5fold.json \\
+        --run shared_scratch=/runs/isles_shared_scratch --run dwi_only=/runs/isles_dwi_only \\
+        --compare shared_scratch dwi_only --output-dir /results/isles
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from strokeseg import evaluation as ev
+from strokeseg import report
+from strokeseg.io import CaseError
+from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
+
+_LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=sorted(ev.DATASETS), help="dataset and metrics preset: ISLES2022 (isles22: 26-connectivity, ml), ATLAS or UOA_Private (atlas22: 6-connectivity, voxels)")
+    parser.add_argument("--data-dir", type=Path, required=True, help="ISLES: preprocess_isles_WITH_BBOX.py output; ATLAS/UOA: preprocess_stroke_foundation.py output base (holding <DATASET>/) or the <DATASET> folder")
+    parser.add_argument("--splits-file", type=Path, help="splits JSON (default: <DATASET>_splits_5fold.json / isles2022_splits_5fold.json beside the data)")
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="test: the fixed held-out set, scored by every fold (default); val: each fold's own validation cases")
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=RUN_DIR", help="a training output folder with fold_<k>/<checkpoint-name>; repeat for several runs")
+    parser.add_argument("--checkpoints", type=Path, nargs="+", help="checkpoint files of a single run labelled 'model' (fold from a fold_<k> parent folder, else the run config)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to evaluate (default: every fold folder found)")
+    parser.add_argument("--checkpoint-name", default="best_model.pth", help="checkpoint file inside fold_<k>/ (default best_model.pth)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for per_case.csv, summary.json, results.md, figures/, predictions/")
+    parser.add_argument("--ensemble", action="store_true", help="also score the fold ensemble (mean of the fold models' probabilities per case; test split only)")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired Wilcoxon signed-rank test on per-case Dice of two runs (ensemble Dice with --ensemble, else the mean over folds); repeatable")
+    parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
+    parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
+    parser.add_argument("--window", type=int, nargs="+", help="sliding-window size in voxels, 1 or 3 ints (default: the checkpoint's patch size, 96 for a ResNet U-Net without one); UCTransNet3D only runs at its own")
+    parser.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1) (default 0.5)")
+    parser.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian", help="blending of overlapping windows (default gaussian)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")
+    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    args = parser.parse_args(argv)
+    if bool(args.run) == bool(args.checkpoints):
+        parser.error("give either --run LABEL=RUN_DIR (repeatable) or --checkpoints PATH...")
+    if args.checkpoints and args.folds:
+        parser.error("--folds selects fold folders of --run; with --checkpoints list the files instead")
+    args.runs = {}
+    for spec in args.run:
+        label, _, run_dir = spec.partition("=")
+        if not _LABEL.match(label) or not run_dir or label in args.runs:
+            parser.error(f"--run {spec!r}: expected a unique LABEL=RUN_DIR with LABEL of letters, digits, '.', '_', '-'")
+        args.runs[label] = Path(run_dir)
+    labels = list(args.runs) or ["model"]
+    for pair in args.compare:
+        if any(label not in labels for label in pair) or pair[0] == pair[1]:
+            parser.error(f"--compare {' '.join(pair)}: name two different runs among {labels}")
+    if args.window is not None and (len(args.window) not in (1, 3) or min(args.window) < 1):
+        parser.error(f"--window takes 1 or 3 positive sizes in voxels, got {args.window}")
+    if not 0 <= args.overlap < 1 or args.sw_batch_size < 1 or args.bootstrap < 1:
+        parser.error("need 0 <= --overlap < 1, --sw-batch-size >= 1 and --bootstrap >= 1")
+    if args.ensemble and args.split != "test":
+        parser.error("--ensemble needs --split test (each validation case belongs to one fold)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    return args
+
+
+def load_runs(args: argparse.Namespace) -> dict[str, list[ev.FoldModel]]:
+    """Every run's fold models, rebuilt on the CPU and checked before any case runs."""
+    window = None if args.window is None else tuple(args.window * 3 if len(args.window) == 1 else args.window)
+    runs = {}
+    if args.checkpoints:
+        found = {"model": [(ev.fold_of_path(path), path) for path in args.checkpoints]}
+    else:
+        found = {label: list(ev.discover_checkpoints(run_dir, args.folds, args.checkpoint_name).items()) for label, run_dir in args.runs.items()}
+    for label, checkpoints in found.items():
+        loaded = [ev.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints]
+        runs[label] = sorted(loaded, key=lambda fm: fm.fold)
+        folds = [fm.fold for fm in runs[label]]
+        if len(set(folds)) != len(folds):
+            raise CaseError(f"run {label}: several checkpoints for one fold ({sorted(folds)})")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = get_logger()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_args(args.output_dir, args)
+    try:
+        case_dir = ev.dataset_dir(args.data_dir, args.dataset)
+        splits_file = args.splits_file or ev.default_splits_file(case_dir, args.dataset)
+        runs = load_runs(args)
+        cases = {label: ev.split_cases(splits_file, args.dataset, fms, args.split) for label, fms in runs.items()}
+    except CaseError as err:
+        log.info(f"ERROR {err}")
+        return 1
+    preset = ev.preset_record(args.dataset)
+    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}")
+
+    results, rows, summaries, status = [], [], {}, 0
+    for label, fold_models in runs.items():
+        log.info(f"run {label}: folds {[fm.fold for fm in fold_models]}, windows {sorted({fm.window for fm in fold_models})}, {len(cases[label])} cases")
+        summaries[label] = ev.describe_run(label, fold_models, args.dataset, len(cases[label]))
+        if summaries[label]["model_config_differs_in"]:
+            log.info(f"NOTE run {label}: fold checkpoints differ in {summaries[label]['model_config_differs_in']}")
+        outputs = ev.CaseOutputs(args.output_dir / "predictions" / label if args.save_nifti else None, {} if args.png != "none" else None)
+        run_report = ev.evaluate_run(fold_models, cases[label], case_dir, args.dataset, args.ensemble, settings, outputs)
+        run_rows = [{"run": label, **row} for r in run_report.results if r.status == "done" for row in r.info["rows"]]
+        rows += run_rows
+        results += [CaseResult(f"{label}/{r.case_id}", r.status, r.reason, r.seconds, r.info) for r in run_report.results]
+        try:
+            summaries[label].update(ev.summarize_run(run_rows, args.bootstrap, args.seed))
+        except ValueError as err:
+            summaries[label]["error"] = str(err)
+            log.info(f"ERROR run {label}: {err}")
+            status = 1
+        if outputs.figures is not None:
+            report.write_figures(args.output_dir / "figures" / label, run_rows, outputs.figures, args.png, label)
+
+    comparisons = [ev.compare_runs(a, summaries[a], b, summaries[b]) for a, b in args.compare]
+    for comp in comparisons:
+        outcome = comp.get("error") or f"n = {comp['n']}, p = {comp['p_value']:.4g}, median difference {comp['median_difference']:+.4f}"
+        log.info(f"compare {comp['a']} vs {comp['b']} (per-case Dice, {comp['per_case']}): {outcome}")
+        status = max(status, int("error" in comp))
+    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    good = [summary for summary in summaries.values() if "error" not in summary]
+    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
+    report.write_text(args.output_dir / "results.md", text)
+    print(text, flush=True)
+    extra = {
+        "dataset": args.dataset,
+        "split": args.split,
+        "splits_file": str(splits_file),
+        "preset": preset,
+        "table_values": "mean ± sample std (ddof=1) across the per-fold means",
+        "runs": summaries,
+        "compare": comparisons,
+    }
+    return max(status, finish(args.output_dir / "summary.json", RunReport(results), extra))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

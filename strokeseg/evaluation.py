@@ -1,0 +1,598 @@
+"""Evaluation: fold checkpoints → whole-volume predictions → per-case metrics → run summaries.
+
+ISLES 2022 (``preprocess_isles_WITH_BBOX.py`` output): the network sees the 96³ crop; its
+foreground probability is resampled (trilinear) back through the stored bounding box onto the
+native grid, thresholded, and scored against the native ``original_mask`` (isles22 preset:
+26-connectivity, ml from ``spacing``). ATLAS / UOA (``preprocess_stroke_foundation.py`` output):
+sliding-window inference over the whole volume, scored against ``lesion_mask`` on the same grid
+(atlas22 preset: 6-connectivity, voxels; ml from the metadata spacing too). Never only inside
+lesion patches (SPEC section 4).
+
+Models are rebuilt from checkpoints alone (:func:`models.model_from_checkpoint`); their input
+channels, window and identity are checked against the dataset before any case runs.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+import models
+
+from .geometry import uncrop_to_native
+from .inference import sliding_window_inference
+from .io import CaseError, load_npz, read_json, save_nifti
+from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
+from .report import axial_slice_index, paper_init, paper_strategy
+from .runner import CaseResult, RunReport, run_cases
+from .splits import load_split
+
+__all__ = [
+    "DATASETS",
+    "THRESHOLD",
+    "CSV_COLUMNS",
+    "DatasetSpec",
+    "EvalCase",
+    "FoldModel",
+    "InferenceSettings",
+    "CaseOutputs",
+    "FigureSlices",
+    "dataset_dir",
+    "default_splits_file",
+    "split_cases",
+    "load_isles_case",
+    "load_atlas_case",
+    "load_case",
+    "display_volume",
+    "to_scoring_grid",
+    "score_probability",
+    "discover_checkpoints",
+    "fold_of_path",
+    "load_fold_model",
+    "predict_probability",
+    "evaluate_case",
+    "evaluate_run",
+    "describe_run",
+    "summarize_run",
+    "compare_runs",
+    "preset_record",
+]
+
+THRESHOLD = 0.5  # probability >= THRESHOLD is lesion
+CSV_COLUMNS = ("run", "fold", "case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """name: the key in splits files; preset: metrics preset; splits_name: default splits file
+    name; channels: npz keys the network may read, in input-channel order."""
+
+    name: str
+    preset: str
+    splits_name: str
+    channels: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "ISLES2022": DatasetSpec("ISLES2022", "isles22", "isles2022_splits_5fold.json", ("dwi", "adc")),
+    "ATLAS": DatasetSpec("ATLAS", "atlas22", "ATLAS_splits_5fold.json", ("image",)),
+    "UOA_Private": DatasetSpec("UOA_Private", "atlas22", "UOA_Private_splits_5fold.json", ("image",)),
+}
+# Spellings of the dataset in training run configs, normalised (lower case, alphanumerics only).
+_DATASET_ALIASES = {"isles2022": "ISLES2022", "isles": "ISLES2022", "atlas": "ATLAS", "uoaprivate": "UOA_Private", "uoa": "UOA_Private"}
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One case ready for inference and scoring.
+
+    inputs: npz key -> float32 (X, Y, Z) network input on the inference grid (ISLES: the 96³
+    crop; ATLAS/UOA: the whole preprocessed volume). reference: bool lesion mask on the scoring
+    grid (ISLES: native; ATLAS/UOA: the preprocessed grid). affine (4, 4) and spacing (mm, array
+    axis order) of the scoring grid. bbox (3, 2) [start, stop) and cropped_shape: the ISLES crop
+    (None for ATLAS/UOA).
+    """
+
+    case_id: str
+    inputs: dict[str, np.ndarray]
+    reference: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    bbox: np.ndarray | None = None
+    cropped_shape: tuple[int, int, int] | None = None
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+@dataclass
+class FoldModel:
+    """A fold's network in eval mode on its device, with what evaluation needs to know about it.
+
+    channels: npz keys stacked as its input channels; window: sliding-window size (voxels);
+    run_config: the training run's arguments stored in the checkpoint ({} when absent); init:
+    the checkpoint's initialisation label ("scratch", "brats", "transfer", ...; None when not
+    recorded); val_cases: the validation case ids it was selected on (None when not recorded).
+    """
+
+    fold: int
+    path: Path
+    model: nn.Module
+    model_config: dict
+    run_config: dict
+    channels: tuple[str, ...]
+    window: tuple[int, int, int]
+    init: str | None = None
+    val_cases: list[str] | None = None
+
+    def record(self) -> dict:
+        """JSON-able description for summary.json."""
+        return {
+            "path": str(self.path),
+            "model_config": self.model_config,
+            "window": list(self.window),
+            "channels": list(self.channels),
+            "init": self.init,
+            "run_config": self.run_config,
+        }
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window_inference`)."""
+
+    overlap: float = 0.5
+    mode: str = "gaussian"
+    sw_batch_size: int = 4
+    device: torch.device = torch.device("cpu")
+    mirror_tta: bool = False
+
+
+@dataclass(frozen=True)
+class FigureSlices:
+    """One axial slice for a figure: image float32 (X, Y); reference, prediction bool (X, Y)."""
+
+    image: np.ndarray
+    reference: np.ndarray
+    prediction: np.ndarray
+    z: int
+
+
+@dataclass
+class CaseOutputs:
+    """Where per-case side outputs go. nifti_dir: ``<dir>/<fold>/<case>.nii.gz`` (None: not
+    written); figures: filled with (fold, case_id) -> :class:`FigureSlices` when not None."""
+
+    nifti_dir: Path | None = None
+    figures: dict[tuple[str, str], FigureSlices] | None = None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def dataset_dir(data_dir: Path, dataset: str) -> Path:
+    """Folder holding the case files: ``data_dir`` for ISLES; for ATLAS/UOA ``data_dir/<dataset>``
+    when it exists (the preprocessing output base), else ``data_dir`` itself."""
+    if not data_dir.is_dir():
+        raise CaseError(f"{data_dir}: data folder not found")
+    if dataset != "ISLES2022" and (data_dir / dataset).is_dir():
+        return data_dir / dataset
+    return data_dir
+
+
+def default_splits_file(case_dir: Path, dataset: str) -> Path:
+    """The splits file beside the data (``isles2022_splits_5fold.json``, ``<DATASET>_splits_5fold.json``)."""
+    return case_dir / DATASETS[dataset].splits_name
+
+
+def split_cases(splits_file: Path, dataset: str, fold_models: Sequence[FoldModel], split: str) -> dict[str, list[int]]:
+    """case id -> the folds whose model scores it: every fold for "test" (the fixed held-out set),
+    the fold itself for "val". Sorted by case id.
+
+    Where a checkpoint records its validation cases, they must agree with the splits file: the
+    same list for "val", no overlap with "test" (else the file is not the one it was trained
+    with). Raises :class:`CaseError` for that, a missing or invalid file, a missing fold or an
+    empty set.
+    """
+    if not splits_file.is_file():
+        hint = " (preprocess_v2_isles.py writes it into its output folder)" if dataset == "ISLES2022" else ""
+        raise CaseError(f"{splits_file}: splits file not found; pass --splits-file{hint}")
+    cases: dict[str, list[int]] = {}
+    for fm in fold_models:
+        ids = getattr(load_split(splits_file, fm.fold, DATASETS[dataset].name), split)
+        if not ids:
+            raise CaseError(f"{splits_file}: fold_{fm.fold}/{dataset} has an empty {split!r} list")
+        if fm.val_cases is not None:
+            clash = sorted(set(ids) & set(fm.val_cases)) if split == "test" else sorted(set(ids) ^ set(fm.val_cases))
+            if clash:
+                what = "validation cases of" if split == "test" else "not the validation cases of"
+                raise CaseError(f"{splits_file}: {split} case(s) {clash[:5]} are {what} {fm.path}; is this the splits file it was trained with?")
+        for case_id in ids:
+            cases.setdefault(case_id, []).append(fm.fold)
+    return dict(sorted(cases.items()))
+
+
+def _case_file(case_dir: Path, case_id: str, suffix: str) -> Path:
+    path = case_dir / f"{case_id}{suffix}"
+    if not path.is_file():
+        raise CaseError(f"{case_id}: listed in the splits file but {path} does not exist")
+    return path
+
+
+_ISLES_GEOMETRY = ("bbox", "cropped_shape", "original_shape", "original_affine", "original_mask", "spacing")
+
+
+def load_isles_case(case_dir: Path, case_id: str, channels: Sequence[str]) -> EvalCase:
+    """Read ``<case_id>.npz`` written by ``preprocess_isles_WITH_BBOX.py`` (needs its bbox keys)."""
+    path = _case_file(case_dir, case_id, ".npz")
+    data = load_npz(path)
+    missing = [key for key in (*channels, *_ISLES_GEOMETRY) if key not in data]
+    if missing:
+        raise CaseError(f"{path}: missing key(s) {missing}; evaluation reads the output of preprocess_isles_WITH_BBOX.py")
+    reference = data["original_mask"].astype(bool)
+    if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
+        raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
+    return EvalCase(
+        case_id=case_id,
+        inputs={key: data[key].astype(np.float32, copy=False) for key in channels},
+        reference=reference,
+        affine=data["original_affine"].astype(np.float64),
+        spacing=tuple(float(s) for s in data["spacing"]),
+        bbox=data["bbox"],
+        cropped_shape=tuple(int(s) for s in data["cropped_shape"]),
+    )
+
+
+def load_atlas_case(case_dir: Path, case_id: str) -> EvalCase:
+    """Read ``<case_id>.npz`` (image, lesion_mask) and ``<case_id>_metadata.json`` (affine,
+    spacing, shape) written by ``preprocess_stroke_foundation.py``; checks the three agree."""
+    path = _case_file(case_dir, case_id, ".npz")
+    meta_path = _case_file(case_dir, case_id, "_metadata.json")
+    data = load_npz(path, keys=("image", "lesion_mask"))
+    meta = read_json(meta_path)
+    missing = [k for k in ("affine", "spacing", "shape") if k not in meta]
+    if missing:
+        raise CaseError(f"{meta_path}: missing key(s) {missing}")
+    image, mask = data["image"], data["lesion_mask"]
+    if image.shape != mask.shape or list(image.shape) != list(meta["shape"]):
+        raise CaseError(f"{path}: image {image.shape}, lesion_mask {mask.shape} and metadata shape {meta['shape']} differ")
+    return EvalCase(
+        case_id=case_id,
+        inputs={"image": image.astype(np.float32, copy=False)},
+        reference=mask.astype(bool),
+        affine=np.asarray(meta["affine"], dtype=np.float64),
+        spacing=tuple(float(s) for s in meta["spacing"]),
+    )
+
+
+def load_case(case_dir: Path, case_id: str, dataset: str, channels: Sequence[str]) -> EvalCase:
+    """:func:`load_isles_case` or :func:`load_atlas_case` by dataset name."""
+    if dataset == "ISLES2022":
+        return load_isles_case(case_dir, case_id, channels)
+    return load_atlas_case(case_dir, case_id)
+
+
+def display_volume(case: EvalCase) -> np.ndarray:
+    """First input channel on the scoring grid, float32 (ISLES: the crop resampled back)."""
+    image = next(iter(case.inputs.values()))
+    return to_scoring_grid(image, case)
+
+
+def to_scoring_grid(volume: np.ndarray, case: EvalCase) -> np.ndarray:
+    """Map a float32 (X, Y, Z) volume from the inference grid onto the scoring grid.
+
+    ISLES: trilinear resampling to the crop size, pasted at the bbox into zeros of the native
+    shape; ATLAS/UOA: unchanged (the grids are one).
+    """
+    if case.bbox is None:
+        if volume.shape != case.reference.shape:
+            raise ValueError(f"{case.case_id}: prediction shape {volume.shape} differs from reference {case.reference.shape}")
+        return volume
+    return uncrop_to_native(volume, case.bbox, case.cropped_shape, case.reference.shape, is_label=False)
+
+
+def score_probability(probability: np.ndarray, case: EvalCase, preset: str) -> tuple[np.ndarray, dict]:
+    """Threshold a foreground probability map and score it against the case's reference.
+
+    probability: float (X, Y, Z) on the inference grid (ISLES: the 96³ crop). It is mapped to
+    the scoring grid first (:func:`to_scoring_grid`, trilinear on probabilities), then voxels
+    >= :data:`THRESHOLD` are lesion. Returns (prediction bool on the scoring grid, metrics dict
+    from :func:`strokeseg.metrics.case_metrics` plus "ref_voxels" and "pred_voxels").
+    """
+    prediction = to_scoring_grid(np.asarray(probability, dtype=np.float32), case) >= THRESHOLD
+    metrics = case_metrics(prediction, case.reference, case.voxel_volume_ml, preset)
+    metrics["ref_voxels"] = int(np.count_nonzero(case.reference))
+    metrics["pred_voxels"] = int(np.count_nonzero(prediction))
+    return prediction, metrics
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+_FOLD_DIR = re.compile(r"^fold_(\d+)$")
+
+
+def discover_checkpoints(run_dir: Path, folds: Sequence[int] | None, name: str = "best_model.pth") -> dict[int, Path]:
+    """fold -> ``run_dir/fold_<k>/<name>``: every fold present, or exactly ``folds``.
+
+    Raises :class:`CaseError` when the folder is missing, a requested fold has no checkpoint,
+    or no fold folder holds one.
+    """
+    if not run_dir.is_dir():
+        raise CaseError(f"{run_dir}: run folder not found")
+    if folds is not None:
+        found = {fold: run_dir / f"fold_{fold}" / name for fold in folds}
+        missing = [str(path) for path in found.values() if not path.is_file()]
+        if missing:
+            raise CaseError(f"checkpoint not found: {', '.join(missing)}")
+        return found
+    found = {}
+    for sub in sorted(run_dir.iterdir()):
+        match = _FOLD_DIR.match(sub.name)
+        if match and (sub / name).is_file():
+            found[int(match.group(1))] = sub / name
+    if not found:
+        raise CaseError(f"{run_dir}: no fold_<k>/{name} found")
+    return dict(sorted(found.items()))
+
+
+def fold_of_path(path: Path) -> int | None:
+    """The k of a ``fold_<k>/`` parent folder, else None (then the run config names the fold)."""
+    match = _FOLD_DIR.match(path.parent.name)
+    return int(match.group(1)) if match else None
+
+
+def _normalised_dataset(value: object) -> str | None:
+    key = re.sub(r"[^a-z0-9]", "", str(value).lower())
+    return _DATASET_ALIASES.get(key)
+
+
+def _trained_on(run_config: Mapping) -> str | None:
+    """The training dataset named by a run config: its "dataset" (train_stroke.py), else implied
+    by the data flag of the training script (``isles_dir``: ISLES2022, ``brats_dir``: BraTS)."""
+    if run_config.get("dataset") is not None:
+        return str(run_config["dataset"])
+    if "isles_dir" in run_config:
+        return "ISLES2022"
+    if "brats_dir" in run_config:
+        return "BraTS2024"
+    return None
+
+
+def _input_channels(model_config: Mapping, dataset: str, path: Path) -> tuple[str, ...]:
+    available = DATASETS[dataset].channels
+    n = model_config.get("in_channels")
+    if not isinstance(n, int) or not 1 <= n <= len(available):
+        raise CaseError(
+            f"{path}: checkpoint in_channels {n!r} does not match {dataset}, which provides "
+            f"{len(available)} channel(s) {list(available)}"
+        )
+    return available[:n]
+
+
+def _window(model_config: Mapping, run_config: Mapping, forced: Sequence[int] | None, path: Path) -> tuple[int, int, int]:
+    """UCTransNet3D: its patch_size (fixed by the position embedding; a different ``forced``
+    window is an error). ResNet U-Net: ``forced``, else the run config's patch_size, else 96."""
+    if model_config.get("arch") == "uctransnet3d":
+        size = (int(model_config["patch_size"]),) * 3
+        if forced is not None and tuple(forced) != size:
+            raise CaseError(
+                f"{path}: UCTransNet3D runs only at its training size {size[0]}³ (position embedding); "
+                f"got --window {' '.join(map(str, forced))}"
+            )
+        return size
+    if forced is not None:
+        return tuple(int(w) for w in forced)  # type: ignore[return-value]
+    stored = run_config.get("patch_size", 96)
+    size = (stored,) * 3 if isinstance(stored, int) else tuple(stored)
+    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise CaseError(f"{path}: run config patch_size {stored!r} is not a size in voxels; pass --window")
+    return size  # type: ignore[return-value]
+
+
+def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.device, window: Sequence[int] | None) -> FoldModel:
+    """Rebuild a checkpoint's network on ``device`` in eval mode and check it fits ``dataset``.
+
+    fold: the fold the file was found under (None: take the run config's "fold"). Raises
+    :class:`CaseError` for a missing or unreadable file, a run config naming another dataset or
+    fold, input channels the dataset cannot provide, or a forced window a UCTransNet3D cannot run.
+    """
+    try:
+        model, checkpoint = models.model_from_checkpoint(path, map_location=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise CaseError(" ".join(str(err).split())) from err
+    run_config = checkpoint.get("config") or {}
+    if not isinstance(run_config, dict):
+        raise CaseError(f"{path}: checkpoint 'config' is not a dict")
+    trained_on = _trained_on(run_config)
+    if trained_on is not None and _normalised_dataset(trained_on) != dataset:
+        raise CaseError(f"{path}: checkpoint was trained on dataset {trained_on!r}, not {dataset}")
+    stored_fold = run_config.get("fold")
+    if fold is not None and stored_fold is not None and int(stored_fold) != fold:
+        raise CaseError(f"{path}: found as fold {fold} but its run config says fold {stored_fold}")
+    fold = fold if fold is not None else stored_fold
+    if fold is None:
+        raise CaseError(f"{path}: fold unknown (not under fold_<k>/ and no 'fold' in its run config)")
+    model_config = checkpoint["model_config"]
+    init = checkpoint.get("init")
+    val_cases = checkpoint.get("val_cases")
+    model.eval()
+    return FoldModel(
+        fold=int(fold),
+        path=path,
+        model=model,
+        model_config=model_config,
+        run_config=run_config,
+        channels=_input_channels(model_config, dataset, path),
+        window=_window(model_config, run_config, window, path),
+        init=init.get("label") if isinstance(init, dict) else run_config.get("init"),
+        val_cases=list(val_cases) if isinstance(val_cases, (list, tuple)) else None,
+    )
+
+
+# --------------------------------------------------------------------------- per case
+
+
+def predict_probability(case: EvalCase, fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
+    """Foreground probability float32 (X, Y, Z) on the inference grid, by sliding windows of the
+    model's window size over the whole input (one window when the window covers it)."""
+    volume = np.stack([case.inputs[key] for key in fold_model.channels])
+    return sliding_window_inference(
+        volume,
+        functools.partial(models.foreground_probability, fold_model.model),
+        fold_model.window,
+        overlap=settings.overlap,
+        mode=settings.mode,
+        sw_batch_size=settings.sw_batch_size,
+        device=settings.device,
+        mirror_tta=settings.mirror_tta,
+    )
+
+
+def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, outputs: CaseOutputs, image: np.ndarray | None) -> dict:
+    prediction, metrics = score_probability(probability, case, preset)
+    if outputs.nifti_dir is not None:
+        save_nifti(outputs.nifti_dir / fold / f"{case.case_id}.nii.gz", prediction.astype(np.uint8), case.affine)
+    if outputs.figures is not None and image is not None:
+        z = axial_slice_index(case.reference, prediction)
+        outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
+    return {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[3:]}}
+
+
+def evaluate_case(
+    case_id: str,
+    case_dir: Path,
+    dataset: str,
+    fold_models: Sequence[FoldModel],
+    ensemble: bool,
+    settings: InferenceSettings,
+    outputs: CaseOutputs,
+) -> CaseResult:
+    """Predict one case with every fold model given (and their mean probability when
+    ``ensemble``), score each prediction, write the side outputs.
+
+    Returns a done :class:`CaseResult` whose info["rows"] holds one metrics dict per prediction
+    (fold "fold_<k>" or "ensemble"). Bad input raises :class:`CaseError` (the runner records it).
+    """
+    channels = max((fm.channels for fm in fold_models), key=len)
+    case = load_case(case_dir, case_id, dataset, channels)
+    preset = DATASETS[dataset].preset
+    image = display_volume(case) if outputs.figures is not None else None
+    rows, total = [], None
+    for fold_model in fold_models:
+        probability = predict_probability(case, fold_model, settings)
+        rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, outputs, image))
+        total = probability if total is None else total + probability
+    if ensemble:
+        rows.append(_record(case, "ensemble", total / len(fold_models), preset, outputs, image))
+    return CaseResult(case_id, "done", info={"rows": rows})
+
+
+def evaluate_run(
+    fold_models: Sequence[FoldModel],
+    cases: Mapping[str, Sequence[int]],
+    case_dir: Path,
+    dataset: str,
+    ensemble: bool,
+    settings: InferenceSettings,
+    outputs: CaseOutputs,
+) -> RunReport:
+    """:func:`evaluate_case` for every case id -> folds of ``cases`` (from :func:`split_cases`),
+    in one process; the run's models sit on ``settings.device`` only for its duration."""
+    by_fold = {fm.fold: fm for fm in fold_models}
+    items = {case_id: (case_id, [by_fold[fold] for fold in folds]) for case_id, folds in cases.items()}
+
+    def process(item: tuple[str, list[FoldModel]]) -> CaseResult:
+        return evaluate_case(item[0], case_dir, dataset, item[1], ensemble, settings, outputs)
+
+    for fm in fold_models:
+        fm.model.to(settings.device)
+    try:
+        return run_cases(items, process, workers=1, desc="cases")
+    finally:
+        for fm in fold_models:
+            fm.model.to("cpu")
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def describe_run(label: str, fold_models: Sequence[FoldModel], dataset: str, n_cases: int) -> dict:
+    """What a run is: label, paper strategy and init (from the first fold's run config and model
+    config; see :func:`strokeseg.report.paper_strategy`), folds, case count, checkpoints."""
+    first = fold_models[0]
+    differing = sorted({key for fm in fold_models for key in fm.model_config if fm.model_config.get(key) != first.model_config.get(key)})
+    return {
+        "label": label,
+        "strategy": paper_strategy(first.run_config, first.model_config, label),
+        "init": paper_init(first.init, label, dataset),
+        "folds": [fm.fold for fm in fold_models],
+        "n_test_cases": n_cases,
+        # e.g. ["norm"]: folds trained with BatchNorm and GroupNorm (the paper's transfer folds 0-1)
+        "model_config_differs_in": differing,
+        "checkpoints": {f"fold_{fm.fold}": fm.record() for fm in fold_models},
+    }
+
+
+
+def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
+    """Aggregate one run's per-case rows (from :func:`evaluate_case`).
+
+    Returns {"fold_summary": :func:`strokeseg.metrics.summarize` over the fold rows (per-fold
+    means, mean ± std across fold means, mean ± std and bootstrap CI over (fold, case)),
+    "ensemble_summary": the same over the ensemble rows (or None), "per_case_dice": case id ->
+    the Dice used for paired tests (the ensemble's when present, else the mean over folds),
+    "per_case_source": "ensemble" or "mean over folds"}. Raises ValueError without fold rows.
+    """
+    per_fold: dict[str, list[Mapping]] = {}
+    for row in rows:
+        if row["fold"] != "ensemble":
+            per_fold.setdefault(row["fold"], []).append(row)
+    if not per_fold:
+        raise ValueError("no case was scored")
+    per_fold = dict(sorted(per_fold.items(), key=lambda item: int(item[0].split("_")[1])))
+    fold_summary = summarize(per_fold, METRIC_NAMES, n_bootstrap=n_bootstrap, seed=seed)
+    ensemble_rows = [row for row in rows if row["fold"] == "ensemble"]
+    ensemble_summary = summarize({"ensemble": ensemble_rows}, METRIC_NAMES, n_bootstrap, seed) if ensemble_rows else None
+    if ensemble_rows:
+        per_case = {row["case_id"]: float(row["dice"]) for row in ensemble_rows}
+    else:
+        collected: dict[str, list[float]] = {}
+        for fold_rows in per_fold.values():
+            for row in fold_rows:
+                collected.setdefault(row["case_id"], []).append(float(row["dice"]))
+        per_case = {case_id: float(np.mean(values)) for case_id, values in sorted(collected.items())}
+    return {
+        "fold_summary": fold_summary,
+        "ensemble_summary": ensemble_summary,
+        "per_case_dice": per_case,
+        "per_case_source": "ensemble" if ensemble_rows else "mean over folds",
+    }
+
+
+def compare_runs(label_a: str, run_a: Mapping, label_b: str, run_b: Mapping) -> dict:
+    """Paired two-sided Wilcoxon signed-rank test on per-case Dice (cases matched by id) of two
+    run summaries from :func:`summarize_run`. An impossible test gives {"a", "b", "error"}."""
+    out = {"a": label_a, "b": label_b, "metric": "dice", "per_case": run_a.get("per_case_source")}
+    unscored = [label for label, run in ((label_a, run_a), (label_b, run_b)) if "per_case_dice" not in run]
+    if unscored:
+        out["error"] = f"run(s) {unscored} have no scored case"
+        return out
+    try:
+        out.update(paired_wilcoxon(run_a["per_case_dice"], run_b["per_case_dice"]))
+    except ValueError as err:
+        out["error"] = str(err)
+    return out
+
+
+def preset_record(dataset: str) -> dict:
+    """{"name", "connectivity", "volume_unit"} of the dataset's metrics preset."""
+    name = DATASETS[dataset].preset
+    return {"name": name, "connectivity": PRESETS[name].connectivity, "volume_unit": PRESETS[name].volume_unit}

@@ -1,0 +1,279 @@
+"""evaluate.py and strokeseg.evaluation: native-space scoring on the real ISLES case, NIfTI
+geometry, end-to-end runs on synthetic ISLES and ATLAS data with untrained tiny checkpoints,
+and every bad input named in one line."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import models
+import preprocess_isles_WITH_BBOX
+import preprocess_stroke_foundation
+from strokeseg.evaluation import load_isles_case, score_probability
+from strokeseg.io import load_npz, read_json, write_json
+
+SUB = "sub-strokecase0009"
+ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
+
+
+def _checkpoint(path: Path, model_config: dict, run_config: dict | None, seed: int = 0, **extra: object) -> Path:
+    """An untrained checkpoint laid out as the trainer writes it (config = its run arguments)."""
+    torch.manual_seed(seed)
+    model = models.build_model(model_config)
+    models.save_checkpoint(path, model, model_config, **({"config": run_config} if run_config is not None else {}), **extra)
+    return path
+
+
+def _isles_run(root: Path, variant: str, folds: tuple[int, ...], seed: int, **overrides: object) -> Path:
+    """A run folder of untrained width-4 ResNet U-Nets, one per fold."""
+    for fold in folds:
+        config = {"isles_dir": "/data/isles", "strategy": variant, "init": "scratch", "fold": fold, "patch_size": ISLES_SHAPE, **overrides}
+        _checkpoint(root / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18_unet", "variant": variant, "width": 4}, config, seed + fold)
+    return root
+
+
+def _splits(path: Path, dataset: str, test: list[str], n_folds: int = 2) -> Path:
+    # Train/val ids need not exist: evaluation only reads the test cases.
+    write_json(path, {f"fold_{k}": {dataset: {"train": [f"train{k}"], "val": [f"val{k}"], "test": test}} for k in range(n_folds)})
+    return path
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sample_eval(isles_sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sample_eval")
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(isles_sample_dir), "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def isles_eval(synthetic_isles_a: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("isles_eval")
+    shape = [str(ISLES_SHAPE)] * 3
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(synthetic_isles_a), "--output-dir", str(out), "--target-shape", *shape]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def atlas_base(synthetic_atlas: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("foundation")
+    config = {
+        "output_base_dir": str(base),
+        "preprocessing": {"target_spacing": [1.0, 1.0, 1.0], "use_gpu": False},
+        "datasets": [{"name": "ATLAS", "data_dir": str(synthetic_atlas), "image_pattern": "**/*_T1w.nii.gz",
+                      "mask_pattern": "**/*_label-L_desc-T1lesion_mask.nii.gz"}],
+    }
+    write_json(base / "config.json", config)
+    assert preprocess_stroke_foundation.main(["--config", str(base / "config.json")]) == 0
+    return base
+
+
+# --------------------------------------------------------------------------- real ISLES case
+
+
+def test_perfect_crop_prediction_scores_high_on_native_grid(sample_eval: Path) -> None:
+    case = load_isles_case(sample_eval, SUB, ("dwi", "adc"))
+    perfect = load_npz(sample_eval / f"{SUB}.npz", keys=("mask",))["mask"].astype(np.float32)
+    assert perfect.shape == (96, 96, 96)
+    prediction, metrics = score_probability(perfect, case, "isles22")
+    assert prediction.shape == (112, 112, 73) and prediction.dtype == bool
+    assert metrics["dice"] >= 0.9
+    assert metrics["connectivity"] == 26 and metrics["ref_voxels"] == 523
+    assert metrics["abs_volume_diff_ml"] == pytest.approx(metrics["abs_volume_diff_voxels"] * case.voxel_volume_ml)
+    _, empty = score_probability(np.zeros_like(perfect), case, "isles22")
+    assert empty["dice"] == 0.0 and empty["pred_voxels"] == 0
+
+
+def test_saved_nifti_has_the_source_grid(sample_eval: Path, isles_sample_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}, {"dataset": "ISLES2022", "fold": 0})
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", [SUB], n_folds=1)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(sample_eval), "--splits-file", str(splits), "--run", f"dwi={run}",
+            "--output-dir", str(out), "--save-nifti", "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 0
+    saved = nib.load(str(out / "predictions" / "dwi" / "fold_0" / f"{SUB}.nii.gz"))
+    source = nib.load(str(isles_sample_dir / "rawdata" / SUB / "ses-0001" / f"{SUB}_ses-0001_dwi.nii.gz"))
+    assert saved.shape == source.shape == (112, 112, 73)
+    np.testing.assert_allclose(saved.affine, source.affine, atol=1e-5)
+    assert saved.get_data_dtype() == np.uint8
+    data = np.asarray(saved.dataobj)
+    assert set(np.unique(data)) <= {0, 1}
+    (row,) = _csv(out / "per_case.csv")
+    assert int(row["pred_voxels"]) == int(data.sum())
+    assert read_json(out / "summary.json")["runs"]["dwi"]["checkpoints"]["fold_0"]["window"] == [96, 96, 96]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    shared = _isles_run(tmp_path / "shared", "shared", (0, 1), seed=0)
+    dwi = _isles_run(tmp_path / "dwi", "dwi_only", (0, 1), seed=10)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"shared={shared}",
+            "--run", f"dwi={dwi}", "--output-dir", str(out), "--ensemble", "--compare", "shared", "dwi", "--bootstrap", "100"]
+    assert evaluate.main(argv) == 0
+    stdout = capsys.readouterr().out
+    rows = _csv(out / "per_case.csv")
+    assert len(rows) == 2 * (2 + 1) * len(cases)  # runs x (folds + ensemble) x cases
+    assert {r["fold"] for r in rows} == {"fold_0", "fold_1", "ensemble"}
+    assert {r["connectivity"] for r in rows} == {"26"}
+    summary = read_json(out / "summary.json")
+    assert summary["preset"] == {"name": "isles22", "connectivity": 26, "volume_unit": "ml"}
+    assert summary["n_failed"] == 0 and summary["n_done"] == 2 * len(cases)
+    for label in ("shared", "dwi"):
+        run = summary["runs"][label]
+        dice = run["fold_summary"]["metrics"]["dice"]
+        fold_means = [np.mean([float(r["dice"]) for r in rows if r["run"] == label and r["fold"] == f"fold_{k}"]) for k in (0, 1)]
+        np.testing.assert_allclose(dice["fold_means"], fold_means, atol=1e-12)
+        assert dice["fold_std"] == pytest.approx(np.std(fold_means, ddof=1), abs=1e-12)
+        assert dice["fold_mean"] == pytest.approx(np.mean(fold_means), abs=1e-12)
+        ensemble = [float(r["dice"]) for r in rows if r["run"] == label and r["fold"] == "ensemble"]
+        assert run["ensemble_summary"]["metrics"]["dice"]["case_std"] == pytest.approx(np.std(ensemble, ddof=1), abs=1e-12)
+        low, high = dice["ci95"]
+        assert low <= dice["case_mean"] <= high
+        assert set(run["checkpoints"]) == {"fold_0", "fold_1"}
+        assert run["checkpoints"]["fold_0"]["model_config"]["width"] == 4
+        assert run["per_case_source"] == "ensemble" and set(run["per_case_dice"]) == set(cases)
+    assert summary["runs"]["shared"]["strategy"] == "Shared encoder (DWI+ADC avg)"
+    assert summary["runs"]["dwi"]["checkpoints"]["fold_0"]["channels"] == ["dwi"]
+    (comparison,) = summary["compare"]
+    assert (comparison["a"], comparison["b"], comparison["n"]) == ("shared", "dwi", len(cases))
+    assert 0.0 <= comparison["p_value"] <= 1.0
+    results = (out / "results.md").read_text()
+    assert "| Strategy | Init | Mean DSC |" in results
+    shared_dice = summary["runs"]["shared"]["fold_summary"]["metrics"]["dice"]
+    expected_row = f"| Shared encoder (DWI+ADC avg) | Scratch | {shared_dice['fold_mean']:.4f} ± {shared_dice['fold_std']:.4f} |"
+    assert expected_row in results and expected_row in stdout
+    assert "26-connected" in results and "shared vs dwi" in results
+    pngs = sorted((out / "figures" / "shared").glob("*.png"))
+    assert 1 <= len(pngs) <= 3 and all(p.name.endswith("_ensemble.png") for p in pngs)
+    assert (out / "run_args.json").is_file()
+
+
+def test_atlas_whole_volume_end_to_end(atlas_base: Path, tmp_path: Path) -> None:
+    splits = read_json(atlas_base / "ATLAS" / "ATLAS_splits_5fold.json")
+    test_cases = splits["fold_0"]["ATLAS"]["test"]
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        _checkpoint(run / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18_unet", "width": 4},
+                    {"dataset": "ATLAS", "fold": fold, "patch_size": 32}, seed=fold, init={"label": "transfer"},
+                    val_cases=splits[f"fold_{fold}"]["ATLAS"]["val"])
+    (run / "fold_1" / "last.pth").write_bytes(b"")  # other files in a fold folder are ignored
+    out = tmp_path / "out"
+    argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--run", f"scratch={run}", "--output-dir", str(out),
+            "--save-nifti", "--png", "all", "--bootstrap", "50", "--sw-batch-size", "2"]
+    assert evaluate.main(argv) == 0
+    rows = _csv(out / "per_case.csv")
+    assert len(rows) == 2 * len(test_cases) and {r["connectivity"] for r in rows} == {"6"}
+    summary = read_json(out / "summary.json")
+    assert summary["preset"]["name"] == "atlas22" and summary["runs"]["scratch"]["folds"] == [0, 1]
+    results = (out / "results.md").read_text()
+    assert "| Dataset | Strategy | DSC ± std | Lesion F1 | Lesion Count Diff | Vol Diff (voxels) |" in results
+    assert "| ATLAS | Transfer |" in results
+    meta = read_json(atlas_base / "ATLAS" / f"{test_cases[0]}_metadata.json")
+    saved = nib.load(str(out / "predictions" / "scratch" / "fold_0" / f"{test_cases[0]}.nii.gz"))
+    assert list(saved.shape) == meta["shape"]  # the whole volume was predicted and scored
+    np.testing.assert_allclose(saved.affine, meta["affine"], atol=1e-5)
+    assert len(list((out / "figures" / "scratch").glob("*.png"))) == len(rows)
+
+
+def test_val_split_scores_each_fold_on_its_own_cases(atlas_base: Path, tmp_path: Path) -> None:
+    splits = read_json(atlas_base / "ATLAS" / "ATLAS_splits_5fold.json")
+    run = tmp_path / "run"
+    _checkpoint(run / "fold_3" / "best_model.pth", {"arch": "resnet18_unet", "width": 4}, {"dataset": "atlas", "fold": 3, "patch_size": 32},
+                val_cases=splits["fold_3"]["ATLAS"]["val"])
+    out = tmp_path / "out"
+    argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base / "ATLAS"), "--checkpoints", str(run / "fold_3" / "best_model.pth"),
+            "--split", "val", "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 0
+    rows = _csv(out / "per_case.csv")
+    assert sorted(r["case_id"] for r in rows) == sorted(splits["fold_3"]["ATLAS"]["val"])
+    assert {(r["run"], r["fold"]) for r in rows} == {("model", "fold_3")}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture, pattern: str) -> str:
+    assert evaluate.main(argv) == 1
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert errors and pattern in errors[0], out
+    return errors[0]
+
+
+def test_bad_checkpoints_are_clear_one_line_errors(isles_eval: Path, atlas_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    common = ["--data-dir", str(isles_eval), "--splits-file", str(splits), "--output-dir", str(tmp_path / "out"), "--png", "none"]
+    isles = ["--dataset", "ISLES2022", *common]
+    run = _isles_run(tmp_path / "run", "dwi_only", (0, 1), seed=0)
+    _fails([*isles, "--run", f"a={run}", "--folds", "0", "1", "2"], capsys, "checkpoint not found")
+    _fails([*isles, "--run", f"a={tmp_path / 'nowhere'}"], capsys, "run folder not found")
+    garbage = tmp_path / "garbage" / "fold_0" / "best_model.pth"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"not a checkpoint")
+    _fails([*isles, "--run", f"a={garbage.parents[1]}"], capsys, "not a readable checkpoint")
+    other = _isles_run(tmp_path / "other", "dwi_only", (0,), seed=0, dataset="ATLAS")
+    _fails([*isles, "--run", f"a={other}"], capsys, "trained on dataset 'ATLAS', not ISLES2022")
+    moved = _isles_run(tmp_path / "moved", "dwi_only", (0,), seed=0, fold=3)
+    _fails([*isles, "--run", f"a={moved}"], capsys, "found as fold 0 but its run config says fold 3")
+    uct = tmp_path / "uct" / "fold_0" / "best_model.pth"
+    _checkpoint(uct, {"arch": "uctransnet3d", "width": 4, "patch_size": 16}, {"dataset": "ISLES2022", "fold": 0})
+    line = _fails([*isles, "--checkpoints", str(uct), "--window", "32"], capsys, "UCTransNet3D runs only at its training size 16")
+    assert "--window 32 32 32" in line
+    two = tmp_path / "two" / "fold_0" / "best_model.pth"
+    _checkpoint(two, {"arch": "resnet18_unet", "variant": "single", "in_channels": 2, "width": 4}, {"dataset": "ATLAS", "fold": 0})
+    _fails(["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--checkpoints", str(two), "--output-dir", str(tmp_path / "o2")],
+           capsys, "in_channels 2 does not match ATLAS, which provides 1 channel(s)")
+    _fails([*isles, "--splits-file", str(tmp_path / "missing.json"), "--run", f"a={run}"], capsys, "splits file not found")
+    leaked = tmp_path / "leaked" / "fold_0" / "best_model.pth"
+    _checkpoint(leaked, {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}, {"isles_dir": "x", "fold": 0}, val_cases=cases[:1])
+    _fails([*isles, "--checkpoints", str(leaked)], capsys, f"test case(s) ['{cases[0]}'] are validation cases of")
+    brats = tmp_path / "brats" / "fold_0" / "best_model.pth"
+    _checkpoint(brats, {"arch": "resnet18_unet", "width": 4}, {"brats_dir": "x", "fold": 0})
+    _fails([*isles, "--checkpoints", str(brats)], capsys, "trained on dataset 'BraTS2024', not ISLES2022")
+    assert not (tmp_path / "out" / "per_case.csv").exists()  # nothing was scored
+
+
+def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", [*cases, "sub-strokecase9999"])
+    run = _isles_run(tmp_path / "run", "dwi_only", (0,), seed=0)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"a={run}",
+            "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 1
+    summary = read_json(out / "summary.json")
+    (failed,) = summary["failed"]
+    assert failed["case_id"] == "a/sub-strokecase9999"
+    assert "sub-strokecase9999.npz does not exist" in failed["reason"] and "\n" not in failed["reason"]
+    assert sorted(r["case_id"] for r in _csv(out / "per_case.csv")) == cases
+    assert summary["runs"]["a"]["fold_summary"]["n_cases"] == 2
+    assert "FAILED a/sub-strokecase9999" in capsys.readouterr().out
+
+
+def test_argument_errors(tmp_path: Path) -> None:
+    base = ["--dataset", "ATLAS", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    for extra in ([], ["--run", "a=x", "--checkpoints", "y"], ["--run", "a b=x"], ["--run", "a=x", "--compare", "a", "b"],
+                  ["--run", "a=x", "--ensemble", "--split", "val"], ["--run", "a=x", "--window", "32", "32"]):
+        with pytest.raises(SystemExit) as info:
+            evaluate.parse_args(base + extra)
+        assert info.value.code == 2, extra
+    args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--compare", "a", "b"])
+    assert args.runs == {"a": Path("x"), "b": Path("y")} and json.dumps(args.compare) == '[["a", "b"]]'

@@ -1,0 +1,135 @@
+"""Evaluation report: number formatting, the paper's table layouts, CSV, figure selection and PNGs."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from strokeseg import report
+from strokeseg.metrics import summarize
+
+
+@pytest.mark.parametrize(
+    "mean, std, decimals, expected",
+    [
+        (0.63721, 0.00814, 4, "0.6372 ± 0.0081"),
+        (3.1149, 0.2351, 2, "3.11 ± 0.24"),
+        (7811.4, 805.6, 0, "7811 ± 806"),
+        (0.7, math.nan, 4, "0.7000 ± n/a"),
+    ],
+)
+def test_format_mean_std(mean: float, std: float, decimals: int, expected: str) -> None:
+    assert report.format_mean_std(mean, std, decimals) == expected
+
+
+def test_markdown_table_layout_and_bad_row() -> None:
+    text = report.markdown_table(["A", "B"], [["1", "2"]])
+    assert text.splitlines() == ["| A | B |", "|---|---|", "| 1 | 2 |"]
+    with pytest.raises(ValueError, match="has 1 cells"):
+        report.markdown_table(["A", "B"], [["1"]])
+
+
+def _case(dice: float, f1: float, count: float, voxels: float) -> dict:
+    return {"dice": dice, "lesion_f1": f1, "abs_lesion_count_diff": count, "abs_volume_diff_voxels": voxels, "abs_volume_diff_ml": voxels / 1000}
+
+
+def _run(label: str, init: str, folds: list[int], dice_by_fold: list[list[float]], strategy: str = "S") -> dict:
+    per_fold = {f"fold_{k}": [_case(d, d / 2, 2 * d, 1000 * d) for d in values] for k, values in zip(folds, dice_by_fold)}
+    return {"label": label, "strategy": strategy, "init": init, "folds": folds, "n_test_cases": len(dice_by_fold[0]),
+            "fold_summary": summarize(per_fold, n_bootstrap=50), "ensemble_summary": None}
+
+
+def test_atlas_table_is_mean_and_std_across_fold_means() -> None:
+    # fold means 0.5 and 0.7 (cases 0.4/0.6 and 0.6/0.8): mean 0.6, sample std 0.1414
+    run = _run("tr", "Transfer", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
+    lines = report.atlas_table("ATLAS", [run]).splitlines()
+    assert lines[0] == "| Dataset | Strategy | DSC ± std | Lesion F1 | Lesion Count Diff | Vol Diff (voxels) |"
+    assert lines[2] == "| ATLAS | Transfer | 0.6000 ± 0.1414 | 0.3000 ± 0.0707 | 1.20 ± 0.28 | 600 ± 141 |"
+
+
+def test_atlas_table_adds_folds_column_and_disambiguates_duplicates() -> None:
+    all5 = _run("scratch_all", "Scratch", list(range(5)), [[0.5]] * 5)
+    gn = _run("scratch_gn", "Scratch", [2, 3, 4], [[0.5]] * 3)
+    lines = report.atlas_table("UOA", [all5, gn]).splitlines()
+    assert lines[0].startswith("| Dataset | Strategy | Folds | DSC ± std |")
+    assert lines[2].startswith("| UOA | Scratch | all 5 | 0.5000 ± 0.0000 |")
+    assert lines[3].startswith("| UOA | Scratch | f2–4 |")
+    twins = report.atlas_table("UOA", [all5, {**all5, "label": "again"}]).splitlines()
+    assert "Scratch (scratch_all)" in twins[2] and "Scratch (again)" in twins[3]
+
+
+def test_isles_table_and_paper_names() -> None:
+    assert report.paper_strategy({"strategy": "shared"}, {}, "x") == "Shared encoder (DWI+ADC avg)"
+    assert report.paper_strategy({}, {"variant": "separate"}, "x") == "Separate encoders (DWI only)"
+    assert report.paper_strategy({}, {"arch": "uctransnet3d"}, "mylabel") == "mylabel"
+    assert report.paper_init("brats", "x", "ISLES2022") == "BraTS"
+    assert report.paper_init("transfer", "x", "ATLAS") == "Transfer"
+    assert report.paper_init("scratch", "x", "ATLAS") == "Scratch"
+    assert report.paper_init(None, "mylabel", "ATLAS") == "mylabel"
+    run = _run("a", "Scratch", [0, 1, 2], [[0.70], [0.71], [0.72]], strategy="DWI-only baseline")
+    lines = report.isles_table([run]).splitlines()
+    assert lines[0] == "| Strategy | Init | Mean DSC |"
+    assert lines[2] == "| DWI-only baseline | Scratch | 0.7100 ± 0.0100 |"
+
+
+def test_results_markdown_names_preset_and_comparison() -> None:
+    run = _run("a", "Scratch", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
+    comparisons = [{"a": "a", "b": "b", "n": 6, "p_value": 0.03125, "median_difference": 0.05, "per_case": "ensemble"},
+                   {"a": "a", "b": "c", "error": "too few cases"}]
+    text = report.results_markdown("ATLAS", [run], {"name": "atlas22", "connectivity": 6, "volume_unit": "voxels"}, comparisons, "test")
+    assert "6-connected components (preset atlas22)" in text
+    assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in text
+    assert "- a vs b: n = 6, median difference +0.0500, p = 0.03125 (ensemble)" in text
+    assert "- a vs c: not computed (too few cases)" in text
+    details = text.split("## Details")[1]
+    assert "| a | f0–1 | 2 | 0.6000 ± 0.1414 |" in details
+    assert "Vol Diff (voxels)" in details
+
+
+def test_write_csv_round_trip(tmp_path: Path) -> None:
+    rows = [{"run": "a", "case_id": "c1", "dice": 0.5, "ignored": 1}, {"run": "b", "case_id": "c2", "dice": 1.0}]
+    report.write_csv(tmp_path / "x.csv", rows, ["run", "case_id", "dice"])
+    with open(tmp_path / "x.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert back == [{"run": "a", "case_id": "c1", "dice": "0.5"}, {"run": "b", "case_id": "c2", "dice": "1.0"}]
+
+
+def test_select_for_figures() -> None:
+    rows = [{"case_id": c, "fold": "fold_0", "dice": d} for c, d in (("a", 0.1), ("b", 0.5), ("c", 0.9), ("d", 0.3))]
+    picked = report.select_for_figures(rows, "best-median-worst")
+    assert [r["case_id"] for r in picked] == ["c", "d", "a"]  # best, lower median, worst
+    assert [r["case_id"] for r in report.select_for_figures(rows[:1], "best-median-worst")] == ["a"]
+    assert len(report.select_for_figures(rows, "all")) == 4
+    assert report.select_for_figures(rows, "none") == []
+    with pytest.raises(ValueError, match="png mode"):
+        report.select_for_figures(rows, "some")
+
+
+def test_axial_slice_index() -> None:
+    ref = np.zeros((4, 5, 6), dtype=bool)
+    pred = np.zeros_like(ref)
+    assert report.axial_slice_index(ref, pred) == 3  # both empty: middle
+    pred[:, :, 1] = True
+    assert report.axial_slice_index(ref, pred) == 1  # empty reference: most predicted slice
+    ref[0, 0, 4] = True
+    ref[:2, :2, 2] = True
+    assert report.axial_slice_index(ref, pred) == 2  # largest reference area
+
+
+def test_write_figures_draws_selected_pngs(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).normal(size=(12, 10)).astype(np.float32)
+    mask = np.zeros((12, 10), dtype=bool)
+    mask[3:6, 4:7] = True
+    rows = [{"case_id": f"c{i}", "fold": "fold_0", "dice": i / 4} for i in range(4)]
+    rows.append({"case_id": "c1", "fold": "ensemble", "dice": 0.2})
+    slices = {(r["fold"], r["case_id"]): SimpleNamespace(image=image, reference=mask, prediction=mask, z=3) for r in rows}
+    written = report.write_figures(tmp_path, rows, slices, "best-median-worst", "run")
+    assert written == [tmp_path / "c1_ensemble.png"]  # ensemble rows are preferred when present
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = report.write_figures(tmp_path, rows[:4], slices, "all", "run")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["c0_fold_0.png", "c1_ensemble.png", "c1_fold_0.png", "c2_fold_0.png", "c3_fold_0.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
