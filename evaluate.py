@@ -22,7 +22,7 @@ import torch
 
 from strokeseg import evaluation as ev
 from strokeseg import report
-from strokeseg.io import CaseError
+from strokeseg.io import CaseError, write_text
 from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
-    report.write_text(args.output_dir / "results.md", text)
+    write_text(args.output_dir / "results.md", text)
     print(text, flush=True)
     extra = {
         "dataset": args.dataset,

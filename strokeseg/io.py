@@ -26,6 +26,7 @@ __all__ = [
     "load_npz",
     "load_npz_mmap",
     "write_json",
+    "write_text",
     "read_json",
     "load_nifti",
     "save_nifti",
@@ -138,6 +139,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically; numpy values and paths are converted."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_to_jsonable, allow_nan=True) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: str | os.PathLike) -> Any:

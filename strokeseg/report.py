@@ -35,7 +35,6 @@ __all__ = [
     "axial_slice_index",
     "save_case_figure",
     "write_figures",
-    "write_text",
 ]
 
 # Decimals per metric, as in the paper's tables (volume difference in voxels: whole numbers).
@@ -198,12 +197,6 @@ def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str])
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def select_for_figures(rows: Sequence[Mapping], mode: str) -> list[Mapping]:
