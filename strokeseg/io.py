@@ -6,6 +6,7 @@ file or the complete new one, never a half-written file. Readers refuse pickled 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import struct
@@ -42,13 +43,13 @@ class CaseError(ValueError):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The temporary name keeps the full suffix (``.npz``, ``.nii.gz``) so writers that pick a
-    format from the extension behave, and starts with ``.`` so globs for outputs skip it.
+    The temporary name is ``.<name>.<random>.partial``: hidden and without the output's suffix,
+    so a file left behind by ``kill -9`` never matches a later stage's ``*.npz`` or ``*.json``
+    glob. Writers must therefore not infer the format from the name (pass it explicitly).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from a shared group
@@ -204,12 +205,16 @@ def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> NiftiVolume
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a 3-D array (X, Y, Z) with its (4, 4) affine as NIfTI-1, atomically."""
+    """Write a 3-D array (X, Y, Z) with its (4, 4) affine as NIfTI-1, atomically;
+    gzip-compressed when ``path`` ends in ``.gz``."""
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
+    payload = img.to_bytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6)
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        tmp.write_bytes(payload)
 
 
 def affines_match(a: np.ndarray, b: np.ndarray, atol: float = 1e-3) -> bool:

@@ -82,3 +82,12 @@ def test_memory_mapped_members_equal_loaded_arrays(tmp_path: Path) -> None:
         load_npz_mmap(tmp_path / "c.npz", ("image",))
     with pytest.raises(CaseError, match="missing key"):
         load_npz_mmap(tmp_path / "u.npz", ("brain_mask",))
+
+
+def test_temporary_files_never_look_like_outputs(tmp_path: Path) -> None:
+    seen = []
+    with atomic_path(tmp_path / "case.npz") as tmp:
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+        assert list(tmp_path.glob("*.npz")) == []  # a kill -9 here leaves nothing a stage would read
+    assert seen[0].startswith(".case.npz.") and seen[0].endswith(".partial")
