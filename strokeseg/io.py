@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest zip timestamp: fixed, so outputs are reproducible
+
+
 class CaseError(ValueError):
     """Bad input for one case; the message is one line naming the file and the problem."""
 
@@ -61,14 +64,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress: bool = True) -> None:
-    """Write ``arrays`` to ``path`` (.npz) atomically. Object arrays are refused (they need pickle)."""
+    """Write ``arrays`` to ``path`` (.npz, readable by ``np.load``) atomically.
+
+    Unlike ``np.savez`` the zip entries carry a fixed timestamp, so identical arrays give
+    byte-identical files (checksums of two seeded runs agree). ``compress=False`` stores the
+    members uncompressed so :func:`load_npz_mmap` can map them. Object arrays are refused.
+    """
     for key, value in arrays.items():
         if np.asarray(value).dtype == object:
             raise TypeError(f"{path}: array {key!r} has dtype object, which would need pickle")
-    writer = np.savez_compressed if compress else np.savez
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            writer(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        with zipfile.ZipFile(tmp, mode="w", compression=method, allowZip64=True) as archive:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                info.compress_type = method
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
 
 
 def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

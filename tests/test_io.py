@@ -91,3 +91,13 @@ def test_temporary_files_never_look_like_outputs(tmp_path: Path) -> None:
         tmp.write_bytes(b"x")
         assert list(tmp_path.glob("*.npz")) == []  # a kill -9 here leaves nothing a stage would read
     assert seen[0].startswith(".case.npz.") and seen[0].endswith(".partial")
+
+
+def test_identical_arrays_give_byte_identical_npz(tmp_path: Path) -> None:
+    arrays = {"image": np.linspace(0, 1, 60, dtype=np.float32).reshape(3, 4, 5), "mask": np.eye(3, dtype=np.uint8)}
+    for compress in (True, False):
+        save_npz(tmp_path / "a.npz", arrays, compress=compress)
+        save_npz(tmp_path / "b.npz", arrays, compress=compress)
+        assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+        with np.load(tmp_path / "a.npz", allow_pickle=False) as data:  # plain numpy reads it
+            np.testing.assert_array_equal(data["image"], arrays["image"])
