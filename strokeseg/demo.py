@@ -57,18 +57,19 @@ class Scale:
     batch_size: int
     patches_per_volume: int
     optim: tuple[str, ...]  # extra training flags; the small demo needs a larger learning rate
+    compare: bool  # paired Wilcoxon tests need >= 5 test cases, more than the small demo has
 
 
 SMALL = Scale(
     folds=(0, 1), width=8, isles_cases=16, isles_shape=32, brats_patients=8, mni_shape=(64, 72, 60),
     atlas_cases=16, uoa_cases=14, patch={"resnet18": 48, "uctransnet3d": 32},
     epochs_brats=4, epochs_isles=10, epochs_stroke=6, batch_size=2, patches_per_volume=4,
-    optim=("--lr", "3e-3", "--loss", "dice_ce"),
+    optim=("--lr", "3e-3", "--loss", "dice_ce"), compare=False,
 )
 FULL = Scale(
     folds=(0, 1, 2, 3, 4), width=64, isles_cases=60, isles_shape=96, brats_patients=40, mni_shape=(197, 233, 189),
     atlas_cases=60, uoa_cases=40, patch={"resnet18": 96, "uctransnet3d": 64},
-    epochs_brats=100, epochs_isles=100, epochs_stroke=100, batch_size=4, patches_per_volume=10, optim=(),
+    epochs_brats=100, epochs_isles=100, epochs_stroke=100, batch_size=4, patches_per_volume=10, optim=(), compare=True,
 )
 
 
@@ -188,12 +189,14 @@ def train_stroke(out: Path, scale: Scale, logs: Path, brats: dict[str, Path], da
     return runs
 
 
-def evaluate(out: Path, logs: Path, dataset: str, data_args: list[str], runs: dict[str, Path], compare: tuple[str, str]) -> str:
-    """``evaluate.py`` on the held-out test set; returns its Markdown tables."""
+def evaluate(out: Path, logs: Path, dataset: str, data_args: list[str], runs: dict[str, Path], compare: tuple[str, ...]) -> str:
+    """``evaluate.py`` on the held-out test set (``compare``: two run labels for a paired test,
+    or empty); returns its Markdown tables."""
     eval_dir = out / "results" / dataset
     run_args = [arg for label, run_dir in runs.items() for arg in ("--run", f"{label}={run_dir}")]
+    compare_args = ["--compare", *compare] if compare else []
     run_stage(f"evaluate_{dataset}", "evaluate.py",
-              ["--dataset", dataset, *data_args, *run_args, "--compare", *compare, "--output-dir", str(eval_dir)], logs)
+              ["--dataset", dataset, *data_args, *run_args, *compare_args, "--output-dir", str(eval_dir)], logs)
     return (eval_dir / "results.md").read_text()
 
 
@@ -219,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     brats = pretrain_brats(out, scale, logs)
     isles_runs = train_isles(out, scale, logs, brats)
     isles_data = ["--data-dir", str(out / "isles_eval"), "--splits-file", str(out / "isles_train" / "isles2022_splits_5fold.json")]
-    tables = [evaluate(out, logs, "ISLES2022", isles_data, isles_runs, ("shared_scratch", "dwi_only_scratch"))]
+    tables = [evaluate(out, logs, "ISLES2022", isles_data, isles_runs, ("shared_scratch", "shared_brats") if scale.compare else ())]
     for dataset in STROKE_DATASETS:
         runs = train_stroke(out, scale, logs, brats, dataset)
-        tables.append(evaluate(out, logs, dataset, ["--data-dir", str(out / "foundation")], runs, ("resnet18_transfer", "resnet18_scratch")))
+        compare = ("resnet18_transfer", "resnet18_scratch") if scale.compare else ()
+        tables.append(evaluate(out, logs, dataset, ["--data-dir", str(out / "foundation")], runs, compare))
     report = "\n\n".join(tables)
     write_text(out / "results.md", report + "\n")
     print("\n" + report + "\n", flush=True)

@@ -1,0 +1,779 @@
+"""The training engine shared by train_brats_uctransnet3d.py, train_isles_resnet18.py and
+train_stroke.py: one loop, one checkpoint format, one resume and preemption protocol.
+
+Per fold, ``<output-dir>/fold_<k>/`` receives ``best_model.pth`` (highest mean whole-volume
+validation Dice), ``last.pth`` (everything needed to resume), ``history.csv``, ``curves.png``
+and ``run_args.json``; every file is written atomically.
+
+Exact resume. The data order and every sample are pure functions of (seed, epoch, sample id)
+(:mod:`strokeseg.data`), and the torch generator is reseeded from (seed, epoch, step, rank)
+before every step (dropout), so replaying from a checkpoint gives the same batches and random
+numbers. ``last.pth`` holds the model, optimiser, schedule position, GradScaler, the epoch and
+the number of steps of it already done, the running loss sums, best score, history and RNG
+states. On CPU a resumed run ends with bit-identical weights; on CUDA, cuDNN's nondeterministic
+kernels make runs (resumed or not) agree only to rounding.
+
+Preemption. SIGTERM or SIGUSR1 (SLURM's ``--signal=B:USR1@120``) only sets a flag. The loop
+checks it after every training step (and after every validation case); all ranks agree on it,
+``last.pth`` is written *mid-epoch* with the number of steps done, and the process exits with
+status 75 (EX_TEMPFAIL), which the sbatch scripts turn into ``scontrol requeue``. Mid-epoch
+rather than end-of-epoch state because an ATLAS epoch (thousands of 96³ steps) can outlast the
+warning period: saving at the next step boundary loses at most one step, and since the sampler
+skips exactly the batches already trained on, the resumed epoch continues as if never stopped.
+A signal during validation saves the state "all steps done" and the resumed run validates again.
+
+Distributed. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) the model is
+wrapped in DistributedDataParallel (NCCL on CUDA, gloo on CPU), each rank trains on a disjoint
+slice of every epoch, validation cases are split between ranks and the Dice sums all-reduced,
+and only rank 0 writes files and logs. At the end the ranks compare a hash of their parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import models
+
+from .augment import AUGMENT_PRESETS
+from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume
+from .inference import sliding_window_inference
+from .io import CaseError, atomic_path
+from .losses import LOSS_NAMES, build_loss, multi_head_loss
+from .metrics import dice
+from .runner import get_logger, progress, write_run_args
+
+__all__ = [
+    "EXIT_PREEMPTED",
+    "TRAINING_DEFAULTS",
+    "ARCH_CHOICES",
+    "TrainSettings",
+    "InitSpec",
+    "DistContext",
+    "add_training_arguments",
+    "add_model_arguments",
+    "resolve_model_arguments",
+    "model_config_from_args",
+    "lr_at",
+    "amp_dtype_for",
+    "make_optimizer",
+    "make_grad_scaler",
+    "train_step",
+    "setup_distributed",
+    "teardown_distributed",
+    "write_history",
+    "plot_curves",
+    "fit",
+    "run_guarded",
+]
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the sbatch scripts requeue on it
+VAL_THRESHOLD = 0.5  # probability >= 0.5 is lesion, as in evaluation
+ARCH_CHOICES = {"resnet18": "resnet18_unet", "uctransnet3d": "uctransnet3d"}  # CLI name -> models arch
+DEFAULT_PATCH = {"resnet18": 96, "uctransnet3d": 64}  # the paper's training patch edge per architecture
+DEFAULT_NORM = {"resnet18": "batch", "uctransnet3d": "group"}
+
+# Defaults of the shared flags; each script overrides some via add_training_arguments(defaults).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 100,  # passes over the training cases
+    "batch_size": 4,  # samples per step and per rank
+    "lr": 1e-4,  # peak learning rate
+    "weight_decay": 1e-5,
+    "optimizer": "adamw",  # 'adamw' | 'sgd' (Nesterov)
+    "momentum": 0.99,  # SGD only
+    "schedule": "cosine",  # 'cosine' | 'poly' (power 0.9) | 'none', after linear warmup
+    "warmup_epochs": 2.0,  # linear warmup length in epochs (0: none)
+    "grad_clip": 1.0,  # max global gradient L2 norm (0: off)
+    "loss": "gdice",  # 'gdice' (generalized Dice) | 'dice_ce'
+    "amp": "auto",  # 'auto': bf16 (or fp16 + GradScaler) on CUDA, fp32 on CPU | 'off'
+    "augment": "flip",  # 'off' | 'flip' | 'full' (flips, rotation, zoom, intensity)
+    "seed": 42,
+    "workers": 4,  # DataLoader worker processes (0: load in the main process)
+    "chunk_cases": 8,  # cases whose samples are interleaved (per-worker volume cache size)
+    "overlap": 0.5,  # sliding-window overlap of validation
+    "sw_batch_size": 4,  # windows per forward pass in validation
+}
+_POLY_POWER = 0.9
+# Settings that may change between a run and its resume without changing the result.
+_RESUME_FREE = ("output_dir", "workers", "device", "resume", "resume_if_exists", "overwrite")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the engine needs besides the model config and the data (see TRAINING_DEFAULTS)."""
+
+    output_dir: Path
+    fold: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    momentum: float
+    schedule: str
+    warmup_epochs: float
+    grad_clip: float
+    loss: str
+    amp: str
+    seed: int
+    workers: int
+    overlap: float
+    sw_batch_size: int
+    device: str = "auto"
+    resume: bool = False
+    resume_if_exists: bool = False
+    overwrite: bool = False
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> "TrainSettings":
+        return TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+
+    @property
+    def fold_dir(self) -> Path:
+        return Path(self.output_dir) / f"fold_{self.fold}"
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How the weights start: label ('scratch', 'brats', 'transfer', 'finetune'), and for a
+    pretrained start the checkpoint and the scope copied ('encoder' | 'all')."""
+
+    label: str = "scratch"
+    checkpoint: Path | None = None
+    scope: str = "encoder"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Add the flags every training script shares; ``defaults`` overrides TRAINING_DEFAULTS
+    (unknown keys are an error, so a typo cannot silently keep a default)."""
+    unknown = sorted(set(defaults) - set(TRAINING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown training default(s) {unknown}; known: {sorted(TRAINING_DEFAULTS)}")
+    d = {**TRAINING_DEFAULTS, **defaults}
+    g = parser.add_argument_group("training")
+    g.add_argument("--output-dir", type=Path, required=True, help="run folder; this fold writes <output-dir>/fold_<k>/")
+    g.add_argument("--fold", type=_non_negative(int), default=0, help="cross-validation fold (0-4) of --splits-file (default 0)")
+    g.add_argument("--epochs", type=_positive(int), default=d["epochs"], help=f"training epochs (default {d['epochs']})")
+    g.add_argument("--batch-size", type=_positive(int), default=d["batch_size"], help=f"samples per step per GPU (default {d['batch_size']})")
+    g.add_argument("--lr", type=_positive(float), default=d["lr"], help=f"peak learning rate (default {d['lr']:g})")
+    g.add_argument("--weight-decay", type=_non_negative(float), default=d["weight_decay"], help=f"weight decay (default {d['weight_decay']:g})")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default=d["optimizer"], help=f"optimiser; sgd is Nesterov SGD (default {d['optimizer']})")
+    g.add_argument("--momentum", type=_non_negative(float), default=d["momentum"], help=f"SGD momentum (default {d['momentum']})")
+    g.add_argument("--schedule", choices=("cosine", "poly", "none"), default=d["schedule"], help=f"learning-rate decay per step after warmup; poly has power 0.9 (default {d['schedule']})")
+    g.add_argument("--warmup-epochs", type=_non_negative(float), default=d["warmup_epochs"], help=f"linear warmup length in epochs (default {d['warmup_epochs']})")
+    g.add_argument("--grad-clip", type=_non_negative(float), default=d["grad_clip"], help=f"max global gradient L2 norm, 0 = off (default {d['grad_clip']})")
+    g.add_argument("--loss", choices=LOSS_NAMES, default=d["loss"], help=f"loss on the logits, summed over heads (default {d['loss']})")
+    g.add_argument("--amp", choices=("auto", "off"), default=d["amp"], help="auto: bfloat16 autocast on CUDA (float16 + GradScaler without bf16 support), float32 on CPU; off: float32 (default auto)")
+    g.add_argument("--augment", choices=AUGMENT_PRESETS, default=d["augment"], help=f"training augmentation: off, flip (mirroring), full (flips, rotation ±10°, zoom 0.9-1.1, intensity jitter) (default {d['augment']})")
+    g.add_argument("--seed", type=_non_negative(int), default=d["seed"], help=f"seed of initialisation, data order, patches and augmentation (default {d['seed']})")
+    g.add_argument("--workers", type=_non_negative(int), default=d["workers"], help=f"DataLoader worker processes per GPU, 0 = main process (default {d['workers']})")
+    g.add_argument("--chunk-cases", type=_positive(int), default=d["chunk_cases"], help=f"cases whose patches are interleaved in the epoch order; each worker caches that many volumes (default {d['chunk_cases']})")
+    g.add_argument("--overlap", type=float, default=d["overlap"], help=f"sliding-window overlap in [0, 1) for whole-volume validation (default {d['overlap']})")
+    g.add_argument("--sw-batch-size", type=_positive(int), default=d["sw_batch_size"], help=f"validation windows per forward pass (default {d['sw_batch_size']})")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (under torchrun cuda:LOCAL_RANK), else CPU")
+    resume = g.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue exactly from fold_<k>/last.pth; an error when it does not exist")
+    resume.add_argument("--resume-if-exists", action="store_true", help="continue from fold_<k>/last.pth when it exists, else start fresh (for requeued batch jobs)")
+    resume.add_argument("--overwrite", action="store_true", help="start fresh even though fold_<k>/ already holds a run (its files are replaced)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, archs: Sequence[str]) -> None:
+    """--arch (when ``archs`` has more than one entry; the first is the default), --width,
+    --norm, --patch-size, --layers, --heads. Call :func:`resolve_model_arguments` after parsing."""
+    g = parser.add_argument_group("model")
+    if len(archs) > 1:
+        g.add_argument("--arch", choices=tuple(archs), default=archs[0], help=f"network (default {archs[0]})")
+    else:
+        parser.set_defaults(arch=archs[0])
+    g.add_argument("--width", type=_positive(int), default=64, help="base channel width (default 64, the paper's)")
+    g.add_argument("--norm", choices=models.NORMS, default=None, help="normalisation, part of a checkpoint's identity (default: batch for resnet18, group for uctransnet3d)")
+    g.add_argument("--patch-size", type=_positive(int), default=None, help="cubic training patch edge in voxels, also the validation window (default 96 for resnet18, 64 for uctransnet3d)")
+    g.add_argument("--layers", type=_positive(int), default=4, help="UCTransNet3D transformer layers (default 4)")
+    g.add_argument("--heads", type=_positive(int), default=4, help="UCTransNet3D attention heads (default 4)")
+
+
+def resolve_model_arguments(args: argparse.Namespace) -> None:
+    """Fill the architecture-dependent defaults (norm, patch size) in place, so run_args.json
+    records the values used."""
+    if args.arch not in ARCH_CHOICES:
+        raise ValueError(f"arch must be one of {sorted(ARCH_CHOICES)}, got {args.arch!r}")
+    if args.norm is None:
+        args.norm = DEFAULT_NORM[args.arch]
+    if args.patch_size is None:
+        args.patch_size = DEFAULT_PATCH[args.arch]
+
+
+def model_config_from_args(args: argparse.Namespace, in_channels: int, variant: str = "single") -> dict:
+    """The models.build_model config for the parsed model flags (after resolve_model_arguments)."""
+    if args.arch == "resnet18":
+        return {"arch": "resnet18_unet", "variant": variant, "in_channels": in_channels, "width": args.width, "norm": args.norm}
+    return {
+        "arch": "uctransnet3d",
+        "in_channels": in_channels,
+        "width": args.width,
+        "norm": args.norm,
+        "patch_size": args.patch_size,
+        "layers": args.layers,
+        "heads": args.heads,
+    }
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, schedule: str) -> float:
+    """Learning rate of optimiser step ``step`` (0-based), a pure function of the step.
+
+    Linear warmup from base_lr / warmup_steps to base_lr over ``warmup_steps`` steps, then
+    'cosine' (half cosine to 0 at ``total_steps``), 'poly' (base_lr · (1 - t)^0.9) or 'none'
+    (constant), with t the fraction of the post-warmup steps done.
+    """
+    if schedule not in ("cosine", "poly", "none"):
+        raise ValueError(f"schedule must be 'cosine', 'poly' or 'none', got {schedule!r}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "poly":
+        return base_lr * (1.0 - t) ** _POLY_POWER
+    return base_lr
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(device: str) -> DistContext:
+    """Rank, world size and device from torchrun's environment; joins the process group when
+    WORLD_SIZE > 1 (NCCL for CUDA, gloo for CPU). Selects cuda:LOCAL_RANK with
+    ``torch.cuda.set_device``; CUDA_VISIBLE_DEVICES is never touched. Ranks other than 0 log
+    warnings and errors only."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if rank != 0:
+        get_logger().setLevel("WARNING")
+    return DistContext(rank, world_size, local_rank, target)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64; identity on one process)."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _parameter_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of all parameters' bytes (buffers excluded: DDP leaves each
+    rank's BatchNorm running statistics from its own last batch)."""
+    h = hashlib.sha256()
+    for p in models.unwrap_model(model).parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_replicas_agree(model: nn.Module, ctx: DistContext) -> str:
+    """Gather every rank's parameter digest; raise RuntimeError when they differ."""
+    digest = _parameter_digest(model)
+    if not ctx.distributed:
+        return digest
+    mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=ctx.device)
+    gathered = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, mine)
+    values = [int(t.item()) for t in gathered]
+    if len(set(values)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: digests {[f'{v:015x}' for v in values]}")
+    return digest
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1; the handlers are installed for the duration of a ``with``."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def batches(self, loader: Any) -> Iterator[Any]:
+        """``loader``'s batches; when a signal to the whole process group (``kill -TERM -PGID``,
+        ``scancel`` without ``--batch``) has also killed a DataLoader worker, the epoch just
+        ends early and the loop saves the last completed step instead of crashing."""
+        try:
+            yield from loader
+        except RuntimeError:
+            if self.signal_name is None:
+                raise
+
+    def agreed(self, ctx: DistContext) -> bool:
+        """True on every rank as soon as any rank received a signal."""
+        return _all_sum([1.0 if self.signal_name else 0.0], ctx)[0] > 0
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_history(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+    """history.csv: epoch (1-based), train_loss (mean over samples), val_dice (mean whole-volume
+    Dice at p >= 0.5), lr (at the epoch's last step), seconds (wall time of the epoch)."""
+    columns = ("epoch", "train_loss", "val_dice", "lr", "seconds")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in history:
+            writer.writerow([row["epoch"], f"{row['train_loss']:.6f}", f"{row['val_dice']:.6f}", f"{row['lr']:.6g}", f"{row['seconds']:.1f}"])
+
+
+def plot_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+    """curves.png: training loss, validation Dice and learning rate against epoch."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(12, 3.5))
+    for ax, key, title in zip(fig.subplots(1, 3), ("train_loss", "val_dice", "lr"), ("training loss", "validation Dice (whole volumes)", "learning rate")):
+        ax.plot(epochs, [row[key] for row in history], marker="o" if len(epochs) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types only (paths → str), as checkpoints and run_args.json need."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class _Progress:
+    """Where training stands: ``epoch`` in progress (0-based) and its ``step``s already done."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    loss_count: float = 0.0
+    seconds: float = 0.0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _resume_check(checkpoint: dict, expected: dict, path: Path) -> None:
+    """Raise ValueError when the run being resumed was configured differently."""
+    problems = []
+    for key, value in expected.items():
+        stored = checkpoint.get(key)
+        if key == "settings":
+            stored = {k: v for k, v in (stored or {}).items() if k not in _RESUME_FREE}
+            value = {k: v for k, v in value.items() if k not in _RESUME_FREE}
+        if _jsonable(stored) != _jsonable(value):
+            if isinstance(value, dict) and isinstance(stored, dict):
+                diff = sorted(k for k in set(value) | set(stored) if _jsonable(value.get(k)) != _jsonable(stored.get(k)))
+                problems.append(f"{key} differs in {diff}")
+            else:
+                problems.append(f"{key} differs")
+    if problems:
+        raise ValueError(f"{path}: cannot resume, the run was configured differently: {'; '.join(problems)}")
+
+
+def _prepare_fold_dir(settings: TrainSettings, ctx: DistContext) -> bool:
+    """Decide between resuming and starting fresh; True to resume. Raises CaseError when
+    --resume finds no last.pth, or a fresh start would overwrite a run without --overwrite."""
+    last = settings.fold_dir / "last.pth"
+    if settings.resume and not last.is_file():
+        raise CaseError(f"--resume: {last} not found (start without --resume, or use --resume-if-exists)")
+    if settings.resume or (settings.resume_if_exists and last.is_file()):
+        return True
+    existing = [settings.fold_dir / n for n in ("last.pth", "best_model.pth") if (settings.fold_dir / n).exists()]
+    if existing and not settings.overwrite:
+        raise CaseError(f"{settings.fold_dir} already holds a run ({existing[0].name}); pass --resume to continue or --overwrite to start over")
+    if ctx.is_main:
+        for path in existing:
+            path.unlink()
+    return False
+
+
+def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of ``--amp`` on ``device``: None (float32) for 'off' and on CPU; on CUDA
+    bfloat16 where supported, else float16."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD over all parameters, as ``settings`` says."""
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum, nesterov=True, weight_decay=settings.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {settings.optimizer!r}")
+
+
+def make_grad_scaler(amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling, enabled only for float16 autocast (bfloat16 and float32 need none)."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    amp_dtype: torch.dtype | None,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimiser step on a batch: images float32 (B, C, X, Y, Z), masks integer labels
+    (B, X, Y, Z), both on the model's device. Forward under autocast when ``amp_dtype`` is set,
+    loss summed over the model's heads, scaled backward, gradient clipping to ``grad_clip``
+    (global L2 norm; 0 = off). Returns the detached scalar loss."""
+    with torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+        loss = multi_head_loss(loss_fn, model(images), masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(
+    model: nn.Module, val_cases: Sequence[CaseFiles], window: int, settings: TrainSettings, ctx: DistContext, stop: _StopFlag
+) -> float | None:
+    """Mean Dice (p >= 0.5) over whole validation volumes by sliding-window inference with
+    windows of the training patch size; cases are split over ranks and the sums all-reduced.
+    Returns None when a preemption signal arrives (checked after every case, on all ranks)."""
+    net = models.unwrap_model(model)  # DDP's forward would broadcast buffers: ranks see different case counts
+    net.eval()
+    predictor = lambda x: models.foreground_probability(net, x)  # noqa: E731
+    total, count = 0.0, 0
+    try:
+        for first in range(0, len(val_cases), ctx.world_size):
+            index = first + ctx.rank
+            if index < len(val_cases):
+                image, mask = load_case_volume(val_cases[index])
+                prob = sliding_window_inference(
+                    torch.from_numpy(image), predictor, window, overlap=settings.overlap,
+                    sw_batch_size=settings.sw_batch_size, device=ctx.device,
+                )
+                total += dice(prob >= VAL_THRESHOLD, mask)
+                count += 1
+            if stop.agreed(ctx):
+                return None
+    finally:
+        net.train()
+    total, count = _all_sum([total, count], ctx)
+    return total / count
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _log_start(model: nn.Module, train_set: TrainingSet, n_val: int, steps: int, ctx: DistContext, amp: torch.dtype | None) -> None:
+    log = get_logger()
+    log.info(
+        f"{len(train_set.cases)} training cases x {train_set.samples_per_case} samples = {len(train_set)} per epoch "
+        f"({steps} steps per rank), {n_val} validation volumes; {models.count_parameters(model) / 1e6:.2f} M parameters; "
+        f"device {ctx.device} x {ctx.world_size} rank(s), {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}"
+    )
+
+
+def fit(
+    settings: TrainSettings,
+    model_config: dict,
+    train_set: TrainingSet,
+    val_cases: Sequence[CaseFiles],
+    run_config: Mapping[str, Any],
+    init: InitSpec,
+) -> int:
+    """Train one fold; returns 0 when done, :data:`EXIT_PREEMPTED` (75) after a preemption save.
+
+    model_config: a models.build_model dict (its patch size, if any, must match the data's);
+    train_set: the training samples; val_cases: whole validation volumes; run_config: the
+    script's arguments (stored in run_args.json and every checkpoint); init: scratch or a
+    pretrained checkpoint (loaded with models.load_pretrained, which fails loudly on a missing
+    file, a norm mismatch or a shape mismatch; never a silent fallback to scratch).
+    """
+    ctx = setup_distributed(settings.device)
+    log = get_logger()
+    if not val_cases:
+        raise ValueError("no validation cases")
+    fold_dir = settings.fold_dir
+    resolved = models.resolve_model_config(model_config)
+    window = train_set.patch_size
+    resuming = _prepare_fold_dir(settings, ctx)
+
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank
+    model = models.build_model(resolved)
+    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None}
+    expected = {
+        "model_config": resolved,
+        "settings": asdict(settings),
+        "data": train_set.describe(),
+        "val_cases": [c.case_id for c in val_cases],
+    }
+    checkpoint = None
+    if resuming:
+        checkpoint = models.load_checkpoint(fold_dir / "last.pth")
+        _resume_check(checkpoint, expected, fold_dir / "last.pth")
+        model.load_state_dict(checkpoint["model"], strict=True)
+        init_record = checkpoint["init"]
+    elif init.checkpoint is not None:
+        report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
+        init_record["transfer"] = report.summary()
+        log.info(report.summary())
+    elif init.label != "scratch":
+        raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")
+    model.to(ctx.device)
+    amp_dtype = amp_dtype_for(settings.amp, ctx.device)
+    optimizer = make_optimizer(model, settings)
+    scaler = make_grad_scaler(amp_dtype)
+    state = _Progress()
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _restore_rng(checkpoint["rng"])
+        state = _Progress(**checkpoint["progress"])
+        log.info(f"resumed {fold_dir / 'last.pth'}: epoch {state.epoch + 1}, step {state.step}, best Dice {state.best_dice:.4f}")
+        if checkpoint.get("world_size") != ctx.world_size and state.step:
+            raise ValueError(f"cannot resume mid-epoch with {ctx.world_size} ranks: last.pth was written by {checkpoint.get('world_size')}")
+        del checkpoint
+    elif ctx.is_main:
+        write_run_args(fold_dir, {**_jsonable(dict(run_config)), "model_config": resolved, "init": init_record, "world_size": ctx.world_size})
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
+
+    sampler = EpochSampler(train_set, settings.batch_size, ctx.rank, ctx.world_size)
+    loader = BatchLoader(train_set, sampler, settings.workers)
+    steps = sampler.per_rank() // settings.batch_size
+    total_steps = steps * settings.epochs
+    warmup_steps = round(settings.warmup_epochs * steps)
+    loss_fn = build_loss(settings.loss)
+    _log_start(model, train_set, len(val_cases), steps, ctx, amp_dtype)
+
+    def save_last(lr: float) -> None:
+        if not ctx.is_main:
+            return
+        models.save_checkpoint(
+            fold_dir / "last.pth", model, resolved,
+            optimizer=optimizer.state_dict(),
+            scheduler={"schedule": settings.schedule, "base_lr": settings.lr, "warmup_steps": warmup_steps, "total_steps": total_steps, "step": state.epoch * steps + state.step, "lr": lr},
+            scaler=scaler.state_dict(),
+            epoch=state.epoch,
+            best_score=state.best_dice,
+            history=state.history,
+            progress=asdict(state),
+            rng=_rng_state(),
+            config=_jsonable(dict(run_config)),
+            init=init_record,
+            world_size=ctx.world_size,
+            **{k: v for k, v in _jsonable(expected).items() if k != "model_config"},  # save_checkpoint stores it
+        )
+
+    def preempted(lr: float) -> int:
+        save_last(lr)
+        if ctx.distributed:
+            dist.barrier()  # keep every rank alive until rank 0 has written last.pth
+        log.info(f"{stop.signal_name or 'signal on another rank'}: saved {fold_dir / 'last.pth'} at epoch {state.epoch + 1} step {state.step}; exit {EXIT_PREEMPTED}")
+        return EXIT_PREEMPTED
+
+    # The rate of the last step done (what history reports when a resumed epoch only validates).
+    lr = lr_at(max(state.epoch * steps + state.step - 1, 0), total_steps, settings.lr, warmup_steps, settings.schedule)
+    with _StopFlag() as stop:
+        if stop.agreed(ctx):
+            return preempted(lr)
+        while state.epoch < settings.epochs:
+            started = time.perf_counter() - state.seconds
+            train_model.train()
+            if state.step < steps:
+                sampler.set_epoch(state.epoch, skip=state.step * settings.batch_size)
+                batches = progress(stop.batches(loader), total=steps - state.step, desc=f"epoch {state.epoch + 1}") if ctx.is_main else stop.batches(loader)
+                for images, masks in batches:
+                    lr = lr_at(state.epoch * steps + state.step, total_steps, settings.lr, warmup_steps, settings.schedule)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    torch.manual_seed(_step_seed(settings.seed, state.epoch, state.step, ctx.rank))
+                    images, masks = images.to(ctx.device), masks.to(ctx.device)  # the loader's buffer is reused after this step
+                    loss = train_step(train_model, images, masks, optimizer, scaler, loss_fn, amp_dtype, settings.grad_clip)
+                    n = images.shape[0]
+                    loss_sum, count, signalled = _all_sum([float(loss) * n, n, 1.0 if stop.signal_name else 0.0], ctx)
+                    state.loss_sum += loss_sum
+                    state.loss_count += count
+                    state.step += 1
+                    state.seconds = time.perf_counter() - started
+                    if signalled:
+                        return preempted(lr)
+                if state.step < steps:
+                    if stop.signal_name:  # a DataLoader worker died with the signal: end here
+                        return preempted(lr)
+                    raise RuntimeError(f"the data loader ended after {state.step} of {steps} steps")
+                if not math.isfinite(state.loss_sum):
+                    raise RuntimeError(f"training loss became {state.loss_sum} in epoch {state.epoch + 1}; lower --lr or check the data")
+            val_dice = _validate(train_model, val_cases, window, settings, ctx, stop)
+            if val_dice is None:
+                return preempted(lr)
+            state.seconds = time.perf_counter() - started
+            row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(state.loss_count, 1), "val_dice": val_dice, "lr": lr, "seconds": state.seconds}
+            state.history.append(row)
+            improved = val_dice > state.best_dice
+            if improved:
+                state.best_dice, state.best_epoch = val_dice, state.epoch + 1
+            state.epoch, state.step, state.loss_sum, state.loss_count, state.seconds = state.epoch + 1, 0, 0.0, 0.0, 0.0
+            if ctx.is_main:
+                if improved:
+                    models.save_checkpoint(
+                        fold_dir / "best_model.pth", model, resolved,
+                        epoch=state.best_epoch, best_score=val_dice, history=state.history,
+                        config=_jsonable(dict(run_config)), init=init_record, val_cases=expected["val_cases"],
+                    )
+                save_last(lr)
+                write_history(fold_dir / "history.csv", state.history)
+                plot_curves(fold_dir / "curves.png", state.history)
+                log.info(
+                    f"epoch {row['epoch']}/{settings.epochs}  train_loss {row['train_loss']:.4f}  val_dice {val_dice:.4f}  "
+                    f"best {state.best_dice:.4f} (epoch {state.best_epoch})  lr {lr:.2e}  {row['seconds']:.1f} s"
+                )
+    digest = _check_replicas_agree(model, ctx)
+    if ctx.distributed:
+        log.info(f"final weights identical on all {ctx.world_size} ranks (parameter sha256 {digest})")
+        dist.barrier()
+    log.info(f"done: best validation Dice {state.best_dice:.4f} at epoch {state.best_epoch}; {fold_dir / 'best_model.pth'}")
+    return 0
+
+
+def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)``, turning bad-input errors (CaseError, ValueError, FileNotFoundError: a
+    missing or mismatched checkpoint, a bad split file) into one logged line and exit status 2;
+    the process group is torn down in any case."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        get_logger().setLevel("WARNING")  # only rank 0 logs, from the first line on
+    try:
+        return run(args)
+    except (CaseError, ValueError, FileNotFoundError) as err:
+        get_logger().error(f"ERROR: {' '.join(str(err).split())}")
+        return 2
+    finally:
+        teardown_distributed()

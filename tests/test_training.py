@@ -1,0 +1,329 @@
+"""End-to-end tests of the training engine and the three training scripts (CPU, tiny networks).
+
+Inputs come from the real stages: strokeseg.synthetic data preprocessed by
+preprocess_v2_isles.py, preprocess_brats2024_t2flair.py, preprocess_stroke_foundation.py and
+extract_patches_96x96x96.py. Resume, preemption and torchrun run in subprocesses.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_patches_96x96x96
+import models
+import preprocess_brats2024_t2flair
+import preprocess_stroke_foundation
+import preprocess_v2_isles
+import train_brats_uctransnet3d
+import train_isles_resnet18
+import train_stroke
+from strokeseg import synthetic, training
+from strokeseg.io import read_json, save_npz, write_json
+from strokeseg.splits import make_splits
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("best_model.pth", "last.pth", "history.csv", "curves.png", "run_args.json")
+# Tiny ResNet-18 U-Net on 32³ ISLES volumes: 4 training cases x 6 samples = 12 steps per epoch.
+TINY_ISLES = ["--width", "4", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--strategy", "dwi_only"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses: on a busy 2-core machine, OpenMP
+    threads outnumbering the free cores spin-wait and a tiny step slows down up to 40-fold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ISLES (32³), BraTS (40³) and ATLAS (40x48x40, 32³ patches) from the real stage scripts."""
+    root = tmp_path_factory.mktemp("training_data")
+    synthetic.make_isles(root / "isles_raw", 8, layout="B", seed=0, shape=(40, 40, 24))
+    assert preprocess_v2_isles.main(["--isles-dir", str(root / "isles_raw"), "--output-dir", str(root / "isles"), "--target-shape", "32", "32", "32"]) == 0
+    synthetic.make_brats(root / "brats_raw", 7, seed=0, shape=(40, 40, 32), second_visit_every=0)
+    assert preprocess_brats2024_t2flair.main(["--brats-dir", str(root / "brats_raw"), "--output-dir", str(root / "brats"), "--target-shape", "40", "40", "40"]) == 0
+    synthetic.make_atlas(root / "atlas_raw", 8, seed=0, shape=(40, 48, 40), empty_every=8)
+    config = {
+        "output_base_dir": str(root / "foundation"),
+        "preprocessing": {"target_spacing": [1.0, 1.0, 1.0], "normalization_method": "zscore", "clip_percentile": 99.5, "use_gpu": False},
+        "datasets": [{"name": "ATLAS", "data_dir": str(root / "atlas_raw"), "image_pattern": "**/*_T1w.nii.gz", "mask_pattern": "**/*_label-L_desc-T1lesion_mask.nii.gz"}],
+    }
+    write_json(root / "config.json", config)
+    assert preprocess_stroke_foundation.main(["--config", str(root / "config.json")]) == 0
+    assert extract_patches_96x96x96.main(["--input_dir", str(root / "foundation"), "--output_dir", str(root / "foundation"), "--datasets", "ATLAS", "--patch_size", "32", "--max_patches", "4", "--min_lesion_overlap", "0.0001"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def easy_isles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An easy set in the ISLES training format: a bright sphere (radius 6-9) in noise, 32³."""
+    root = tmp_path_factory.mktemp("easy_isles")
+    rng = np.random.default_rng(0)
+    grid = np.indices((32, 32, 32))
+    volumes = {}
+    for i in range(10):
+        centre, radius = rng.integers(10, 22, 3), rng.integers(6, 10)
+        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
+        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
+        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
+        save_npz(root / f"case{i:02d}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
+        volumes[f"case{i:02d}"] = float(mask.sum())
+    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
+    return root
+
+
+def _history(fold_dir: Path) -> list[dict]:
+    with open(fold_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} never appeared (exit status {process.poll()}): {process.communicate()[0]}")
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize(
+    "step, schedule, expected",
+    [
+        (0, "cosine", 0.25),  # warmup: (step + 1) / 4 of the peak
+        (3, "cosine", 1.0),
+        (4, "cosine", 1.0),  # first step after warmup: t = 0
+        (9, "cosine", 0.5 * (1 + math.cos(math.pi * 5 / 10))),
+        (14, "cosine", 0.0),  # t = 1 at total_steps
+        (9, "poly", (1 - 5 / 10) ** 0.9),
+        (9, "none", 1.0),
+    ],
+)
+def test_lr_schedule(step, schedule, expected):
+    assert training.lr_at(step, total_steps=14, base_lr=1.0, warmup_steps=4, schedule=schedule) == pytest.approx(expected)
+
+
+def test_training_defaults_reject_unknown_keys():
+    import argparse
+
+    with pytest.raises(ValueError, match="learning_rate"):
+        training.add_training_arguments(argparse.ArgumentParser(), {"learning_rate": 1.0})
+
+
+# --------------------------------------------------------------------------- the three scripts
+
+
+def test_isles_script_writes_every_output(data, tmp_path):
+    """2-channel shared strategy, 'full' augmentation, 2 DataLoader workers (shared batch slots)."""
+    out = tmp_path / "isles"
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(out), "--epochs", "2", "--patches-per-volume", "2"]
+    argv += ["--width", "4", "--patch-size", "32", "--batch-size", "2", "--workers", "2", "--strategy", "shared"]
+    assert train_isles_resnet18.main(argv) == 0
+    fold = out / "fold_0"
+    assert all((fold / name).is_file() for name in OUTPUTS)
+    rows = _history(fold)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "val_dice", "lr", "seconds"}
+    run_args = read_json(fold / "run_args.json")["args"]
+    assert run_args["init"]["label"] == "scratch" and run_args["model_config"]["variant"] == "shared"
+    model, best = models.model_from_checkpoint(fold / "best_model.pth")
+    assert best["model_config"]["in_channels"] == 2 and best["init"]["label"] == "scratch"
+    assert best["best_score"] == max(float(r["val_dice"]) for r in rows)
+    last = models.load_checkpoint(fold / "last.pth")
+    assert {"optimizer", "scheduler", "scaler", "rng", "progress", "history", "config", "settings"} <= set(last)
+    assert last["progress"]["epoch"] == 2 and last["progress"]["step"] == 0
+    assert last["config"]["strategy"] == "shared"
+
+
+def test_validation_dice_rises_on_an_easy_set(easy_isles, tmp_path):
+    """A tiny DWI-only network learns the bright spheres: whole-volume validation Dice rises."""
+    out = tmp_path / "learn"
+    argv = ["--isles-dir", str(easy_isles), "--output-dir", str(out), "--strategy", "dwi_only", "--width", "8", "--norm", "group"]
+    argv += ["--patch-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "5", "--patches-per-volume", "2"]
+    argv += ["--lr", "3e-3", "--loss", "dice_ce", "--warmup-epochs", "1", "--augment", "off", "--seed", "1"]
+    assert train_isles_resnet18.main(argv) == 0
+    dice = [float(r["val_dice"]) for r in _history(out / "fold_0")]
+    assert dice[-1] > 0.6 and dice[-1] > dice[0] + 0.3, dice
+    assert models.load_checkpoint(out / "fold_0" / "best_model.pth")["best_score"] == pytest.approx(max(dice), abs=1e-6)
+
+
+def test_brats_script_and_finetuning(data, tmp_path, capsys):
+    common = ["--brats-dir", str(data / "brats"), "--patch-size", "32", "--width", "4", "--layers", "1", "--heads", "1"]
+    common += ["--batch-size", "2", "--workers", "0", "--patches-per-volume", "2", "--epochs", "1"]
+    assert train_brats_uctransnet3d.main(common + ["--output-dir", str(tmp_path / "pre"), "--epochs", "2"]) == 0
+    fold = tmp_path / "pre" / "fold_0"
+    assert all((fold / name).is_file() for name in OUTPUTS)
+    best = models.load_checkpoint(fold / "best_model.pth")
+    assert best["model_config"]["arch"] == "uctransnet3d" and best["model_config"]["norm"] == "group"
+
+    assert train_brats_uctransnet3d.main(common + ["--output-dir", str(tmp_path / "ft"), "--pretrain-ckpt", str(fold / "best_model.pth")]) == 0
+    init = models.load_checkpoint(tmp_path / "ft" / "fold_0" / "last.pth")["init"]
+    assert init["label"] == "finetune" and init["scope"] == "all" and "copied" in init["transfer"]
+
+    # the norm is part of a checkpoint's identity: a BatchNorm model cannot start from it
+    assert train_brats_uctransnet3d.main(common + ["--output-dir", str(tmp_path / "bad"), "--norm", "batch", "--pretrain-ckpt", str(fold / "best_model.pth")]) == 2
+    assert "norm" in capsys.readouterr().out
+
+
+def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
+    pretrained = tmp_path / "brats_resnet18.pth"
+    config = {"arch": "resnet18_unet", "variant": "single", "width": 4, "norm": "batch"}
+    torch.manual_seed(0)
+    models.save_checkpoint(pretrained, models.build_model(config), config)
+    common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "resnet18", "--width", "4", "--patch-size", "32"]
+    common += ["--batch-size", "2", "--workers", "0", "--patches-per-volume", "3", "--epochs", "2"]
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "atlas"), "--pretrain-ckpt", str(pretrained)]) == 0
+    fold = tmp_path / "atlas" / "fold_0"
+    assert all((fold / name).is_file() for name in OUTPUTS)
+    last = models.load_checkpoint(fold / "last.pth")
+    assert last["init"]["label"] == "transfer" and last["init"]["scope"] == "encoder"
+    assert last["data"]["mix"] == [0, 2, 1]  # 3 per volume: 2 from the stored lesion patches, 1 random
+    capsys.readouterr()
+
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "gn"), "--norm", "group", "--pretrain-ckpt", str(pretrained)]) == 2
+    assert "norm 'batch' differs from target norm 'group'" in capsys.readouterr().out
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "p64"), "--patch-size", "64"]) == 2
+    assert "run extract_patches_96x96x96.py --patch_size 64" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- loud failures
+
+
+def test_brats_init_needs_an_existing_checkpoint(data, tmp_path, capsys):
+    base = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "x"), *TINY_ISLES]
+    with pytest.raises(SystemExit) as exc:
+        train_isles_resnet18.main(base + ["--init", "brats"])
+    assert exc.value.code == 2
+    assert "--init brats requires --pretrain-ckpt" in capsys.readouterr().err
+    assert train_isles_resnet18.main(base + ["--init", "brats", "--pretrain-ckpt", str(tmp_path / "missing.pth")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().out
+    assert not (tmp_path / "x" / "fold_0" / "last.pth").exists()  # no silent fallback to scratch
+
+
+def test_bad_split_files_fail_clearly(data, tmp_path, capsys):
+    splits = read_json(data / "isles" / "isles2022_splits_5fold.json")
+    parts = splits["fold_0"]["ISLES2022"]
+    overlapping = json.loads(json.dumps(splits))
+    overlapping["fold_0"]["ISLES2022"]["val"].append(parts["train"][0])
+    write_json(tmp_path / "overlap.json", overlapping)
+    base = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "x"), *TINY_ISLES]
+    assert train_isles_resnet18.main(base + ["--splits-file", str(tmp_path / "overlap.json")]) == 2
+    assert "in both train and val" in capsys.readouterr().out
+    assert train_isles_resnet18.main(base + ["--fold", "7"]) == 2
+    assert "no fold_7" in capsys.readouterr().out
+
+
+def test_resume_and_overwrite_rules(data, tmp_path, capsys):
+    base = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "r"), *TINY_ISLES, "--epochs", "1"]
+    assert train_isles_resnet18.main(base + ["--resume"]) == 2
+    assert "last.pth not found" in capsys.readouterr().out
+    assert train_isles_resnet18.main(base) == 0
+    assert train_isles_resnet18.main(base) == 2
+    assert "already holds a run" in capsys.readouterr().out
+    assert train_isles_resnet18.main(base + ["--resume", "--lr", "1e-3"]) == 2
+    out = capsys.readouterr().out
+    assert "configured differently" in out and "'lr'" in out
+    assert train_isles_resnet18.main(base + ["--resume"]) == 0  # complete: nothing left to do
+    assert train_isles_resnet18.main(base + ["--overwrite"]) == 0
+
+
+# --------------------------------------------------------------------------- resume and preemption
+
+
+@pytest.fixture(scope="module")
+def resume_args(data, tmp_path_factory):
+    """Arguments of a 3-epoch run (12 steps per epoch, full augmentation) and its uninterrupted result."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    args = ["--isles-dir", str(data / "isles"), *TINY_ISLES, "--epochs", "3", "--patches-per-volume", "6", "--augment", "full"]
+    assert train_isles_resnet18.main(args + ["--output-dir", str(out)]) == 0
+    return args, models.load_checkpoint(out / "fold_0" / "last.pth")
+
+
+def _start(args: list[str], out: Path, workers: int) -> subprocess.Popen:
+    command = [sys.executable, "train_isles_resnet18.py", *args, "--output-dir", str(out), "--workers", str(workers)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+
+
+def _assert_same_run(resumed: dict, reference: dict) -> None:
+    assert _same_weights(resumed["model"], reference["model"])
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert strip(resumed["history"]) == strip(reference["history"])
+    assert resumed["best_score"] == reference["best_score"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(resume_args, tmp_path):
+    """Killed hard after epoch 1 (with 2 loader workers), resumed in-process without workers:
+    the same weights, bit for bit, and the same history (CPU)."""
+    args, reference = resume_args
+    process = _start(args, tmp_path, workers=2)
+    _wait_for(tmp_path / "fold_0" / "last.pth", process)
+    process.kill()
+    process.communicate()
+    assert models.load_checkpoint(tmp_path / "fold_0" / "last.pth")["progress"]["epoch"] < 3
+    assert train_isles_resnet18.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
+    _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
+
+
+def test_sigterm_saves_mid_epoch_exits_75_and_resumes_exactly(resume_args, tmp_path):
+    args, reference = resume_args
+    process = _start(args, tmp_path, workers=0)
+    _wait_for(tmp_path / "fold_0" / "last.pth", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == training.EXIT_PREEMPTED, output
+    saved = models.load_checkpoint(tmp_path / "fold_0" / "last.pth")
+    assert saved["progress"]["step"] >= 1 and saved["progress"]["epoch"] < 3  # mid-epoch state
+    assert "SIGTERM: saved" in output
+    assert train_isles_resnet18.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
+    _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
+
+
+def test_torchrun_two_ranks_agree(data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_isles_resnet18.py"]
+    command += ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--strategy", "shared", "--epochs", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(l for l in result.stdout.splitlines() if "final weights identical on all 2 ranks" in l)
+    digest = line.rsplit(" ", 1)[1].rstrip(")")
+    model, checkpoint = models.model_from_checkpoint(tmp_path / "fold_0" / "last.pth")
+    assert training._parameter_digest(model) == digest  # rank 0 saved the weights every rank holds
+    assert checkpoint["world_size"] == 2
+    assert result.stdout.count("epoch 2/2") == 1  # only rank 0 logs
+
+
+def test_requeue_wrapper_forwards_the_warning_and_requeues(tmp_path):
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'called'}\n")
+    (stub / "scontrol").chmod(0o755)
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); print('ready', flush=True); time.sleep(60)"
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    process = subprocess.Popen(["bash", str(REPO / "slurm" / "requeue.sh"), sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGUSR1)
+    process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert (tmp_path / "called").read_text().strip() == "requeue 4242"

@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Pretrain UCTransNet3D (or the ResNet-18 U-Net) on BraTS 2024 T2-FLAIR tumour masks, one fold.
+
+Patches are cut inside the training loop from the full-volume .npz files of
+preprocess_brats2024_t2flair.py: per volume and epoch ``--patches-per-volume`` patches,
+``--lesion-patch-fraction`` of them centred on the tumour and the rest anywhere in the volume.
+Validation runs on whole volumes (sliding window, window = patch size). ``--pretrain-ckpt``
+fine-tunes from a checkpoint (all weights; arch, norm and patch size must match).
+
+    python train_brats_uctransnet3d.py --brats-dir /data/preprocessed_brats2024_t2flair \\
+        --splits-file /data/preprocessed_brats2024_t2flair/brats2024_t2flair_splits_5fold.json \\
+        --output-dir runs/brats_uctransnet3d --patch-size 64 --batch-size 8 \\
+        --patches-per-volume 4 --fold 0 --epochs 100
+
+    # ResNet-18 encoder for the ISLES / ATLAS / UOA transfer experiments:
+    python train_brats_uctransnet3d.py --arch resnet18 --brats-dir ... --output-dir runs/brats_resnet18
+
+Writes <output-dir>/fold_<k>/{best_model.pth,last.pth,history.csv,curves.png,run_args.json};
+exit status 75 after a preemption save (rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from strokeseg import training
+from strokeseg.augment import augment_preset
+from strokeseg.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.runner import get_logger
+from strokeseg.splits import load_split
+
+DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--brats-dir", type=Path, required=True, help="preprocess_brats2024_t2flair.py output: <case>.npz with image, mask")
+    parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <brats-dir>/brats2024_t2flair_splits_5fold.json)")
+    parser.add_argument("--patches-per-volume", type=int, default=10, help="patches per volume per epoch (default 10)")
+    parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of tumour-centred patches (default 0.67; rest random)")
+    parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="checkpoint to fine-tune from (all weights; a missing or mismatched file is an error)")
+    training.add_model_arguments(parser, ("uctransnet3d", "resnet18"))
+    training.add_training_arguments(parser, DEFAULTS)
+    args = parser.parse_args(argv)
+    training.resolve_model_arguments(args)
+    if args.splits_file is None:
+        args.splits_file = args.brats_dir / "brats2024_t2flair_splits_5fold.json"
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    split = load_split(args.splits_file, args.fold, "BraTS2024")
+    train_cases = find_case_files(args.brats_dir, split.train, ("image",), "mask")
+    val_cases = find_case_files(args.brats_dir, split.val, ("image",), "mask")
+    get_logger().info(f"BraTS 2024 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches")
+    mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
+    train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
+    model_config = training.model_config_from_args(args, in_channels=1)
+    init = training.InitSpec("finetune", args.pretrain_ckpt, "all") if args.pretrain_ckpt else training.InitSpec()
+    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.run_guarded(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Train the ResNet-18 U-Net on preprocessed ISLES 2022 DWI (+ ADC), one fold.
+
+Strategies (models.ResNetUNet variants): ``separate`` (two U-Nets on DWI and ADC, summed loss,
+DWI head at inference), ``shared`` (one encoder on [DWI, ADC], two decoders, heads averaged at
+inference), ``dwi_only``. ``--init brats`` copies the ResNet-18 encoder of a BraTS checkpoint
+(train_brats_uctransnet3d.py --arch resnet18) and requires ``--pretrain-ckpt``; both init arms
+use the same hyper-parameters (the flag changes nothing else). The volumes are already 96³: a
+sample is the whole augmented volume, or a patch when ``--patch-size`` is smaller.
+
+    python train_isles_resnet18.py --isles-dir /data/preprocessed_isles_train \\
+        --output-dir runs/isles_shared_brats --strategy shared --init brats \\
+        --pretrain-ckpt runs/brats_resnet18/fold_0/best_model.pth --fold 0
+
+Writes <output-dir>/fold_<k>/{best_model.pth,last.pth,history.csv,curves.png,run_args.json};
+exit status 75 after a preemption save (rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from strokeseg import training
+from strokeseg.augment import augment_preset
+from strokeseg.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.runner import get_logger
+from strokeseg.splits import load_split
+
+DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
+CHANNELS = {"dwi_only": ("dwi",), "separate": ("dwi", "adc"), "shared": ("dwi", "adc")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with dwi, adc, mask")
+    parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json)")
+    parser.add_argument("--strategy", choices=tuple(CHANNELS), default="shared", help="separate | shared | dwi_only (default shared)")
+    parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: ResNet-18 encoder from --pretrain-ckpt (default scratch)")
+    parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
+    parser.add_argument("--patches-per-volume", type=int, default=1, help="samples per volume per epoch (default 1)")
+    parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of lesion-centred samples when --patch-size < volume (default 0.67; rest random)")
+    training.add_model_arguments(parser, ("resnet18",))
+    training.add_training_arguments(parser, DEFAULTS)
+    args = parser.parse_args(argv)
+    training.resolve_model_arguments(args)
+    if args.init == "brats" and args.pretrain_ckpt is None:
+        parser.error("--init brats requires --pretrain-ckpt (there is no silent fallback to scratch)")
+    if args.init == "scratch" and args.pretrain_ckpt is not None:
+        parser.error("--pretrain-ckpt given with --init scratch; use --init brats to load it")
+    if args.splits_file is None:
+        args.splits_file = args.isles_dir / "isles2022_splits_5fold.json"
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    split = load_split(args.splits_file, args.fold, "ISLES2022")
+    keys = CHANNELS[args.strategy]
+    train_cases = find_case_files(args.isles_dir, split.train, keys, "mask")
+    val_cases = find_case_files(args.isles_dir, split.val, keys, "mask")
+    get_logger().info(f"ISLES 2022 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val cases, strategy {args.strategy}, init {args.init}")
+    mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
+    train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
+    model_config = training.model_config_from_args(args, in_channels=len(keys), variant=args.strategy)
+    init = training.InitSpec(args.init, args.pretrain_ckpt, "encoder")
+    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.run_guarded(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

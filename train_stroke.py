@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Train the ResNet-18 U-Net or UCTransNet3D on ATLAS v2.0 or UOA T1w (MNI, 1 mm), one fold.
+
+Training samples mix the lesion-focused patches of extract_patches_96x96x96.py (folder
+``<data-dir>/<DATASET>_patches_<P>``, P = the patch size) with random patches from anywhere in
+the brain (``--random-patch-fraction``), so the network also sees lesion-free tissue.
+Validation runs on whole volumes (sliding window, window = patch size), never on patches.
+``--pretrain-ckpt`` copies the encoder of a BraTS checkpoint (transfer arm); without it the
+network trains from scratch.
+
+    python train_stroke.py --dataset ATLAS --data-dir /data/preprocessed_stroke_foundation \\
+        --arch uctransnet3d --pretrain-ckpt runs/brats_uctransnet3d/fold_0/best_model.pth \\
+        --output-dir runs/atlas_uctransnet3d_transfer --fold 0
+
+Patch size: 96 for resnet18, 64 for uctransnet3d (override with --patch-size; the patch folder
+of that size must exist). Writes <output-dir>/fold_<k>/{best_model.pth,last.pth,history.csv,
+curves.png,run_args.json}; exit status 75 after a preemption save (rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from strokeseg import training
+from strokeseg.augment import augment_preset
+from strokeseg.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.io import CaseError
+from strokeseg.runner import get_logger
+from strokeseg.splits import load_split
+
+DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
+KEYS = {"image_keys": ("image",), "mask_key": "lesion_mask", "brain_key": "brain_mask"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("ATLAS", "UOA_Private"), required=True, help="dataset folder name under --data-dir")
+    parser.add_argument("--data-dir", type=Path, required=True, help="preprocess_stroke_foundation.py output root holding <DATASET>/ and <DATASET>_patches_<P>/")
+    parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <data-dir>/<DATASET>/<DATASET>_splits_5fold.json)")
+    parser.add_argument("--patch-dir", type=Path, default=None, help="pre-extracted patches (default <data-dir>/<DATASET>_patches_<P>)")
+    parser.add_argument("--patches-per-volume", type=int, default=10, help="samples per volume per epoch (default 10)")
+    parser.add_argument("--random-patch-fraction", type=float, default=0.3, help="share of samples cut at random brain positions, the rest from the stored lesion patches (default 0.3)")
+    parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint whose encoder is copied (transfer); a missing or mismatched file is an error")
+    training.add_model_arguments(parser, ("resnet18", "uctransnet3d"))
+    training.add_training_arguments(parser, DEFAULTS)
+    args = parser.parse_args(argv)
+    training.resolve_model_arguments(args)
+    if args.splits_file is None:
+        args.splits_file = args.data_dir / args.dataset / f"{args.dataset}_splits_5fold.json"
+    if args.patch_dir is None:
+        args.patch_dir = args.data_dir / f"{args.dataset}_patches_{args.patch_size}"
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.patch_dir.is_dir():
+        raise CaseError(f"{args.patch_dir}: patch folder not found; run extract_patches_96x96x96.py --patch_size {args.patch_size} first")
+    split = load_split(args.splits_file, args.fold, args.dataset)
+    volume_dir = args.data_dir / args.dataset
+    train_cases = find_case_files(volume_dir, split.train, patch_dir=args.patch_dir, **KEYS)
+    val_cases = find_case_files(volume_dir, split.val, **KEYS)
+    init = training.InitSpec("transfer", args.pretrain_ckpt, "encoder") if args.pretrain_ckpt else training.InitSpec()
+    get_logger().info(f"{args.dataset} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches, init {init.label}")
+    mix = SampleMix.from_fraction(args.patches_per_volume, 1.0 - args.random_patch_fraction, "stored")
+    train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
+    model_config = training.model_config_from_args(args, in_channels=1)
+    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training.run_guarded(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
