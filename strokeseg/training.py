@@ -491,6 +491,14 @@ def _resume_check(checkpoint: dict, expected: dict, path: Path) -> None:
         raise ValueError(f"{path}: cannot resume, the run was configured differently: {'; '.join(problems)}")
 
 
+def _best_checkpoint_missing(path: Path, state: "_Progress") -> bool:
+    """True when last.pth closes the best epoch but best_model.pth does not hold that epoch
+    (a kill between the two writes): the resumed weights are then exactly the best ones."""
+    if state.step != 0 or state.best_epoch == 0 or state.best_epoch != state.epoch:
+        return False
+    return not path.is_file() or models.load_checkpoint(path).get("epoch") != state.best_epoch
+
+
 def _prepare_fold_dir(settings: TrainSettings, ctx: DistContext) -> bool:
     """Decide between resuming and starting fresh; True to resume. Raises CaseError when
     --resume finds no last.pth, or a fresh start would overwrite a run without --overwrite."""
@@ -693,6 +701,17 @@ def fit(
             **{k: v for k, v in _jsonable(expected).items() if k != "model_config"},  # save_checkpoint stores it
         )
 
+    def save_best() -> None:
+        models.save_checkpoint(
+            fold_dir / "best_model.pth", model, resolved,
+            epoch=state.best_epoch, best_score=state.best_dice, history=state.history,
+            config=_jsonable(dict(run_config)), init=init_record, val_cases=expected["val_cases"],
+        )
+
+    if resuming and ctx.is_main and _best_checkpoint_missing(fold_dir / "best_model.pth", state):
+        log.info(f"best_model.pth of epoch {state.best_epoch} was not written (killed after last.pth): rewritten from last.pth")
+        save_best()
+
     def preempted(lr: float) -> int:
         save_last(lr)
         if ctx.distributed:
@@ -743,13 +762,9 @@ def fit(
                 state.best_dice, state.best_epoch = val_dice, state.epoch + 1
             state.epoch, state.step, state.loss_sum, state.loss_count, state.seconds = state.epoch + 1, 0, 0.0, 0.0, 0.0
             if ctx.is_main:
+                save_last(lr)  # first: a kill before best_model.pth is written is repaired on resume
                 if improved:
-                    models.save_checkpoint(
-                        fold_dir / "best_model.pth", model, resolved,
-                        epoch=state.best_epoch, best_score=val_dice, history=state.history,
-                        config=_jsonable(dict(run_config)), init=init_record, val_cases=expected["val_cases"],
-                    )
-                save_last(lr)
+                    save_best()
                 write_history(fold_dir / "history.csv", state.history)
                 plot_curves(fold_dir / "curves.png", state.history)
                 log.info(

@@ -489,17 +489,10 @@ def kill_training_between_checkpoints(request: pytest.FixtureRequest, tmp: Path)
     return case
 
 
-EPOCH_1_WINDOW = pytest.mark.xfail(
-    strict=True,
-    reason="training.py: a kill between best_model.pth and last.pth of epoch 1 leaves best_model.pth alone; "
-    "--resume-if-exists then refuses the fold ('already holds a run') and --resume finds no last.pth",
-)
-
-
 @pytest.mark.parametrize(
     "build",
     [kill_isles, kill_brats, kill_foundation, kill_patches, kill_training,
-     pytest.param(kill_training_between_checkpoints, marks=EPOCH_1_WINDOW)],
+     kill_training_between_checkpoints],
     ids=lambda b: b.__name__.removeprefix("kill_"),
 )
 def test_kill_9_mid_run_leaves_complete_outputs_and_rerun_completes(build: Callable, request: pytest.FixtureRequest, tmp_path: Path) -> None:
