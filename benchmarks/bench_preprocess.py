@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -45,12 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _floor(inputs: list[Path], output: Path, floor_path: Path) -> float:
-    """Seconds to read ``inputs`` with nibabel and write the arrays of ``output`` to ``floor_path``."""
+    """Seconds to read ``inputs`` with nibabel and write the arrays of ``output`` to ``floor_path``,
+    stored as the stage stored them (compressed or not)."""
     arrays = load_npz(output)
+    with zipfile.ZipFile(output) as archive:
+        compressed = any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
     start = time.perf_counter()
     for path in inputs:
         np.asanyarray(nib.load(str(path)).dataobj)
-    save_npz(floor_path, arrays)
+    save_npz(floor_path, arrays, compress=compressed)
     return time.perf_counter() - start
 
 

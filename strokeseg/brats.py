@@ -109,7 +109,7 @@ def preprocess_brats_case(
     tumour = (as_label_map(seg.data, SEG_LABELS, seg.path) > 0).astype(np.uint8)
     mask = resample_to_shape(tumour, target_shape, is_label=True)
     image = zscore(resample_to_shape(flair.data, target_shape, is_label=False))
-    save_npz(out_path, {"image": image, "mask": mask})
+    save_npz(out_path, {"image": image, "mask": mask}, compress=False)  # memory-mapped by the trainer
     info = {
         "patient_id": case.patient_id,
         "lesion_voxels": int(mask.sum()),

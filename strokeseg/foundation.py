@@ -370,7 +370,7 @@ def preprocess_foundation_case(
     if bounds is None:
         raise CaseError(f"{image.path}: empty brain mask (no voxel above {settings.brain_threshold:g})")
     normalised = zscore(clip_between(volume, bounds[0], bounds[1], device), brain, device)
-    save_npz(npz_path, {"image": normalised, "lesion_mask": lesion, "brain_mask": brain})
+    save_npz(npz_path, {"image": normalised, "lesion_mask": lesion, "brain_mask": brain}, compress=False)  # memory-mapped by the trainer
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesion_voxels = int(lesion.sum())
