@@ -51,7 +51,7 @@ def write_cases(root: Path, n_cases: int, patch_size: int, compress: bool) -> li
         case_id = f"sub-r001s{i + 1:03d}_ses-1"
         save_npz(root / "volumes" / f"{case_id}.npz", {"image": image, "lesion_mask": lesion.astype(np.uint8), "brain_mask": brain.astype(np.uint8)}, compress=compress)
         centres, _ = lesion_centers(lesion, 20, patch_size, 0.01, rng)
-        save_npz(root / "patches" / f"{case_id}.npz", {"centers": centres})
+        save_npz(root / "patches" / f"{case_id}.npz", {"centers": centres, "original_shape": np.array(SHAPE)})
         ids.append(case_id)
     return ids
 

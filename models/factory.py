@@ -19,7 +19,6 @@ dicts/lists/tuples of them (convert numpy values with ``.tolist()`` / ``float()`
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -157,7 +156,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError) as err:
+    except Exception as err:  # the file exists: any failure (UnpicklingError, RuntimeError, EOFError...) means not a checkpoint
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from err
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:

@@ -276,16 +276,18 @@ def case_plan(pools: dict[str, np.ndarray], stored_centres: np.ndarray | None, m
     return np.concatenate(parts)
 
 
-def read_stored_centres(case: CaseFiles) -> np.ndarray | None:
-    """Centres (N, 3) int64 of a case's pre-extracted patches (``centers`` of its patch file),
-    None without a patch file. Only this small member is read: the patches are cut again from
-    the full volume, which by the patch stage's contract gives the same arrays."""
+def read_stored_centres(case: CaseFiles) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """Centres (N, 3) int64 of a case's pre-extracted patches and the full-volume shape they
+    index (``centers`` and ``original_shape`` of its patch file), None without a patch file.
+    Only these small members are read: the patches are cut again from the full volume, which
+    by the patch stage's contract gives the same arrays."""
     if case.patch_path is None:
         return None
-    centres = load_npz(case.patch_path, keys=("centers",))["centers"]
+    stored = load_npz(case.patch_path, keys=("centers", "original_shape"))
+    centres = stored["centers"]
     if centres.ndim != 2 or centres.shape[1] != 3:
         raise CaseError(f"{case.patch_path}: 'centers' must be (N, 3), got {centres.shape}")
-    return centres.astype(np.int64)
+    return centres.astype(np.int64), tuple(int(v) for v in stored["original_shape"])
 
 
 class TrainingSet(Dataset):
@@ -315,8 +317,8 @@ class TrainingSet(Dataset):
         self.augment = augment
         self.seed = seed
         self.chunk_cases = chunk_cases
-        self.stored_centres = [read_stored_centres(c) if mix.stored else None for c in self.cases]
-        if mix.stored and all(c is None or len(c) == 0 for c in self.stored_centres):
+        self.stored = [read_stored_centres(c) if mix.stored else None for c in self.cases]
+        if mix.stored and all(s is None or len(s[0]) == 0 for s in self.stored):
             raise ValueError("stored patches requested but no case has pre-extracted patches")
         self._volumes = VolumeCache(chunk_cases)
         self._pools: dict[int, dict[str, np.ndarray] | None] = {}  # per worker, kept for the run (small)
@@ -356,6 +358,9 @@ class TrainingSet(Dataset):
             case = self.cases[case_index]
             shape = _check_shapes(case, arrays)
             whole = all(self.patch_size >= size for size in shape)
+            stored = self.stored[case_index]
+            if stored is not None and stored[1] != shape:
+                raise CaseError(f"{case.patch_path}: patches cut from a {stored[1]} volume, but {case.path} is {shape}")
             rng = np.random.default_rng([self.seed, 0, _POOL_STREAM, case_index])
             self._pools[case_index] = None if whole else centre_pools(case, arrays, self.patch_size, rng)
         return self._pools[case_index]
@@ -378,7 +383,8 @@ class TrainingSet(Dataset):
             mask = np.asarray(arrays[case.mask_key], dtype=np.uint8)
         else:
             rng = np.random.default_rng([self.seed, epoch, _CASE_STREAM, case_index])
-            centre = case_plan(pools, self.stored_centres[case_index], self.mix, rng)[slot]
+            stored = self.stored[case_index]
+            centre = case_plan(pools, None if stored is None else stored[0], self.mix, rng)[slot]
             p = self.patch_size
             channels = [extract_patch(arrays[k], centre, p).astype(np.float32, copy=False) for k in case.image_keys]
             image = channels[0][None] if len(channels) == 1 else np.stack(channels)  # one copy only

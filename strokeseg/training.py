@@ -197,6 +197,13 @@ def _non_negative(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
     """Add the flags every training script shares; ``defaults`` overrides TRAINING_DEFAULTS
     (unknown keys are an error, so a typo cannot silently keep a default)."""
@@ -222,7 +229,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
     g.add_argument("--seed", type=_non_negative(int), default=d["seed"], help=f"seed of initialisation, data order, patches and augmentation (default {d['seed']})")
     g.add_argument("--workers", type=_non_negative(int), default=d["workers"], help=f"DataLoader worker processes per GPU, 0 = main process (default {d['workers']})")
     g.add_argument("--chunk-cases", type=_positive(int), default=d["chunk_cases"], help=f"cases whose patches are interleaved in the epoch order; each worker caches that many volumes (default {d['chunk_cases']})")
-    g.add_argument("--overlap", type=float, default=d["overlap"], help=f"sliding-window overlap in [0, 1) for whole-volume validation (default {d['overlap']})")
+    g.add_argument("--overlap", type=_overlap, default=d["overlap"], help=f"sliding-window overlap in [0, 1) for whole-volume validation (default {d['overlap']})")
     g.add_argument("--sw-batch-size", type=_positive(int), default=d["sw_batch_size"], help=f"validation windows per forward pass (default {d['sw_batch_size']})")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (under torchrun cuda:LOCAL_RANK), else CPU")
     resume = g.add_mutually_exclusive_group()
@@ -260,9 +267,9 @@ def resolve_model_arguments(args: argparse.Namespace) -> None:
 def model_config_from_args(args: argparse.Namespace, in_channels: int, variant: str = "single") -> dict:
     """The models.build_model config for the parsed model flags (after resolve_model_arguments)."""
     if args.arch == "resnet18":
-        return {"arch": "resnet18_unet", "variant": variant, "in_channels": in_channels, "width": args.width, "norm": args.norm}
+        return {"arch": ARCH_CHOICES["resnet18"], "variant": variant, "in_channels": in_channels, "width": args.width, "norm": args.norm}
     return {
-        "arch": "uctransnet3d",
+        "arch": ARCH_CHOICES["uctransnet3d"],
         "in_channels": in_channels,
         "width": args.width,
         "norm": args.norm,

@@ -48,7 +48,7 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
         arrays = _volume(rng, lesion=i != 3)
         save_npz(root / "vol" / f"case{i}.npz", arrays, compress=i % 2 == 1)
         centres = np.array([[12, 22, 7], [13, 21, 6], [11, 23, 8]]) if i != 3 else np.zeros((0, 3), np.int64)
-        save_npz(root / "patches" / f"case{i}.npz", {"centers": centres, "patches": np.stack([extract_patch(arrays["image"], c, 16) for c in centres]) if len(centres) else np.zeros((0, 16, 16, 16), np.float32)})
+        save_npz(root / "patches" / f"case{i}.npz", {"centers": centres, "original_shape": np.array(SHAPE), "patches": np.stack([extract_patch(arrays["image"], c, 16) for c in centres]) if len(centres) else np.zeros((0, 16, 16, 16), np.float32)})
     return root
 
 
@@ -175,6 +175,14 @@ def test_stored_sample_equals_the_stored_patch(volumes):
     stored = np.load(volumes / "patches" / "case0.npz")
     image, _ = dataset[(0, 0)]  # case 0, its only slot: a stored patch
     assert any(np.array_equal(image[0].numpy(), p) for p in stored["patches"])
+
+
+def test_patch_file_of_another_volume_is_refused(volumes, tmp_path):
+    save_npz(tmp_path / "case0.npz", {"centers": np.array([[12, 22, 7]]), "original_shape": np.array([40, 36, 34])})
+    cases = find_case_files(volumes / "vol", ["case0"], ("image",), "lesion_mask", "brain_mask", tmp_path)
+    dataset = TrainingSet(cases, 16, SampleMix(stored=1, random=0), None, seed=0)
+    with pytest.raises(CaseError, match="patches cut from a"):
+        dataset[(0, 0)]
 
 
 def test_whole_volume_samples(volumes):

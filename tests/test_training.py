@@ -161,12 +161,13 @@ def test_isles_script_writes_every_output(data, tmp_path):
 def test_validation_dice_rises_on_an_easy_set(easy_isles, tmp_path):
     """A tiny DWI-only network learns the bright spheres: whole-volume validation Dice rises."""
     out = tmp_path / "learn"
-    argv = ["--isles-dir", str(easy_isles), "--output-dir", str(out), "--strategy", "dwi_only", "--width", "8", "--norm", "group"]
+    argv = ["--isles-dir", str(easy_isles), "--output-dir", str(out), "--strategy", "dwi_only", "--width", "8"]
     argv += ["--patch-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "5", "--patches-per-volume", "2"]
-    argv += ["--lr", "3e-3", "--loss", "dice_ce", "--warmup-epochs", "1", "--augment", "off", "--seed", "1"]
+    argv += ["--lr", "1e-2", "--loss", "dice_ce", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "1"]
     assert train_isles_resnet18.main(argv) == 0
     dice = [float(r["val_dice"]) for r in _history(out / "fold_0")]
-    assert dice[-1] > 0.6 and dice[-1] > dice[0] + 0.3, dice
+    # seed 1 gives [0.13, 0.17, 0.62, 0.89, 0.90]; some other seeds start from dead ReLUs at width 8
+    assert dice[-1] > 0.6 and dice[-1] > dice[0] + 0.4, dice
     assert models.load_checkpoint(out / "fold_0" / "best_model.pth")["best_score"] == pytest.approx(max(dice), abs=1e-6)
 
 
@@ -255,15 +256,18 @@ def test_resume_and_overwrite_rules(data, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def resume_args(data, tmp_path_factory):
-    """Arguments of a 3-epoch run (12 steps per epoch, full augmentation) and its uninterrupted result."""
+    """A 3-epoch BraTS run of a tiny UCTransNet3D (dropout: uses the torch generator every step;
+    12 steps per epoch; tumour-centred and random patches; full augmentation) and its
+    uninterrupted result."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    args = ["--isles-dir", str(data / "isles"), *TINY_ISLES, "--epochs", "3", "--patches-per-volume", "6", "--augment", "full"]
-    assert train_isles_resnet18.main(args + ["--output-dir", str(out)]) == 0
+    args = ["--brats-dir", str(data / "brats"), "--patch-size", "32", "--width", "4", "--layers", "1", "--heads", "1"]
+    args += ["--batch-size", "2", "--workers", "0", "--patches-per-volume", "6", "--epochs", "3", "--augment", "full"]
+    assert train_brats_uctransnet3d.main(args + ["--output-dir", str(out)]) == 0
     return args, models.load_checkpoint(out / "fold_0" / "last.pth")
 
 
 def _start(args: list[str], out: Path, workers: int) -> subprocess.Popen:
-    command = [sys.executable, "train_isles_resnet18.py", *args, "--output-dir", str(out), "--workers", str(workers)]
+    command = [sys.executable, "train_brats_uctransnet3d.py", *args, "--output-dir", str(out), "--workers", str(workers)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
 
 
@@ -283,7 +287,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(resume_args, tmp_path):
     process.kill()
     process.communicate()
     assert models.load_checkpoint(tmp_path / "fold_0" / "last.pth")["progress"]["epoch"] < 3
-    assert train_isles_resnet18.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
+    assert train_brats_uctransnet3d.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
     _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
 
 
@@ -297,7 +301,7 @@ def test_sigterm_saves_mid_epoch_exits_75_and_resumes_exactly(resume_args, tmp_p
     saved = models.load_checkpoint(tmp_path / "fold_0" / "last.pth")
     assert saved["progress"]["step"] >= 1 and saved["progress"]["epoch"] < 3  # mid-epoch state
     assert "SIGTERM: saved" in output
-    assert train_isles_resnet18.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
+    assert train_brats_uctransnet3d.main(args + ["--output-dir", str(tmp_path), "--resume"]) == 0
     _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
 
 
