@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .geometry import rotation_matrix
+
 __all__ = ["AugmentConfig", "AUGMENT_PRESETS", "augment_preset", "augment_sample", "random_affine"]
 
 
@@ -53,15 +55,6 @@ def augment_preset(name: str) -> AugmentConfig | None:
     raise ValueError(f"augmentation must be one of {AUGMENT_PRESETS}, got {name!r}")
 
 
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
-    """3x3 rotation: about axis 0, then 1, then 2 (angles in radians)."""
-    c, s = np.cos(angles_rad), np.sin(angles_rad)
-    r0 = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
-    r1 = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
-    r2 = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
-    return r2 @ r1 @ r0
-
-
 def random_affine(
     image: torch.Tensor, mask: torch.Tensor, angles_rad: np.ndarray, zoom: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +68,7 @@ def random_affine(
     # affine_grid's coordinates are normalised to [-1, 1] per axis and ordered (Z, Y, X) for
     # a (N, C, X, Y, Z) tensor: convert to voxel half-extents so the rotation stays rigid.
     half = np.array(shape[::-1], dtype=np.float64) / 2.0
-    rotation_zyx = _rotation(angles_rad)[::-1, ::-1].T  # inverse rotation, axes in (Z, Y, X) order
+    rotation_zyx = rotation_matrix(angles_rad)[::-1, ::-1].T  # inverse rotation, axes in (Z, Y, X) order
     theta = np.diag(1.0 / half) @ (rotation_zyx / zoom) @ np.diag(half)
     theta_t = torch.zeros(1, 3, 4, dtype=torch.float32)
     theta_t[0, :, :3] = torch.from_numpy(theta.astype(np.float32))

@@ -27,7 +27,7 @@ import models
 
 from .geometry import uncrop_to_native
 from .inference import sliding_window_inference
-from .io import CaseError, load_npz, read_json, save_nifti
+from .io import CaseError, load_npz, one_line, read_json, save_nifti
 from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
 from .report import axial_slice_index, paper_init, paper_strategy
 from .runner import CaseResult, RunReport, run_cases
@@ -407,7 +407,7 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     try:
         model, checkpoint = models.model_from_checkpoint(path, map_location=device)
     except (FileNotFoundError, ValueError) as err:
-        raise CaseError(" ".join(str(err).split())) from err
+        raise CaseError(one_line(err)) from err
     run_config = checkpoint.get("config") or {}
     if not isinstance(run_config, dict):
         raise CaseError(f"{path}: checkpoint 'config' is not a dict")

@@ -28,6 +28,7 @@ __all__ = [
     "clip_between",
     "percentile_bounds",
     "uncrop_to_native",
+    "rotation_matrix",
 ]
 
 Shape3 = tuple[int, int, int]
@@ -223,3 +224,12 @@ def uncrop_to_native(
     out = np.zeros(tuple(int(s) for s in original_shape), dtype=restored.dtype)
     out[tuple(slice(int(a), int(b)) for a, b in bbox)] = restored
     return out
+
+
+def rotation_matrix(angles_rad: np.ndarray | tuple[float, float, float]) -> np.ndarray:
+    """(3, 3) float64 rotation about axis 0, then axis 1, then axis 2 (angles in radians)."""
+    c, s = np.cos(np.asarray(angles_rad, dtype=np.float64)), np.sin(np.asarray(angles_rad, dtype=np.float64))
+    r0 = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
+    r1 = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
+    r2 = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
+    return r2 @ r1 @ r0

@@ -32,6 +32,7 @@ __all__ = [
     "load_nifti",
     "save_nifti",
     "affines_match",
+    "one_line",
 ]
 
 
@@ -99,7 +100,7 @@ def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> di
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
         if isinstance(err, CaseError):
             raise
-        raise CaseError(f"{path}: unreadable .npz ({_one_line(err)})") from err
+        raise CaseError(f"{path}: unreadable .npz ({one_line(err)})") from err
 
 
 def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.memmap]:
@@ -134,7 +135,7 @@ def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, n
     except (OSError, zipfile.BadZipFile, ValueError, struct.error) as err:
         if isinstance(err, CaseError):
             raise
-        raise CaseError(f"{path}: unreadable .npz ({_one_line(err)})") from err
+        raise CaseError(f"{path}: unreadable .npz ({one_line(err)})") from err
     return out
 
 
@@ -167,7 +168,7 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError as err:
         raise CaseError(f"{path}: file not found") from err
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CaseError(f"{path}: unreadable JSON ({_one_line(err)})") from err
+        raise CaseError(f"{path}: unreadable JSON ({one_line(err)})") from err
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> NiftiVolume
     except FileNotFoundError as err:
         raise CaseError(f"{path}: file not found") from err
     except Exception as err:  # nibabel raises many types for corrupt/truncated files
-        raise CaseError(f"{path}: unreadable NIfTI ({_one_line(err)})") from err
+        raise CaseError(f"{path}: unreadable NIfTI ({one_line(err)})") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -240,5 +241,6 @@ def _umask() -> int:
     return mask
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its type name if empty."""
     return " ".join(str(err).split()) or type(err).__name__

@@ -21,7 +21,7 @@ import torch
 
 from tqdm import tqdm
 
-from .io import CaseError, write_json
+from .io import CaseError, one_line, write_json
 
 __all__ = [
     "CaseResult",
@@ -102,7 +102,7 @@ def _run_one(process: Callable[[Any], CaseResult], case_id: str, item: Any) -> C
     except CaseError as err:
         result = CaseResult(case_id, "failed", reason=str(err))
     except Exception as err:  # one bad case must not stop the others; keep its reason
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        reason = f"{type(err).__name__}: {one_line(err)}"
         result = CaseResult(case_id, "failed", reason=reason)
     result.seconds = round(time.perf_counter() - start, 3)
     return result

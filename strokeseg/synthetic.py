@@ -4,7 +4,7 @@ Every dataset is built from the same pure building blocks: :func:`smooth_field` 
 random fields), :func:`brain_phantom` (a tissue label map: head, CSF, grey and white matter),
 :func:`lesion_mask` (irregular blobs inside the parenchyma), :func:`render` (tissue contrast,
 bias field, noise) and :func:`oblique_affine` (voxel-to-world matrix). Case ``i`` is drawn from
-its own generator (:func:`case_rng`), so its content depends on ``seed`` and ``i`` only, never
+its own generator (:func:`synthetic_rng`), so its content depends on ``seed`` and ``i`` only, never
 on how many cases are generated. Files are written with :func:`strokeseg.io.save_nifti`.
 
 Example (tiny test-sized ISLES data, every 3rd case lesion-free)::
@@ -25,12 +25,13 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .geometry import rotation_matrix
 from .io import save_nifti
 from .runner import progress, write_run_args
 
 __all__ = [
     "Tissue",
-    "case_rng",
+    "synthetic_rng",
     "smooth_field",
     "oblique_affine",
     "brain_phantom",
@@ -100,7 +101,7 @@ _BRATS_MODALITIES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair"}
 # --------------------------------------------------------------------------- building blocks
 
 
-def case_rng(seed: int, dataset: str, *key: int) -> np.random.Generator:
+def synthetic_rng(seed: int, dataset: str, *key: int) -> np.random.Generator:
     """Generator for one case: ``dataset`` (isles, atlas, uoa, brats), then integer ``key`` parts
     (case index; BraTS adds the visit). Independent of how many cases are generated."""
     if seed < 0 or any(k < 0 for k in key):
@@ -131,14 +132,6 @@ def smooth_field(rng: np.random.Generator, shape: Sequence[int], n_coarse: int =
     return np.ascontiguousarray(np.einsum("ia,ajk->ijk", wx, field))
 
 
-def _rotation(angles_deg: Sequence[float]) -> np.ndarray:
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def oblique_affine(
     shape: Sequence[int],
     spacing_mm: Sequence[float],
@@ -156,7 +149,7 @@ def oblique_affine(
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing_mm must be 3 positive values, got {tuple(spacing_mm)}")
-    matrix = _rotation(angles_deg) @ np.diag(spacing * np.asarray(axis_signs, dtype=np.float64))
+    matrix = rotation_matrix(np.deg2rad(angles_deg)) @ np.diag(spacing * np.asarray(axis_signs, dtype=np.float64))
     affine = np.eye(4)
     affine[:3, :3] = matrix
     affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - matrix @ ((np.asarray(shape) - 1) / 2.0)
@@ -369,7 +362,7 @@ def _isles_grid(rng: np.random.Generator, shape: Shape3 | None) -> tuple[Shape3,
 
 def _isles_case(seed: int, index: int, shape: Shape3 | None, empty: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Arrays and affines of one ISLES case: keys dwi, adc, msk (one grid) and flair (its own)."""
-    rng = case_rng(seed, "isles", index)
+    rng = synthetic_rng(seed, "isles", index)
     grid, spacing = _isles_grid(rng, shape)
     angles = np.array([rng.choice([-1, 1]) * rng.uniform(3, 12), 0.0, 0.0])
     if rng.random() < 0.5:
@@ -493,7 +486,7 @@ def make_atlas(
         subject = f"sub-r{cohort:03d}s{index % _ATLAS_SUBJECTS_PER_COHORT + 1:03d}"
         anat = Path(root) / "Training" / f"R{cohort:03d}" / subject / "ses-1" / "anat"
         stem = anat / f"{subject}_ses-1_space-MNI152NLin2009aSym"
-        t1, lesion = _mni_case(case_rng(seed, "atlas", index), shape, _every(index, empty_every), head=True)
+        t1, lesion = _mni_case(synthetic_rng(seed, "atlas", index), shape, _every(index, empty_every), head=True)
         save_nifti(f"{stem}_T1w.nii.gz", t1, affine)
         save_nifti(f"{stem}_label-L_desc-T1lesion_mask.nii.gz", lesion.astype(np.uint8), affine)
         case_ids.append(f"{subject}_ses-1")
@@ -525,7 +518,7 @@ def make_uoa(
         spacing = _UOA_ALT_SPACING_MM if _every(index, spacing_every) else (1.0, 1.0, 1.0)
         grid = _check_shape(np.round(np.asarray(shape) / np.asarray(spacing)))
         affine = oblique_affine(grid, spacing, centre_mm=_MNI_CENTRE_MM, axis_signs=(-1, 1, 1))
-        t1, lesion = _mni_case(case_rng(seed, "uoa", index), grid, _every(index, empty_every), head=False)
+        t1, lesion = _mni_case(synthetic_rng(seed, "uoa", index), grid, _every(index, empty_every), head=False)
         case_id = f"UOA{index + 1:03d}"
         save_nifti(Path(root) / case_id / f"{case_id}_T1_FNIRT_MNI.nii.gz", t1, affine)
         save_nifti(Path(root) / case_id / f"{case_id}_lesion.nii.gz", lesion.astype(np.float32), affine)
@@ -542,12 +535,12 @@ def _brats_labels(seed: int, patient: int, visit: int, shape: Shape3) -> np.ndar
     Visit 100 has a resection cavity with probability 0.3; later visits always have one and a
     tumour shrunk to 70 %.
     """
-    rng = case_rng(seed, "brats", patient)
+    rng = synthetic_rng(seed, "brats", patient)
     labels = brain_phantom(rng, shape, np.asarray(_BRATS_RADII) * rng.uniform(0.97, 1.03, 3))
     parenchyma = _parenchyma(labels)
     centre = _draw_centre(rng, parenchyma, 0.6)
     oedema_radii = rng.uniform(0.3, 0.5) * _extent(parenchyma)[1] * rng.uniform(0.8, 1.2, 3)
-    visit_rng = case_rng(seed, "brats", patient, visit)
+    visit_rng = synthetic_rng(seed, "brats", patient, visit)
     post_op = visit > 100 or visit_rng.random() < 0.3
     radii = oedema_radii * (0.7 if visit > 100 else 1.0)
     brain = labels >= Tissue.CSF
@@ -592,7 +585,7 @@ def make_brats(
         for visit in visits:
             case_id = f"BraTS-GLI-{5 + 2 * patient:05d}-{visit}"
             labels = _brats_labels(seed, patient, visit, shape)
-            rng = case_rng(seed, "brats", patient, visit, 1)  # image noise, separate from the tumour draw
+            rng = synthetic_rng(seed, "brats", patient, visit, 1)  # image noise, separate from the tumour draw
             for suffix, modality in _BRATS_MODALITIES.items():
                 image = render(rng, labels, _CONTRASTS[modality], noise_sd=0.04) * np.float32(rng.uniform(300, 3000))
                 save_nifti(Path(root) / case_id / f"{case_id}-{suffix}.nii.gz", image, affine)

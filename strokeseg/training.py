@@ -53,7 +53,7 @@ import models
 from .augment import AUGMENT_PRESETS
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume
 from .inference import sliding_window_inference
-from .io import CaseError, atomic_path
+from .io import CaseError, atomic_path, one_line
 from .losses import LOSS_NAMES, build_loss, multi_head_loss
 from .metrics import dice
 from .runner import get_logger, progress, write_run_args
@@ -795,7 +795,7 @@ def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     try:
         return run(args)
     except (CaseError, ValueError, FileNotFoundError) as err:
-        get_logger().error(f"ERROR: {' '.join(str(err).split())}")
+        get_logger().error(f"ERROR: {one_line(err)}")
         return 2
     finally:
         teardown_distributed()

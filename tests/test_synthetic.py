@@ -67,14 +67,14 @@ def assert_same_arrays(a: dict, b: dict) -> None:
 
 
 def test_case_rng_depends_only_on_its_key():
-    draw = lambda *key: synthetic.case_rng(3, "isles", *key).integers(0, 2**62, 4)
+    draw = lambda *key: synthetic.synthetic_rng(3, "isles", *key).integers(0, 2**62, 4)
     assert np.array_equal(draw(2), draw(2))
     assert not np.array_equal(draw(2), draw(3))
-    assert not np.array_equal(draw(2), synthetic.case_rng(3, "atlas", 2).integers(0, 2**62, 4))
+    assert not np.array_equal(draw(2), synthetic.synthetic_rng(3, "atlas", 2).integers(0, 2**62, 4))
     with pytest.raises(ValueError, match="seed"):
-        synthetic.case_rng(-1, "isles", 0)
+        synthetic.synthetic_rng(-1, "isles", 0)
     with pytest.raises(ValueError, match="dataset"):
-        synthetic.case_rng(0, "mnist", 0)
+        synthetic.synthetic_rng(0, "mnist", 0)
 
 
 def test_smooth_field_is_unit_variance_and_smooth():
