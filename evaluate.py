@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
     parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
-    parser.add_argument("--window", type=int, nargs="+", help="sliding-window size in voxels, 1 or 3 ints (default: the checkpoint's patch size, 96 for a ResNet U-Net without one); UCTransNet3D only runs at its own")
+    parser.add_argument("--window", type=int, nargs="+", help="sliding-window size in voxels, 1 or 3 ints (default: the checkpoint's patch size, 96 for a ResNet U-Net without one; a ResNet U-Net sees a volume the window covers whole, as in training); UCTransNet3D only runs at its own")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1) (default 0.5)")
     parser.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian", help="blending of overlapping windows (default gaussian)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")

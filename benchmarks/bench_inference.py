@@ -1,17 +1,23 @@
 """Time strokeseg's sliding-window inference against MONAI's on one synthetic volume.
 
-Both run the same predictor (same weights) on the same windows (overlap, Gaussian blending,
+Both run the same network (same weights) on the same windows (overlap, Gaussian blending,
 batch size), interleaved, under ``torch.inference_mode``; on CUDA MONAI's predictor runs under the
-same autocast as ours. Prints wall time (best of --repeats), the part spent inside the predictor,
-the rest (gathering and stitching), the time ratio ours / MONAI (target <= 0.8), the max
-absolute output difference (target <= 1e-4) and the peak memory of one call of each, measured
-in a fresh process (CUDA: allocator peak; CPU: growth of the peak resident set).
-With a real network the predictor dominates and is the same for both: the "rest" column and the
---model pointwise run show what the implementations themselves cost.
+same autocast as ours. Each is used as its documentation says: ours as ``evaluate.py`` runs it
+(weights and windows in channels-last memory format, the layout strokeseg chooses because
+oneDNN/cuDNN convolve 3-D volumes fastest in it), MONAI with the network as trained (MONAI leaves
+the layout to the caller). ``--monai-channels-last`` hands MONAI the channels-last network and
+converts its windows inside the predictor: what a MONAI user could add by hand.
+
+Prints wall time (best of --repeats), the part spent inside the predictor, the rest (gathering
+and stitching), the time ratio ours / MONAI (target <= 0.8), the max absolute output difference
+(target <= 1e-4) and the peak memory of one call of each, measured in a fresh process (CUDA:
+allocator peak; CPU: growth of the peak resident set). The "rest" column and the --model
+pointwise run show what the window loops themselves cost.
 
     python benchmarks/bench_inference.py                      # tiny conv net, 197x233x189, window 96
+    python benchmarks/bench_inference.py --model resnet18 --width 8
     python benchmarks/bench_inference.py --model pointwise    # stitching overhead only
-    python benchmarks/bench_inference.py --device cuda --width 16 --repeats 5
+    python benchmarks/bench_inference.py --device cuda --model resnet18 --width 32 --repeats 5
 
 MONAI is needed only here: ``.venv/bin/pip install --no-deps monai`` (torch and numpy are its
 only hard dependencies, --no-deps keeps the pinned versions).
@@ -30,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+import models  # noqa: E402
 from strokeseg.inference import amp_autocast, sliding_window_inference  # noqa: E402
 
 
@@ -47,29 +54,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=4, help="hidden channels of the conv net; base width of --model resnet18")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each method (best is reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--monai-channels-last", action="store_true",
+                   help="give MONAI the channels-last network and windows too (by hand, in its predictor)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--memory-of", choices=["ours", "monai"], help=argparse.SUPPRESS)  # child process mode
     return p.parse_args(argv)
 
 
-def build_predictor(args: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """(B, C, wx, wy, wz) -> foreground probabilities (B, 1, wx, wy, wz); None if unavailable."""
+def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The benchmarked network in eval mode on ``device``, contiguous (as trained), seeded weights."""
     torch.manual_seed(0)
     if args.model == "pointwise":
-        return torch.sigmoid
+        return torch.nn.Sigmoid()
     if args.model == "conv":
-        net = torch.nn.Sequential(
+        return torch.nn.Sequential(
             torch.nn.Conv3d(args.channels, args.width, 3, padding=1),
             torch.nn.ReLU(),
             torch.nn.Conv3d(args.width, 1, 1),
             torch.nn.Sigmoid(),
-        )
-        return net.to(device).eval()
-    import models
-
+        ).to(device).eval()
     config = {"arch": "resnet18_unet", "variant": "single", "in_channels": args.channels, "width": args.width}
-    model = models.build_model(config).to(device).eval()
-    return lambda x: models.foreground_probability(model, x)
+    return models.build_model(config).to(device).eval()
+
+
+def build_predictor(name: str, args: argparse.Namespace, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, C, wx, wy, wz) -> foreground probabilities (B, 1, wx, wy, wz) for method ``name``."""
+    net = build_network(args, device)
+    channels_last = name == "ours" or args.monai_channels_last
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)  # what evaluate.py does
+    forward = net if args.model in ("conv", "pointwise") else (lambda x: models.foreground_probability(net, x))
+    if name == "monai" and channels_last:
+        return lambda x: forward(x.contiguous(memory_format=torch.channels_last_3d))
+    return forward
 
 
 def peak_memory_mib(name: str, argv: list[str]) -> float:
@@ -87,7 +104,8 @@ def peak_memory_mib(name: str, argv: list[str]) -> float:
     return float(lines[-1])
 
 
-def _memory_child(name: str, volume: torch.Tensor, predictor: Callable, args, device: torch.device) -> None:
+def _memory_child(name: str, volume: torch.Tensor, args, device: torch.device) -> None:
+    predictor = build_predictor(name, args, device)
     run_once(name, volume[:, : args.window + 8, : args.window, : args.window], predictor, args, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -152,25 +170,26 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    predictor = build_predictor(args, device)
     rng = np.random.default_rng(0)
     volume = torch.from_numpy(rng.standard_normal((args.channels, *args.shape), dtype=np.float32)).to(device)
     if args.memory_of:
-        _memory_child(args.memory_of, volume, predictor, args, device)
+        _memory_child(args.memory_of, volume, args, device)
         return 0
     print(f"MONAI {monai.__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
-    model = f"{args.model} width {args.width}" if args.model == "conv" else args.model
+    model = args.model if args.model == "pointwise" else f"{args.model} width {args.width}"
+    monai_layout = "channels-last (by hand)" if args.monai_channels_last else "as trained (contiguous)"
     print(f"volume {tuple(volume.shape)}, window {args.window}, overlap {args.overlap}, "
-          f"sw_batch_size {args.sw_batch_size}, model {model}")
+          f"sw_batch_size {args.sw_batch_size}, model {model}; ours channels-last, MONAI {monai_layout}")
 
     warm = volume[:, : args.window + 8, : args.window, : args.window]
-    for name in ("ours", "monai"):
+    predictors = {name: build_predictor(name, args, device) for name in ("ours", "monai")}
+    for name, predictor in predictors.items():
         run_once(name, warm, predictor, args, device)
     runs: dict[str, list[dict]] = {"ours": [], "monai": []}
     outputs = {}
     for _ in range(args.repeats):
         for name in ("ours", "monai"):
-            outputs[name], stats = run_once(name, volume, predictor, args, device)
+            outputs[name], stats = run_once(name, volume, predictors[name], args, device)
             runs[name].append(stats)
 
     best = {name: min(stats, key=lambda s: s["total"]) for name, stats in runs.items()}

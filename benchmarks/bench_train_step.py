@@ -4,8 +4,10 @@ the engine's own strokeseg.training.train_step, on random batches already on the
 
 Both networks at the paper's size (ResNet-18 U-Net: width 64, 96³, batch 4; UCTransNet3D:
 width 64, 64³, batch 4), with automatic mixed precision on (bfloat16, or float16 + GradScaler
-without bf16 support) and off (float32). Reports samples/s and the AMP speed-up (ratio of the
-two figures measured in the same run). CPU-only machines print "no CUDA: skipped GPU figures";
+without bf16 support) and off (float32), each with weights and batches in the contiguous and in
+the channels-last layout (the engine's default, ``--no-channels-last`` turns it off). Reports
+samples/s, the AMP speed-up and the channels-last speed-up (ratios of figures measured in the
+same run). CPU-only machines print "no CUDA: skipped GPU figures";
 ``--device cpu --quick`` times small networks (width 16, 32³ patches, batch 2) on the CPU.
 
     python benchmarks/bench_train_step.py                       # CUDA, full size
@@ -28,6 +30,7 @@ from strokeseg.training import amp_dtype_for, make_grad_scaler, train_step  # no
 
 FULL = {"resnet18": (64, 96, 4), "uctransnet3d": (64, 64, 4)}  # width, patch edge, batch
 QUICK = {"resnet18": (16, 32, 2), "uctransnet3d": (16, 32, 2)}
+LAYOUTS = (torch.contiguous_format, torch.channels_last_3d)
 
 
 def model_config(arch: str, width: int, patch: int) -> dict:
@@ -36,15 +39,15 @@ def model_config(arch: str, width: int, patch: int) -> dict:
     return {"arch": "uctransnet3d", "width": width, "norm": "group", "patch_size": patch}
 
 
-def samples_per_second(arch: str, sizes: tuple[int, int, int], amp: str, device: torch.device, steps: int) -> float:
+def samples_per_second(arch: str, sizes: tuple[int, int, int], amp: str, layout: torch.memory_format, device: torch.device, steps: int) -> float:
     width, patch, batch = sizes
     torch.manual_seed(0)
-    model = models.build_model(model_config(arch, width, patch)).to(device)
+    model = models.build_model(model_config(arch, width, patch)).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp_dtype = amp_dtype_for(amp, device)
     scaler = make_grad_scaler(amp_dtype)
     loss_fn = build_loss("gdice")
-    images = torch.randn(batch, 1, patch, patch, patch, device=device)
+    images = torch.randn(batch, 1, patch, patch, patch, device=device).contiguous(memory_format=layout)
     masks = (torch.rand(batch, patch, patch, patch, device=device) < 0.05).to(torch.uint8)
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator
         train_step(model, images, masks, optimizer, scaler, loss_fn, amp_dtype, 1.0)
@@ -74,11 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: CPU, {torch.get_num_threads()} threads; AMP is off on CPU, so both columns are float32")
     sizes = QUICK if args.quick else FULL
     steps = args.steps or (20 if device.type == "cuda" else 3)
-    print(f"{'network':<14}{'width':>6}{'patch':>7}{'batch':>6}{'fp32 samples/s':>16}{'AMP samples/s':>15}{'AMP/fp32':>10}")
+    print(f"samples/s (contiguous | channels-last); AMP/fp32 and channels-last/contiguous are speed-ups")
+    print(f"{'network':<14}{'width':>6}{'patch':>7}{'batch':>6}{'fp32':>16}{'AMP':>16}{'AMP/fp32':>10}{'cl/contig':>10}")
     for arch, (width, patch, batch) in sizes.items():
-        fp32 = samples_per_second(arch, (width, patch, batch), "off", device, steps)
-        amp = samples_per_second(arch, (width, patch, batch), "auto", device, steps)
-        print(f"{arch:<14}{width:>6}{patch:>6}³{batch:>6}{fp32:>16.2f}{amp:>15.2f}{amp / fp32:>10.2f}")
+        rate = {
+            (amp, layout): samples_per_second(arch, (width, patch, batch), amp, layout, device, steps)
+            for amp in ("off", "auto") for layout in LAYOUTS
+        }
+        fp32, amp = [f"{rate[(a, LAYOUTS[0])]:.2f} | {rate[(a, LAYOUTS[1])]:.2f}" for a in ("off", "auto")]
+        amp_gain = rate[("auto", LAYOUTS[1])] / rate[("off", LAYOUTS[1])]
+        layout_gain = rate[("auto", LAYOUTS[1])] / rate[("auto", LAYOUTS[0])]
+        print(f"{arch:<14}{width:>6}{patch:>6}³{batch:>6}{fp32:>16}{amp:>16}{amp_gain:>10.2f}{layout_gain:>10.2f}")
     return 0
 
 

@@ -10,7 +10,8 @@ level without skip returns to the full input grid, then a 1³ conv gives the log
 Decoder output widths are (4w, 2w, w, w/2, w/4) = (256, 128, 64, 32, 16) at w = 64: the first
 three mirror the encoder stage they merge with, the two full-resolution-side levels halve
 again, which keeps the 96³ activations affordable and brings the network to 42.6 M parameters
-(1 input channel), the paper's "about 42 M".
+(1 input channel), the paper's "about 42 M". Those two levels keep at least 8 channels, which
+changes only widths below 32 (tests, the small demo).
 
 Configurations (``variant``):
 
@@ -36,6 +37,9 @@ __all__ = ["VARIANTS", "ResNetUNetConfig", "ResNetUNet"]
 
 VARIANTS = ("single", "dwi_only", "separate", "shared")
 _VARIANT_CHANNELS = {"dwi_only": 1, "separate": 2, "shared": 2}
+# The full-resolution decoder levels never get narrower than this: at width 8, w/4 would leave
+# 2 channels, too few for a reliable start (small runs then often predicted a constant).
+_MIN_DECODER_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ class UNetDecoder(nn.Module):
     def __init__(self, width: int, num_classes: int, norm: str):
         super().__init__()
         w = width
-        d4, d3, d2, d1, d0 = 4 * w, 2 * w, w, max(w // 2, 1), max(w // 4, 1)
+        d4, d3, d2 = 4 * w, 2 * w, w
+        d1, d0 = max(w // 2, _MIN_DECODER_WIDTH), max(w // 4, _MIN_DECODER_WIDTH)
         self.up4 = UpBlock(8 * w, 4 * w, d4, norm)  # → 1/16
         self.up3 = UpBlock(d4, 2 * w, d3, norm)  # → 1/8
         self.up2 = UpBlock(d3, w, d2, norm)  # → 1/4

@@ -23,6 +23,7 @@ patch is a single strided copy.
 """
 from __future__ import annotations
 
+import numbers
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "open_npz",
     "find_case_files",
     "load_case_volume",
+    "sample_shape",
     "epoch_order",
     "rank_slice",
     "POOL_SIZE",
@@ -197,6 +199,20 @@ def load_case_volume(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     return image, np.asarray(arrays[case.mask_key]) > 0
 
 
+def sample_shape(patch_size: int | Sequence[int], volume_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Spatial shape (voxels) of what a network sees of a volume: the whole volume when the
+    patch covers it in every axis, else the patch.
+
+    Training samples follow this rule, and so do the windows of validation and evaluation: a
+    network trained on whole 32³ volumes (``--patch-size 96``) is run on whole 32³ volumes,
+    not on a zero-padded 96³ window it never saw. E.g. (96, (32, 32, 32)) -> (32, 32, 32);
+    (96, (197, 233, 189)) -> (96, 96, 96).
+    """
+    patch = (patch_size,) * 3 if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
+    shape = tuple(int(s) for s in volume_shape)
+    return shape if all(p >= s for p, s in zip(patch, shape)) else tuple(int(p) for p in patch)  # type: ignore[return-value]
+
+
 def epoch_order(n_cases: int, per_case: int, seed: int, epoch: int, chunk_cases: int) -> np.ndarray:
     """Sample ids of one epoch in training order, int64 (n_cases * per_case,).
 
@@ -348,8 +364,8 @@ class TrainingSet(Dataset):
         case = self.cases[0]
         arrays = open_npz(case.path, case.keys)
         shape = _check_shapes(case, arrays)
-        spatial = shape if all(self.patch_size >= size for size in shape) else (self.patch_size,) * 3
-        return (len(case.image_keys), *spatial), tuple(spatial)
+        spatial = sample_shape(self.patch_size, shape)
+        return (len(case.image_keys), *spatial), spatial
 
     def _case_pools(self, case_index: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The case's centre pools (None when the patch covers the whole volume), computed on
@@ -357,7 +373,7 @@ class TrainingSet(Dataset):
         if case_index not in self._pools:
             case = self.cases[case_index]
             shape = _check_shapes(case, arrays)
-            whole = all(self.patch_size >= size for size in shape)
+            whole = sample_shape(self.patch_size, shape) == shape
             stored = self.stored[case_index]
             if stored is not None and stored[1] != shape:
                 raise CaseError(f"{case.patch_path}: patches cut from a {stored[1]} volume, but {case.path} is {shape}")

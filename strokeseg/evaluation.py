@@ -25,6 +25,7 @@ from torch import nn
 
 import models
 
+from .data import sample_shape
 from .geometry import uncrop_to_native
 from .inference import sliding_window_inference
 from .io import CaseError, load_npz, one_line, read_json, save_nifti
@@ -116,7 +117,8 @@ class EvalCase:
 class FoldModel:
     """A fold's network in eval mode on its device, with what evaluation needs to know about it.
 
-    channels: npz keys stacked as its input channels; window: sliding-window size (voxels);
+    channels: npz keys stacked as its input channels; window: sliding-window size (voxels), the
+    training patch (see :meth:`window_for`);
     run_config: the training run's arguments stored in the checkpoint ({} when absent); init:
     the checkpoint's initialisation label ("scratch", "brats", "transfer", ...; None when not
     recorded); val_cases: the validation case ids it was selected on (None when not recorded).
@@ -131,6 +133,14 @@ class FoldModel:
     window: tuple[int, int, int]
     init: str | None = None
     val_cases: list[str] | None = None
+
+    def window_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """The window for a volume of spatial ``shape``: UCTransNet3D always its fixed training
+        size; a ResNet U-Net what it saw in training (:func:`strokeseg.data.sample_shape`: the
+        whole volume when the window covers it, else the window)."""
+        if self.model_config.get("arch") == "uctransnet3d":
+            return self.window
+        return sample_shape(self.window, shape)
 
     def record(self) -> dict:
         """JSON-able description for summary.json."""
@@ -398,7 +408,7 @@ def _window(model_config: Mapping, run_config: Mapping, forced: Sequence[int] | 
 
 
 def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.device, window: Sequence[int] | None) -> FoldModel:
-    """Rebuild a checkpoint's network on ``device`` in eval mode and check it fits ``dataset``.
+    """Rebuild a checkpoint's network on ``device`` in eval mode, channels-last, and check it fits ``dataset``.
 
     fold: the fold the file was found under (None: take the run config's "fold"). Raises
     :class:`CaseError` for a missing or unreadable file, a run config naming another dataset or
@@ -423,7 +433,7 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     model_config = checkpoint["model_config"]
     init = checkpoint.get("init")
     val_cases = checkpoint.get("val_cases")
-    model.eval()
+    model.to(memory_format=torch.channels_last_3d).eval()  # the layout sliding_window_inference feeds
     return FoldModel(
         fold=int(fold),
         path=path,
@@ -442,12 +452,12 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
 
 def predict_probability(case: EvalCase, fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
     """Foreground probability float32 (X, Y, Z) on the inference grid, by sliding windows of the
-    model's window size over the whole input (one window when the window covers it)."""
+    model's window size over the whole input (one whole-volume pass when the window covers it)."""
     volume = np.stack([case.inputs[key] for key in fold_model.channels])
     return sliding_window_inference(
         volume,
         functools.partial(models.foreground_probability, fold_model.model),
-        fold_model.window,
+        fold_model.window_for(volume.shape[1:]),
         overlap=settings.overlap,
         mode=settings.mode,
         sw_batch_size=settings.sw_batch_size,

@@ -144,8 +144,11 @@ def sliding_window_inference(
 
     Args:
         volume: one case, (C, X, Y, Z), already normalised (z-scored); cast to float32.
-        predictor: maps a float32 batch (B, C, wx, wy, wz) on ``device`` to foreground
-            probabilities (B, 1, wx, wy, wz) (not logits); called under ``torch.inference_mode``.
+        predictor: maps a float32 batch (B, C, wx, wy, wz) on ``device``, in channels-last
+            memory format (``torch.channels_last_3d``: give a model channels-last weights too,
+            ``model.to(memory_format=torch.channels_last_3d)``, for the fast convolution path), to
+            foreground probabilities (B, 1, wx, wy, wz) (not logits); called under
+            ``torch.inference_mode``.
         window: window size in voxels, an int or (wx, wy, wz). An axis shorter than the window
             is zero-padded (symmetrically, the extra voxel after) and cropped back afterwards.
         overlap: fraction of a window shared by neighbours, in [0, 1). Windows start every
@@ -184,13 +187,18 @@ def sliding_window_inference(
         positions = list(itertools.product(*starts))
         predict = _predict_tta if mirror_tta else _predict
         # One batch buffer reused for every batch: no fresh (page-faulting) allocation per batch.
+        # Channels-last: oneDNN and cuDNN run 3-D convolutions several times faster in it
+        # (about 2-5x on CPU for the widths used here, when the weights are channels-last too).
         buffer = torch.empty((min(sw_batch_size, len(positions)), image.shape[0], *size), device=device)
+        buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
         for first in range(0, len(positions), sw_batch_size):
             regions = [
                 tuple(slice(s, s + w) for s, w in zip(position, size))
                 for position in positions[first : first + sw_batch_size]
             ]
-            batch = torch.stack([image[(slice(None), *region)] for region in regions], out=buffer[: len(regions)])
+            batch = buffer[: len(regions)]
+            for window_input, region in zip(batch, regions):
+                window_input.copy_(image[(slice(None), *region)])
             with amp_autocast(device):
                 prob = predict(predictor, batch)
             for region, window_prob in zip(regions, prob[:, 0]):

@@ -51,7 +51,7 @@ from torch import nn
 import models
 
 from .augment import AUGMENT_PRESETS
-from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume
+from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
 from .inference import sliding_window_inference
 from .io import CaseError, atomic_path, one_line
 from .losses import LOSS_NAMES, build_loss, multi_head_loss
@@ -134,6 +134,7 @@ class TrainSettings:
     workers: int
     overlap: float
     sw_batch_size: int
+    channels_last: bool = True
     device: str = "auto"
     resume: bool = False
     resume_if_exists: bool = False
@@ -231,6 +232,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
     g.add_argument("--chunk-cases", type=_positive(int), default=d["chunk_cases"], help=f"cases whose patches are interleaved in the epoch order; each worker caches that many volumes (default {d['chunk_cases']})")
     g.add_argument("--overlap", type=_overlap, default=d["overlap"], help=f"sliding-window overlap in [0, 1) for whole-volume validation (default {d['overlap']})")
     g.add_argument("--sw-batch-size", type=_positive(int), default=d["sw_batch_size"], help=f"validation windows per forward pass (default {d['sw_batch_size']})")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="weights and batches in channels-last memory format: about 2x faster 3-D convolutions on CPU (oneDNN); "
+                        "--no-channels-last keeps the contiguous layout (default on)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (under torchrun cuda:LOCAL_RANK), else CPU")
     resume = g.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue exactly from fold_<k>/last.pth; an error when it does not exist")
@@ -578,7 +582,8 @@ def _validate(
     model: nn.Module, val_cases: Sequence[CaseFiles], window: int, settings: TrainSettings, ctx: DistContext, stop: _StopFlag
 ) -> float | None:
     """Mean Dice (p >= 0.5) over whole validation volumes by sliding-window inference with
-    windows of the training patch size; cases are split over ranks and the sums all-reduced.
+    windows of the training sample shape (:func:`sample_shape`: the training patch, or the whole
+    volume when the patch covers it); cases are split over ranks and the sums all-reduced.
     Returns None when a preemption signal arrives (checked after every case, on all ranks)."""
     net = models.unwrap_model(model)  # DDP's forward would broadcast buffers: ranks see different case counts
     net.eval()
@@ -590,7 +595,7 @@ def _validate(
             if index < len(val_cases):
                 image, mask = load_case_volume(val_cases[index])
                 prob = sliding_window_inference(
-                    torch.from_numpy(image), predictor, window, overlap=settings.overlap,
+                    torch.from_numpy(image), predictor, sample_shape(window, image.shape[1:]), overlap=settings.overlap,
                     sw_batch_size=settings.sw_batch_size, device=ctx.device,
                 )
                 total += dice(prob >= VAL_THRESHOLD, mask)
@@ -661,7 +666,8 @@ def fit(
         log.info(report.summary())
     elif init.label != "scratch":
         raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")
-    model.to(ctx.device)
+    memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
+    model.to(ctx.device, memory_format=memory_format)
     amp_dtype = amp_dtype_for(settings.amp, ctx.device)
     optimizer = make_optimizer(model, settings)
     scaler = make_grad_scaler(amp_dtype)
@@ -742,7 +748,8 @@ def fit(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     torch.manual_seed(_step_seed(settings.seed, state.epoch, state.step, ctx.rank))
-                    images, masks = images.to(ctx.device), masks.to(ctx.device)  # the loader's buffer is reused after this step
+                    # In the model's layout; the loader's buffer is reused only after this step.
+                    images, masks = images.to(ctx.device, memory_format=memory_format), masks.to(ctx.device)
                     loss = train_step(train_model, images, masks, optimizer, scaler, loss_fn, amp_dtype, settings.grad_clip)
                     n = images.shape[0]
                     loss_sum, count, signalled = _all_sum([float(loss) * n, n, 1.0 if stop.signal_name else 0.0], ctx)

@@ -21,6 +21,7 @@ from strokeseg.data import (
     load_case_volume,
     open_npz,
     rank_slice,
+    sample_shape,
 )
 from strokeseg.io import CaseError, save_npz
 from strokeseg.patches import extract_patch
@@ -276,3 +277,18 @@ def test_augment_config_validation():
         AugmentConfig(flip_prob=2.0)
     with pytest.raises(ValueError, match="augmentation"):
         augment_preset("strong")
+
+
+@pytest.mark.parametrize(
+    "patch, shape, expected",
+    [
+        (96, (32, 32, 32), (32, 32, 32)),  # the patch covers the volume: whole volume
+        (32, (32, 32, 32), (32, 32, 32)),
+        (96, (197, 233, 189), (96, 96, 96)),
+        (96, (80, 120, 60), (96, 96, 96)),  # one axis longer than the patch: patches (zero-padded)
+        ((16, 40, 8), (12, 40, 8), (12, 40, 8)),
+        ((16, 40, 8), (12, 41, 8), (16, 40, 8)),
+    ],
+)
+def test_sample_shape_is_the_whole_volume_only_when_the_patch_covers_it(patch, shape, expected):
+    assert sample_shape(patch, shape) == expected

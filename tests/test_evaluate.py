@@ -217,6 +217,19 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, pattern: str) -> str:
     return errors[0]
 
 
+def test_resnet_sees_a_volume_its_window_covers_whole_and_uctransnet_keeps_its_size(tmp_path: Path) -> None:
+    from strokeseg.evaluation import load_fold_model
+
+    resnet = _checkpoint(tmp_path / "r.pth", {"arch": "resnet18_unet", "variant": "single", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 96})
+    fold_model = load_fold_model(resnet, 0, "ATLAS", torch.device("cpu"), None)
+    assert fold_model.window == (96, 96, 96)
+    assert fold_model.window_for((32, 40, 24)) == (32, 40, 24)
+    assert fold_model.window_for((197, 233, 189)) == (96, 96, 96)
+    uct_config = {"arch": "uctransnet3d", "width": 4, "patch_size": 16, "layers": 1, "heads": 1}
+    uct = _checkpoint(tmp_path / "u.pth", uct_config, {"dataset": "ATLAS", "fold": 0, "patch_size": 16})
+    assert load_fold_model(uct, 0, "ATLAS", torch.device("cpu"), None).window_for((12, 12, 12)) == (16, 16, 16)
+
+
 def test_bad_checkpoints_are_clear_one_line_errors(isles_eval: Path, atlas_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cases = sorted(p.stem for p in isles_eval.glob("*.npz"))
     splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)

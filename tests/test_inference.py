@@ -83,6 +83,22 @@ def test_single_window_equals_forward_pass():
         np.testing.assert_allclose(out, direct, rtol=0, atol=1e-6)
 
 
+def test_windows_are_channels_last_and_a_channels_last_model_gives_the_same_result():
+    net = _tiny_net(in_channels=2)
+    volume = _volume((2, 20, 17, 22), seed=3)
+    layouts = []
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        layouts.append(batch.is_contiguous(memory_format=torch.channels_last_3d) and not batch.is_contiguous())
+        return net(batch)
+
+    contiguous = sliding_window_inference(volume, predictor, window=12, overlap=0.5, sw_batch_size=3)
+    assert layouts and all(layouts)
+    fast = sliding_window_inference(volume, net.to(memory_format=torch.channels_last_3d), window=12, overlap=0.5, sw_batch_size=3)
+    np.testing.assert_allclose(fast, contiguous, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fast, _reference_inference(volume, _tiny_net(in_channels=2), 12, 6, "gaussian"), atol=1e-5)
+
+
 def test_volume_smaller_than_window_is_padded_and_cropped():
     net = _tiny_net()
     volume = _volume((1, 9, 12, 5))

@@ -29,6 +29,8 @@ import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
 from strokeseg import synthetic, training
+from strokeseg.data import find_case_files, load_case_volume
+from strokeseg.metrics import dice as dice_score
 from strokeseg.io import read_json, save_npz, write_json
 from strokeseg.splits import make_splits
 
@@ -158,17 +160,51 @@ def test_isles_script_writes_every_output(data, tmp_path):
     assert last["config"]["strategy"] == "shared"
 
 
+def _layout_shows(tensor: torch.Tensor) -> bool:
+    """A 5-D tensor whose two layouts differ (more than one channel and one voxel)."""
+    return tensor.ndim == 5 and tensor.shape[1] > 1 and tensor.shape[2:].numel() > 1
+
+
+def test_memory_format_option_sets_the_layout_of_weights_and_optimizer_state(data, tmp_path):
+    """Default channels-last (checkpoints keep the strides); --no-channels-last stays contiguous.
+    Either checkpoint rebuilds a working contiguous model."""
+    argv = ["--isles-dir", str(data / "isles"), "--epochs", "1", "--patches-per-volume", "1", *TINY_ISLES]
+    for flag, channels_last in [([], True), (["--no-channels-last"], False)]:
+        out = tmp_path / str(channels_last)
+        assert train_isles_resnet18.main([*argv, "--output-dir", str(out), *flag]) == 0
+        last = models.load_checkpoint(out / "fold_0" / "last.pth")
+        kernels = [t for t in last["model"].values() if _layout_shows(t)]
+        moments = [s["exp_avg"] for s in last["optimizer"]["state"].values() if _layout_shows(s["exp_avg"])]
+        assert kernels and moments
+        for tensor in kernels + moments:
+            assert tensor.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+            assert tensor.is_contiguous() != channels_last
+        model, _ = models.model_from_checkpoint(out / "fold_0" / "best_model.pth")
+        with torch.no_grad():
+            assert models.foreground_probability(model.eval(), torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+
+
 def test_validation_dice_rises_on_an_easy_set(easy_isles, tmp_path):
-    """A tiny DWI-only network learns the bright spheres: whole-volume validation Dice rises."""
+    """A tiny DWI-only network learns the bright spheres: whole-volume validation Dice rises.
+    The default --patch-size 96 covers the 32³ volumes, so training and validation see them
+    whole (not zero-padded to 96³): best_score is the Dice of a direct forward pass."""
     out = tmp_path / "learn"
     argv = ["--isles-dir", str(easy_isles), "--output-dir", str(out), "--strategy", "dwi_only", "--width", "8"]
-    argv += ["--patch-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "5", "--patches-per-volume", "2"]
+    argv += ["--batch-size", "2", "--workers", "0", "--epochs", "5", "--patches-per-volume", "2"]
     argv += ["--lr", "1e-2", "--loss", "dice_ce", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "1"]
     assert train_isles_resnet18.main(argv) == 0
     dice = [float(r["val_dice"]) for r in _history(out / "fold_0")]
     # seed 1 gives [0.13, 0.17, 0.62, 0.89, 0.90]; some other seeds start from dead ReLUs at width 8
     assert dice[-1] > 0.6 and dice[-1] > dice[0] + 0.4, dice
-    assert models.load_checkpoint(out / "fold_0" / "best_model.pth")["best_score"] == pytest.approx(max(dice), abs=1e-6)
+    model, best = models.model_from_checkpoint(out / "fold_0" / "best_model.pth")
+    assert best["best_score"] == pytest.approx(max(dice), abs=1e-6)
+    scores = []
+    for case in find_case_files(easy_isles, best["val_cases"], ("dwi",), "mask"):
+        image, mask = load_case_volume(case)
+        with torch.no_grad():
+            prob = models.foreground_probability(model.eval(), torch.from_numpy(image)[None])[0, 0].numpy()
+        scores.append(dice_score(prob >= 0.5, mask))
+    assert best["best_score"] == pytest.approx(float(np.mean(scores)), abs=1e-4)
 
 
 def test_brats_script_and_finetuning(data, tmp_path, capsys):
