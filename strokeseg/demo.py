@@ -53,9 +53,9 @@ class Scale:
     patch: dict[str, int]
     epochs_brats: int
     epochs_isles: int
-    epochs_stroke: int
+    epochs_stroke: dict[str, int]  # per architecture
     batch_size: int
-    patches_per_volume: int
+    patches_per_volume: int  # training samples per case and epoch (ISLES: augmented whole volumes)
     optim: tuple[str, ...]  # extra training flags; the small demo needs a larger learning rate
     compare: bool  # paired Wilcoxon tests need >= 5 test cases, more than the small demo has
 
@@ -63,13 +63,14 @@ class Scale:
 SMALL = Scale(
     folds=(0, 1), width=8, isles_cases=16, isles_shape=32, brats_patients=8, mni_shape=(64, 72, 60),
     atlas_cases=16, uoa_cases=14, patch={"resnet18": 48, "uctransnet3d": 32},
-    epochs_brats=4, epochs_isles=10, epochs_stroke=6, batch_size=2, patches_per_volume=4,
+    epochs_brats=4, epochs_isles=15, epochs_stroke={"resnet18": 10, "uctransnet3d": 6}, batch_size=2, patches_per_volume=4,
     optim=("--lr", "3e-3", "--loss", "dice_ce"), compare=False,
 )
 FULL = Scale(
     folds=(0, 1, 2, 3, 4), width=64, isles_cases=60, isles_shape=96, brats_patients=40, mni_shape=(197, 233, 189),
     atlas_cases=60, uoa_cases=40, patch={"resnet18": 96, "uctransnet3d": 64},
-    epochs_brats=100, epochs_isles=100, epochs_stroke=100, batch_size=4, patches_per_volume=10, optim=(), compare=True,
+    epochs_brats=100, epochs_isles=100, epochs_stroke={"resnet18": 100, "uctransnet3d": 100}, batch_size=4, patches_per_volume=10,
+    optim=(), compare=True,
 )
 
 
@@ -147,7 +148,7 @@ def preprocess(out: Path, scale: Scale, logs: Path) -> None:
 
 def common_training_args(scale: Scale, epochs: int, fold: int) -> list[str]:
     return ["--fold", str(fold), "--epochs", str(epochs), "--width", str(scale.width), "--batch-size", str(scale.batch_size),
-            *scale.optim, "--workers", "0", "--resume-if-exists"]
+            "--patches-per-volume", str(scale.patches_per_volume), *scale.optim, "--workers", "0", "--resume-if-exists"]
 
 
 def pretrain_brats(out: Path, scale: Scale, logs: Path) -> dict[str, Path]:
@@ -155,7 +156,7 @@ def pretrain_brats(out: Path, scale: Scale, logs: Path) -> dict[str, Path]:
     run_dirs = {arch: out / "runs" / f"brats_{arch}" for arch in ARCHS}
     run_stages([Stage(f"train_brats_{arch}", "train_brats_uctransnet3d.py",
                       ("--brats-dir", str(out / "brats"), "--output-dir", str(run_dir), "--arch", arch, "--patch-size", str(scale.patch[arch]),
-                       "--patches-per-volume", str(scale.patches_per_volume), *common_training_args(scale, scale.epochs_brats, 0)))
+                       *common_training_args(scale, scale.epochs_brats, 0)))
                 for arch, run_dir in run_dirs.items()], logs, parallel=2)
     return {arch: run_dir / "fold_0" / "best_model.pth" for arch, run_dir in run_dirs.items()}
 
@@ -183,8 +184,8 @@ def train_stroke(out: Path, scale: Scale, logs: Path, brats: dict[str, Path], da
             init_args = ["--pretrain-ckpt", str(brats[arch])] if arm == "transfer" else []
             run_stages([Stage(f"train_{dataset}_{label}_fold{fold}", "train_stroke.py",
                               ("--dataset", dataset, "--data-dir", str(out / "foundation"), "--arch", arch, "--output-dir", str(run_dir),
-                               "--patch-size", str(scale.patch[arch]), "--patches-per-volume", str(scale.patches_per_volume), *init_args,
-                               *common_training_args(scale, scale.epochs_stroke, fold))) for fold in scale.folds], logs, parallel=2)
+                               "--patch-size", str(scale.patch[arch]), *init_args,
+                               *common_training_args(scale, scale.epochs_stroke[arch], fold))) for fold in scale.folds], logs, parallel=2)
             runs[label] = run_dir
     return runs
 
