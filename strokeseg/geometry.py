@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .io import CaseError
 
 __all__ = [
+    "c_order_view",
     "as_label_map",
     "as_binary_mask",
     "foreground_bbox",
@@ -34,13 +35,31 @@ __all__ = [
 Shape3 = tuple[int, int, int]
 
 
+def c_order_view(volume: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A C-contiguous version of ``volume`` and whether it is the transpose.
+
+    nibabel returns NIfTI data in Fortran order, where NumPy/SciPy reductions, boolean indexing
+    and labelling run 2-6x slower. Its transpose is a C-contiguous view (no copy): steps that do
+    not depend on the axis order (thresholds, 6-connected labelling, statistics over a mask)
+    run on it, and transposing their results back gives arrays indexed like ``volume``.
+    A C-contiguous volume is returned as is; any other layout is copied to C order.
+    """
+    if volume.flags.c_contiguous:
+        return volume, False
+    if volume.flags.f_contiguous:
+        return volume.T, True
+    return np.ascontiguousarray(volume), False
+
+
 def as_label_map(data: np.ndarray, allowed: tuple[int, ...], path: str | Path) -> np.ndarray:
     """Return an integer label volume (X, Y, Z) as uint8 when every value is in ``allowed``.
 
     Raises :class:`CaseError` naming ``path`` and the offending values otherwise (NaN included).
     Only the non-zero voxels are inspected, so the check costs little for sparse label maps.
+    The result keeps the memory order of ``data``.
     """
-    nonzero = data[data != 0]
+    flat = data.ravel(order="K")  # a view for C- and Fortran-ordered data
+    nonzero = flat[flat != 0]
     bad = nonzero[~np.isin(nonzero, [a for a in allowed if a != 0])]
     if bad.size:
         values = np.unique(bad)
@@ -185,8 +204,51 @@ def percentile_bounds(
     values = volume[mask.astype(bool, copy=False)]
     if values.size == 0:
         return None
-    low, high = np.percentile(values, qs)
-    return float(low), float(high)
+    low, high = _percentiles(values, qs)
+    return low, high
+
+
+# Tail selection in _order_statistics: subsample size, and how much deeper than needed the
+# threshold is set (a factor and a few values) so that it almost always selects enough.
+_SUBSAMPLE, _DEPTH_FACTOR, _DEPTH_EXTRA = 1 << 16, 1.5, 8
+
+
+def _percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """NumPy's default ('linear') percentiles of a 1-D array: the two order statistics around
+    each position (exact, :func:`_order_statistics`), linearly interpolated in float64."""
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (values.size - 1)
+        lo = int(np.floor(pos))
+        a, b = _order_statistics(values, lo, min(lo + 1, values.size - 1))
+        out.append(a + (b - a) * (pos - lo))
+    return out
+
+
+def _order_statistics(values: np.ndarray, lo: int, hi: int) -> tuple[float, float]:
+    """The ``lo``-th and ``hi``-th smallest of a 1-D array (0-based, lo <= hi), exactly.
+
+    In a tail (the clip's 0.5 and 99.5 % of a brain) only the values beyond a threshold are
+    partitioned: the threshold is read off a strided subsample and the selection checked to
+    hold enough values (then it holds exactly the order statistics wanted). About 5x faster
+    than partitioning every value; a selection too small falls back to that.
+    """
+    n = values.size
+    upper = lo >= n // 2
+    need = n - lo if upper else hi + 1  # values the selected tail must hold
+    stride = max(1, n // _SUBSAMPLE)
+    sample = values[::stride]
+    depth = min(sample.size - 1, int(need / stride * _DEPTH_FACTOR) + _DEPTH_EXTRA)
+    if depth < sample.size // 2:
+        k = sample.size - 1 - depth if upper else depth
+        threshold = np.partition(sample, k)[k]
+        tail = values[values >= threshold] if upper else values[values <= threshold]
+        if tail.size >= need:
+            offset = n - tail.size if upper else 0
+            part = np.partition(tail, [lo - offset, hi - offset])
+            return float(part[lo - offset]), float(part[hi - offset])
+    part = np.partition(values, [lo, hi])
+    return float(part[lo]), float(part[hi])
 
 
 def clip_between(volume: np.ndarray, low: float, high: float, device: torch.device | None = None) -> np.ndarray:

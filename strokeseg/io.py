@@ -190,12 +190,14 @@ class NiftiVolume:
         return float(np.prod(self.zooms)) / 1000.0
 
 
-def load_nifti(path: str | os.PathLike, dtype: type = np.float32) -> NiftiVolume:
+def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> NiftiVolume:
     """Load a 3-D NIfTI, checking it is readable, 3-D and finite.
 
     A trailing singleton 4th axis is dropped; a real 4-D series is an error. The data is cast
-    to ``dtype`` (float32 for images; pass ``np.float32`` for masks too and check labels with
-    :func:`strokeseg.geometry.as_binary_mask`). Raises :class:`CaseError` naming the file.
+    to ``dtype`` (float32 for images); ``None`` keeps the stored type (after nibabel's scaling),
+    cheapest for masks, whose labels :func:`strokeseg.geometry.as_binary_mask` then checks.
+    The array is in nibabel's memory order (Fortran for most files). Raises :class:`CaseError`
+    naming the file.
     """
     path = Path(path)
     try:

@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 import preprocess_stroke_foundation
+from strokeseg import foundation
 from strokeseg.foundation import (
     FOUNDATION_KEYS,
     brain_mask_from_image,
@@ -212,6 +213,33 @@ def test_use_gpu_without_cuda_is_logged_once(synthetic_uoa: Path, tmp_path: Path
     _run(_config(tmp_path, use_gpu=True), tmp_path / "out", ["--datasets", "UOA_Private"], UOA_Private=synthetic_uoa)
     out = capsys.readouterr().out
     assert out.count("use_gpu requested but CUDA unavailable; running on CPU") == 1
+
+
+@pytest.mark.parametrize("sparse_limit", [0.02, 0.0])  # 0.0: always the labelling fallback
+def test_hole_filling_equals_scipy_on_random_volumes(sparse_limit: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(foundation, "_SPARSE_HOLES_MAX_FRACTION", sparse_limit)
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 13, 3))
+        volume = rng.random(shape) < rng.uniform(0.3, 0.95)
+        if trial % 2:
+            volume = ndimage.binary_dilation(volume)  # larger, nested holes
+        np.testing.assert_array_equal(foundation._fill_holes(volume), ndimage.binary_fill_holes(volume), err_msg=str(shape))
+
+
+def test_normalisation_of_a_fortran_ordered_volume_equals_the_c_ordered_one() -> None:
+    """nibabel's Fortran order is processed as its C-ordered transpose; results match exactly."""
+    rng = np.random.default_rng(6)
+    image = (ndimage.gaussian_filter(rng.normal(size=(21, 26, 18)), 2) * 40 + 3).astype(np.float32)
+    image[rng.random(image.shape) < 0.03] = 0.0
+    settings = foundation.PreprocessingConfig()
+    fortran = np.asfortranarray(image)
+    out_c = foundation.normalise_in_brain(image, settings, None, Path("c.nii"))
+    out_f = foundation.normalise_in_brain(fortran, settings, None, Path("f.nii"))
+    for a, b in zip(out_c[:2], out_f[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert out_c[2] == out_f[2] and out_f[0].flags.f_contiguous and out_f[1].flags.f_contiguous
+    np.testing.assert_array_equal(out_c[1], ndimage.binary_fill_holes(image > 0).astype(np.uint8))
 
 
 def test_brain_mask_equals_binary_fill_holes() -> None:

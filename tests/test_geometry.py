@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from strokeseg.geometry import (
+    c_order_view,
     as_binary_mask,
     as_label_map,
     clip_between,
@@ -141,6 +142,32 @@ def test_clip_percentile_bounds_match_numpy(device) -> None:
     assert out.dtype == np.float32 and out.max() <= np.float32(high) and out.min() >= np.float32(low)
     assert out[0, 0, 0] == np.float32(high)  # the whole volume is clipped
     assert (out[mask] == volume[mask]).mean() > 0.98  # only the 1 % tails change
+
+
+def test_percentiles_equal_numpys_for_ties_tails_and_tiny_arrays() -> None:
+    """The tail selection in percentile_bounds is exact: NumPy's 'linear' percentiles."""
+    rng = np.random.default_rng(7)
+    draws = [lambda n: rng.normal(size=n), lambda n: rng.integers(0, 4, n), lambda n: np.sort(rng.exponential(size=n)), lambda n: rng.lognormal(size=n)]
+    for trial in range(240):
+        n = int(rng.integers(1, 3000)) if trial % 10 else 300_000
+        values = draws[trial % 4](n).astype(np.float32)
+        volume, mask = values.reshape(1, 1, n), np.ones((1, 1, n), dtype=np.uint8)
+        for percentile in (99.5, 99.0, 90.0, 75.0, 100.0):
+            expected = np.percentile(values, [100.0 - percentile, percentile])
+            np.testing.assert_allclose(percentile_bounds(volume, mask, percentile), expected, rtol=1e-6, atol=0)
+
+
+def test_c_order_view_transposes_fortran_volumes_without_copying() -> None:
+    volume = np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    view, transposed = c_order_view(volume)
+    assert transposed and view.flags.c_contiguous and np.shares_memory(view, volume)
+    np.testing.assert_array_equal(view.T, volume)
+    c_volume = np.ascontiguousarray(volume)
+    assert c_order_view(c_volume)[0] is c_volume and not c_order_view(c_volume)[1]
+    strided = c_volume[:, ::2]
+    view, transposed = c_order_view(strided)
+    assert not transposed and view.flags.c_contiguous
+    np.testing.assert_array_equal(view, strided)
 
 
 def test_clip_then_zscore_keeps_the_max_at_the_clipped_percentile() -> None:
