@@ -63,3 +63,11 @@ def synthetic_brats(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("brats")
     synthetic.make_brats(root, 4, seed=0, shape=(48, 48, 32), second_visit_every=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def brats_seven(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 patients (enough for a test set plus 5 folds), 3 of them with a second visit: 10 visits."""
+    root = tmp_path_factory.mktemp("brats7")
+    synthetic.make_brats(root, 7, seed=3, shape=(32, 32, 24), second_visit_every=2)
+    return root

@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 
 import preprocess_brats2024_t2flair
-from strokeseg import synthetic
 from strokeseg.brats import discover_brats_cases, preprocess_brats_case
 from strokeseg.geometry import resample_to_shape
 from strokeseg.io import CaseError, load_npz, read_json
 
 SHAPE = ("37", "41", "29")  # odd sizes, finer than the 32x32x24 input
-
-
-@pytest.fixture(scope="module")
-def brats_seven(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 patients (enough for a test set plus 5 folds), 3 of them with a second visit: 10 visits."""
-    root = tmp_path_factory.mktemp("brats7")
-    synthetic.make_brats(root, 7, seed=3, shape=(32, 32, 24), second_visit_every=2)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -95,14 +95,6 @@ def isles_eval(synthetic_isles_a: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def brats_seven(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 BraTS patients, one visit each: enough for a test set plus 5 folds."""
-    root = tmp_path_factory.mktemp("rel_brats7")
-    synthetic.make_brats(root, 7, seed=2, shape=(32, 32, 24), second_visit_every=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def brats_train(brats_seven: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rel_brats_train")
     assert preprocess_brats2024_t2flair.main(["--brats-dir", str(brats_seven), "--output-dir", str(out), "--target-shape", *GRID]) == 0
