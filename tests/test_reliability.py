@@ -38,7 +38,6 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg import synthetic
 from strokeseg.io import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
