@@ -38,7 +38,7 @@ def _labels(logits: Tensor, target: Tensor) -> Tensor:
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"target must hold integer class labels, got dtype {labels.dtype}")
     classes = max(logits.shape[1], 2)
-    low, high = int(labels.min()), int(labels.max())
+    low, high = torch.stack(torch.aminmax(labels)).tolist()  # one device sync, not two
     if low < 0 or high >= classes:
         raise ValueError(
             f"target labels must lie in 0..{classes - 1} for {logits.shape[1]} logit channel(s), got {low}..{high}"
