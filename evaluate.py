@@ -22,7 +22,7 @@ import torch
 
 from strokeseg import evaluation as ev
 from strokeseg import report
-from strokeseg.io import CaseError, write_text
+from strokeseg.io import CaseError, read_json, write_text
 from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it and stop)")
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.checkpoints):
         parser.error("give either --run LABEL=RUN_DIR (repeatable) or --checkpoints PATH...")
@@ -94,9 +95,26 @@ def load_runs(args: argparse.Namespace) -> dict[str, list[ev.FoldModel]]:
     return runs
 
 
+def finished_status(output_dir: Path) -> int | None:
+    """Exit status of the evaluation already finished in ``output_dir`` (its summary.json and
+    results.md exist): 1 when it had a failed case, run or comparison, else 0. None otherwise."""
+    summary_path, results_path = output_dir / "summary.json", output_dir / "results.md"
+    if not (summary_path.is_file() and results_path.is_file()):
+        return None
+    summary = read_json(summary_path)
+    errors = [run for run in summary.get("runs", {}).values() if "error" in run]
+    errors += [comp for comp in summary.get("compare", []) if "error" in comp]
+    return 1 if summary.get("n_failed") or errors else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
+    status = None if args.overwrite else finished_status(args.output_dir)
+    if status is not None:
+        log.info(f"{args.output_dir} already holds a finished evaluation (summary.json, results.md): not re-run; use --overwrite to evaluate again")
+        print((args.output_dir / "results.md").read_text(), flush=True)
+        return status
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta)
     args.output_dir.mkdir(parents=True, exist_ok=True)

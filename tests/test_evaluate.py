@@ -279,6 +279,14 @@ def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: P
     assert sorted(r["case_id"] for r in _csv(out / "per_case.csv")) == cases
     assert summary["runs"]["a"]["fold_summary"]["n_cases"] == 2
     assert "FAILED a/sub-strokecase9999" in capsys.readouterr().out
+    # A re-run finds the finished evaluation: reports it with its exit status, rewrites nothing.
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    assert evaluate.main(argv) == 1
+    assert "already holds a finished evaluation" in capsys.readouterr().out
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    _splits(splits, "ISLES2022", cases)
+    assert evaluate.main([*argv, "--overwrite"]) == 0  # evaluated again, now without the missing case
+    assert read_json(out / "summary.json")["n_failed"] == 0
 
 
 def test_argument_errors(tmp_path: Path) -> None:
