@@ -8,6 +8,7 @@ up to the resampling itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -177,17 +178,6 @@ def zscore(volume: np.ndarray, mask: np.ndarray | None = None, device: torch.dev
     return out
 
 
-def _torch_percentiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
-    """NumPy's default ('linear') percentiles of a 1-D tensor; sorting avoids torch.quantile's size limit."""
-    ordered = torch.sort(values.to(torch.float64)).values
-    out = []
-    for q in qs:
-        pos = q / 100.0 * (ordered.numel() - 1)
-        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-        out.append(float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)))
-    return out
-
-
 def percentile_bounds(
     volume: np.ndarray, mask: np.ndarray, percentile: float, device: torch.device | None = None
 ) -> tuple[float, float] | None:
@@ -199,12 +189,15 @@ def percentile_bounds(
     qs = (100.0 - percentile, percentile)
     if device is not None:
         vol, reg = _region_tensors(volume, mask, device)
-        values = vol[reg]
-        return tuple(_torch_percentiles(values, qs)) if values.numel() else None
+        ordered = torch.sort(vol[reg].to(torch.float64)).values  # torch.quantile has a size limit
+        if not ordered.numel():
+            return None
+        low, high = _percentiles(ordered.numel(), qs, lambda lo, hi: (float(ordered[lo]), float(ordered[hi])))
+        return low, high
     values = volume[mask.astype(bool, copy=False)]
     if values.size == 0:
         return None
-    low, high = _percentiles(values, qs)
+    low, high = _percentiles(values.size, qs, lambda lo, hi: _order_statistics(values, lo, hi))
     return low, high
 
 
@@ -213,14 +206,16 @@ def percentile_bounds(
 _SUBSAMPLE, _DEPTH_FACTOR, _DEPTH_EXTRA = 1 << 16, 1.5, 8
 
 
-def _percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
-    """NumPy's default ('linear') percentiles of a 1-D array: the two order statistics around
-    each position (exact, :func:`_order_statistics`), linearly interpolated in float64."""
+def _percentiles(
+    n: int, qs: tuple[float, ...], order_statistics: Callable[[int, int], tuple[float, float]]
+) -> list[float]:
+    """NumPy's default ('linear') percentiles of ``n`` values: ``order_statistics(lo, hi)``
+    gives the lo-th and hi-th smallest (0-based) around each position, interpolated in float64."""
     out = []
     for q in qs:
-        pos = q / 100.0 * (values.size - 1)
+        pos = q / 100.0 * (n - 1)
         lo = int(np.floor(pos))
-        a, b = _order_statistics(values, lo, min(lo + 1, values.size - 1))
+        a, b = order_statistics(lo, min(lo + 1, n - 1))
         out.append(a + (b - a) * (pos - lo))
     return out
 
