@@ -627,6 +627,7 @@ def fit(
     val_cases: Sequence[CaseFiles],
     run_config: Mapping[str, Any],
     init: InitSpec,
+    data_contract: Mapping[str, Any] | None = None,
 ) -> int:
     """Train one fold; returns 0 when done, :data:`EXIT_PREEMPTED` (75) after a preemption save.
 
@@ -634,7 +635,10 @@ def fit(
     train_set: the training samples; val_cases: whole validation volumes; run_config: the
     script's arguments (stored in run_args.json and every checkpoint); init: scratch or a
     pretrained checkpoint (loaded with models.load_pretrained, which fails loudly on a missing
-    file, a norm mismatch or a shape mismatch; never a silent fallback to scratch).
+    file, a norm mismatch or a shape mismatch; never a silent fallback to scratch);
+    data_contract: what the model expects of its input data (dataset, input keys, window,
+    threshold, preprocessing settings, training and validation case ids), JSON-able; stored
+    verbatim under ``"data_contract"`` in last.pth and best_model.pth.
     """
     ctx = setup_distributed(settings.device)
     log = get_logger()
@@ -644,6 +648,7 @@ def fit(
     resolved = models.resolve_model_config(model_config)
     window = train_set.patch_size
     resuming = _prepare_fold_dir(settings, ctx)
+    contract = _jsonable(dict(data_contract)) if data_contract is not None else None
 
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     model = models.build_model(resolved)
@@ -710,6 +715,7 @@ def fit(
             rng=_rng_state(),
             config=_jsonable(dict(run_config)),
             init=init_record,
+            data_contract=contract,
             world_size=ctx.world_size,
             **{k: v for k, v in _jsonable(expected).items() if k != "model_config"},  # save_checkpoint stores it
         )
@@ -719,6 +725,7 @@ def fit(
             fold_dir / "best_model.pth", model, resolved,
             epoch=state.best_epoch, best_score=state.best_dice, history=state.history,
             config=_jsonable(dict(run_config)), init=init_record, val_cases=expected["val_cases"],
+            data_contract=contract,
         )
 
     if resuming and ctx.is_main and _best_checkpoint_missing(fold_dir / "best_model.pth", state):
