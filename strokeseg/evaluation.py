@@ -66,7 +66,8 @@ __all__ = [
 ]
 
 THRESHOLD = 0.5  # probability >= THRESHOLD is lesion
-CSV_COLUMNS = ("run", "fold", "case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+_ROW_KEYS = ("run", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
+CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
 
 
 @dataclass(frozen=True)
@@ -473,7 +474,7 @@ def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, out
     if outputs.figures is not None and image is not None:
         z = axial_slice_index(case.reference, prediction)
         outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
-    return {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[3:]}}
+    return {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[len(_ROW_KEYS):]}}
 
 
 def evaluate_case(

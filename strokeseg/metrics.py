@@ -4,16 +4,8 @@ Every metric takes a prediction P and a reference G as boolean arrays of one sha
 Lesions are connected components under 6-connectivity (faces, ATLAS'22) or 26-connectivity
 (faces, edges and corners, ISLES'22); :data:`PRESETS` names the two challenge conventions.
 
-Empty rules (both cases follow from the definitions except where noted):
-
-========================  ===================  ==================  ==================
-metric                    P and G empty        G empty, P not      P empty, G not
-========================  ===================  ==================  ==================
-dice                      1.0 (by definition)  0.0                 0.0
-volume difference         0                    |P| voxels          |G| voxels
-lesion_f1                 1.0 (by definition)  0.0 (all FP)        0.0 (all FN)
-lesion_count_difference   0                    #components(P)      #components(G)
-========================  ===================  ==================  ==================
+Each metric's name, unit, decimals, direction and empty rule live in :data:`METRICS`, from
+which the CSV columns, summaries, tables and comparisons derive.
 """
 from __future__ import annotations
 
@@ -27,6 +19,8 @@ from scipy import ndimage, stats
 __all__ = [
     "Preset",
     "PRESETS",
+    "Metric",
+    "METRICS",
     "METRIC_NAMES",
     "dice",
     "volume_difference",
@@ -50,19 +44,55 @@ class Preset:
     connectivity: int
     volume_unit: str
 
+    @property
+    def volume_metric(self) -> str:
+        """The key in :data:`METRICS` of the volume difference in this preset's unit."""
+        return f"abs_volume_diff_{self.volume_unit}"
+
+    @property
+    def table_metrics(self) -> tuple[str, ...]:
+        """Keys of :data:`METRICS` shown in tables: the unitless ones and those in this preset's volume unit."""
+        return tuple(key for key, metric in METRICS.items() if metric.unit in ("", self.volume_unit))
+
 
 PRESETS: dict[str, Preset] = {
     "isles22": Preset(connectivity=26, volume_unit="ml"),
     "atlas22": Preset(connectivity=6, volume_unit="voxels"),
 }
 
-METRIC_NAMES: tuple[str, ...] = (
-    "dice",
-    "abs_volume_diff_voxels",
-    "abs_volume_diff_ml",
-    "lesion_f1",
-    "abs_lesion_count_diff",
-)
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-case metric, the single source of CSV columns, summaries, tables and comparisons.
+
+    key: column in per_case.csv and key in summaries; label: table header; unit: "" when
+    unitless, else appended to the header ("Vol Diff (ml)"); decimals: digits in tables;
+    higher_is_better: the direction of a better score; empty: the value when P and/or G are empty.
+    """
+
+    key: str
+    label: str
+    unit: str
+    decimals: int
+    higher_is_better: bool
+    empty: str
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("dice", "DSC", "", 4, True, "1 when both empty, 0 when only one is"),
+        Metric("abs_volume_diff_voxels", "Vol Diff", "voxels", 0, False, "0 when both empty, else the other's volume"),
+        Metric("abs_volume_diff_ml", "Vol Diff", "ml", 2, False, "0 when both empty, else the other's volume"),
+        Metric("lesion_f1", "Lesion F1", "", 4, True, "1 when both empty, 0 when only one is"),
+        Metric("abs_lesion_count_diff", "Lesion Count Diff", "", 2, False, "0 when both empty, else the other's count"),
+    )
+}
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
 _STRUCTURES = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
 

@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .io import atomic_path
+from .metrics import METRICS, PRESETS
 
 __all__ = [
-    "DECIMALS",
     "PNG_MODES",
     "format_mean_std",
     "markdown_table",
@@ -37,8 +37,9 @@ __all__ = [
     "write_figures",
 ]
 
-# Decimals per metric, as in the paper's tables (volume difference in voxels: whole numbers).
-DECIMALS = {"dice": 4, "lesion_f1": 4, "abs_lesion_count_diff": 2, "abs_volume_diff_voxels": 0, "abs_volume_diff_ml": 2}
+# The paper's ATLAS/UOA table: its metric columns and where its headers differ from METRICS.
+_ATLAS_METRICS = ("dice", "lesion_f1", "abs_lesion_count_diff", "abs_volume_diff_voxels")
+_PAPER_HEADERS = {"dice": "DSC ± std"}
 PNG_MODES = ("none", "all", "best-median-worst")
 
 # Run-config values → the wording of the paper's ISLES table.
@@ -88,7 +89,7 @@ def paper_init(init: str | None, label: str, dataset: str) -> str:
 
 def _cell(summary: Mapping, metric: str) -> str:
     values = summary["metrics"][metric]
-    return format_mean_std(values["fold_mean"], values["fold_std"], DECIMALS[metric])
+    return format_mean_std(values["fold_mean"], values["fold_std"], METRICS[metric].decimals)
 
 
 def _distinct(names: Sequence[tuple], runs: Sequence[Mapping]) -> list[str]:
@@ -120,13 +121,13 @@ def atlas_table(dataset_name: str, runs: Sequence[Mapping]) -> str:
     different fold sets (as in the paper's UCTransNet3D table)."""
     with_folds = len({tuple(sorted(run["folds"])) for run in runs}) > 1
     header = ["Dataset", "Strategy"] + (["Folds"] if with_folds else [])
-    header += ["DSC ± std", "Lesion F1", "Lesion Count Diff", "Vol Diff (voxels)"]
+    header += [_PAPER_HEADERS.get(m, METRICS[m].header) for m in _ATLAS_METRICS]
     strategies = _distinct([(run["init"], tuple(sorted(run["folds"]))) for run in runs], runs)
     rows = []
     for name, run in zip(strategies, runs):
         summary = run["fold_summary"]
         row = [dataset_name, name] + ([_folds_text(run["folds"])] if with_folds else [])
-        row += [_cell(summary, m) for m in ("dice", "lesion_f1", "abs_lesion_count_diff", "abs_volume_diff_voxels")]
+        row += [_cell(summary, m) for m in _ATLAS_METRICS]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -135,21 +136,21 @@ def _case_cell(summary: Mapping | None, metric: str = "dice") -> tuple[str, str]
     if summary is None:
         return "–", "–"
     values = summary["metrics"][metric]
-    decimals = DECIMALS[metric]
+    decimals = METRICS[metric].decimals
     low, high = values["ci95"]
     return format_mean_std(values["case_mean"], values["case_std"], decimals), f"[{low:.{decimals}f}, {high:.{decimals}f}]"
 
 
-def details_table(runs: Sequence[Mapping], volume_metric: str) -> str:
-    """Per run: folds, cases, every metric across fold means, DSC over cases with its bootstrap
-    95 % CI, and the fold ensemble's DSC over cases when it was computed."""
-    header = ["Run", "Folds", "Cases", "DSC", "Lesion F1", "Lesion Count Diff", f"Vol Diff ({volume_metric.rsplit('_', 1)[-1]})"]
+def details_table(runs: Sequence[Mapping], metrics: Sequence[str]) -> str:
+    """Per run: folds, cases, each of ``metrics`` (keys of METRICS) across fold means, DSC over
+    cases with its bootstrap 95 % CI, and the fold ensemble's DSC over cases when it was computed."""
+    header = ["Run", "Folds", "Cases", *(METRICS[m].header for m in metrics)]
     header += ["DSC over (fold, case)", "95 % CI", "Ensemble DSC over cases", "Ensemble 95 % CI"]
     rows = []
     for run in runs:
         summary = run["fold_summary"]
         row = [run["label"], _folds_text(run["folds"]), str(run["n_test_cases"])]
-        row += [_cell(summary, m) for m in ("dice", "lesion_f1", "abs_lesion_count_diff", volume_metric)]
+        row += [_cell(summary, m) for m in metrics]
         row += [*_case_cell(summary), *_case_cell(run.get("ensemble_summary"))]
         rows.append(row)
     return markdown_table(header, rows)
@@ -163,7 +164,6 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
     """
     name = {"ISLES2022": "ISLES 2022", "UOA_Private": "UOA"}.get(dataset, dataset)
     table = isles_table(runs) if dataset == "ISLES2022" else atlas_table(name, runs)
-    volume_metric = "abs_volume_diff_ml" if preset["volume_unit"] == "ml" else "abs_volume_diff_voxels"
     parts = [
         f"# {name}: {split} set",
         table,
@@ -171,7 +171,7 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         f"the {split} cases), the paper's convention. Whole-volume scoring; lesions are "
         f"{preset['connectivity']}-connected components (preset {preset['name']}).",
         "## Details",
-        details_table(runs, volume_metric),
+        details_table(runs, PRESETS[preset["name"]].table_metrics),
         "\"over (fold, case)\": mean ± std over every fold model's per-case score; ensemble: the fold "
         "models' probabilities averaged per case, mean ± std over cases; CI: percentile bootstrap of "
         "the case mean.",

@@ -133,3 +133,16 @@ def test_write_figures_draws_selected_pngs(tmp_path: Path) -> None:
     written = report.write_figures(tmp_path, rows[:4], slices, "all", "run")
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["c0_fold_0.png", "c1_ensemble.png", "c1_fold_0.png", "c2_fold_0.png", "c3_fold_0.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_tables_and_csv_columns_derive_from_the_metrics_table() -> None:
+    from strokeseg.evaluation import CSV_COLUMNS
+    from strokeseg.metrics import METRICS, PRESETS
+
+    assert [c for c in CSV_COLUMNS if c in METRICS] == list(METRICS)
+    assert PRESETS["isles22"].table_metrics == ("dice", "abs_volume_diff_ml", "lesion_f1", "abs_lesion_count_diff")
+    run = _run("a", "Scratch", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
+    header = report.details_table([run], PRESETS["atlas22"].table_metrics).splitlines()[0]
+    assert header.startswith("| Run | Folds | Cases | DSC | Vol Diff (voxels) | Lesion F1 | Lesion Count Diff |")
+    row = report.details_table([run], ("abs_volume_diff_ml",)).splitlines()[2]
+    assert "| 0.60 ± 0.14 |" in row  # METRICS["abs_volume_diff_ml"].decimals == 2
