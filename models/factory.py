@@ -145,17 +145,18 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_config: dic
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (weights only, no pickle).
 
     Raises FileNotFoundError naming ``path`` when it is missing, ValueError when the file is
-    not a readable checkpoint of a known format_version.
+    not a readable checkpoint of a known format_version. ``mmap``: map the file instead of
+    reading it (tensors stay on disk until used; for reading a few entries of a large file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # the file exists: any failure (UnpicklingError, RuntimeError, EOFError...) means not a checkpoint
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from err
@@ -201,11 +202,13 @@ class TransferReport:
     missing: list[str]
     unexpected: list[str]
     untouched: list[str]
+    source_fold: int | None = None  # the fold the source checkpoint was trained on, when it records one
 
     def summary(self) -> str:
         """One line for the training log."""
+        fold = f", fold {self.source_fold}" if self.source_fold is not None else ""
         return (
-            f"transfer from {self.source} (scope={self.scope}): copied {len(self.copied)} tensors "
+            f"transfer from {self.source} (scope={self.scope}{fold}): copied {len(self.copied)} tensors "
             f"({len(self.inflated)} inflated), {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.untouched)} left at initialisation"
         )
@@ -314,4 +317,5 @@ def load_pretrained(
     net.load_state_dict({**target_state, **new_state}, strict=True)
     unexpected = [k for k in source_state if in_scope(k) and k not in used]
     untouched = [k for k in target_state if not in_scope(k)]
-    return TransferReport(str(path), scope, copied, inflated, missing, unexpected, untouched)
+    fold = (checkpoint.get("config") or {}).get("fold")
+    return TransferReport(str(path), scope, copied, inflated, missing, unexpected, untouched, fold if isinstance(fold, int) else None)

@@ -652,7 +652,7 @@ def fit(
 
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     model = models.build_model(resolved)
-    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None}
+    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None}
     expected = {
         "model_config": resolved,
         "settings": asdict(settings),
@@ -667,7 +667,7 @@ def fit(
         init_record = checkpoint["init"]
     elif init.checkpoint is not None:
         report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
-        init_record["transfer"] = report.summary()
+        init_record["transfer"], init_record["source_fold"] = report.summary(), report.source_fold
         log.info(report.summary())
     elif init.label != "scratch":
         raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")

@@ -219,6 +219,8 @@ def test_brats_script_and_finetuning(data, tmp_path, capsys):
     assert train_brats_uctransnet3d.main(common + ["--output-dir", str(tmp_path / "ft"), "--pretrain-ckpt", str(fold / "best_model.pth")]) == 0
     init = models.load_checkpoint(tmp_path / "ft" / "fold_0" / "last.pth")["init"]
     assert init["label"] == "finetune" and init["scope"] == "all" and "copied" in init["transfer"]
+    assert init["source_fold"] == 0 and "fold 0" in init["transfer"]  # the BraTS fold it fine-tunes from, recorded
+    assert read_json(tmp_path / "ft" / "fold_0" / "run_args.json")["args"]["init"]["source_fold"] == 0
 
     # the norm is part of a checkpoint's identity: a BatchNorm model cannot start from it
     assert train_brats_uctransnet3d.main(common + ["--output-dir", str(tmp_path / "bad"), "--norm", "batch", "--pretrain-ckpt", str(fold / "best_model.pth")]) == 2
@@ -237,6 +239,7 @@ def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     assert all((fold / name).is_file() for name in OUTPUTS)
     last = models.load_checkpoint(fold / "last.pth")
     assert last["init"]["label"] == "transfer" and last["init"]["scope"] == "encoder"
+    assert last["init"]["source_fold"] is None  # the source checkpoint records no fold
     assert last["data"]["mix"] == [0, 2, 1]  # 3 per volume: 2 from the stored lesion patches, 1 random
     capsys.readouterr()
 
