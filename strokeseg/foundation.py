@@ -29,7 +29,7 @@ from .geometry import (
     spacing_to_shape,
     zscore,
 )
-from .io import CaseError, affines_match, load_nifti, read_json, save_npz, write_json
+from .io import CaseError, NiftiVolume, affines_match, load_nifti, read_json, save_npz, write_json
 from .runner import CaseResult
 
 __all__ = [
@@ -45,6 +45,10 @@ __all__ = [
     "discover_foundation_cases",
     "compute_device",
     "brain_mask_from_image",
+    "preprocessing_from_dict",
+    "NormalisedT1",
+    "read_foundation_case",
+    "normalise_foundation_case",
     "preprocess_foundation_case",
 ]
 
@@ -217,6 +221,18 @@ def load_config(
     return FoundationConfig(base, config.preprocessing, datasets)
 
 
+def preprocessing_from_dict(block: Mapping[str, Any], source: str | Path = "preprocessing") -> PreprocessingConfig:
+    """A validated :class:`PreprocessingConfig` from a ``preprocessing`` block (e.g. the one a
+    checkpoint's data contract recorded); keys other than its fields are ignored, missing ones
+    take the defaults. Raises :class:`ValueError` naming ``source`` for a wrong value."""
+    problems: list[str] = []
+    known = {key: value for key, value in dict(block).items() if key in _PRE_KEYS}
+    config = _preprocessing(_check_block(known, _PRE_KEYS, (), "preprocessing", problems), problems)
+    if problems:
+        raise ValueError(f"{source}: invalid preprocessing settings: " + "; ".join(problems))
+    return config
+
+
 # --------------------------------------------------------------------------- discovery
 
 
@@ -249,12 +265,13 @@ def _glob_files(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in root.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
-def discover_foundation_cases(dataset: DatasetConfig) -> dict[str, FoundationItem]:
+def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True) -> dict[str, FoundationItem]:
     """Pair the files matching the image and mask patterns (recursive ``**``) by case id.
 
-    A file matching both patterns counts as a mask. An image without a mask, a mask without an
-    image, or two files of one kind for a case give an item carrying a problem, reported when
-    it is processed. Raises :class:`CaseError` when ``data_dir`` is missing or nothing matches.
+    A file matching both patterns counts as a mask. An image without a mask (unless not
+    ``require_masks``), a mask without an image, or two files of one kind for a case give an
+    item carrying a problem, reported when it is processed. Raises :class:`CaseError` when
+    ``data_dir`` is missing or nothing matches.
     """
     root = dataset.data_dir
     if not root.is_dir():
@@ -272,7 +289,7 @@ def discover_foundation_cases(dataset: DatasetConfig) -> dict[str, FoundationIte
     for case_id, files in sorted(found.items()):
         problem = ""
         for kind, pattern in (("image", dataset.image_pattern), ("mask", dataset.mask_pattern)):
-            if not files[kind]:
+            if not files[kind] and (kind == "image" or require_masks):
                 other = files["mask" if kind == "image" else "image"][0]
                 problem = f"{case_id}: no {kind} matching {pattern!r} for {other}"
             elif len(files[kind]) > 1:
@@ -384,18 +401,19 @@ def brain_mask_from_image(image: np.ndarray, threshold: float = 0.0) -> np.ndarr
 
 
 def _to_target_spacing(
-    image: np.ndarray, lesion: np.ndarray, affine: np.ndarray, zooms: np.ndarray,
+    image: np.ndarray, lesion: np.ndarray | None, affine: np.ndarray, zooms: np.ndarray,
     target: tuple[float, float, float] | None, device: torch.device | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Resample image (trilinear) and lesion (nearest) to ``target`` spacing when the zooms differ
-    by more than 1e-3 mm; returns image, lesion, affine, spacing (mm) of the output grid."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Resample image (trilinear) and lesion (nearest; None stays None) to ``target`` spacing
+    when the zooms differ by more than 1e-3 mm; returns image, lesion, affine, spacing (mm) of
+    the output grid."""
     if target is None or np.allclose(zooms, target, atol=1e-3, rtol=0.0):
         return image, lesion, affine, zooms
     shape = spacing_to_shape(image.shape, tuple(zooms), target)
-    image = resample_to_shape(image, shape, is_label=False, device=device)
-    resampled_lesion = resample_to_shape(lesion, shape, is_label=True, device=device)
-    spacing = zooms * np.asarray(lesion.shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
-    return image, resampled_lesion, rescale_affine(affine, lesion.shape, shape), spacing
+    resampled = resample_to_shape(image, shape, is_label=False, device=device)
+    resampled_lesion = None if lesion is None else resample_to_shape(lesion, shape, is_label=True, device=device)
+    spacing = zooms * np.asarray(image.shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
+    return resampled, resampled_lesion, rescale_affine(affine, image.shape, shape), spacing
 
 
 def normalise_in_brain(
@@ -415,6 +433,51 @@ def normalise_in_brain(
         raise CaseError(f"{path}: empty brain mask (no voxel above {settings.brain_threshold:g})")
     normalised = zscore(clip_between(view, bounds[0], bounds[1], device), brain, device)
     return (normalised.T, brain.T, bounds) if transposed else (normalised, brain, bounds)
+
+
+@dataclass(frozen=True)
+class NormalisedT1:
+    """A T1w case on the network's grid: ``image`` float32 (X, Y, Z) clipped and z-scored in
+    the brain (0 outside), ``brain`` uint8 {0,1}, ``lesion`` uint8 {0,1} or None, ``affine``
+    (4, 4) and ``spacing`` (3,) mm of that grid, ``clip_bounds`` in input intensity units."""
+
+    image: np.ndarray
+    brain: np.ndarray
+    lesion: np.ndarray | None
+    affine: np.ndarray
+    spacing: np.ndarray
+    clip_bounds: tuple[float, float]
+
+
+def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tuple[NiftiVolume, np.ndarray | None]:
+    """Load a case's T1w image and (when present, or always when ``require_mask``) its lesion
+    mask, checked at the door: same shape and affine (1e-3 mm), mask values 0/1. Returns the
+    image and the mask uint8 (X, Y, Z) or None. Raises :class:`CaseError` naming the file."""
+    if item.problem:
+        raise CaseError(item.problem)
+    image = load_nifti(item.image)
+    if item.mask is None and not require_mask:
+        return image, None
+    mask = load_nifti(item.mask, dtype=None)  # mask labels checked in their own type
+    if mask.data.shape != image.data.shape:
+        raise CaseError(f"{mask.path}: shape {mask.data.shape} differs from image {image.data.shape}")
+    if not affines_match(mask.affine, image.affine):
+        raise CaseError(f"{mask.path}: affine differs from the image's by more than 1e-3")
+    return image, as_binary_mask(mask.data, mask.path)
+
+
+def normalise_foundation_case(
+    image: NiftiVolume, native_lesion: np.ndarray | None, settings: PreprocessingConfig, device: torch.device | None
+) -> NormalisedT1:
+    """Resample to ``settings.target_spacing`` (the actual spacing is the input field of view
+    over the rounded grid), brain mask (:func:`brain_mask_from_image`), clip to the
+    [100 - p, p] percentiles of brain voxels, z-score inside the brain (:func:`normalise_in_brain`)."""
+    zooms = np.asarray(image.zooms, dtype=np.float64)
+    volume, lesion, affine, spacing = _to_target_spacing(
+        image.data, native_lesion, image.affine, zooms, settings.target_spacing, device
+    )
+    normalised, brain, bounds = normalise_in_brain(volume, settings, device, image.path)
+    return NormalisedT1(normalised, brain, lesion, affine, spacing, bounds)
 
 
 def preprocess_foundation_case(
@@ -438,19 +501,12 @@ def preprocess_foundation_case(
     npz_path, meta_path = output_dir / f"{item.case_id}.npz", output_dir / f"{item.case_id}_metadata.json"
     if npz_path.exists() and meta_path.exists() and not overwrite:
         return CaseResult(item.case_id, "skipped", reason="output exists (use --overwrite)")
-    image, mask = load_nifti(item.image), load_nifti(item.mask, dtype=None)  # mask labels checked in their own type
-    if mask.data.shape != image.data.shape:
-        raise CaseError(f"{mask.path}: shape {mask.data.shape} differs from image {image.data.shape}")
-    if not affines_match(mask.affine, image.affine):
-        raise CaseError(f"{mask.path}: affine differs from the image's by more than 1e-3")
-    native_lesion = as_binary_mask(mask.data, mask.path)
+    image, native_lesion = read_foundation_case(item)
     device = compute_device(settings.use_gpu)
     zooms = np.asarray(image.zooms, dtype=np.float64)
-    volume, lesion, affine, spacing = _to_target_spacing(
-        image.data, native_lesion, image.affine, zooms, settings.target_spacing, device
-    )
-    normalised, brain, bounds = normalise_in_brain(volume, settings, device, image.path)
-    save_npz(npz_path, {"image": normalised, "lesion_mask": lesion, "brain_mask": brain}, compress=False)  # memory-mapped by the trainer
+    case = normalise_foundation_case(image, native_lesion, settings, device)
+    lesion, spacing = case.lesion, case.spacing
+    save_npz(npz_path, {"image": case.image, "lesion_mask": lesion, "brain_mask": case.brain}, compress=False)  # memory-mapped by the trainer
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lesion_voxels = int(lesion.sum())
@@ -459,22 +515,22 @@ def preprocess_foundation_case(
         "dataset": item.dataset,
         "image_path": str(item.image),
         "mask_path": str(item.mask),
-        "shape": list(volume.shape),
+        "shape": list(case.image.shape),
         "spacing": spacing.tolist(),
-        "affine": affine.tolist(),
+        "affine": case.affine.tolist(),
         "original_shape": list(image.data.shape),
         "original_spacing": zooms.tolist(),
         "original_affine": image.affine.tolist(),
-        "resampled": volume.shape != image.data.shape or not np.array_equal(spacing, zooms),
+        "resampled": case.image.shape != image.data.shape or not np.array_equal(spacing, zooms),
         "lesion_voxels": lesion_voxels,
         "lesion_ml": lesion_voxels * voxel_ml,
         "original_lesion_voxels": int(native_lesion.sum()),
         "original_lesion_ml": float(native_lesion.sum()) * image.voxel_volume_ml,
         "has_lesion": lesion_voxels > 0,
-        "brain_voxels": int(brain.sum()),
-        "clip_bounds": list(bounds),
+        "brain_voxels": int(case.brain.sum()),
+        "clip_bounds": list(case.clip_bounds),
         "preprocessing": {**asdict(settings), "device": str(device or "cpu"), "brain_mask": "image > brain_threshold, holes filled"},
     }
     write_json(meta_path, metadata)
-    info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(volume.shape)}
+    info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape)}
     return CaseResult(item.case_id, "done", info=info)

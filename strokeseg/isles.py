@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, affines_match, load_nifti, save_npz
+from .io import CaseError, NiftiVolume, affines_match, load_nifti, save_npz
 from .runner import CaseResult, RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
 
 __all__ = [
     "IslesCase",
+    "IslesVolumes",
     "discover_isles_cases",
+    "read_isles_case",
+    "isles_arrays",
     "preprocess_isles_case",
     "add_isles_arguments",
     "preprocess_isles",
@@ -93,10 +96,66 @@ def _require(path: Path | None, what: str, case_id: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class IslesVolumes:
+    """One case read and checked at the door: DWI and ADC on one grid, the lesion mask uint8
+    {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input)."""
+
+    dwi: NiftiVolume
+    adc: NiftiVolume
+    mask: np.ndarray | None
+
+
+def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
+    """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case.
+
+    Raises :class:`CaseError` naming the file for a missing modality, an unreadable, non-3-D or
+    non-finite volume, a shape or affine (1e-3) differing from the DWI's, or mask values
+    other than 0/1.
+    """
+    dwi = load_nifti(_require(case.dwi, "DWI", case.case_id))
+    adc = load_nifti(_require(case.adc, "ADC", case.case_id))
+    msk = load_nifti(_require(case.mask, "mask", case.case_id)) if require_mask or case.mask is not None else None
+    for other in (adc, msk) if msk is not None else (adc,):
+        if other.data.shape != dwi.data.shape:
+            raise CaseError(f"{other.path}: shape {other.data.shape} differs from DWI {dwi.data.shape}")
+        if not affines_match(other.affine, dwi.affine):
+            raise CaseError(f"{other.path}: affine differs from the DWI's by more than 1e-3")
+    return IslesVolumes(dwi, adc, as_binary_mask(msk.data, msk.path) if msk is not None else None)
+
+
+def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
+    """The arrays of :data:`BBOX_KEYS` for a case (``mask``/``original_mask`` only with a mask).
+
+    The volume is cropped to the DWI's non-zero box grown by ``margin`` voxels, resampled to
+    ``target_shape`` (images trilinear, mask nearest) and DWI/ADC are z-scored on their non-zero
+    voxels. Raises :class:`CaseError` for an empty DWI.
+    """
+    dwi, adc, mask = volumes.dwi, volumes.adc, volumes.mask
+    bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
+    arrays = {
+        "dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False)),
+        "adc": zscore(resample_to_shape(crop(adc.data, bbox), target_shape, is_label=False)),
+    }
+    if mask is not None:
+        arrays["mask"] = resample_to_shape(crop(mask, bbox), target_shape, is_label=True)
+    arrays.update(
+        bbox=bbox,
+        original_shape=np.array(dwi.data.shape, dtype=np.int64),
+        cropped_shape=bbox[:, 1] - bbox[:, 0],
+        original_affine=dwi.affine,
+    )
+    if mask is not None:
+        arrays["original_mask"] = mask
+    arrays["spacing"] = np.array(dwi.zooms, dtype=np.float64)
+    return arrays
+
+
 def preprocess_isles_case(
     case: IslesCase, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
 ) -> CaseResult:
-    """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``.
+    """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``
+    (:func:`read_isles_case`, :func:`isles_arrays`).
 
     Keys: ``dwi``, ``adc`` float32 (X, Y, Z) z-scored on non-zero voxels; ``mask`` uint8 {0,1}.
     With ``with_bbox`` also: ``bbox`` int64 (3, 2) [start, stop) in native voxels,
@@ -106,32 +165,10 @@ def preprocess_isles_case(
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
-    dwi = load_nifti(_require(case.dwi, "DWI", case.case_id))
-    adc = load_nifti(_require(case.adc, "ADC", case.case_id))
-    msk = load_nifti(_require(case.mask, "mask", case.case_id))
-    for other in (adc, msk):
-        if other.data.shape != dwi.data.shape:
-            raise CaseError(f"{other.path}: shape {other.data.shape} differs from DWI {dwi.data.shape}")
-        if not affines_match(other.affine, dwi.affine):
-            raise CaseError(f"{other.path}: affine differs from the DWI's by more than 1e-3")
-    mask = as_binary_mask(msk.data, msk.path)
-    bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
-
-    arrays = {
-        "dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False)),
-        "adc": zscore(resample_to_shape(crop(adc.data, bbox), target_shape, is_label=False)),
-        "mask": resample_to_shape(crop(mask, bbox), target_shape, is_label=True),
-    }
-    if with_bbox:
-        arrays.update(
-            bbox=bbox,
-            original_shape=np.array(dwi.data.shape, dtype=np.int64),
-            cropped_shape=bbox[:, 1] - bbox[:, 0],
-            original_affine=dwi.affine,
-            original_mask=mask,
-            spacing=np.array(dwi.zooms, dtype=np.float64),
-        )
-    save_npz(out_path, arrays)
+    volumes = read_isles_case(case)
+    arrays = isles_arrays(volumes, target_shape, margin)
+    save_npz(out_path, {key: arrays[key] for key in (BBOX_KEYS if with_bbox else TRAIN_KEYS)})
+    mask, dwi = volumes.mask, volumes.dwi
     info = {
         "lesion_voxels_native": int(mask.sum()),
         "lesion_ml": float(mask.sum()) * dwi.voxel_volume_ml,
