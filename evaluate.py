@@ -22,6 +22,7 @@ import torch
 
 from strokeseg import evaluation as ev
 from strokeseg import report
+from strokeseg.inference import PRECISIONS
 from strokeseg.io import CaseError, read_json, write_text
 from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian", help="blending of overlapping windows (default gaussian)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="network arithmetic: fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU runs it natively); default fp32 on the CPU (reproducible), auto on CUDA")
+    parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume datasets, ATLAS/UOA: only over the box of the brain's non-zero voxels, the rest is background)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it and stop)")
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         print((args.output_dir / "results.md").read_text(), flush=True)
         return status
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta)
+    precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
+    brain_crop = ev.DATASETS[args.dataset].whole_volume and not args.no_brain_crop
+    settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)
     try:
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"ERROR {err}")
         return 1
     preset = ev.preset_record(args.dataset)
-    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}")
+    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
 
     results, rows, summaries, status = [], [], {}, 0
     for label, fold_models in runs.items():

@@ -27,7 +27,7 @@ import models
 
 from .data import sample_shape
 from .geometry import uncrop_to_native
-from .inference import sliding_window_inference
+from .inference import nonzero_box, sliding_window_inference
 from .io import CaseError, load_npz, one_line, read_json, save_nifti
 from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
 from .report import axial_slice_index, paper_init, paper_strategy
@@ -73,18 +73,23 @@ CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset",
 @dataclass(frozen=True)
 class DatasetSpec:
     """name: the key in splits files; preset: metrics preset; splits_name: default splits file
-    name; channels: npz keys the network may read, in input-channel order."""
+    name; channels: npz keys the network may read, in input-channel order; preprocessing: the
+    stage that makes its network input from NIfTI ("isles": DWI/ADC crop, "foundation": T1w
+    whole volume); whole_volume: inference runs over whole volumes (then cropping them to the
+    brain's box first is on by default)."""
 
     name: str
     preset: str
     splits_name: str
     channels: tuple[str, ...]
+    preprocessing: str
+    whole_volume: bool
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "ISLES2022": DatasetSpec("ISLES2022", "isles22", "isles2022_splits_5fold.json", ("dwi", "adc")),
-    "ATLAS": DatasetSpec("ATLAS", "atlas22", "ATLAS_splits_5fold.json", ("image",)),
-    "UOA_Private": DatasetSpec("UOA_Private", "atlas22", "UOA_Private_splits_5fold.json", ("image",)),
+    "ISLES2022": DatasetSpec("ISLES2022", "isles22", "isles2022_splits_5fold.json", ("dwi", "adc"), "isles", False),
+    "ATLAS": DatasetSpec("ATLAS", "atlas22", "ATLAS_splits_5fold.json", ("image",), "foundation", True),
+    "UOA_Private": DatasetSpec("UOA_Private", "atlas22", "UOA_Private_splits_5fold.json", ("image",), "foundation", True),
 }
 # Spellings of the dataset in training run configs, normalised (lower case, alphanumerics only).
 _DATASET_ALIASES = {"isles2022": "ISLES2022", "isles": "ISLES2022", "atlas": "ATLAS", "uoaprivate": "UOA_Private", "uoa": "UOA_Private"}
@@ -157,13 +162,17 @@ class FoldModel:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window_inference`)."""
+    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window_inference`);
+    brain_crop: run the windows over the box of the input's non-zero (brain) voxels only, the
+    rest is background (:func:`strokeseg.inference.nonzero_box`)."""
 
     overlap: float = 0.5
     mode: str = "gaussian"
     sw_batch_size: int = 4
     device: torch.device = torch.device("cpu")
     mirror_tta: bool = False
+    precision: str | None = None
+    brain_crop: bool = False
 
 
 @dataclass(frozen=True)
@@ -453,18 +462,27 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
 
 def predict_probability(case: EvalCase, fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
     """Foreground probability float32 (X, Y, Z) on the inference grid, by sliding windows of the
-    model's window size over the whole input (one whole-volume pass when the window covers it)."""
+    model's window size over the whole input (one whole-volume pass when the window covers it),
+    or over the box of its non-zero voxels with ``settings.brain_crop`` (0 outside the box)."""
     volume = np.stack([case.inputs[key] for key in fold_model.channels])
-    return sliding_window_inference(
-        volume,
+    box = nonzero_box(volume) if settings.brain_crop else None
+    region = volume if box is None else volume[(slice(None), *box)]
+    probability = sliding_window_inference(
+        region,
         functools.partial(models.foreground_probability, fold_model.model),
-        fold_model.window_for(volume.shape[1:]),
+        fold_model.window_for(region.shape[1:]),
         overlap=settings.overlap,
         mode=settings.mode,
         sw_batch_size=settings.sw_batch_size,
         device=settings.device,
         mirror_tta=settings.mirror_tta,
+        precision=settings.precision,
     )
+    if box is None:
+        return probability
+    out = np.zeros(volume.shape[1:], dtype=np.float32)
+    out[box] = probability
+    return out
 
 
 def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, outputs: CaseOutputs, image: np.ndarray | None) -> dict:

@@ -18,13 +18,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Predictor", "sliding_window_inference", "ensemble_predictors", "importance_map", "amp_autocast"]
+from .geometry import foreground_bbox
+
+__all__ = [
+    "Predictor",
+    "PRECISIONS",
+    "sliding_window_inference",
+    "ensemble_predictors",
+    "importance_map",
+    "amp_autocast",
+    "cpu_supports_bf16",
+    "nonzero_box",
+]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 # Weight floor of the Gaussian map: window corners keep a nonzero weight, so every voxel has a
 # positive total weight (the same floor as MONAI, which keeps the two comparable).
 _MIN_WEIGHT = 1e-3
+# --precision values: float32 throughout; bfloat16 autocast; bfloat16 where the hardware runs it
+# natively (CUDA: bfloat16, else float16; CPU: bfloat16 with AVX512-BF16 or AMX, else float32).
+PRECISIONS = ("fp32", "bf16", "auto")
 # The 8 subsets of the spatial axes of a (B, C, X, Y, Z) batch, identity first.
 _FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]
 
@@ -110,12 +124,45 @@ def _predict_tta(predictor: Predictor, batch: torch.Tensor) -> torch.Tensor:
     return total.div_(len(_FLIPS))
 
 
-def amp_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 (else float16) autocast on CUDA; nothing elsewhere (CPU runs plain float32)."""
-    if device.type != "cuda":
+def cpu_supports_bf16() -> bool:
+    """True when this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a PyTorch without these probes: assume no
+        return False
+
+
+def _autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of a :data:`PRECISIONS` value on ``device`` (None: float32).
+    ``precision`` None is the training-time policy: autocast on CUDA, float32 elsewhere."""
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def amp_autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
+    """Autocast for inference on ``device`` at ``precision`` (see :data:`PRECISIONS`). The
+    default (None) is bfloat16 (else float16) autocast on CUDA and plain float32 elsewhere."""
+    dtype = _autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def nonzero_box(volume: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the voxels non-zero in any channel of ``volume`` (C, X, Y, Z), as
+    slices of the spatial axes; None when every voxel is zero. For a preprocessed input (0
+    outside the brain) this is the brain's box."""
+    nonzero = np.any(volume != 0, axis=0)
+    if not nonzero.any():
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in foreground_bbox(nonzero, margin=0))  # type: ignore[return-value]
 
 
 def _check_args(volume: torch.Tensor, overlap: float, mode: str, sw_batch_size: int) -> None:
@@ -139,6 +186,7 @@ def sliding_window_inference(
     device: torch.device | str | None = None,
     mirror_tta: bool = False,
     sigma_scale: float = 0.125,
+    precision: str | None = None,
 ) -> np.ndarray:
     """Foreground probability of a whole volume from overlapping windows.
 
@@ -155,9 +203,11 @@ def sliding_window_inference(
             step = max(1, int(window * (1 - overlap))) voxels; the last one is flush with the end.
         mode: "gaussian" (centre-weighted, see :func:`importance_map`) or "constant" blending.
         sw_batch_size: windows per predictor call.
-        device: where windows run and are stitched; default the volume's device. On CUDA the
-            predictor runs under autocast (bfloat16 where supported, else float16); elsewhere in
-            float32. Stitching is always float32.
+        device: where windows run and are stitched; default the volume's device. Stitching is
+            always float32.
+        precision: the predictor's arithmetic, one of :data:`PRECISIONS` ("fp32", "bf16",
+            "auto"); None (default): autocast on CUDA (bfloat16 where supported, else float16),
+            float32 elsewhere.
         mirror_tta: average over the 8 flips of the spatial axes (8 predictor calls per batch).
         sigma_scale: Gaussian σ as a fraction of the window size.
 
@@ -172,6 +222,7 @@ def sliding_window_inference(
     _check_args(volume, overlap, mode, sw_batch_size)
     size = _window_size(window)
     device = torch.device(device) if device is not None else volume.device
+    _autocast_dtype(device, precision)  # an unknown precision fails before any work
     with torch.inference_mode():
         image = volume.to(device=device, dtype=torch.float32)
         shape = tuple(image.shape[1:])
@@ -199,7 +250,7 @@ def sliding_window_inference(
             batch = buffer[: len(regions)]
             for window_input, region in zip(batch, regions):
                 window_input.copy_(image[(slice(None), *region)])
-            with amp_autocast(device):
+            with amp_autocast(device, precision):
                 prob = predict(predictor, batch)
             for region, window_prob in zip(regions, prob[:, 0]):
                 if mode == "constant":
