@@ -460,11 +460,12 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
 # --------------------------------------------------------------------------- per case
 
 
-def predict_probability(case: EvalCase, fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
-    """Foreground probability float32 (X, Y, Z) on the inference grid, by sliding windows of the
-    model's window size over the whole input (one whole-volume pass when the window covers it),
-    or over the box of its non-zero voxels with ``settings.brain_crop`` (0 outside the box)."""
-    volume = np.stack([case.inputs[key] for key in fold_model.channels])
+def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
+    """Foreground probability float32 (X, Y, Z) on the inference grid of ``inputs`` (npz key ->
+    float32 (X, Y, Z), e.g. :attr:`EvalCase.inputs`), by sliding windows of the model's window
+    size over the whole input (one whole-volume pass when the window covers it), or over the box
+    of its non-zero voxels with ``settings.brain_crop`` (0 outside the box)."""
+    volume = np.stack([inputs[key] for key in fold_model.channels])
     box = nonzero_box(volume) if settings.brain_crop else None
     region = volume if box is None else volume[(slice(None), *box)]
     probability = sliding_window_inference(
@@ -516,7 +517,7 @@ def evaluate_case(
     image = display_volume(case) if outputs.figures is not None else None
     rows, total = [], None
     for fold_model in fold_models:
-        probability = predict_probability(case, fold_model, settings)
+        probability = predict_probability(case.inputs, fold_model, settings)
         rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, outputs, image))
         total = probability if total is None else total + probability
     if ensemble:

@@ -261,7 +261,9 @@ class FoundationItem:
 
 
 def _glob_files(root: Path, pattern: str) -> list[Path]:
-    # names starting with "." are temporary files of atomic writes, not inputs
+    # names starting with "." are temporary files of atomic writes, not inputs; "" matches nothing
+    if not pattern:
+        return []
     return sorted(p for p in root.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 

@@ -219,12 +219,23 @@ def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> Nift
     return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), zooms=zooms, path=path)
 
 
-def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> None:
     """Write a 3-D array (X, Y, Z) with its (4, 4) affine as NIfTI-1, atomically;
-    gzip-compressed when ``path`` ends in ``.gz``."""
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    gzip-compressed when ``path`` ends in ``.gz``.
+
+    Without ``header`` qform and sform are the affine (code 1). With the header of the image the
+    array lies on (e.g. a prediction on its source's grid) the output keeps that header's
+    geometry (qform, sform and their codes, units) and takes the dtype of ``data``, unscaled.
+    """
+    array = np.asarray(data)
+    if header is None:
+        img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+        img.set_qform(img.affine, code=1)
+        img.set_sform(img.affine, code=1)
+    else:
+        img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=nib.Nifti1Header.from_header(header))
+        img.set_data_dtype(array.dtype)
+        img.header.set_slope_inter(1.0, 0.0)
     payload = img.to_bytes()
     if str(path).endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6)

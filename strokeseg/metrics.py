@@ -22,6 +22,7 @@ __all__ = [
     "Metric",
     "METRICS",
     "METRIC_NAMES",
+    "label_components",
     "dice",
     "volume_difference",
     "lesion_f1",
@@ -106,7 +107,7 @@ def _check_pair(pred: np.ndarray, ref: np.ndarray) -> None:
         raise ValueError(f"pred shape {pred.shape} differs from ref shape {ref.shape}")
 
 
-def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+def label_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
     """Connected components of ``mask``: (labels int32 (X, Y, Z), 0 = background; count)."""
     if connectivity not in _STRUCTURES:
         raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
@@ -167,8 +168,8 @@ def lesion_f1(pred: np.ndarray, ref: np.ndarray, connectivity: int) -> float:
     Both empty: 1.0. Only one empty: 0.0 (all FP or all FN).
     """
     _check_pair(pred, ref)
-    pred_labels, n_pred = _label(pred, connectivity)
-    ref_labels, n_ref = _label(ref, connectivity)
+    pred_labels, n_pred = label_components(pred, connectivity)
+    ref_labels, n_ref = label_components(ref, connectivity)
     return _f1_from_labels(pred_labels, n_pred, ref_labels, n_ref, pred & ref)
 
 
@@ -178,7 +179,7 @@ def lesion_count_difference(pred: np.ndarray, ref: np.ndarray, connectivity: int
     Both empty: 0. Only one empty: the other's component count.
     """
     _check_pair(pred, ref)
-    return abs(_label(pred, connectivity)[1] - _label(ref, connectivity)[1])
+    return abs(label_components(pred, connectivity)[1] - label_components(ref, connectivity)[1])
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, preset: str) -> dict:
@@ -194,8 +195,8 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
     connectivity = PRESETS[preset].connectivity
     voxels, ml = volume_difference(pred, ref, voxel_volume_ml)  # also validates the pair
     overlap = pred & ref
-    pred_labels, n_pred = _label(pred, connectivity)
-    ref_labels, n_ref = _label(ref, connectivity)
+    pred_labels, n_pred = label_components(pred, connectivity)
+    ref_labels, n_ref = label_components(ref, connectivity)
     return {
         "dice": _dice_from_counts(
             int(np.count_nonzero(overlap)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref))

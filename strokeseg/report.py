@@ -223,14 +223,17 @@ def axial_slice_index(reference: np.ndarray, prediction: np.ndarray) -> int:
     return reference.shape[2] // 2
 
 
-def save_case_figure(path: str | Path, image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, title: str) -> None:
-    """PNG of one axial slice: image; image with the reference (red); image with the prediction
-    (blue). image float (X, Y); reference, prediction bool (X, Y). Written atomically."""
-    fig = Figure(figsize=(9.0, 3.4), dpi=100)
+def save_case_figure(path: str | Path, image: np.ndarray, reference: np.ndarray | None, prediction: np.ndarray, title: str) -> None:
+    """PNG of one axial slice: image; image with the reference (red; left out when None); image
+    with the prediction (blue). image float (X, Y); reference, prediction bool (X, Y). Written
+    atomically."""
+    panels = [(None, None, "image"), (reference, "Reds", "reference"), (prediction, "Blues", "prediction")]
+    panels = [panel for panel in panels if panel[2] != "reference" or reference is not None]
+    fig = Figure(figsize=(3.0 * len(panels), 3.4), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(1, len(panels))
     low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    for ax, overlay, colour, name in zip(axes, (None, reference, prediction), (None, "Reds", "Blues"), ("image", "reference", "prediction")):
+    for ax, (overlay, colour, name) in zip(axes, panels):
         ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=high if high > low else low + 1)
         if overlay is not None:
             ax.imshow(np.ma.masked_where(~overlay.T, overlay.T.astype(np.float32)), cmap=colour, origin="lower", vmin=0, vmax=1, alpha=0.6)

@@ -16,6 +16,7 @@ import evaluate
 import models
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
+from strokeseg import evaluation as ev
 from strokeseg.evaluation import load_isles_case, score_probability
 from strokeseg.io import load_npz, read_json, write_json
 
@@ -298,3 +299,19 @@ def test_argument_errors(tmp_path: Path) -> None:
         assert info.value.code == 2, extra
     args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--compare", "a", "b"])
     assert args.runs == {"a": Path("x"), "b": Path("y")} and json.dumps(args.compare) == '[["a", "b"]]'
+
+
+def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> None:
+    torch.manual_seed(0)
+    config = {"arch": "resnet18_unet", "variant": "single", "width": 4, "in_channels": 1}
+    fold_model = ev.FoldModel(0, Path("m.pth"), models.build_model(config).eval(), models.resolve_model_config(config), {}, ("image",), (16, 16, 16))
+    image = np.zeros((30, 26, 22), dtype=np.float32)
+    image[4:25, 3:21, 5:19] = np.random.default_rng(0).standard_normal((21, 18, 14))
+    cropped = ev.predict_probability({"image": image}, fold_model, ev.InferenceSettings(brain_crop=True))
+    box = (slice(4, 25), slice(3, 21), slice(5, 19))
+    alone = ev.predict_probability({"image": image[box]}, fold_model, ev.InferenceSettings())
+    np.testing.assert_array_equal(cropped[box], alone)
+    cropped[box] = 0
+    assert not cropped.any()
+    whole = ev.predict_probability({"image": image}, fold_model, ev.InferenceSettings())
+    assert whole[0, 0, 0] > 0  # without the crop the background is predicted too

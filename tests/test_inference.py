@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.inference import ensemble_predictors, importance_map, sliding_window_inference
+from strokeseg.inference import _autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
 
 
 def _tiny_net(in_channels: int = 1, seed: int = 0) -> torch.nn.Module:
@@ -196,3 +196,36 @@ def test_bad_volume_predictor_and_ensemble_raise():
         sliding_window_inference(_volume((1, 9, 9, 9)), None, 8)
     with pytest.raises(ValueError, match="non-empty"):
         ensemble_predictors([])
+
+
+# --------------------------------------------------------------------------- precision and brain crop
+
+
+def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert _autocast_dtype(cpu, None) is None and _autocast_dtype(cpu, "fp32") is None
+    assert _autocast_dtype(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: False)
+    assert _autocast_dtype(cpu, "auto") is None
+    monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: True)
+    assert _autocast_dtype(cpu, "auto") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sliding_window_inference(_volume((1, 8, 8, 8)), lambda x: x.sigmoid(), 8, precision="fp16")
+
+
+def test_bf16_runs_the_network_in_bfloat16_and_stays_close_to_fp32() -> None:
+    net, volume = _tiny_net(), _volume((1, 20, 18, 16))
+    dtypes = []
+    net[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    fp32 = sliding_window_inference(volume, net, 12, precision="fp32")
+    bf16 = sliding_window_inference(volume, net, 12, precision="bf16")
+    assert set(dtypes[: len(dtypes) // 2]) == {torch.float32} and set(dtypes[len(dtypes) // 2 :]) == {torch.bfloat16}
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 2e-2
+
+
+def test_nonzero_box_spans_every_channel() -> None:
+    volume = np.zeros((2, 10, 11, 12), dtype=np.float32)
+    volume[0, 2, 3, 4] = 1.0
+    volume[1, 6, 8, 5] = -2.0
+    assert nonzero_box(volume) == (slice(2, 7), slice(3, 9), slice(4, 6))
+    assert nonzero_box(np.zeros((1, 4, 4, 4))) is None

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Segment your own data with trained fold models: native-grid lesion masks, volumes, lesions.
+
+Every case is preprocessed exactly as the models' training data was (the checkpoints' data
+contract: ISLES DWI+ADC crop, resampling and z-scoring; T1w foundation settings), predicted
+with the mean probability of the fold models, mapped back to the input's native grid and
+thresholded. A case with a reference mask is also scored.
+
+    python predict.py --input /data/my_isles_cohort --run runs/isles_shared_brats --output-dir out/isles
+    python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run models/isles --output-dir out/one
+    python predict.py --input /data/ATLAS_2 --run runs/atlas_resnet18_transfer --output-dir out/atlas
+    python predict.py --image P001_T1.nii.gz --run runs/atlas_resnet18_transfer --output-dir out/p001
+
+Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS derivatives tree
+``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
+lesions.csv, scores.csv (labelled cases), overlays/<case>.png, prediction_summary.json,
+run_args.json. Exit status 0, 1 when any case failed, 2 when nothing could run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from strokeseg import prediction as pr
+from strokeseg.evaluation import InferenceSettings
+from strokeseg.foundation import load_config
+from strokeseg.inference import PRECISIONS
+from strokeseg.io import CaseError, one_line
+from strokeseg.runner import add_run_arguments, finish, get_logger, write_run_args
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("input (a folder, or single files)")
+    source.add_argument("--input", type=Path, help="dataset folder: ISLES 2022 layout A or B (masks optional) or a T1w tree found by the config's patterns or --pattern")
+    source.add_argument("--dwi", type=Path, help="one DWI NIfTI (with --adc)")
+    source.add_argument("--adc", type=Path, help="its ADC NIfTI (same grid)")
+    source.add_argument("--image", type=Path, help="one T1w NIfTI")
+    source.add_argument("--mask", type=Path, help="reference lesion mask of the single case (optional: then it is scored)")
+    source.add_argument("--pattern", help="T1w images under --input, a glob relative to it (default: the config's image_pattern of the model's dataset)")
+    source.add_argument("--mask-pattern", help="reference masks under --input (default: the config's mask_pattern with no --pattern, else none)")
+    source.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.json whose dataset entry gives the T1w patterns (default: the repository's)")
+    parser.add_argument("--run", type=Path, action="append", required=True, help="training run folder or exported model folder with fold_<k>/best_model.pth; repeat to ensemble several")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for masks, tables, overlays, summary")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to use (default: every fold found)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips; 8x slower)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="network arithmetic: fp32, bf16 (autocast) or auto (default: bf16 where the CPU/GPU runs it natively, else fp32)")
+    parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume T1w models: only over the brain's box, the rest is background)")
+    parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--save-probabilities", action="store_true", help="also write the probability map (float32 NIfTI, native grid)")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    single = [name for name in ("dwi", "adc", "image") if getattr(args, name) is not None]
+    if (args.input is None) == (not single):
+        parser.error("give either --input DIR or single files (--dwi F --adc F, or --image F)")
+    if single and sorted(single) not in (["adc", "dwi"], ["image"]):
+        parser.error("single files: --dwi F --adc F (ISLES models) or --image F (T1w models)")
+    if args.mask is not None and not single:
+        parser.error("--mask goes with single files; in a folder masks are found beside the images")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.workers > 1 and (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())):
+        parser.error("--workers > 1 needs --device cpu (each worker holds its own copy of the models)")
+    if args.sw_batch_size < 1:
+        parser.error("--sw-batch-size must be >= 1")
+    return args
+
+
+def input_spec(args: argparse.Namespace, dataset: str) -> pr.InputSpec:
+    """Where the cases are; T1w folder patterns from --pattern / --mask-pattern or the config."""
+    image_pattern, mask_pattern = args.pattern, args.mask_pattern or ""
+    if args.input is not None and args.pattern is None and args.config.is_file():
+        entry = {d.name: d for d in load_config(args.config).datasets}.get(dataset)
+        if entry is not None:
+            image_pattern, mask_pattern = entry.image_pattern, args.mask_pattern or entry.mask_pattern
+    return pr.InputSpec(args.input, args.dwi, args.adc, args.image, args.mask, image_pattern, mask_pattern)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = get_logger()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        model_set = pr.load_model_set(args.run, args.folds, device)
+        cases, bids = pr.discover_cases(input_spec(args, model_set.contract["dataset"]), model_set.spec)
+    except (CaseError, ValueError) as err:
+        log.info(f"ERROR {one_line(err)}")
+        return 2
+    brain_crop = model_set.spec.whole_volume and not args.no_brain_crop
+    settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_args(args.output_dir, args)
+    if bids:
+        pr.write_dataset_description(args.output_dir, model_set)
+    log.info(
+        f"{len(cases)} case(s); model {model_set.label} ({model_set.contract['dataset']}, {len(model_set.fold_models)} fold model(s): "
+        f"{' '.join(model_set.members)}); device {device}, precision {args.precision}, brain crop {'on' if brain_crop else 'off'}, "
+        f"TTA {'on' if args.tta else 'off'}; output {'BIDS derivatives' if bids else 'flat'} in {args.output_dir}"
+    )
+    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite)
+    report = pr.predict_cases(cases, model_set, options, args.workers)
+    tables = pr.write_tables(args.output_dir, report)
+    if tables["n_scored"]:
+        log.info(f"{tables['n_scored']} labelled case(s) scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
+    extra = {"model": model_set.label, "folds": model_set.members, "data_contract": model_set.contract, "bids": bids, **tables}
+    return finish(args.output_dir / "prediction_summary.json", report, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Prediction on new data: NIfTI in; lesion masks on the input's native grid, volumes and a
+lesion table out.
+
+A *model set* is the fold checkpoints of one or more training runs (or model folders written
+by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
+training data, the input keys in channel order, the threshold and the preprocessing settings.
+Each case is preprocessed by the functions the preprocessing stage runs
+(:func:`strokeseg.isles.isles_arrays`, :func:`strokeseg.foundation.normalise_foundation_case`)
+with the contract's settings, predicted with the mean probability of the fold models
+(:func:`strokeseg.evaluation.predict_probability`, as ``evaluate.py`` does), mapped back to the
+native grid (:func:`strokeseg.geometry.uncrop_to_native`, trilinear on probabilities) and
+thresholded there.
+"""
+from __future__ import annotations
+
+import functools
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+import models
+
+from .evaluation import DATASETS, DatasetSpec, FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
+from .foundation import (
+    DatasetConfig,
+    FoundationItem,
+    case_id_from_filename,
+    discover_foundation_cases,
+    normalise_foundation_case,
+    preprocessing_from_dict,
+    read_foundation_case,
+)
+from .geometry import as_binary_mask, uncrop_to_native
+from .io import CaseError, NiftiVolume, load_nifti, one_line, save_nifti, write_json
+from .isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
+from .metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
+from .report import axial_slice_index, save_case_figure, write_csv
+from .runner import CaseResult, RunReport, run_cases
+
+__all__ = [
+    "CONTRACT_KEYS",
+    "VOLUME_COLUMNS",
+    "LESION_COLUMNS",
+    "SCORE_COLUMNS",
+    "MASK_SUFFIX",
+    "PROB_SUFFIX",
+    "ModelSet",
+    "InputSpec",
+    "PredictCase",
+    "PreparedCase",
+    "PredictOptions",
+    "code_version",
+    "read_data_contract",
+    "load_model_set",
+    "discover_cases",
+    "prepare_case",
+    "predict_native",
+    "lesion_table",
+    "predict_case",
+    "predict_cases",
+    "write_tables",
+    "write_dataset_description",
+]
+
+# Keys of a checkpoint's data contract that prediction reads (see README, "Segment your own data").
+CONTRACT_KEYS = ("dataset", "input_keys", "window", "threshold", "preprocessing")
+# Contract keys that may differ between the members of one model set.
+_PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases")
+VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds")
+LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+SCORE_COLUMNS = ("case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
+PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of this checkout, or "unknown" outside a git clone."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _isles_settings(block: Mapping[str, Any], source: str | Path) -> tuple[tuple[int, int, int], int]:
+    """(target_shape, margin) of an ISLES contract's preprocessing block; ValueError if invalid."""
+    shape, margin = block.get("target_shape"), block.get("margin")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"{source}: data contract preprocessing.target_shape must be 3 positive ints, got {shape!r}")
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"{source}: data contract preprocessing.margin must be an int >= 0, got {margin!r}")
+    return tuple(shape), margin  # type: ignore[return-value]
+
+
+def read_data_contract(checkpoint: Mapping[str, Any], path: Path) -> dict:
+    """The checkpoint's data contract, checked to hold what prediction needs.
+
+    Raises :class:`CaseError` naming ``path`` when it has none (a checkpoint written before
+    contracts were stored: prediction cannot know how its training data was preprocessed), a key
+    of :data:`CONTRACT_KEYS` is missing, the dataset is unknown, or a value is invalid.
+    """
+    contract = checkpoint.get("data_contract")
+    if not isinstance(contract, dict):
+        raise CaseError(f"{path}: checkpoint has no data contract, so how its training data was preprocessed is unknown; retrain it with this version to use it for prediction")
+    missing = [key for key in CONTRACT_KEYS if key not in contract]
+    if missing:
+        raise CaseError(f"{path}: data contract lacks {missing}")
+    spec = DATASETS.get(contract["dataset"])
+    if spec is None:
+        raise CaseError(f"{path}: data contract names dataset {contract['dataset']!r}, not one of {sorted(DATASETS)}")
+    threshold = contract["threshold"]
+    if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise CaseError(f"{path}: data contract threshold must be in (0, 1), got {threshold!r}")
+    try:
+        if spec.preprocessing == "isles":
+            _isles_settings(contract["preprocessing"], path)
+        else:
+            preprocessing_from_dict(contract["preprocessing"], path)
+    except (ValueError, TypeError) as err:
+        raise CaseError(one_line(err)) from err
+    return contract
+
+
+@dataclass
+class ModelSet:
+    """Fold models with one data contract. label: the run folder names joined by '+';
+    members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined)."""
+
+    fold_models: list[FoldModel]
+    contract: dict
+    label: str
+    members: list[str]
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.contract["dataset"]]
+
+
+def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, dict]:
+    try:
+        contract = read_data_contract(models.load_checkpoint(path), path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CaseError(one_line(err)) from err
+    fold_model = load_fold_model(path, fold, contract["dataset"], torch.device("cpu"), contract["window"])
+    if list(fold_model.channels) != list(contract["input_keys"]):
+        raise CaseError(f"{path}: network reads {list(fold_model.channels)} but its data contract lists input keys {contract['input_keys']}")
+    fold_model.model.to(device)
+    return fold_model, contract
+
+
+def _shared(contract: Mapping) -> dict:
+    return {key: value for key, value in contract.items() if key not in _PER_MODEL_KEYS}
+
+
+def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device: torch.device) -> ModelSet:
+    """Every ``fold_<k>/best_model.pth`` of each run or model folder (only ``folds`` when
+    given), rebuilt on ``device`` in eval mode. Raises :class:`CaseError` for a missing folder or
+    checkpoint, a checkpoint without a valid data contract, or members whose contracts differ
+    in anything but window, fold and case lists."""
+    fold_models, members, contract, first = [], [], None, None
+    for run_dir in run_dirs:
+        for fold, path in discover_checkpoints(Path(run_dir), folds).items():
+            fold_model, found = _load_member(path, fold, device)
+            if contract is None:
+                contract, first = found, path
+            elif _shared(found) != _shared(contract):
+                differ = sorted(k for k in set(_shared(found)) | set(_shared(contract)) if found.get(k) != contract.get(k))
+                raise CaseError(f"{path}: data contract differs from {first}'s in {differ}; models of one prediction must share it")
+            fold_models.append(fold_model)
+            members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{Path(run_dir).name}/fold_{fold}")
+    label = "+".join(Path(run_dir).resolve().name for run_dir in run_dirs)
+    return ModelSet(fold_models, contract, label, members)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the cases are: a folder (``input_dir``; T1w data also needs ``image_pattern``, a
+    glob relative to it, and optionally ``mask_pattern``), or single files (``dwi`` + ``adc``,
+    or ``image``), each with an optional reference ``mask``."""
+
+    input_dir: Path | None = None
+    dwi: Path | None = None
+    adc: Path | None = None
+    image: Path | None = None
+    mask: Path | None = None
+    image_pattern: str | None = None
+    mask_pattern: str = ""
+
+
+@dataclass(frozen=True)
+class PredictCase:
+    """One case: item holds its paths (mask None when it has no reference); source is the image
+    whose grid and header the outputs take (None when the case has a pairing problem); out_stem
+    the output path without suffix, relative to the output folder."""
+
+    case_id: str
+    item: IslesCase | FoundationItem
+    source: Path | None
+    out_stem: Path
+
+
+def _strip_nii(name: str) -> str:
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _isles_items(inputs: InputSpec) -> dict[str, IslesCase]:
+    if inputs.input_dir is not None:
+        return {case.case_id: case for case in discover_isles_cases(inputs.input_dir)}
+    if inputs.dwi is None or inputs.adc is None:
+        raise CaseError("this model reads DWI and ADC: give --input DIR or --dwi FILE --adc FILE")
+    stem = _strip_nii(inputs.dwi.name)
+    case_id = stem[:-4] if stem.lower().endswith("_dwi") and len(stem) > 4 else stem
+    return {case_id: IslesCase(case_id, inputs.dwi, inputs.adc, inputs.mask)}
+
+
+def _foundation_items(inputs: InputSpec, dataset: str) -> dict[str, FoundationItem]:
+    if inputs.input_dir is not None:
+        if not inputs.image_pattern:
+            raise CaseError(f"{inputs.input_dir}: no image pattern for {dataset}; pass --pattern GLOB (e.g. '**/*_T1w.nii.gz') or a --config naming {dataset}")
+        config = DatasetConfig(dataset, inputs.input_dir, inputs.image_pattern, inputs.mask_pattern)
+        return discover_foundation_cases(config, require_masks=False)
+    if inputs.image is None:
+        raise CaseError(f"this model reads one T1w image ({dataset}): give --input DIR or --image FILE")
+    case_id = case_id_from_filename(inputs.image.name)
+    return {case_id: FoundationItem(case_id, dataset, inputs.image, inputs.mask)}
+
+
+def _bids_folder(source: Path) -> Path | None:
+    """The folders of ``source`` from its last ``sub-*`` folder on (``sub-X/ses-Y/dwi``), or None."""
+    parts = source.parent.parts
+    starts = [i for i, part in enumerate(parts) if part.startswith("sub-")]
+    return Path(*parts[starts[-1]:]) if starts else None
+
+
+def _out_stem(case_id: str, source: Path | None, bids: bool) -> Path:
+    """``<case_id>``; in a BIDS tree the source's folders and its entities (the name without
+    its ``_<suffix>``): ``sub-X/ses-Y/dwi/sub-X_ses-Y``."""
+    if not bids or source is None:
+        return Path(case_id)
+    stem = _strip_nii(source.name)
+    entities = stem.rsplit("_", 1)[0] if "_" in stem else stem
+    return _bids_folder(source) / entities  # type: ignore[operator]
+
+
+def discover_cases(inputs: InputSpec, spec: DatasetSpec) -> tuple[dict[str, PredictCase], bool]:
+    """case id -> :class:`PredictCase`, found as ``spec``'s preprocessing stage finds them (ISLES:
+    layouts A and B; T1w: the glob patterns, paired by case id), and whether the output is a
+    BIDS derivatives tree (a folder input whose every image lies under a ``sub-*`` folder).
+    Masks are optional. Raises :class:`CaseError` when nothing is found."""
+    if spec.preprocessing == "isles":
+        items: Mapping[str, IslesCase | FoundationItem] = _isles_items(inputs)
+        sources = {case_id: item.dwi for case_id, item in items.items()}
+    else:
+        items = _foundation_items(inputs, spec.name)
+        sources = {case_id: item.image for case_id, item in items.items()}
+    found = [source for source in sources.values() if source is not None]
+    bids = inputs.input_dir is not None and bool(found) and all(_bids_folder(source) is not None for source in found)
+    cases = {case_id: PredictCase(case_id, item, sources[case_id], _out_stem(case_id, sources[case_id], bids)) for case_id, item in items.items()}
+    return dict(sorted(cases.items())), bids
+
+
+# --------------------------------------------------------------------------- one case
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case ready for the network. inputs: npz key -> float32 (X, Y, Z) on the network grid;
+    bbox (3, 2) [start, stop) and cropped_shape: the native region that grid covers (the whole
+    volume for T1w data); source: the native image (grid, affine, zooms); reference: the lesion
+    mask, bool on the native grid, or None."""
+
+    inputs: dict[str, np.ndarray]
+    bbox: np.ndarray
+    cropped_shape: tuple[int, int, int]
+    source: NiftiVolume
+    reference: np.ndarray | None
+
+
+def _prepare_isles(item: IslesCase, contract: Mapping) -> PreparedCase:
+    target_shape, margin = _isles_settings(contract["preprocessing"], "data contract")
+    volumes = read_isles_case(item, require_mask=False)
+    arrays = isles_arrays(volumes, target_shape, margin)
+    reference = None if volumes.mask is None else volumes.mask.astype(bool)
+    inputs = {key: arrays[key] for key in contract["input_keys"]}
+    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference)  # type: ignore[arg-type]
+
+
+def _prepare_foundation(item: FoundationItem, contract: Mapping) -> PreparedCase:
+    settings = preprocessing_from_dict(contract["preprocessing"], "data contract")
+    image, lesion = read_foundation_case(item, require_mask=False)
+    normalised = normalise_foundation_case(image, None, settings, device=None)
+    shape = tuple(int(s) for s in image.data.shape)
+    bbox = np.array([[0, n] for n in shape], dtype=np.int64)
+    return PreparedCase({"image": normalised.image}, bbox, shape, image, None if lesion is None else lesion.astype(bool))  # type: ignore[arg-type]
+
+
+def prepare_case(case: PredictCase, contract: Mapping) -> PreparedCase:
+    """Read and preprocess one case exactly as the contract's preprocessing stage does; bad input
+    raises the stage's :class:`CaseError` (one line naming the file)."""
+    if DATASETS[contract["dataset"]].preprocessing == "isles":
+        return _prepare_isles(case.item, contract)  # type: ignore[arg-type]
+    return _prepare_foundation(case.item, contract)  # type: ignore[arg-type]
+
+
+def predict_native(prepared: PreparedCase, model_set: ModelSet, settings: InferenceSettings) -> np.ndarray:
+    """Mean foreground probability of the model set, float32 on the native grid (X, Y, Z).
+
+    The fold probabilities are summed and divided on the network grid as ``evaluate.py
+    --ensemble`` does, then mapped to the native grid (trilinear), so thresholding gives
+    evaluation's masks voxel for voxel."""
+    total = None
+    for fold_model in model_set.fold_models:
+        probability = predict_probability(prepared.inputs, fold_model, settings)
+        total = probability if total is None else total + probability
+    mean = np.asarray(total / len(model_set.fold_models), dtype=np.float32)
+    return uncrop_to_native(mean, prepared.bbox, prepared.cropped_shape, prepared.source.data.shape, is_label=False)
+
+
+def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connectivity: int) -> list[dict]:
+    """One dict per connected lesion of ``mask`` (bool (X, Y, Z)): lesion_id (1-based, in
+    labelling order), voxels, volume_ml, centroid in world mm (``affine`` applied to the voxel
+    centroid: centroid_x_mm, centroid_y_mm, centroid_z_mm)."""
+    labels, count = label_components(mask, connectivity)
+    if count == 0:
+        return []
+    voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    centroids = np.asarray(ndimage.center_of_mass(mask, labels, range(1, count + 1)), dtype=np.float64)
+    world = centroids @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return [
+        {"lesion_id": i + 1, "voxels": int(voxels[i]), "volume_ml": float(voxels[i]) * voxel_ml,
+         "centroid_x_mm": world[i, 0], "centroid_y_mm": world[i, 1], "centroid_z_mm": world[i, 2]}
+        for i in range(count)
+    ]
+
+
+def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequence[float], reference: np.ndarray | None, model_set: ModelSet) -> dict:
+    """The case's rows: "volume" (lesion_volumes.csv), "lesions" (lesions.csv), "scores" (or None)."""
+    preset = model_set.spec.preset
+    voxel_ml = float(np.prod(zooms)) / 1000.0
+    lesions = [{"case_id": case_id, **row} for row in lesion_table(mask, affine, voxel_ml, PRESETS[preset].connectivity)]
+    volume = {
+        "case_id": case_id,
+        "lesion_volume_ml": int(np.count_nonzero(mask)) * voxel_ml,
+        "lesion_count": len(lesions),
+        "largest_lesion_ml": max((row["volume_ml"] for row in lesions), default=0.0),
+        "model": model_set.label,
+        "folds": " ".join(model_set.members),
+    }
+    scores = None
+    if reference is not None:
+        if reference.shape != mask.shape:
+            raise CaseError(f"{case_id}: reference mask shape {reference.shape} differs from the prediction's {mask.shape}")
+        scores = {"case_id": case_id, **case_metrics(mask, reference, voxel_ml, preset)}
+        scores.update(ref_voxels=int(np.count_nonzero(reference)), pred_voxels=int(np.count_nonzero(mask)))
+    return {"volume": volume, "lesions": lesions, "scores": scores}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """output_dir: where masks, tables and overlays go; settings: the sliding-window settings;
+    save_probabilities: also write the native-grid probability (float32 NIfTI); overwrite:
+    predict cases whose mask exists again (default: keep it and read its rows from it)."""
+
+    output_dir: Path
+    settings: InferenceSettings
+    save_probabilities: bool = False
+    overwrite: bool = False
+
+
+def _save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None, title: str) -> None:
+    """PNG of the axial slice through the most reference (else predicted) lesion."""
+    z = axial_slice_index(reference if reference is not None else mask, mask)
+    slab = None if reference is None else reference[:, :, z]
+    save_case_figure(path, image[:, :, z], slab, mask[:, :, z], f"{title} (axial slice z = {z})")
+
+
+def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet) -> CaseResult:
+    """A case whose mask exists: its rows are read back from that mask (and its reference)."""
+    saved = load_nifti(mask_path, dtype=None)
+    mask = saved.data.astype(bool)
+    reference = None
+    if case.item.mask is not None:
+        stored = load_nifti(case.item.mask, dtype=None)
+        reference = as_binary_mask(stored.data, stored.path).astype(bool)
+    info = _case_info(case.case_id, mask, saved.affine, saved.zooms, reference, model_set)
+    return CaseResult(case.case_id, "skipped", reason=f"{mask_path} exists (use --overwrite)", info=info)
+
+
+def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions) -> CaseResult:
+    """Preprocess, predict and write one case: ``<out_stem>_desc-lesion_mask.nii.gz`` (uint8
+    {0,1}, the source image's grid, affine and header geometry; written last, so its presence
+    marks the case finished), ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities`` and
+    ``overlays/<case_id>.png``. Returns a :class:`CaseResult` whose info holds its table rows."""
+    mask_path = options.output_dir / f"{case.out_stem}{MASK_SUFFIX}"
+    if mask_path.exists() and not options.overwrite:
+        return _finished_case(case, mask_path, model_set)
+    prepared = prepare_case(case, model_set.contract)
+    probability = predict_native(prepared, model_set, options.settings)
+    mask = probability >= model_set.contract["threshold"]
+    source = prepared.source
+    info = _case_info(case.case_id, mask, source.affine, source.zooms, prepared.reference, model_set)
+    header = nib.load(str(source.path)).header
+    if options.save_probabilities:
+        save_nifti(options.output_dir / f"{case.out_stem}{PROB_SUFFIX}", probability.astype(np.float32), source.affine, header)
+    title = f"{case.case_id}: {info['volume']['lesion_volume_ml']:.2f} ml in {info['volume']['lesion_count']} lesion(s)"
+    if info["scores"] is not None:
+        title += f", Dice {info['scores']['dice']:.3f}"
+    _save_overlay(options.output_dir / "overlays" / f"{case.case_id}.png", source.data, mask, prepared.reference, title)
+    save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
+    return CaseResult(case.case_id, "done", info=info)
+
+
+def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options: PredictOptions, workers: int = 1) -> RunReport:
+    """:func:`predict_case` for every case (in ``workers`` processes; CPU only), failures
+    collected as one-line reasons."""
+    process = functools.partial(predict_case, model_set=model_set, options=options)
+    return run_cases(cases, process, workers=workers, desc="cases")
+
+
+def write_tables(output_dir: Path, report: RunReport) -> dict:
+    """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
+    rows of the done and skipped cases, sorted by case id. Returns {"n_scored", "mean_dice"}."""
+    results = sorted((r for r in report.results if r.status in ("done", "skipped") and r.info), key=lambda r: r.case_id)
+    write_csv(output_dir / "lesion_volumes.csv", [r.info["volume"] for r in results], VOLUME_COLUMNS)
+    write_csv(output_dir / "lesions.csv", [row for r in results for row in r.info["lesions"]], LESION_COLUMNS)
+    scores = [r.info["scores"] for r in results if r.info["scores"] is not None]
+    if scores:
+        write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
+    return {"n_scored": len(scores), "mean_dice": float(np.mean([s["dice"] for s in scores])) if scores else None}
+
+
+def write_dataset_description(output_dir: Path, model_set: ModelSet) -> None:
+    """``dataset_description.json`` of a BIDS derivatives dataset (BIDS 1.9, GeneratedBy)."""
+    write_json(output_dir / "dataset_description.json", {
+        "Name": f"strokeseg lesion masks ({model_set.label})",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{
+            "Name": "strokeseg predict.py",
+            "Version": code_version(),
+            "Description": f"{model_set.contract['dataset']} model {model_set.label}, {' '.join(model_set.members)}: mean probability >= {model_set.contract['threshold']}",
+        }],
+    })

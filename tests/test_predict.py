@@ -1,0 +1,289 @@
+"""predict.py and strokeseg.prediction: native-grid masks equal to evaluate.py's, geometry,
+tables, BIDS derivatives, re-runs, the data contract, and bad input refused as the
+preprocessing stages refuse it. Models are untrained tiny networks built at run time."""
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import evaluate
+import models
+import predict
+import preprocess_isles_WITH_BBOX
+import preprocess_stroke_foundation
+from strokeseg.io import read_json, write_json
+
+ISLES_SHAPE = 16  # contract target shape and window of the ISLES models (voxels per axis)
+ATLAS_WINDOW = 32  # smaller than the synthetic brains: several windows per volume
+ATLAS_PATTERNS = {"image_pattern": "**/*_T1w.nii.gz", "mask_pattern": "**/*_label-L_desc-T1lesion_mask.nii.gz"}
+FOUNDATION_SETTINGS = {"target_spacing": [1.0, 1.0, 1.0], "normalization_method": "zscore", "clip_percentile": 99.5, "use_gpu": False, "brain_threshold": 0.0}
+
+
+def _contract(dataset: str, keys: list[str], window: int, preprocessing: dict, fold: int) -> dict:
+    return {"dataset": dataset, "input_keys": keys, "mask_key": "mask", "window": [window] * 3, "threshold": 0.5,
+            "preprocessing": preprocessing, "fold": fold, "train_cases": [], "val_cases": [f"val{fold}"]}
+
+
+def _run_dir(root: Path, dataset: str, keys: list[str], window: int, preprocessing: dict, folds: tuple[int, ...] = (0, 1), contract: bool = True) -> Path:
+    """Untrained width-4 ResNet U-Nets in fold_<k>/best_model.pth, as the trainer lays them out."""
+    variant = "shared" if len(keys) == 2 else "single"
+    for fold in folds:
+        torch.manual_seed(fold)
+        config = {"arch": "resnet18_unet", "variant": variant, "width": 4, "in_channels": len(keys)}
+        model = models.build_model(config)
+        run_config = {"dataset": dataset, "fold": fold, "patch_size": window, "init": "scratch"}
+        extra = {"data_contract": _contract(dataset, keys, window, preprocessing, fold)} if contract else {}
+        models.save_checkpoint(root / f"fold_{fold}" / "best_model.pth", model, config, config=run_config, epoch=3, best_score=0.4 + fold / 10, **extra)
+    return root
+
+
+@pytest.fixture(scope="module")
+def isles_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    settings = {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}
+    return _run_dir(tmp_path_factory.mktemp("isles_run"), "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, settings)
+
+
+@pytest.fixture(scope="module")
+def atlas_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run_dir(tmp_path_factory.mktemp("atlas_run"), "ATLAS", ["image"], ATLAS_WINDOW, FOUNDATION_SETTINGS)
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _splits(path: Path, dataset: str, test: list[str]) -> Path:
+    write_json(path, {f"fold_{k}": {dataset: {"train": [f"train{k}"], "val": [f"val{k}"], "test": test}} for k in range(2)})
+    return path
+
+
+# --------------------------------------------------------------------------- equality with evaluate.py
+
+
+def _isles_subset(source: Path, root: Path, subjects: tuple[str, ...]) -> Path:
+    """A layout-A dataset holding only ``subjects`` of ``source`` (images and masks)."""
+    for sub in subjects:
+        shutil.copytree(source / sub, root / sub)
+        shutil.copytree(source / "derivatives" / sub, root / "derivatives" / sub)
+    return root
+
+
+def test_isles_masks_equal_evaluate_save_nifti_voxel_for_voxel(synthetic_isles_a: Path, isles_run: Path, tmp_path: Path) -> None:
+    # sub-strokecase0006 has an empty reference mask
+    source = _isles_subset(synthetic_isles_a, tmp_path / "isles", ("sub-strokecase0001", "sub-strokecase0006"))
+    data = tmp_path / "eval_data"
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(source), "--output-dir", str(data), "--target-shape", *[str(ISLES_SHAPE)] * 3]) == 0
+    cases = sorted(p.stem for p in data.glob("sub-*.npz"))
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), "--run", f"m={isles_run}",
+            "--ensemble", "--save-nifti", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate.main(argv) == 0
+    out = tmp_path / "pred"
+    assert predict.main(["--input", str(source), "--run", str(isles_run), "--output-dir", str(out), "--precision", "fp32"]) == 0
+    single = tmp_path / "pred_fold1"
+    assert predict.main(["--input", str(source), "--run", str(isles_run), "--folds", "1", "--output-dir", str(single), "--precision", "fp32"]) == 0
+    lesion_voxels = 0
+    for case_id in cases:
+        stem = f"{case_id}/ses-0001/dwi/{case_id}_ses-0001"
+        mask = _voxels(out / f"{stem}_desc-lesion_mask.nii.gz")
+        assert np.array_equal(mask, _voxels(tmp_path / "eval" / "predictions" / "m" / "ensemble" / f"{case_id}.nii.gz")), case_id
+        assert np.array_equal(_voxels(single / f"{stem}_desc-lesion_mask.nii.gz"), _voxels(tmp_path / "eval" / "predictions" / "m" / "fold_1" / f"{case_id}.nii.gz"))
+        lesion_voxels += int(mask.sum())
+    assert lesion_voxels > 0 and mask.dtype == np.uint8
+    evaluated = {(row["fold"], row["case_id"]): row for row in _csv(tmp_path / "eval" / "per_case.csv")}
+    for row in _csv(out / "scores.csv"):  # every synthetic case has a mask: scored like evaluate scores the ensemble
+        assert float(row["dice"]) == pytest.approx(float(evaluated[("ensemble", row["case_id"])]["dice"]), abs=1e-12)
+
+
+def test_atlas_masks_equal_evaluate_with_brain_crop(synthetic_atlas: Path, atlas_run: Path, tmp_path: Path) -> None:
+    base = tmp_path / "foundation"
+    config = {"output_base_dir": str(base), "preprocessing": FOUNDATION_SETTINGS,
+              "datasets": [{"name": "ATLAS", "data_dir": str(synthetic_atlas), **ATLAS_PATTERNS}]}
+    write_json(tmp_path / "config.json", config)
+    assert preprocess_stroke_foundation.main(["--config", str(tmp_path / "config.json")]) == 0
+    cases = ["sub-r001s001_ses-1", "sub-r001s002_ses-1"]
+    splits = _splits(tmp_path / "splits.json", "ATLAS", cases)
+    argv = ["--dataset", "ATLAS", "--data-dir", str(base), "--splits-file", str(splits), "--run", f"m={atlas_run}", "--folds", "0",
+            "--save-nifti", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate.main(argv) == 0
+    out = tmp_path / "pred"
+    assert predict.main(["--input", str(synthetic_atlas), "--pattern", "Training/R001/sub-r001s00[12]/**/*_T1w.nii.gz", "--run", str(atlas_run),
+                         "--folds", "0", "--output-dir", str(out), "--precision", "fp32"]) == 0
+    for case_id in cases:
+        sub, ses = case_id.split("_")
+        mask_path = out / sub / ses / "anat" / f"{case_id}_space-MNI152NLin2009aSym_desc-lesion_mask.nii.gz"
+        expected = _voxels(tmp_path / "eval" / "predictions" / "m" / "fold_0" / f"{case_id}.nii.gz")
+        assert np.array_equal(_voxels(mask_path), expected), case_id
+    assert read_json(out / "prediction_summary.json")["n_done"] == 2
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture(scope="module")
+def sample_prediction(isles_sample_dir: Path, isles_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sample_pred")
+    assert predict.main(["--input", str(isles_sample_dir), "--run", str(isles_run), "--output-dir", str(out), "--save-probabilities"]) == 0
+    return out
+
+
+def test_real_case_mask_has_the_source_grid_header_and_agrees_with_the_tables(sample_prediction: Path, isles_sample_dir: Path) -> None:
+    source = nib.load(str(next(isles_sample_dir.rglob("*_dwi.nii.gz"))))
+    stem = sample_prediction / "sub-strokecase0009" / "ses-0001" / "sub-strokecase0009_ses-0001"
+    saved = nib.load(str(stem.parent / (stem.name + "_desc-lesion_mask.nii.gz")))
+    mask = np.asarray(saved.dataobj)
+    assert mask.shape == source.shape == (112, 112, 73) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert np.allclose(saved.affine, source.affine, atol=1e-6)
+    for coded in ("get_qform", "get_sform"):
+        assert getattr(saved.header, coded)(coded=True)[1] == getattr(source.header, coded)(coded=True)[1]
+    prob = nib.load(str(stem.parent / (stem.name + "_desc-lesion_probseg.nii.gz"))).get_fdata()
+    assert np.array_equal(prob >= 0.5, mask.astype(bool))
+    voxel_ml = float(np.prod(source.header.get_zooms()[:3])) / 1000
+    row = _csv(sample_prediction / "lesion_volumes.csv")[0]
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))  # isles22: 26-connectivity
+    sizes = np.bincount(labels.ravel())[1:]
+    assert row["case_id"] == "sub-strokecase0009" and int(row["lesion_count"]) == count > 0
+    assert float(row["lesion_volume_ml"]) == pytest.approx(mask.sum() * voxel_ml)
+    assert float(row["largest_lesion_ml"]) == pytest.approx(sizes.max() * voxel_ml)
+    assert row["folds"] == "fold_0 fold_1"
+    lesions = _csv(sample_prediction / "lesions.csv")
+    assert len(lesions) == count and sum(int(r["voxels"]) for r in lesions) == mask.sum()
+    biggest = max(lesions, key=lambda r: int(r["voxels"]))
+    centroid = np.array(ndimage.center_of_mass(labels == int(biggest["lesion_id"])))
+    world = source.affine[:3, :3] @ centroid + source.affine[:3, 3]
+    assert [float(biggest[f"centroid_{a}_mm"]) for a in "xyz"] == pytest.approx(world.tolist())
+    assert (sample_prediction / "overlays" / "sub-strokecase0009.png").stat().st_size > 1000
+    assert _csv(sample_prediction / "scores.csv")[0]["case_id"] == "sub-strokecase0009"
+    assert read_json(sample_prediction / "run_args.json")["args"]["precision"] == "auto"
+
+
+def test_bids_input_gives_a_derivatives_tree(sample_prediction: Path) -> None:
+    description = read_json(sample_prediction / "dataset_description.json")
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
+    assert description["GeneratedBy"][0]["Name"] == "strokeseg predict.py" and description["GeneratedBy"][0]["Version"]
+    niftis = sorted(p.relative_to(sample_prediction).as_posix() for p in sample_prediction.rglob("*.nii.gz"))
+    assert niftis == [
+        "sub-strokecase0009/ses-0001/sub-strokecase0009_ses-0001_desc-lesion_mask.nii.gz",
+        "sub-strokecase0009/ses-0001/sub-strokecase0009_ses-0001_desc-lesion_probseg.nii.gz",
+    ]
+
+
+def test_single_files_flat_output_scored_with_mask_and_rerun_skips(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path) -> None:
+    folder = synthetic_isles_b / "rawdata" / "sub-strokecase0002" / "ses-0001"
+    mask = synthetic_isles_b / "derivatives" / "sub-strokecase0002" / "ses-0001" / "sub-strokecase0002_ses-0001_msk.nii.gz"
+    out = tmp_path / "out"
+    argv = ["--dwi", str(folder / "sub-strokecase0002_ses-0001_dwi.nii.gz"), "--adc", str(folder / "sub-strokecase0002_ses-0001_adc.nii.gz"),
+            "--mask", str(mask), "--run", str(isles_run), "--output-dir", str(out)]
+    assert predict.main(argv) == 0
+    mask_path = out / "sub-strokecase0002_ses-0001_desc-lesion_mask.nii.gz"
+    assert mask_path.is_file() and not (out / "dataset_description.json").exists()
+    first = (mask_path.stat().st_mtime_ns, _csv(out / "lesion_volumes.csv"), _csv(out / "scores.csv"))
+    assert predict.main(argv) == 0  # finished: kept, its rows read back from the mask on disk
+    summary = read_json(out / "prediction_summary.json")
+    assert summary["n_skipped"] == 1 and "exists" in summary["skipped"][0]["reason"]
+    assert (mask_path.stat().st_mtime_ns, _csv(out / "lesion_volumes.csv"), _csv(out / "scores.csv")) == first
+    assert predict.main([*argv, "--overwrite"]) == 0
+    assert read_json(out / "prediction_summary.json")["n_done"] == 1 and mask_path.stat().st_mtime_ns != first[0]
+
+
+def test_t1w_image_on_another_grid_is_mapped_back_to_it(synthetic_uoa: Path, tmp_path: Path) -> None:
+    run = _run_dir(tmp_path / "uoa_run", "UOA_Private", ["image"], ATLAS_WINDOW, FOUNDATION_SETTINGS, folds=(0,))
+    image = synthetic_uoa / "UOA004" / "UOA004_T1_FNIRT_MNI.nii.gz"  # 1.25 x 1.5 x 2 mm: resampled to 1 mm for the network
+    out = tmp_path / "out"
+    assert predict.main(["--image", str(image), "--run", str(run), "--output-dir", str(out), "--no-brain-crop"]) == 0
+    saved, source = nib.load(str(out / "UOA004_desc-lesion_mask.nii.gz")), nib.load(str(image))
+    assert saved.shape == source.shape == (37, 36, 23) and np.allclose(saved.affine, source.affine)
+    assert not (out / "scores.csv").exists()
+    assert read_json(out / "prediction_summary.json")["data_contract"]["dataset"] == "UOA_Private"
+
+
+def test_t1w_folder_by_pattern(synthetic_uoa: Path, atlas_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert predict.main(["--input", str(synthetic_uoa), "--pattern", "UOA00[12]/*_T1_FNIRT_MNI.nii.gz", "--run", str(atlas_run),
+                         "--folds", "1", "--output-dir", str(out)]) == 0
+    rows = _csv(out / "lesion_volumes.csv")
+    assert [row["case_id"] for row in rows] == ["UOA001", "UOA002"]
+    assert not (out / "scores.csv").exists()  # no --mask-pattern: nothing to score
+
+
+# --------------------------------------------------------------------------- models and bad input
+
+
+def test_checkpoint_without_data_contract_is_refused(isles_sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {}, folds=(0,), contract=False)
+    assert predict.main(["--input", str(isles_sample_dir), "--run", str(run), "--output-dir", str(tmp_path / "out")]) == 2
+    assert re.search(r"best_model\.pth: checkpoint has no data contract", capsys.readouterr().out)
+
+
+def test_models_with_different_contracts_are_not_mixed(isles_sample_dir: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = _run_dir(tmp_path / "other", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {"target_shape": [32] * 3, "margin": 4}, folds=(0,))
+    argv = ["--input", str(isles_sample_dir), "--run", str(isles_run), "--run", str(other), "--output-dir", str(tmp_path / "out")]
+    assert predict.main(argv) == 2
+    assert re.search(r"other/fold_0/best_model\.pth: data contract differs from .*'s in \['preprocessing'\]", capsys.readouterr().out)
+
+
+def test_wrong_input_kind_for_the_model(synthetic_atlas: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = next(synthetic_atlas.rglob("*_T1w.nii.gz"))
+    assert predict.main(["--image", str(image), "--run", str(isles_run), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "this model reads DWI and ADC" in capsys.readouterr().out
+
+
+def _stage_reasons(summary_path: Path) -> dict[str, str]:
+    return {item["case_id"]: item["reason"] for item in read_json(summary_path)["failed"]}
+
+
+def test_bad_isles_input_refused_as_the_preprocessing_stage_refuses_it(isles_sample_dir: Path, isles_run: Path, tmp_path: Path) -> None:
+    from test_isles import _bad_dataset
+
+    expected = _bad_dataset(isles_sample_dir, tmp_path / "bad")
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(tmp_path / "bad"), "--output-dir", str(tmp_path / "stage"), "--target-shape", "24", "24", "24"]) == 1
+    stage = _stage_reasons(tmp_path / "stage" / "preprocessing_summary.json")
+    out = tmp_path / "out"
+    assert predict.main(["--input", str(tmp_path / "bad"), "--run", str(isles_run), "--folds", "0", "--output-dir", str(out)]) == 1
+    failed = _stage_reasons(out / "prediction_summary.json")
+    assert failed == {case_id: reason for case_id, reason in stage.items() if "no mask file" not in reason}
+    assert len(failed) == len([p for p in expected.values() if p]) - 1  # a missing mask is no error here
+    done = [row["case_id"] for row in _csv(out / "lesion_volumes.csv")]
+    assert done == ["sub-strokecasegood1", "sub-strokecasegood2", "sub-strokecasenomask"]
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+
+
+def test_bad_t1w_input_refused_as_the_preprocessing_stage_refuses_it(synthetic_uoa: Path, tmp_path: Path) -> None:
+    from test_foundation import _bad_dataset, _config, _run
+
+    _bad_dataset(synthetic_uoa, tmp_path / "bad")
+    assert _run(_config(tmp_path, use_gpu=False), tmp_path / "stage", ["--datasets", "UOA_Private"], UOA_Private=tmp_path / "bad") == 1
+    stage = _stage_reasons(tmp_path / "stage" / "UOA_Private" / "UOA_Private_summary.json")
+    run = _run_dir(tmp_path / "uoa_run", "UOA_Private", ["image"], ATLAS_WINDOW, FOUNDATION_SETTINGS, folds=(0,))
+    out = tmp_path / "out"
+    assert predict.main(["--input", str(tmp_path / "bad"), "--run", str(run), "--output-dir", str(out)]) == 1
+    failed = _stage_reasons(out / "prediction_summary.json")
+    assert failed == {case_id: reason for case_id, reason in stage.items() if case_id != "NOMASK"}
+    assert [row["case_id"] for row in _csv(out / "lesion_volumes.csv")] == ["GOOD1", "GOOD2", "NOMASK"]
+    assert {row["case_id"] for row in _csv(out / "scores.csv")} == {"GOOD1", "GOOD2"}
+
+
+def test_argument_errors(tmp_path: Path) -> None:
+    for argv in (
+        ["--run", "r", "--output-dir", "o"],
+        ["--input", "d", "--image", "i", "--run", "r", "--output-dir", "o"],
+        ["--dwi", "d", "--run", "r", "--output-dir", "o"],
+        ["--input", "d", "--mask", "m", "--run", "r", "--output-dir", "o"],
+        ["--image", "i", "--output-dir", "o"],
+    ):
+        with pytest.raises(SystemExit) as err:
+            predict.parse_args(argv)
+        assert err.value.code == 2, argv
