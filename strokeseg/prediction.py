@@ -57,6 +57,7 @@ __all__ = [
     "PredictOptions",
     "code_version",
     "read_data_contract",
+    "shared_contract",
     "load_model_set",
     "discover_cases",
     "prepare_case",
@@ -158,7 +159,9 @@ def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel
     return fold_model, contract
 
 
-def _shared(contract: Mapping) -> dict:
+def shared_contract(contract: Mapping) -> dict:
+    """The part of a data contract that every model of one model set shares (all keys but
+    window, fold and the case lists)."""
     return {key: value for key, value in contract.items() if key not in _PER_MODEL_KEYS}
 
 
@@ -173,8 +176,8 @@ def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device
             fold_model, found = _load_member(path, fold, device)
             if contract is None:
                 contract, first = found, path
-            elif _shared(found) != _shared(contract):
-                differ = sorted(k for k in set(_shared(found)) | set(_shared(contract)) if found.get(k) != contract.get(k))
+            elif shared_contract(found) != shared_contract(contract):
+                differ = sorted(k for k in set(shared_contract(found)) | set(shared_contract(contract)) if found.get(k) != contract.get(k))
                 raise CaseError(f"{path}: data contract differs from {first}'s in {differ}; models of one prediction must share it")
             fold_models.append(fold_model)
             members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{Path(run_dir).name}/fold_{fold}")

@@ -287,3 +287,42 @@ def test_argument_errors(tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as err:
             predict.parse_args(argv)
         assert err.value.code == 2, argv
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_exported_model_predicts_the_same_and_carries_a_model_card(isles_sample_dir: Path, isles_run: Path, sample_prediction: Path, tmp_path: Path) -> None:
+    from strokeseg import export
+
+    run = tmp_path / "run"
+    shutil.copytree(isles_run, run)
+    checkpoint = models.load_checkpoint(run / "fold_0" / "best_model.pth")
+    models.save_checkpoint(run / "fold_0" / "best_model.pth", models.model_from_checkpoint(run / "fold_0" / "best_model.pth")[0],
+                           checkpoint["model_config"], optimizer={"state": {}, "param_groups": []}, rng={"seed": 1},
+                           **{k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model")})
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", ["sub-strokecase0009"])
+    data = tmp_path / "data"
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(isles_sample_dir), "--output-dir", str(data), "--target-shape", *[str(ISLES_SHAPE)] * 3]) == 0
+    assert evaluate.main(["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), "--run", f"m={run}",
+                          "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]) == 0
+    out = tmp_path / "model"
+    assert export.main([str(run), str(out), "--evaluation", str(tmp_path / "eval")]) == 0
+    stored = torch.load(out / "fold_0" / "best_model.pth", weights_only=True)
+    assert "optimizer" not in stored and "rng" not in stored and stored["data_contract"]["dataset"] == "ISLES2022"
+    card = read_json(out / "model_card.json")
+    assert card["architecture"]["variant"] == "shared" and card["data_contract"]["preprocessing"]["target_shape"] == [ISLES_SHAPE] * 3
+    assert card["folds"]["fold_1"]["validation_dice"] == pytest.approx(0.5) and card["training_arguments"]["patch_size"] == ISLES_SHAPE
+    assert card["evaluation"]["runs"]["m"]["fold_summary"] and card["code_version"]
+    assert export.main([str(run), str(out)]) == 2  # an existing export is kept
+    assert predict.main(["--input", str(isles_sample_dir), "--run", str(out), "--output-dir", str(tmp_path / "pred"), "--save-probabilities"]) == 0
+    name = "sub-strokecase0009/ses-0001/sub-strokecase0009_ses-0001_desc-lesion_mask.nii.gz"
+    assert np.array_equal(_voxels(tmp_path / "pred" / name), _voxels(sample_prediction / name))
+
+
+def test_export_refuses_a_checkpoint_without_data_contract(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from strokeseg import export
+
+    run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {}, folds=(0,), contract=False)
+    assert export.main([str(run), str(tmp_path / "out")]) == 2
+    assert "checkpoint has no data contract" in capsys.readouterr().out and not (tmp_path / "out" / "model_card.json").exists()
