@@ -14,10 +14,20 @@ and stitching), the time ratio ours / MONAI (target <= 0.8), the max absolute ou
 allocator peak; CPU: growth of the peak resident set). The "rest" column and the --model
 pointwise run show what the window loops themselves cost.
 
+``--brain`` replaces the noise volume by a synthetic skull-stripped T1w brain preprocessed as the
+foundation stage does (z-scored, 0 outside the brain). ``--brain-crop`` (implies --brain) runs
+ours over the brain's bounding box only, as evaluate.py/predict.py do for whole-volume datasets,
+against MONAI over the whole volume (target <= 0.35 at width 16), and prints the Dice between
+ours cropped and uncropped (target >= 0.995; meaningful for a trained network: --checkpoint).
+``--precision bf16`` (or auto) also times ours in bfloat16 autocast against float32, same crop,
+and prints their speed ratio (target >= 1.7) and Dice (target >= 0.995).
+
     python benchmarks/bench_inference.py                      # tiny conv net, 197x233x189, window 96
     python benchmarks/bench_inference.py --model resnet18 --width 8
     python benchmarks/bench_inference.py --model pointwise    # stitching overhead only
     python benchmarks/bench_inference.py --device cuda --model resnet18 --width 32 --repeats 5
+    python benchmarks/bench_inference.py --model resnet18 --width 16 --brain-crop --precision bf16
+    python benchmarks/bench_inference.py --brain-crop --precision bf16 --checkpoint runs/atlas/fold_0/best_model.pth
 
 MONAI is needed only here: ``.venv/bin/pip install --no-deps monai`` (torch and numpy are its
 only hard dependencies, --no-deps keeps the pinned versions).
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,7 +48,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg.inference import amp_autocast, sliding_window_inference  # noqa: E402
+from strokeseg import synthetic  # noqa: E402
+from strokeseg.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
+from strokeseg.inference import PRECISIONS, amp_autocast, nonzero_box, sliding_window_inference  # noqa: E402
+from strokeseg.io import load_nifti  # noqa: E402
+from strokeseg.metrics import dice  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,8 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--monai-channels-last", action="store_true",
                    help="give MONAI the channels-last network and windows too (by hand, in its predictor)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--brain", action="store_true", help="a synthetic preprocessed T1w brain (0 outside it) instead of noise")
+    p.add_argument("--brain-crop", action="store_true", help="ours runs over the brain's box only (implies --brain); prints Dice cropped vs uncropped")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/auto: also time ours in that precision against fp32 (default fp32: no)")
+    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint of this pipeline to run instead of --model (its config sets width and channels)")
     p.add_argument("--memory-of", choices=["ours", "monai"], help=argparse.SUPPRESS)  # child process mode
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.brain = args.brain or args.brain_crop
+    return args
 
 
 def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -73,6 +94,8 @@ def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
             torch.nn.Conv3d(args.width, 1, 1),
             torch.nn.Sigmoid(),
         ).to(device).eval()
+    if args.checkpoint is not None:
+        return models.model_from_checkpoint(args.checkpoint, map_location=device)[0].eval()
     config = {"arch": "resnet18_unet", "variant": "single", "in_channels": args.channels, "width": args.width}
     return models.build_model(config).to(device).eval()
 
@@ -83,7 +106,7 @@ def build_predictor(name: str, args: argparse.Namespace, device: torch.device) -
     channels_last = name == "ours" or args.monai_channels_last
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)  # what evaluate.py does
-    forward = net if args.model in ("conv", "pointwise") else (lambda x: models.foreground_probability(net, x))
+    forward = net if args.model in ("conv", "pointwise") and args.checkpoint is None else (lambda x: models.foreground_probability(net, x))
     if name == "monai" and channels_last:
         return lambda x: forward(x.contiguous(memory_format=torch.channels_last_3d))
     return forward
@@ -106,16 +129,17 @@ def peak_memory_mib(name: str, argv: list[str]) -> float:
 
 def _memory_child(name: str, volume: torch.Tensor, args, device: torch.device) -> None:
     predictor = build_predictor(name, args, device)
+    crop = args.brain_crop and name == "ours"
     run_once(name, volume[:, : args.window + 8, : args.window, : args.window], predictor, args, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_once(name, volume, predictor, args, device)
+        run_once(name, volume, predictor, args, device, crop=crop)
         print((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
         base = _peak_rss_kib()
-        run_once(name, volume, predictor, args, device)
+        run_once(name, volume, predictor, args, device, crop=crop)
         print((_peak_rss_kib() - base) / 1024)
 
 
@@ -145,19 +169,63 @@ class TimedPredictor:
         return out
 
 
-def run_once(name: str, volume: torch.Tensor, predictor: Callable, args, device) -> tuple[np.ndarray, dict]:
+def run_once(name: str, volume: torch.Tensor, predictor: Callable, args, device, crop: bool = False, precision: str = "fp32") -> tuple[np.ndarray, dict]:
+    """One whole-volume inference by ``name``; ours over the brain's box only with ``crop`` (the
+    rest 0) and at ``precision``. Returns the probabilities and {"total", "predictor"} seconds."""
     from monai.inferers import sliding_window_inference as monai_swi
 
     timed = TimedPredictor(predictor, device, autocast=name == "monai")
     start = time.perf_counter()
     with torch.inference_mode():
         if name == "ours":
-            out = sliding_window_inference(volume, timed, args.window, overlap=args.overlap, mode="gaussian",
-                                           sw_batch_size=args.sw_batch_size, device=device)
+            box = nonzero_box(volume.cpu().numpy()) if crop else None
+            region = volume if box is None else volume[(slice(None), *box)]
+            out = sliding_window_inference(region, timed, args.window, overlap=args.overlap, mode="gaussian",
+                                           sw_batch_size=args.sw_batch_size, device=device, precision=precision)
+            if box is not None:
+                whole = np.zeros(volume.shape[1:], dtype=np.float32)
+                whole[box] = out
+                out = whole
         else:
             out = monai_swi(volume[None], args.window, args.sw_batch_size, timed, overlap=args.overlap,
                             mode="gaussian", sigma_scale=0.125)[0, 0].float().cpu().numpy()
     return out, {"total": time.perf_counter() - start, "predictor": timed.seconds}
+
+
+def brain_volume(shape: tuple[int, int, int], channels: int) -> torch.Tensor:
+    """(channels, X, Y, Z) float32: a synthetic skull-stripped T1w brain (UOA-like, 1 mm),
+    preprocessed as the foundation stage does (brain mask, clip, z-score; 0 outside)."""
+    with tempfile.TemporaryDirectory() as folder:
+        synthetic.make_uoa(folder, 1, seed=0, shape=shape)
+        image = load_nifti(Path(folder) / "UOA001" / "UOA001_T1_FNIRT_MNI.nii.gz")
+    normalised = normalise_foundation_case(image, None, PreprocessingConfig(use_gpu=False), None).image
+    return torch.from_numpy(np.ascontiguousarray(np.repeat(normalised[None], channels, axis=0)))
+
+
+def best_of(name: str, volume: torch.Tensor, predictor: Callable, args, device, crop: bool, precision: str) -> tuple[np.ndarray, dict]:
+    """Best (shortest) of ``args.repeats`` runs."""
+    runs = [run_once(name, volume, predictor, args, device, crop, precision) for _ in range(args.repeats)]
+    return min(runs, key=lambda run: run[1]["total"])
+
+
+def crop_and_precision_report(volume: torch.Tensor, predictor: Callable, cropped: tuple[np.ndarray, dict], args, device) -> None:
+    """Print ours cropped vs uncropped (time, Dice) and, unless --precision fp32, that precision
+    vs fp32 (speed ratio, Dice), all at threshold 0.5."""
+    lesion = int(np.count_nonzero(cropped[0] >= 0.5))
+    note = "" if args.checkpoint else "; an untrained network: the Dice figures need a trained one (--checkpoint)"
+    print(f"voxels predicted lesion (p >= 0.5): {lesion} of {cropped[0].size}{note}")
+    if args.brain_crop:
+        whole = best_of("ours", volume, predictor, args, device, False, "fp32")
+        speed = whole[1]["total"] / cropped[1]["total"]
+        score = dice(cropped[0] >= 0.5, whole[0] >= 0.5)
+        print(f"brain crop: {whole[1]['total']:.3f} s uncropped -> {cropped[1]['total']:.3f} s cropped ({speed:.2f}x faster); "
+              f"Dice cropped vs uncropped {score:.4f} (target >= 0.995)")
+    if args.precision != "fp32":
+        low = best_of("ours", volume, predictor, args, device, args.brain_crop, args.precision)
+        speed = cropped[1]["total"] / low[1]["total"]
+        score = dice(low[0] >= 0.5, cropped[0] >= 0.5)
+        print(f"precision {args.precision} vs fp32: {low[1]['total']:.3f} s vs {cropped[1]['total']:.3f} s ({speed:.2f}x faster, target >= 1.7); "
+              f"Dice {score:.4f} (target >= 0.995); max |diff| {float(np.abs(low[0] - cropped[0]).max()):.2e}")
 
 
 def main(argv=None) -> int:
@@ -170,13 +238,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rng = np.random.default_rng(0)
-    volume = torch.from_numpy(rng.standard_normal((args.channels, *args.shape), dtype=np.float32)).to(device)
+    if args.brain:
+        volume = brain_volume(tuple(args.shape), args.channels).to(device)
+    else:
+        volume = torch.from_numpy(np.random.default_rng(0).standard_normal((args.channels, *args.shape), dtype=np.float32)).to(device)
     if args.memory_of:
         _memory_child(args.memory_of, volume, args, device)
         return 0
     print(f"MONAI {monai.__version__}, torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
-    model = args.model if args.model == "pointwise" else f"{args.model} width {args.width}"
+    model = str(args.checkpoint) if args.checkpoint else args.model if args.model == "pointwise" else f"{args.model} width {args.width}"
     monai_layout = "channels-last (by hand)" if args.monai_channels_last else "as trained (contiguous)"
     print(f"volume {tuple(volume.shape)}, window {args.window}, overlap {args.overlap}, "
           f"sw_batch_size {args.sw_batch_size}, model {model}; ours channels-last, MONAI {monai_layout}")
@@ -189,8 +259,11 @@ def main(argv=None) -> int:
     outputs = {}
     for _ in range(args.repeats):
         for name in ("ours", "monai"):
-            outputs[name], stats = run_once(name, volume, predictors[name], args, device)
+            outputs[name], stats = run_once(name, volume, predictors[name], args, device, crop=args.brain_crop and name == "ours")
             runs[name].append(stats)
+    if args.brain:
+        box = nonzero_box(volume.cpu().numpy())
+        print(f"brain box {tuple(b.stop - b.start for b in box)} of {tuple(args.shape)}; ours {'cropped to it' if args.brain_crop else 'whole volume'}, MONAI whole volume")
 
     best = {name: min(stats, key=lambda s: s["total"]) for name, stats in runs.items()}
     child_argv = sys.argv[1:] if argv is None else list(argv)
@@ -202,8 +275,15 @@ def main(argv=None) -> int:
     rest = {name: s["total"] - s["predictor"] for name, s in best.items()}
     rest_ratio = rest["ours"] / rest["monai"]
     diff = float(np.abs(outputs["ours"] - outputs["monai"]).max())
-    print(f"time ratio ours/MONAI: {ratio:.3f} (target <= 0.8); outside the predictor: {rest_ratio:.3f}")
+    target = "0.35 with the brain crop at width 16" if args.brain_crop else "0.8"
+    print(f"time ratio ours/MONAI: {ratio:.3f} (target <= {target}); outside the predictor: {rest_ratio:.3f}")
+    if args.brain_crop:
+        ours_best = (outputs["ours"], best["ours"])
+        crop_and_precision_report(volume, predictors["ours"], ours_best, args, device)
+        return 0
     print(f"max |ours - MONAI|: {diff:.2e} (target <= 1e-4) -> {'OK' if diff <= 1e-4 else 'MISMATCH'}")
+    if args.precision != "fp32":
+        crop_and_precision_report(volume, predictors["ours"], (outputs["ours"], best["ours"]), args, device)
     return 0 if diff <= 1e-4 else 1
 
 

@@ -1,0 +1,123 @@
+"""Time predict.py's per-case work against the forward passes inside it.
+
+Writes synthetic cases (ATLAS-like T1w by default, or ISLES DWI+ADC) and an untrained ResNet-18
+U-Net run folder with a data contract, then runs prediction as ``predict.py`` does (load, read,
+preprocess, sliding windows, map back, threshold, tables, NIfTI, overlay) and measures, in the
+same run, the seconds spent inside the networks' forward passes (hooks on each fold model).
+Prints per case: wall time, forward time, their ratio (target <= 1.25), and the overall ratio.
+
+    python benchmarks/bench_predict.py                                    # ATLAS-size, width 16
+    python benchmarks/bench_predict.py --dataset isles --shape 112 112 73 --width 32
+    python benchmarks/bench_predict.py --shape 98 116 94 --window 48 --width 8 --cases 2   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import models  # noqa: E402
+from strokeseg import prediction as pr  # noqa: E402
+from strokeseg import synthetic  # noqa: E402
+from strokeseg.evaluation import InferenceSettings  # noqa: E402
+
+_SETTINGS = {
+    "atlas": ("ATLAS", ["image"], {"target_spacing": [1.0, 1.0, 1.0], "clip_percentile": 99.5, "brain_threshold": 0.0}),
+    "isles": ("ISLES2022", ["dwi", "adc"], {"target_shape": [96, 96, 96], "margin": 4}),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(_SETTINGS), default="atlas", help="synthetic input kind (default atlas)")
+    p.add_argument("--shape", type=int, nargs=3, help="native grid in voxels (default 197 233 189 for atlas, 112 112 73 for isles)")
+    p.add_argument("--cases", type=int, default=2, help="cases to predict (default 2)")
+    p.add_argument("--folds", type=int, default=1, help="fold models in the ensemble (default 1)")
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 U-Net base width (default 16)")
+    p.add_argument("--window", type=int, default=96, help="training patch / window in voxels (default 96)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="network arithmetic (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def make_inputs(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
+    """Synthetic cases under ``root / 'data'`` and a run folder ``root / 'run'`` (untrained)."""
+    dataset, keys, preprocessing = _SETTINGS[args.dataset]
+    if args.dataset == "atlas":
+        synthetic.make_atlas(root / "data", args.cases, seed=0, shape=args.shape or (197, 233, 189))
+    else:
+        synthetic.make_isles(root / "data", args.cases, layout="A", seed=0, shape=args.shape or (112, 112, 73))
+    config = {"arch": "resnet18_unet", "variant": "shared" if len(keys) == 2 else "single", "width": args.width, "in_channels": len(keys)}
+    for fold in range(args.folds):
+        torch.manual_seed(fold)
+        contract = {"dataset": dataset, "input_keys": keys, "window": [args.window] * 3, "threshold": 0.5, "preprocessing": preprocessing, "fold": fold}
+        run_config = {"dataset": dataset, "fold": fold, "patch_size": args.window}
+        models.save_checkpoint(root / "run" / f"fold_{fold}" / "best_model.pth", models.build_model(config), config, config=run_config, data_contract=contract)
+    return root / "run", keys
+
+
+def time_forward_passes(model_set: pr.ModelSet, device: torch.device) -> list[float]:
+    """A one-element list that the fold models' forward hooks add their seconds to."""
+    spent, started = [0.0], [0.0]
+
+    def before(module, inputs):
+        started[0] = time.perf_counter()
+
+    def after(module, inputs, output):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - started[0]
+
+    for fold_model in model_set.fold_models:
+        fold_model.model.register_forward_pre_hook(before)
+        fold_model.model.register_forward_hook(after)
+    return spent
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    root = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    try:
+        run, _ = make_inputs(args, root)
+        model_set = pr.load_model_set([run], None, device)
+        spec = model_set.spec
+        pattern = "**/*_T1w.nii.gz" if args.dataset == "atlas" else None
+        cases, _ = pr.discover_cases(pr.InputSpec(root / "data", image_pattern=pattern), spec)
+        settings = InferenceSettings(device=device, precision=args.precision, brain_crop=spec.whole_volume)
+        options = pr.PredictOptions(root / "out", settings)
+        spent = time_forward_passes(model_set, device)
+        first = dict(list(cases.items())[:1])
+        pr.predict_cases(first, model_set, pr.PredictOptions(root / "warm", settings))  # warm-up: allocator, oneDNN kernels
+        print(f"{args.dataset}: {len(cases)} case(s), native shape {args.shape or 'default'}, {args.folds} fold model(s), ResNet-18 U-Net width {args.width}, "
+              f"window {args.window}, precision {args.precision}, brain crop {spec.whole_volume}, device {device}, {torch.get_num_threads()} threads")
+        print(f"{'case':24}{'wall s':>9}{'forward s':>11}{'ratio':>8}")
+        wall_total, forward_total = 0.0, 0.0
+        for case_id, case in cases.items():
+            spent[0] = 0.0
+            start = time.perf_counter()
+            report = pr.predict_cases({case_id: case}, model_set, options)
+            wall = time.perf_counter() - start
+            if report.n_failed:
+                print(f"{case_id}: failed: {report.results[0].reason}")
+                return 1
+            wall_total, forward_total = wall_total + wall, forward_total + spent[0]
+            print(f"{case_id:24}{wall:9.2f}{spent[0]:11.2f}{wall / spent[0]:8.3f}")
+        print(f"predict wall time / sum of forward passes: {wall_total / forward_total:.3f} (target <= 1.25)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
