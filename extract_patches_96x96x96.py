@@ -5,8 +5,8 @@ Despite the file name, any ``--patch_size`` works. For each ``<input_dir>/<datas
 writes ``<output_dir>/<dataset>_patches_<size>/<case>.npz`` (``patches``, ``masks``, ``centers``,
 ``original_shape``, ``spacing``, ``lesion_volume``, ``patient_id``, ``patch_kind``; see
 strokeseg.patches.extract_case_patches), ``patient_ids.json`` and ``<dataset>_<size>_summary.json``.
-Every patch has lesion fraction >= --min_lesion_overlap, except the single centroid patch of a
-lesion too small for the rule ("fallback" in the summary). Lesion-free cases are kept, with
+Every patch has lesion fraction >= --min_lesion_overlap, except the single patch of a lesion
+too small for the rule, the window holding the most lesion voxels ("fallback" in the summary). Lesion-free cases are kept, with
 patches at brain voxels ("lesion_free"). Windows stay inside the volume; a volume shorter than
 the patch is padded with 0 (the z-scored background). Flags may be spelled --input_dir or --input-dir.
 

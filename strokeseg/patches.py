@@ -31,6 +31,8 @@ __all__ = [
     "clamp_centers",
     "lesion_fraction",
     "lesion_centers",
+    "window_counts",
+    "best_window_center",
     "tissue_centers",
     "random_centers",
     "extract_patch",
@@ -119,6 +121,57 @@ def _unique_rows(rows: np.ndarray, limit: int) -> np.ndarray:
     return rows[np.sort(first)][:limit]
 
 
+def _moving_sum(volume: np.ndarray, p: int, axis: int) -> np.ndarray:
+    """Sums of ``p`` consecutive entries along ``axis`` (length n -> n - p + 1), int32, exact."""
+    cum = np.cumsum(volume, axis=axis, dtype=np.int32)
+    lead = (slice(None),) * axis
+    out = cum[lead + (slice(p - 1, None),)].copy()
+    out[lead + (slice(1, None),)] -= cum[lead + (slice(None, -p),)]
+    return out
+
+
+def window_counts(mask: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion voxels in every P-window inside the volume that can touch the lesion (a box filter).
+
+    mask: (X, Y, Z) binary with at least one non-zero voxel. Returns ``counts`` (A, B, C) int32
+    and ``start`` (3,) int64: ``counts[i, j, k]`` is the number of lesion voxels in the window
+    starting at ``start + (i, j, k)``. Windows are the ones :func:`clamp_centers` allows (an axis
+    shorter than P has the single centred window); windows that cannot reach the lesion's
+    bounding box are left out. Three cumulative-sum passes over the box grown by P - 1. Raises
+    ValueError for a mask without lesion.
+    """
+    p = _check_patch_size(patch_size)
+    if not mask.any():
+        raise ValueError("mask has no lesion voxel")
+    region = foreground_bbox(mask, margin=p - 1)
+    counts = crop(mask, region).astype(bool)
+    start = region[:, 0].copy()
+    for axis, size in enumerate(mask.shape):
+        if size >= p:
+            counts = _moving_sum(counts, p, axis)
+        else:  # the one window covers the whole axis
+            counts = counts.sum(axis=axis, keepdims=True, dtype=np.int32)
+            start[axis] = -((p - size) // 2)
+    return counts, start
+
+
+def best_window_center(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """Centre (3,) int64 of the P-window inside the volume holding the most lesion voxels.
+
+    Among windows holding as many, the one whose centre is nearest to the centroid of the lesion
+    voxels in the first such window (C order): a single focus sits in the middle of its window,
+    and of several foci too far apart for one window, the window holds the largest group whole.
+    The window holds at least one lesion voxel. Raises ValueError for a mask without lesion.
+    """
+    p = _check_patch_size(patch_size)
+    counts, start = window_counts(mask, p)
+    ties = np.argwhere(counts == counts.max())
+    first = np.stack([start + ties[0], start + ties[0] + p], axis=1).clip(0, np.array(mask.shape)[:, None])
+    centroid = first[:, 0] + np.argwhere(crop(mask, first)).mean(axis=0)
+    centers = start + ties + p // 2
+    return centers[np.argmin(((centers - centroid) ** 2).sum(axis=1))]
+
+
 def lesion_centers(
     mask: np.ndarray, n: int, patch_size: int, min_overlap: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, bool]:
@@ -127,9 +180,10 @@ def lesion_centers(
 
     Candidates are lesion voxels taken in a uniformly random order (no bias to low indices),
     moved inside the volume (:func:`clamp_centers`) and rejected when their window fails the
-    rule. When no window can pass (a lesion too small for the rule), the result is the single
-    window at the lesion's centroid and ``used_fallback`` is True. Raises ValueError when the
-    mask has no lesion voxel (use :func:`tissue_centers`).
+    rule. When no window can pass (a lesion too small or too scattered for the rule), the result
+    is the single window holding the most lesion voxels (:func:`best_window_center`; never the
+    centroid of all lesion voxels, which between two foci can hold none) and ``used_fallback``
+    is True. Raises ValueError when the mask has no lesion voxel (use :func:`tissue_centers`).
     """
     p = _check_patch_size(patch_size)
     if n < 1:
@@ -152,8 +206,7 @@ def lesion_centers(
                 break
     if len(accepted):
         return accepted, False
-    centroid = np.round(np.stack(np.unravel_index(voxels, mask.shape), axis=1).mean(axis=0))
-    return clamp_centers(centroid[None], mask.shape, p), True
+    return best_window_center(mask, p)[None], True
 
 
 def tissue_centers(brain_mask: np.ndarray, n: int, patch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -247,9 +300,9 @@ def extract_case_patches(
     """Cut up to ``max_patches`` P³ patches from one case and write ``<case>.npz``.
 
     Lesion cases: :func:`lesion_centers` (every window has lesion fraction >= ``min_overlap``,
-    or the single centroid window: ``patch_kind`` "fallback"). Lesion-free cases: windows at
-    brain voxels (:func:`tissue_centers`, ``patch_kind`` "tissue"). Randomness from
-    :func:`case_rng` (``seed``, case id).
+    or the single window holding the most lesion voxels: ``patch_kind`` "fallback").
+    Lesion-free cases: windows at brain voxels (:func:`tissue_centers`, ``patch_kind``
+    "tissue"). Randomness from :func:`case_rng` (``seed``, case id).
 
     Keys: ``patches`` (N, P, P, P) float32, ``masks`` (N, P, P, P) uint8, ``centers`` (N, 3)
     int64 voxel indices into the full volume, ``original_shape`` (3,) int64 full-volume shape,

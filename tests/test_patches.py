@@ -14,6 +14,7 @@ import preprocess_stroke_foundation
 from strokeseg.io import load_npz, read_json, write_json
 from strokeseg.patches import (
     PATCH_KEYS,
+    best_window_center,
     case_rng,
     clamp_centers,
     extract_patch,
@@ -22,6 +23,7 @@ from strokeseg.patches import (
     lesion_fraction,
     random_centers,
     tissue_centers,
+    window_counts,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,13 +89,60 @@ def test_lesion_centers_meet_the_overlap_rule(n: int, p: int, min_overlap: float
         assert len(centers) == n
 
 
-def test_lesion_centers_fallback_is_the_centroid_window() -> None:
+def test_lesion_centers_fallback_centres_a_small_focus() -> None:
     mask = np.zeros((30, 30, 30), dtype=np.uint8)
     mask[10:12, 14:16, 20:22] = 1  # 8 voxels: no 16^3 window reaches 1 %
     centers, fallback = lesion_centers(mask, 10, 16, 0.01, np.random.default_rng(0))
-    assert fallback and centers.tolist() == [[10, 14, 20]]  # centroid (10.5, 14.5, 20.5), rounded half to even
+    # centroid (10.5, 14.5, 20.5): of the 8 equally near centres the first in C order
+    assert fallback and centers.tolist() == [[10, 14, 20]]
     with pytest.raises(ValueError, match="no lesion voxel"):
         lesion_centers(np.zeros((5, 5, 5)), 1, 4, 0.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no lesion voxel"):
+        best_window_center(np.zeros((5, 5, 5)), 4)
+
+
+def test_multifocal_fallback_holds_a_whole_focus_at_atlas_size() -> None:
+    """Issue 13: two 512-voxel foci at x 20-27 and 170-177 of a 197x233x189 volume, 96^3 at 1 %
+    (8,847 voxels needed). The centroid of all lesion voxels (x 98.5) gave a window with no lesion."""
+    mask = np.zeros((197, 233, 189), dtype=np.uint8)
+    mask[20:28, 100:108, 90:98] = 1
+    mask[170:178, 100:108, 90:98] = 1
+    centroid = np.round(np.argwhere(mask).mean(axis=0)).astype(np.int64)
+    assert extract_patch(mask, centroid, 96).sum() == 0  # the old fallback window
+    centers, fallback = lesion_centers(mask, 20, 96, 0.01, np.random.default_rng(0))
+    assert fallback and extract_patch(mask, centers[0], 96).sum() == 512
+    # x: the focus (centroid 23.5) wants centre 23, clamped to 48 (window [0, 96)); y, z centred
+    assert centers.tolist() == [[48, 103, 93]]
+
+
+def _brute_counts(mask: np.ndarray, p: int) -> dict[tuple[int, ...], int]:
+    """Lesion voxels of every window clamp_centers allows, by centre, one extract_patch each."""
+    axes = [range(p // 2, s - p + p // 2 + 1) if s >= p else [p // 2 - (p - s) // 2] for s in mask.shape]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return {tuple(c): int(extract_patch(mask, c, p).sum()) for c in grid}
+
+
+@pytest.mark.parametrize("shape, p, density", [((13, 11, 9), 4, 0.05), ((12, 7, 10), 8, 0.01), ((9, 9, 9), 5, 0.002), ((6, 14, 3), 5, 0.1)])
+def test_window_counts_and_best_window_match_brute_force(shape, p, density) -> None:
+    rng = np.random.default_rng(p)
+    for _ in range(5):
+        mask = (rng.random(shape) < density).astype(np.uint8)
+        mask[tuple(rng.integers(0, s) for s in shape)] = 1
+        brute = _brute_counts(mask, p)
+        counts, start = window_counts(mask, p)
+        for index in np.ndindex(counts.shape):
+            centre = tuple(int(v) for v in start + index + p // 2)
+            assert counts[index] == brute[centre]  # every computed window is an allowed one
+        assert sum(v > 0 for v in brute.values()) == np.count_nonzero(counts)  # none that touches lesion left out
+        best = best_window_center(mask, p)
+        assert best.dtype == np.int64 and brute[tuple(best.tolist())] == max(brute.values())
+
+
+def test_best_window_prefers_the_larger_focus_and_centres_it() -> None:
+    mask = np.zeros((60, 40, 40), dtype=np.uint8)
+    mask[5:7, 18:20, 18:20] = 1  # 8 voxels
+    mask[40:43, 10:13, 25:28] = 1  # 27 voxels, centroid (41, 11, 26)
+    assert best_window_center(mask, 12).tolist() == [41, 11, 26]
 
 
 def test_lesion_centers_are_not_biased_to_low_indices() -> None:
@@ -186,6 +235,7 @@ def test_patch_files_keys_dtypes_and_reproducible_centres(patch_out: Path, found
             assert (fractions >= OVERLAP).all()
         elif kind == "fallback":
             assert n == 1 and full["lesion_mask"].sum() > 0
+            assert data["masks"].sum() == max(_brute_counts(full["lesion_mask"], P).values()) > 0
         else:
             assert kind == "tissue" and not data["masks"].any()
             assert all(full["brain_mask"][tuple(c)] for c in data["centers"])
