@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """ISLES 2022 training preprocessing: crop to the DWI brain, resample, z-score DWI and ADC.
 
-Writes ``<case>.npz`` (``dwi``, ``adc`` float32, ``mask`` uint8, all ``--target-shape``) and
-``isles2022_splits_5fold.json`` (fixed 20 % test set + 5 CV folds, stratified by lesion volume).
+Writes ``<case>.npz`` (``dwi``, ``adc`` float32, ``mask`` uint8, all ``--target-shape``;
+``lesion_ml`` the native lesion volume in ml) and
+``isles2022_splits_5fold.json`` (fixed 20 % test set + 5 CV folds, stratified by lesion volume in ml).
 
     python preprocess_v2_isles.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_train --target-shape 96 96 96
@@ -12,8 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from strokeseg.io import load_npz
-from strokeseg.isles import add_isles_arguments, preprocess_isles
+from strokeseg.isles import add_isles_arguments, lesion_volumes_ml, preprocess_isles
 from strokeseg.runner import get_logger
 from strokeseg.splits import write_splits_once
 
@@ -32,18 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     written = [r.case_id for r in report.results if r.status in ("done", "skipped")]
     if not written:
         return 1
-    # Lesion volume on the common 96^3 grid orders the cases for stratification.
-    volumes = {c: float(load_npz(args.output_dir / f"{c}.npz", keys=("mask",))["mask"].sum()) for c in written}
     try:
         write_splits_once(
             args.output_dir / "isles2022_splits_5fold.json",
-            volumes,
+            lesion_volumes_ml(args.output_dir, written),  # native ml, not voxels of the resampled grid
             dataset="ISLES2022",
             test_fraction=args.test_fraction,
             seed=args.seed,
             overwrite=args.overwrite,
         )
-    except ValueError as err:
+    except ValueError as err:  # includes CaseError
         get_logger().info(f"ERROR cannot write splits: {err}")
         return 1
     return status

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, NiftiVolume, affines_match, load_nifti, save_npz
+from .io import CaseError, NiftiVolume, affines_match, load_nifti, load_npz, save_npz
 from .runner import CaseResult, RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
 
 __all__ = [
@@ -30,9 +30,10 @@ __all__ = [
     "preprocess_isles",
     "TRAIN_KEYS",
     "BBOX_KEYS",
+    "lesion_volumes_ml",
 ]
 
-TRAIN_KEYS = ("dwi", "adc", "mask")
+TRAIN_KEYS = ("dwi", "adc", "mask", "lesion_ml")
 BBOX_KEYS = TRAIN_KEYS + ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
 _FILE = re.compile(r"^(sub-[^_]+)_(ses-[^_]+)_(dwi|adc|msk)\.nii(\.gz)?$", re.IGNORECASE)
 
@@ -125,7 +126,8 @@ def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
 
 
 def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
-    """The arrays of :data:`BBOX_KEYS` for a case (``mask``/``original_mask`` only with a mask).
+    """The arrays of :data:`BBOX_KEYS` for a case (``mask``, ``lesion_ml`` and ``original_mask``
+    only with a mask).
 
     The volume is cropped to the DWI's non-zero box grown by ``margin`` voxels, resampled to
     ``target_shape`` (images trilinear, mask nearest) and DWI/ADC are z-scored on their non-zero
@@ -139,6 +141,7 @@ def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], marg
     }
     if mask is not None:
         arrays["mask"] = resample_to_shape(crop(mask, bbox), target_shape, is_label=True)
+        arrays["lesion_ml"] = np.float64(float(mask.sum()) * dwi.voxel_volume_ml)  # native grid
     arrays.update(
         bbox=bbox,
         original_shape=np.array(dwi.data.shape, dtype=np.int64),
@@ -157,7 +160,8 @@ def preprocess_isles_case(
     """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``
     (:func:`read_isles_case`, :func:`isles_arrays`).
 
-    Keys: ``dwi``, ``adc`` float32 (X, Y, Z) z-scored on non-zero voxels; ``mask`` uint8 {0,1}.
+    Keys: ``dwi``, ``adc`` float32 (X, Y, Z) z-scored on non-zero voxels; ``mask`` uint8 {0,1};
+    ``lesion_ml`` float64 scalar: lesion volume in ml on the native grid (what the splits stratify on).
     With ``with_bbox`` also: ``bbox`` int64 (3, 2) [start, stop) in native voxels,
     ``original_shape``/``cropped_shape`` int64 (3,), ``original_affine`` float64 (4, 4),
     ``original_mask`` uint8 native grid, ``spacing`` float64 (3,) mm.
@@ -171,7 +175,7 @@ def preprocess_isles_case(
     mask, dwi = volumes.mask, volumes.dwi
     info = {
         "lesion_voxels_native": int(mask.sum()),
-        "lesion_ml": float(mask.sum()) * dwi.voxel_volume_ml,
+        "lesion_ml": float(arrays["lesion_ml"]),
         "original_shape": list(dwi.data.shape),
         "spacing_mm": list(dwi.zooms),
     }
@@ -207,3 +211,16 @@ def preprocess_isles(args: argparse.Namespace, with_bbox: bool) -> tuple[RunRepo
     keys = BBOX_KEYS if with_bbox else TRAIN_KEYS
     status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": "ISLES2022", "keys": list(keys)})
     return report, status
+
+
+def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]:
+    """Case id -> lesion volume in ml on the native grid, read from ``lesion_ml`` of each
+    ``<case>.npz`` in ``output_dir`` (what the splits stratify on: voxels of the resampled grid
+    would scale with each case's crop). Raises :class:`CaseError` naming a file without it."""
+    volumes = {}
+    for case_id in case_ids:
+        try:
+            volumes[case_id] = float(load_npz(output_dir / f"{case_id}.npz", keys=("lesion_ml",))["lesion_ml"])
+        except CaseError as err:  # e.g. written by a version that did not store it
+            raise CaseError(f"{err}; rerun with --overwrite to rebuild it") from None
+    return volumes

@@ -97,14 +97,36 @@ def test_layout_a_and_b_give_identical_training_output(isles_sample_dir: Path, t
     assert preprocess_v2_isles.main(["--isles-dir", str(isles_sample_dir / "derivatives"), "--output-dir", str(out_b)]) == 1
     assert not (out_a / "isles2022_splits_5fold.json").exists()
     a, b = load_npz(out_a / f"{SUB}.npz"), load_npz(out_b / f"{SUB}.npz")
-    assert set(a) == {"dwi", "adc", "mask"}
+    assert set(a) == {"dwi", "adc", "mask", "lesion_ml"}
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+    msk = nib.load(str(_sample_files(isles_sample_dir)["msk"]))
+    native_ml = float(np.asarray(msk.dataobj).sum()) * float(np.prod(msk.header.get_zooms()[:3])) / 1000.0
+    assert a["lesion_ml"].dtype == np.float64 and float(a["lesion_ml"]) == pytest.approx(native_ml, rel=1e-6)
 
 
-def test_splits_file_from_synthetic_cases(synthetic_isles_b: Path, tmp_path: Path) -> None:
+def _native_ml(root: Path) -> dict[str, float]:
+    """Case id -> lesion ml of the layout-B masks, from the NIfTI files themselves."""
+    out = {}
+    for path in sorted((root / "derivatives").rglob("*_msk.nii.gz")):
+        img = nib.load(str(path))
+        out[path.name.split("_")[0]] = float(np.asarray(img.dataobj).sum()) * float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    return out
+
+
+def test_splits_file_from_synthetic_cases(synthetic_isles_b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
+    stratified_on = {}
+    real = preprocess_v2_isles.write_splits_once
+    monkeypatch.setattr(preprocess_v2_isles, "write_splits_once", lambda path, volumes, **kw: stratified_on.update(volumes) or real(path, volumes, **kw))
     assert preprocess_v2_isles.main(["--isles-dir", str(synthetic_isles_b), "--output-dir", str(out), "--target-shape", "24", "24", "16", "--workers", "2"]) == 0
+    # Issue 13.4: the stratification keys are native lesion volumes in ml, not voxels of the 24x24x16 grid
+    expected = _native_ml(synthetic_isles_b)
+    assert stratified_on.keys() == expected.keys() and len(expected) == 6
+    for case, ml in expected.items():
+        assert stratified_on[case] == pytest.approx(ml, rel=1e-6), case  # header zooms are float32
+    grid_voxels = {c: float(load_npz(out / f"{c}.npz", keys=("mask",))["mask"].sum()) for c in expected}
+    assert any(abs(grid_voxels[c] - ml) > 1 for c, ml in expected.items())  # the two keys differ here
     splits = read_json(out / "isles2022_splits_5fold.json")
     cases = sorted(p.stem for p in out.glob("*.npz"))
     assert sorted(splits) == [f"fold_{i}" for i in range(5)]
