@@ -6,9 +6,14 @@ writes ``<output_dir>/<dataset>_patches_<size>/<case>.npz`` (``patches``, ``mask
 ``original_shape``, ``spacing``, ``lesion_volume``, ``patient_id``, ``patch_kind``; see
 strokeseg.patches.extract_case_patches), ``patient_ids.json`` and ``<dataset>_<size>_summary.json``.
 Every patch has lesion fraction >= --min_lesion_overlap, except the single patch of a lesion
-too small for the rule, the window holding the most lesion voxels ("fallback" in the summary). Lesion-free cases are kept, with
-patches at brain voxels ("lesion_free"). Windows stay inside the volume; a volume shorter than
-the patch is padded with 0 (the z-scored background). Flags may be spelled --input_dir or --input-dir.
+too small for the rule: the window holding the most lesion voxels ("fallback" in the summary).
+Lesion-free cases are kept, with patches at brain voxels ("lesion_free"). Windows stay inside
+the volume; a volume shorter than the patch is padded with 0 (the z-scored background). Flags
+may be spelled --input_dir or --input-dir.
+Training (train_stroke.py) reads only ``centers`` and ``original_shape`` and cuts the patches
+again from the full volumes: ``--centers-only`` writes just those (and ``patch_kind``), the same
+centres without the patch voxels; a re-run into a folder written the other way fails those cases
+unless --overwrite.
 
     python extract_patches_96x96x96.py --input_dir /data/foundation --output_dir /data/foundation \\
         --datasets ATLAS UOA_Private --patch_size 96 --max_patches 20 --min_lesion_overlap 0.01
@@ -21,7 +26,7 @@ import sys
 from pathlib import Path
 
 from strokeseg.io import CaseError, write_json
-from strokeseg.patches import PATCH_KEYS, PatchItem, extract_case_patches
+from strokeseg.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
 from strokeseg.runner import RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
 from strokeseg.splits import load_split
 
@@ -39,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, default=None, help="fold (0-4) of --splits_file")
     parser.add_argument("--split", choices=("all", "train", "val", "test"), default="all", help="cases to process; all = every case in the input folder (default)")
     parser.add_argument("--no-compress", "--no_compress", dest="compress", action="store_false", help="write stored (uncompressed) .npz: ~1.5x disk, ~10x faster, memory-mappable (default: compressed)")
+    parser.add_argument("--centers-only", "--centers_only", action="store_true", help="write only centers, original_shape and patch_kind (what training reads; a few hundred bytes per case instead of ~55 MB at 96^3); default: the paper's keys")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.split != "all" and (args.splits_file is None or args.fold is None):
@@ -81,12 +87,13 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> int:
     process = functools.partial(
         extract_case_patches, output_dir=out_dir, patch_size=args.patch_size, max_patches=args.max_patches,
         min_overlap=args.min_lesion_overlap, seed=args.seed, overwrite=args.overwrite, compress=args.compress,
+        centers_only=args.centers_only,
     )
     report = run_cases(cases, process, workers=args.workers, desc=dataset)
     written = sorted(r.case_id for r in report.results if r.status in ("done", "skipped"))
     write_json(out_dir / "patient_ids.json", written)
     extra = {
-        "dataset": dataset, "keys": list(PATCH_KEYS), "patch_size": args.patch_size, "max_patches": args.max_patches,
+        "dataset": dataset, "keys": list(CENTERS_ONLY_KEYS if args.centers_only else PATCH_KEYS), "centers_only": args.centers_only, "patch_size": args.patch_size, "max_patches": args.max_patches,
         "min_lesion_overlap": args.min_lesion_overlap, "seed": args.seed, "split": args.split, "fold": args.fold,
         "splits_file": args.splits_file, "compressed": args.compress, "border": "windows kept inside the volume; shorter axes padded with 0",
         "lesion_free": _kinds(report, "tissue"), "fallback": _kinds(report, "fallback"),

@@ -15,6 +15,7 @@ order, batch or number of workers.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from .runner import CaseResult
 
 __all__ = [
     "PATCH_KEYS",
+    "CENTERS_ONLY_KEYS",
     "PatchItem",
     "case_rng",
     "clamp_centers",
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 PATCH_KEYS = ("patches", "masks", "centers", "original_shape", "spacing", "lesion_volume", "patient_id", "patch_kind")
+# --centers-only: what training reads (strokeseg.data.read_stored_centres), plus the kind for the stage's summary
+CENTERS_ONLY_KEYS = ("centers", "original_shape", "patch_kind")
 _CHUNK = 4096  # candidate centres scored per vectorised step
 
 
@@ -282,9 +286,44 @@ class PatchItem:
     metadata: Path
 
 
-def _skipped(case_id: str, out_path: Path) -> CaseResult:
+def _skipped(case_id: str, out_path: Path, keys: tuple[str, ...]) -> CaseResult:
+    """A finished case, or CaseError when its file holds other keys than this run writes (it
+    was written with or without ``--centers-only``: another setting, replaced only by --overwrite)."""
     kind = str(load_npz(out_path, keys=("patch_kind",))["patch_kind"])
+    with zipfile.ZipFile(out_path) as archive:
+        stored = sorted(name.removesuffix(".npy") for name in archive.namelist())
+    if set(stored) != set(keys):
+        raise CaseError(
+            f"{out_path}: holds {stored} but this run writes {sorted(keys)} (--centers-only differs from "
+            "the run that wrote it); use --overwrite to replace it"
+        )
     return CaseResult(case_id, "skipped", reason="output exists (use --overwrite)", info={"patch_kind": kind})
+
+
+def _load_case(item: PatchItem) -> tuple[dict[str, np.ndarray], list[float]]:
+    """``image``, ``lesion_mask`` (binary) and ``brain_mask`` (X, Y, Z) of one case, checked, and
+    its spacing (mm) from the metadata JSON."""
+    data = load_npz(item.npz, keys=("image", "lesion_mask", "brain_mask"))
+    data["lesion_mask"] = as_binary_mask(data["lesion_mask"], item.npz)
+    if len({v.shape for v in data.values()}) != 1 or data["image"].ndim != 3:
+        shapes = {k: v.shape for k, v in data.items()}
+        raise CaseError(f"{item.npz}: image, lesion_mask and brain_mask must be equal 3-D shapes, got {shapes}")
+    spacing = read_json(item.metadata).get("spacing")
+    if not isinstance(spacing, list) or len(spacing) != 3:
+        raise CaseError(f"{item.metadata}: 'spacing' must be a list of 3 numbers (mm), got {spacing!r}")
+    return data, spacing
+
+
+def _case_centers(
+    data: dict[str, np.ndarray], item: PatchItem, patch_size: int, max_patches: int, min_overlap: float, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    """Centres (N, 3) int64 of one case and their ``patch_kind`` (see :func:`extract_case_patches`)."""
+    if data["lesion_mask"].any():
+        centers, fallback = lesion_centers(data["lesion_mask"], max_patches, patch_size, min_overlap, rng)
+        return centers, "fallback" if fallback else "lesion"
+    if not data["brain_mask"].any():
+        raise CaseError(f"{item.npz}: no lesion and an empty brain_mask: nothing to sample")
+    return tissue_centers(data["brain_mask"], max_patches, patch_size, rng), "tissue"
 
 
 def extract_case_patches(
@@ -296,6 +335,7 @@ def extract_case_patches(
     seed: int,
     overwrite: bool,
     compress: bool = True,
+    centers_only: bool = False,
 ) -> CaseResult:
     """Cut up to ``max_patches`` P³ patches from one case and write ``<case>.npz``.
 
@@ -304,46 +344,37 @@ def extract_case_patches(
     Lesion-free cases: windows at brain voxels (:func:`tissue_centers`, ``patch_kind``
     "tissue"). Randomness from :func:`case_rng` (``seed``, case id).
 
-    Keys: ``patches`` (N, P, P, P) float32, ``masks`` (N, P, P, P) uint8, ``centers`` (N, 3)
-    int64 voxel indices into the full volume, ``original_shape`` (3,) int64 full-volume shape,
-    ``spacing`` (3,) float64 mm, ``lesion_volume`` int64 lesion voxels of the full volume,
-    ``patient_id`` and ``patch_kind`` ("lesion", "fallback" or "tissue") unicode scalars.
+    Keys (:data:`PATCH_KEYS`, the paper's): ``patches`` (N, P, P, P) float32, ``masks`` (N, P, P, P)
+    uint8, ``centers`` (N, 3) int64 voxel indices into the full volume, ``original_shape`` (3,)
+    int64 full-volume shape, ``spacing`` (3,) float64 mm, ``lesion_volume`` int64 lesion voxels
+    of the full volume, ``patient_id`` and ``patch_kind`` ("lesion", "fallback" or "tissue")
+    unicode scalars. ``centers_only`` writes :data:`CENTERS_ONLY_KEYS` (what training reads, plus
+    ``patch_kind``): the same centres in a few hundred bytes instead of ~55 MB per case at 96³.
     ``compress=False`` writes a stored .npz: about 1.5x the disk space, about 10x faster to
     write, and its members can be memory-mapped (:func:`strokeseg.io.load_npz_mmap`).
     """
     out_path = output_dir / f"{item.case_id}.npz"
+    keys = CENTERS_ONLY_KEYS if centers_only else PATCH_KEYS
     if item.npz is None:
         raise CaseError(f"{item.case_id}: listed in the splits file but no {item.case_id}.npz in the input folder")
     if out_path.exists() and not overwrite:
-        return _skipped(item.case_id, out_path)
-    data = load_npz(item.npz, keys=("image", "lesion_mask", "brain_mask"))
-    image, lesion = data["image"], as_binary_mask(data["lesion_mask"], item.npz)
-    if not (image.shape == lesion.shape == data["brain_mask"].shape) or image.ndim != 3:
-        shapes = {k: v.shape for k, v in data.items()}
-        raise CaseError(f"{item.npz}: image, lesion_mask and brain_mask must be equal 3-D shapes, got {shapes}")
-    spacing = read_json(item.metadata).get("spacing")
-    if not isinstance(spacing, list) or len(spacing) != 3:
-        raise CaseError(f"{item.metadata}: 'spacing' must be a list of 3 numbers (mm), got {spacing!r}")
-    rng = case_rng(seed, item.case_id)
-    if lesion.any():
-        centers, fallback = lesion_centers(lesion, max_patches, patch_size, min_overlap, rng)
-        kind = "fallback" if fallback else "lesion"
-    else:
-        if not data["brain_mask"].any():
-            raise CaseError(f"{item.npz}: no lesion and an empty brain_mask: nothing to sample")
-        centers, kind = tissue_centers(data["brain_mask"], max_patches, patch_size, rng), "tissue"
+        return _skipped(item.case_id, out_path, keys)
+    data, spacing = _load_case(item)
+    lesion = data["lesion_mask"]
+    centers, kind = _case_centers(data, item, patch_size, max_patches, min_overlap, case_rng(seed, item.case_id))
     masks = extract_patches(lesion, centers, patch_size)
     arrays = {
-        "patches": extract_patches(image.astype(np.float32, copy=False), centers, patch_size),
         "masks": masks,
         "centers": centers,
-        "original_shape": np.array(image.shape, dtype=np.int64),
+        "original_shape": np.array(lesion.shape, dtype=np.int64),
         "spacing": np.array(spacing, dtype=np.float64),
         "lesion_volume": np.int64(lesion.sum()),
         "patient_id": np.array(item.case_id),
         "patch_kind": np.array(kind),
     }
-    save_npz(out_path, arrays, compress=compress)
+    if not centers_only:
+        arrays["patches"] = extract_patches(data["image"].astype(np.float32, copy=False), centers, patch_size)
+    save_npz(out_path, {key: arrays[key] for key in keys}, compress=compress)
     fractions = np.count_nonzero(masks.reshape(len(masks), -1), axis=1) / float(patch_size**3)
     info = {"patch_kind": kind, "n_patches": len(centers), "min_lesion_fraction": float(fractions.min())}
     return CaseResult(item.case_id, "done", info=info)

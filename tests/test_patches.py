@@ -11,8 +11,10 @@ import pytest
 
 import extract_patches_96x96x96
 import preprocess_stroke_foundation
+from strokeseg.data import find_case_files, read_stored_centres
 from strokeseg.io import load_npz, read_json, write_json
 from strokeseg.patches import (
+    CENTERS_ONLY_KEYS,
     PATCH_KEYS,
     best_window_center,
     case_rng,
@@ -265,6 +267,35 @@ def test_same_patches_alone_in_a_batch_and_with_two_workers(patch_out: Path, fou
     workers = tmp_path / "workers"
     assert extract_patches_96x96x96.main(_args(foundation_root, workers, dashed=True) + ["--workers", "2"]) == 0
     _same_outputs(patch_out, workers / f"ATLAS_patches_{P}", cases)
+
+
+def test_centers_only_writes_what_training_reads(patch_out: Path, foundation_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "centres"
+    assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--centers-only"]) == 0
+    folder = out / f"ATLAS_patches_{P}"
+    cases = sorted(p.stem for p in patch_out.glob("*.npz"))
+    assert sorted(p.stem for p in folder.glob("*.npz")) == cases
+    train = find_case_files(foundation_root / "ATLAS", cases, ("image",), "lesion_mask", "brain_mask", patch_dir=folder)
+    for case in train:
+        small, full = load_npz(case.patch_path), load_npz(patch_out / case.patch_path.name)
+        assert set(small) == set(CENTERS_ONLY_KEYS) == {"centers", "original_shape", "patch_kind"}
+        for key in CENTERS_ONLY_KEYS:  # the same draw as the paper's keys: the same training samples
+            np.testing.assert_array_equal(small[key], full[key])
+        centres, shape = read_stored_centres(case)  # what training reads
+        np.testing.assert_array_equal(centres, full["centers"])
+        assert shape == (48, 56, 44) and case.patch_path.stat().st_size < 2000
+    summary = read_json(folder / f"ATLAS_{P}_summary.json")
+    assert summary["centers_only"] is True and summary["keys"] == list(CENTERS_ONLY_KEYS)
+    assert summary["lesion_free"] == [EMPTY_CASE] and summary["fallback"] == read_json(patch_out / f"ATLAS_{P}_summary.json")["fallback"]
+    # Another setting: a re-run without --centers-only fails every case (files kept) until --overwrite
+    stamp = (folder / f"{cases[0]}.npz").stat().st_mtime_ns
+    assert extract_patches_96x96x96.main(_args(foundation_root, out)) == 1
+    failed = {f["case_id"]: f["reason"] for f in read_json(folder / f"ATLAS_{P}_summary.json")["failed"]}
+    assert sorted(failed) == cases and (folder / f"{cases[0]}.npz").stat().st_mtime_ns == stamp
+    assert re.fullmatch(rf"{re.escape(str(folder / cases[0]))}\.npz: holds .*--centers-only differs.*use --overwrite to replace it", failed[cases[0]])
+    assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--overwrite"]) == 0
+    assert set(load_npz(folder / f"{cases[0]}.npz")) == set(PATCH_KEYS)
+    assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--centers-only"]) == 1  # and the reverse
 
 
 def test_split_needs_a_splits_file(foundation_root: Path, tmp_path: Path) -> None:
