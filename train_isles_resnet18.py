@@ -4,7 +4,8 @@
 Strategies (models.ResNetUNet variants): ``separate`` (two U-Nets on DWI and ADC, summed loss,
 DWI head at inference), ``shared`` (one encoder on [DWI, ADC], two decoders, heads averaged at
 inference), ``dwi_only``. ``--init brats`` copies the ResNet-18 encoder of a BraTS checkpoint
-(train_brats_uctransnet3d.py --arch resnet18) and requires ``--pretrain-ckpt``; both init arms
+(train_brats_uctransnet3d.py --arch resnet18; ``--transfer-scope all``: every tensor) and
+requires ``--pretrain-ckpt``; both init arms
 use the same hyper-parameters (the flag changes nothing else). The volumes are already 96³: a
 sample is the whole augmented volume, or a patch when ``--patch-size`` is smaller.
 
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategy", choices=tuple(CHANNELS), default="shared", help="separate | shared | dwi_only (default shared)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: ResNet-18 encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
+    training.add_transfer_scope_argument(parser)
     parser.add_argument("--patches-per-volume", type=int, default=1, help="samples per volume per epoch (default 1)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of lesion-centred samples when --patch-size < volume (default 0.67; rest random)")
     training.add_model_arguments(parser, ("resnet18",))
@@ -48,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--init brats requires --pretrain-ckpt (there is no silent fallback to scratch)")
     if args.init == "scratch" and args.pretrain_ckpt is not None:
         parser.error("--pretrain-ckpt given with --init scratch; use --init brats to load it")
+    try:
+        args.transfer_scope = training.resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
+    except ValueError as err:
+        parser.error(str(err))
     if args.splits_file is None:
         args.splits_file = args.isles_dir / "isles2022_splits_5fold.json"
     return args
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
     model_config = training.model_config_from_args(args, in_channels=len(keys), variant=args.strategy)
-    init = training.InitSpec(args.init, args.pretrain_ckpt, "encoder")
+    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec(args.init)
     return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
 
 

@@ -5,8 +5,9 @@ Training samples mix the lesion-focused patches of extract_patches_96x96x96.py (
 ``<data-dir>/<DATASET>_patches_<P>``, P = the patch size) with random patches from anywhere in
 the brain (``--random-patch-fraction``), so the network also sees lesion-free tissue.
 Validation runs on whole volumes (sliding window, window = patch size), never on patches.
-``--pretrain-ckpt`` copies the encoder of a BraTS checkpoint (transfer arm); without it the
-network trains from scratch.
+``--pretrain-ckpt`` starts from a BraTS checkpoint (transfer arm): by default, as in the paper's
+code, the ResNet-18 encoder or the whole UCTransNet3D (``--transfer-scope encoder|all``); without
+it the network trains from scratch.
 
     python train_stroke.py --dataset ATLAS --data-dir /data/preprocessed_stroke_foundation \\
         --arch uctransnet3d --pretrain-ckpt runs/brats_uctransnet3d/fold_0/best_model.pth \\
@@ -41,11 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patch-dir", type=Path, default=None, help="pre-extracted patches (default <data-dir>/<DATASET>_patches_<P>)")
     parser.add_argument("--patches-per-volume", type=int, default=10, help="samples per volume per epoch (default 10)")
     parser.add_argument("--random-patch-fraction", type=float, default=0.3, help="share of samples cut at random brain positions, the rest from the stored lesion patches (default 0.3)")
-    parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint whose encoder is copied (transfer); a missing or mismatched file is an error")
+    parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint to start from (transfer; what is copied: --transfer-scope); a missing or mismatched file is an error")
+    training.add_transfer_scope_argument(parser)
     training.add_model_arguments(parser, ("resnet18", "uctransnet3d"))
     training.add_training_arguments(parser, DEFAULTS)
     args = parser.parse_args(argv)
     training.resolve_model_arguments(args)
+    try:
+        args.transfer_scope = training.resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
+    except ValueError as err:
+        parser.error(str(err))
     if args.splits_file is None:
         args.splits_file = args.data_dir / args.dataset / f"{args.dataset}_splits_5fold.json"
     if args.patch_dir is None:
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     volume_dir = args.data_dir / args.dataset
     train_cases = find_case_files(volume_dir, split.train, patch_dir=args.patch_dir, **KEYS)
     val_cases = find_case_files(volume_dir, split.val, **KEYS)
-    init = training.InitSpec("transfer", args.pretrain_ckpt, "encoder") if args.pretrain_ckpt else training.InitSpec()
+    init = training.InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec()
     get_logger().info(f"{args.dataset} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches, init {init.label}")
     mix = SampleMix.from_fraction(args.patches_per_volume, 1.0 - args.random_patch_fraction, "stored")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)

@@ -192,7 +192,9 @@ class TransferReport:
     copied: received pretrained values; inflated: subset of copied whose 1-channel input
     kernel was spread over the target's input channels; missing: in scope but absent from the
     source; unexpected: source keys in scope that no target key used; untouched: outside the
-    scope, left at initialisation.
+    scope, left at initialisation. parameters_copied: trainable values (elements of the
+    copied tensors that are parameters, not buffers such as BatchNorm statistics) that received
+    pretrained values; parameters_total: the target's parameter count.
     """
 
     source: str
@@ -203,13 +205,17 @@ class TransferReport:
     unexpected: list[str]
     untouched: list[str]
     source_fold: int | None = None  # the fold the source checkpoint was trained on, when it records one
+    parameters_copied: int = 0
+    parameters_total: int = 0
 
     def summary(self) -> str:
         """One line for the training log."""
         fold = f", fold {self.source_fold}" if self.source_fold is not None else ""
+        share = self.parameters_copied / max(self.parameters_total, 1)
         return (
-            f"transfer from {self.source} (scope={self.scope}{fold}): copied {len(self.copied)} tensors "
-            f"({len(self.inflated)} inflated), {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"transfer from {self.source} (scope={self.scope}{fold}): copied {len(self.copied)} tensors, "
+            f"{self.parameters_copied:,} of {self.parameters_total:,} parameters ({share:.1%}); "
+            f"{len(self.inflated)} inflated, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.untouched)} left at initialisation"
         )
 
@@ -268,6 +274,13 @@ def _transfer_tensor(key: str, source: Tensor, target: Tensor, inflatable: bool,
     )
 
 
+def _parameter_counts(net: nn.Module, copied: list[str]) -> tuple[int, int]:
+    """Elements of the parameters among the ``copied`` state_dict keys (buffers such as BatchNorm
+    statistics are not parameters), and of all of ``net``'s parameters."""
+    parameters = dict(net.named_parameters())
+    return sum(parameters[k].numel() for k in copied if k in parameters), sum(p.numel() for p in parameters.values())
+
+
 def load_pretrained(
     model: nn.Module, model_config: dict, checkpoint_path: str | os.PathLike, scope: str = "encoder"
 ) -> TransferReport:
@@ -318,4 +331,7 @@ def load_pretrained(
     unexpected = [k for k in source_state if in_scope(k) and k not in used]
     untouched = [k for k in target_state if not in_scope(k)]
     fold = (checkpoint.get("config") or {}).get("fold")
-    return TransferReport(str(path), scope, copied, inflated, missing, unexpected, untouched, fold if isinstance(fold, int) else None)
+    return TransferReport(
+        str(path), scope, copied, inflated, missing, unexpected, untouched, fold if isinstance(fold, int) else None,
+        *_parameter_counts(net, copied),
+    )

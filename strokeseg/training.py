@@ -68,6 +68,8 @@ __all__ = [
     "add_training_arguments",
     "add_model_arguments",
     "resolve_model_arguments",
+    "add_transfer_scope_argument",
+    "resolve_transfer_scope",
     "model_config_from_args",
     "lr_at",
     "amp_dtype_for",
@@ -87,6 +89,11 @@ VAL_THRESHOLD = 0.5  # probability >= 0.5 is lesion, as in evaluation
 ARCH_CHOICES = {"resnet18": "resnet18_unet", "uctransnet3d": "uctransnet3d"}  # CLI name -> models arch
 DEFAULT_PATCH = {"resnet18": 96, "uctransnet3d": 64}  # the paper's training patch edge per architecture
 DEFAULT_NORM = {"resnet18": "batch", "uctransnet3d": "group"}
+# What a pretrained checkpoint gives by default (the paper's code): the ResNet-18 encoder; the
+# whole UCTransNet3D (CNN encoder, channel transformer, decoder, head). Moves to the architecture
+# registry when it lands.
+DEFAULT_TRANSFER_SCOPE = {"resnet18": "encoder", "uctransnet3d": "all"}
+TRANSFER_SCOPES = ("encoder", "all")
 
 # Defaults of the shared flags; each script overrides some via add_training_arguments(defaults).
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -266,6 +273,29 @@ def resolve_model_arguments(args: argparse.Namespace) -> None:
         args.norm = DEFAULT_NORM[args.arch]
     if args.patch_size is None:
         args.patch_size = DEFAULT_PATCH[args.arch]
+
+
+def add_transfer_scope_argument(parser: argparse.ArgumentParser) -> None:
+    """--transfer-scope for scripts that take a pretrained checkpoint; resolve it with
+    :func:`resolve_transfer_scope`."""
+    parser.add_argument(
+        "--transfer-scope", choices=TRANSFER_SCOPES, default=None,
+        help="what the pretrained checkpoint gives: encoder (the CNN encoder(s) only) or all (every tensor); "
+        "default the paper's: " + ", ".join(f"{scope} for {arch}" for arch, scope in DEFAULT_TRANSFER_SCOPE.items()),
+    )
+
+
+def resolve_transfer_scope(arch: str, scope: str | None, pretrained: bool) -> str | None:
+    """The transfer scope of a run: ``scope`` if given, else the architecture's default
+    (:data:`DEFAULT_TRANSFER_SCOPE`); None without a pretrained checkpoint. Raises ValueError
+    for a scope given without a checkpoint or an unknown scope."""
+    if not pretrained:
+        if scope is not None:
+            raise ValueError(f"--transfer-scope {scope} needs a pretrained checkpoint (--pretrain-ckpt)")
+        return None
+    if scope is not None and scope not in TRANSFER_SCOPES:
+        raise ValueError(f"transfer scope must be one of {TRANSFER_SCOPES}, got {scope!r}")
+    return scope if scope is not None else DEFAULT_TRANSFER_SCOPE[arch]
 
 
 def model_config_from_args(args: argparse.Namespace, in_channels: int, variant: str = "single") -> dict:
@@ -652,7 +682,8 @@ def fit(
 
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     model = models.build_model(resolved)
-    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None}
+    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None,
+                   "parameters_transferred": 0, "parameters_total": None}
     expected = {
         "model_config": resolved,
         "settings": asdict(settings),
@@ -668,6 +699,7 @@ def fit(
     elif init.checkpoint is not None:
         report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
         init_record["transfer"], init_record["source_fold"] = report.summary(), report.source_fold
+        init_record["parameters_transferred"], init_record["parameters_total"] = report.parameters_copied, report.parameters_total
         log.info(report.summary())
     elif init.label != "scratch":
         raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")

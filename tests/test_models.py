@@ -271,7 +271,15 @@ def test_transfer_into_separate_copies_encoder_into_both_unets(resnet_source):
     assert torch.equal(state["decoders.1.head.weight"], decoder_before)
     assert len(report.copied) == 2 * len(encoder_keys) and not report.inflated
     assert not report.missing and not report.unexpected and report.untouched
-    assert report.summary().startswith(f"transfer from {path} (scope=encoder): copied {2 * len(encoder_keys)} tensors")
+    encoder_parameters = sum(v.numel() for k, v in target.named_parameters() if k.startswith("encoders.0."))
+    total = sum(v.numel() for v in target.parameters())
+    assert report.parameters_copied == 2 * encoder_parameters and report.parameters_total == total
+    assert report.summary().startswith(
+        f"transfer from {path} (scope=encoder): copied {2 * len(encoder_keys)} tensors, "
+        f"{2 * encoder_parameters:,} of {total:,} parameters ({2 * encoder_parameters / total:.1%})"
+    )
+    buffers = sum(state[k].numel() for k in report.copied if "running" in k or "num_batches" in k)
+    assert buffers > 0  # BatchNorm statistics were copied but are not counted as parameters
 
 
 def test_transfer_into_shared_inflates_stem(resnet_source):
@@ -324,6 +332,11 @@ def test_transfer_uctransnet_encoder_only(tmp_path):
             assert torch.equal(target.state_dict()[key], value), key
     assert torch.equal(target.state_dict()["transformer.embeddings.0.position"], transformer_before)
     assert report.copied and not report.missing and not report.unexpected
+    encoder = sum(v.numel() for k, v in target.named_parameters() if k.startswith("encoder."))
+    total = sum(v.numel() for v in target.parameters())
+    assert report.parameters_copied == encoder < total and report.parameters_total == total
+    everything = load_pretrained(_build(TINY_UCT, seed=3), TINY_UCT, path, scope="all")
+    assert everything.parameters_copied == everything.parameters_total == total
 
 
 @pytest.mark.parametrize(

@@ -238,8 +238,14 @@ def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     fold = tmp_path / "atlas" / "fold_0"
     assert all((fold / name).is_file() for name in OUTPUTS)
     last = models.load_checkpoint(fold / "last.pth")
-    assert last["init"]["label"] == "transfer" and last["init"]["scope"] == "encoder"
+    assert last["init"]["label"] == "transfer" and last["init"]["scope"] == "encoder"  # ResNet-18's default, the paper's
     assert last["init"]["source_fold"] is None  # the source checkpoint records no fold
+    model = models.build_model(last["model_config"])
+    encoder = sum(p.numel() for k, p in model.named_parameters() if k.startswith(model.encoder_prefixes))
+    total = sum(p.numel() for p in model.parameters())
+    assert last["init"]["parameters_transferred"] == encoder < total and last["init"]["parameters_total"] == total
+    assert f"{encoder:,} of {total:,} parameters" in last["init"]["transfer"]
+    assert read_json(fold / "run_args.json")["args"]["init"]["parameters_transferred"] == encoder
     assert last["data"]["mix"] == [0, 2, 1]  # 3 per volume: 2 from the stored lesion patches, 1 random
     capsys.readouterr()
 
@@ -247,6 +253,29 @@ def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     assert "norm 'batch' differs from target norm 'group'" in capsys.readouterr().out
     assert train_stroke.main(common + ["--output-dir", str(tmp_path / "p64"), "--patch-size", "64"]) == 2
     assert "run extract_patches_96x96x96.py --patch_size 64" in capsys.readouterr().out
+
+
+def test_uctransnet_transfer_takes_the_whole_network_by_default(data, tmp_path, capsys):
+    config = {"arch": "uctransnet3d", "in_channels": 1, "width": 4, "norm": "group", "patch_size": 32, "layers": 1, "heads": 1}
+    pretrained = tmp_path / "brats_uct.pth"
+    torch.manual_seed(0)
+    models.save_checkpoint(pretrained, models.build_model(config), config)
+    common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "uctransnet3d", "--width", "4", "--patch-size", "32",
+              "--layers", "1", "--heads", "1", "--batch-size", "2", "--workers", "0", "--patches-per-volume", "1", "--epochs", "1"]
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "uct"), "--pretrain-ckpt", str(pretrained)]) == 0
+    init = models.load_checkpoint(tmp_path / "uct" / "fold_0" / "last.pth")["init"]
+    total = sum(p.numel() for p in models.build_model(config).parameters())
+    assert init["scope"] == "all" and init["parameters_transferred"] == init["parameters_total"] == total  # the paper's
+    assert f"{total:,} of {total:,} parameters (100.0%)" in capsys.readouterr().out  # logged
+    args = train_stroke.parse_args(common + ["--output-dir", "x", "--pretrain-ckpt", str(pretrained), "--transfer-scope", "encoder"])
+    assert args.transfer_scope == "encoder"
+    assert train_stroke.parse_args(common + ["--output-dir", "x"]).transfer_scope is None  # scratch
+    with pytest.raises(SystemExit) as exc:
+        train_stroke.parse_args(common + ["--output-dir", "x", "--transfer-scope", "all"])
+    assert exc.value.code == 2 and "--transfer-scope all needs a pretrained checkpoint" in capsys.readouterr().err
+    isles = ["--isles-dir", str(data / "isles"), "--output-dir", "x", "--init", "brats", "--pretrain-ckpt", str(pretrained)]
+    assert train_isles_resnet18.parse_args(isles).transfer_scope == "encoder"
+    assert train_isles_resnet18.parse_args(isles + ["--transfer-scope", "all"]).transfer_scope == "all"
 
 
 # --------------------------------------------------------------------------- loud failures
