@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import AugmentConfig, augment_sample
-from .io import CaseError, load_npz, load_npz_mmap
+from .io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap
 from .patches import extract_patch, lesion_centers, random_centers, tissue_centers
 
 __all__ = [
@@ -120,12 +120,16 @@ class SampleMix:
 def open_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Members ``keys`` of an .npz: memory-mapped when stored uncompressed, else decoded once.
 
-    Raises :class:`CaseError` naming the file when it is missing, unreadable or lacks a key.
+    Either way the members are checked: CRC-32 (zip's own check when decoding; once per process
+    and file for mapped members) and floating-point members finite. Raises :class:`CaseError`
+    naming the file when it is missing, unreadable, corrupt, lacks a key or holds NaN/Inf.
     """
     try:
         return load_npz_mmap(path, keys)
-    except CaseError:
-        return load_npz(path, keys)  # compressed members (or a real error, which it re-raises clearly)
+    except NotMemoryMappable:
+        arrays = load_npz(path, keys)
+        check_finite(path, arrays)
+        return arrays
 
 
 class VolumeCache:

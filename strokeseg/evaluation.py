@@ -28,7 +28,7 @@ import models
 from .data import sample_shape
 from .geometry import uncrop_to_native
 from .inference import nonzero_box, sliding_window_inference
-from .io import CaseError, load_npz, one_line, read_json, save_nifti
+from .io import CaseError, check_finite, load_npz, one_line, read_json, save_nifti
 from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
 from .report import axial_slice_index, paper_init, paper_strategy
 from .runner import CaseResult, RunReport, run_cases
@@ -256,6 +256,7 @@ def load_isles_case(case_dir: Path, case_id: str, channels: Sequence[str]) -> Ev
     missing = [key for key in (*channels, *_ISLES_GEOMETRY) if key not in data]
     if missing:
         raise CaseError(f"{path}: missing key(s) {missing}; evaluation reads the output of preprocess_isles_WITH_BBOX.py")
+    check_finite(path, {key: data[key] for key in (*channels, "spacing", "original_affine")})
     reference = data["original_mask"].astype(bool)
     if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
         raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
@@ -280,6 +281,7 @@ def load_atlas_case(case_dir: Path, case_id: str) -> EvalCase:
     missing = [k for k in ("affine", "spacing", "shape") if k not in meta]
     if missing:
         raise CaseError(f"{meta_path}: missing key(s) {missing}")
+    check_finite(path, data)
     image, mask = data["image"], data["lesion_mask"]
     if image.shape != mask.shape or list(image.shape) != list(meta["shape"]):
         raise CaseError(f"{path}: image {image.shape}, lesion_mask {mask.shape} and metadata shape {meta['shape']} differ")

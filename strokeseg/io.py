@@ -12,6 +12,7 @@ import os
 import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -26,6 +27,8 @@ __all__ = [
     "save_npz",
     "load_npz",
     "load_npz_mmap",
+    "NotMemoryMappable",
+    "check_finite",
     "write_json",
     "write_text",
     "read_json",
@@ -41,6 +44,10 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest zip timestamp: fixed, so outputs 
 
 class CaseError(ValueError):
     """Bad input for one case; the message is one line naming the file and the problem."""
+
+
+class NotMemoryMappable(CaseError):
+    """An .npz member that :func:`load_npz_mmap` cannot map (stored compressed): decode it instead."""
 
 
 @contextlib.contextmanager
@@ -103,12 +110,48 @@ def load_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> di
         raise CaseError(f"{path}: unreadable .npz ({one_line(err)})") from err
 
 
+def check_finite(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`CaseError` naming ``path`` and the member when a floating-point array of
+    ``arrays`` holds NaN or Inf (other dtypes are not checked)."""
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.inexact):
+            finite = np.isfinite(value)
+            if not finite.all():
+                raise CaseError(f"{path}: member {key!r} holds {finite.size - int(np.count_nonzero(finite))} NaN/Inf value(s)")
+
+
+# (resolved path, mtime_ns, size, member) of members this process found intact and finite.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+_CRC_CHUNK = 1 << 24  # bytes per zlib.crc32 call (16 MiB)
+
+
+def _verify_member(path: str | os.PathLike, key: str, info: zipfile.ZipInfo, data_offset: int, array: np.memmap) -> None:
+    """Check a stored member once per process: the CRC-32 of its bytes (npy header and data)
+    against the zip directory's, and that a floating-point array is finite. Raises CaseError."""
+    stat = os.stat(path)
+    stamp = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, key)
+    if stamp in _VERIFIED:
+        return
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_offset, shape=(info.file_size,)) if info.file_size else np.zeros(0, np.uint8)
+    crc = 0
+    for start in range(0, info.file_size, _CRC_CHUNK):
+        crc = zlib.crc32(raw[start : start + _CRC_CHUNK], crc)
+    del raw
+    if crc != info.CRC:
+        raise CaseError(f"{path}: member {key!r} is corrupt (CRC-32 {crc:08x}, the archive records {info.CRC:08x}); re-create the file")
+    check_finite(path, {key: array})
+    _VERIFIED.add(stamp)
+
+
 def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.memmap]:
     """Memory-map members of an uncompressed .npz (written with ``compress=False``).
 
     ``np.load`` cannot map .npz members, so this finds each stored member's byte offset and maps
-    it read-only: a patch read touches only its own pages, not the whole volume. Raises
-    :class:`CaseError` for compressed members, missing keys or unreadable files.
+    it read-only: a patch read touches only its own pages, not the whole volume. The first time
+    a process maps a member of a given (file, mtime, size), its CRC-32 is checked (bit rot) and a
+    floating-point member must be finite (:func:`check_finite`); later calls skip both. Raises
+    :class:`NotMemoryMappable` for compressed members and :class:`CaseError` for missing keys,
+    corrupt, non-finite or unreadable files.
     """
     out: dict[str, np.memmap] = {}
     try:
@@ -119,10 +162,11 @@ def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, n
                 except KeyError:
                     raise CaseError(f"{path}: missing key {key!r}") from None
                 if info.compress_type != zipfile.ZIP_STORED:
-                    raise CaseError(f"{path}: member {key!r} is compressed and cannot be memory-mapped")
+                    raise NotMemoryMappable(f"{path}: member {key!r} is compressed and cannot be memory-mapped")
                 raw.seek(info.header_offset + 26)  # local file header: name and extra-field lengths
                 name_len, extra_len = struct.unpack("<HH", raw.read(4))
-                raw.seek(info.header_offset + 30 + name_len + extra_len)
+                data_offset = info.header_offset + 30 + name_len + extra_len
+                raw.seek(data_offset)
                 version = np.lib.format.read_magic(raw)
                 if version == (1, 0):
                     shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
@@ -132,6 +176,7 @@ def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, n
                     raise CaseError(f"{path}: member {key!r} holds objects (pickle), refused")
                 order = "F" if fortran else "C"
                 out[key] = np.memmap(path, dtype=dtype, mode="r", shape=shape, order=order, offset=raw.tell())
+                _verify_member(path, key, info, data_offset, out[key])
     except (OSError, zipfile.BadZipFile, ValueError, struct.error) as err:
         if isinstance(err, CaseError):
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +19,7 @@ import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
 from strokeseg import evaluation as ev
 from strokeseg.evaluation import load_isles_case, score_probability
-from strokeseg.io import load_npz, read_json, write_json
+from strokeseg.io import load_npz, read_json, save_npz, write_json
 
 SUB = "sub-strokecase0009"
 ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
@@ -288,6 +289,24 @@ def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: P
     _splits(splits, "ISLES2022", cases)
     assert evaluate.main([*argv, "--overwrite"]) == 0  # evaluated again, now without the missing case
     assert read_json(out / "summary.json")["n_failed"] == 0
+
+
+def test_nan_input_fails_its_case_instead_of_scoring_dice_0(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(isles_eval, data)
+    cases = sorted(p.stem for p in data.glob("*.npz"))[:3]
+    arrays = load_npz(data / f"{cases[1]}.npz")
+    arrays["dwi"][3, 4, 5] = np.inf
+    save_npz(data / f"{cases[1]}.npz", arrays)
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), "--run", f"a={_isles_run(tmp_path / 'run', 'dwi_only', (0,), 0)}",
+            "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 1
+    (failed,) = read_json(out / "summary.json")["failed"]
+    assert failed == {"case_id": f"a/{cases[1]}", "reason": f"{data / cases[1]}.npz: member 'dwi' holds 1 NaN/Inf value(s)"}
+    assert f"FAILED a/{cases[1]}" in capsys.readouterr().out
+    assert sorted(r["case_id"] for r in _csv(out / "per_case.csv")) == [cases[0], cases[2]]  # the others were scored
 
 
 def test_argument_errors(tmp_path: Path) -> None:

@@ -1,13 +1,14 @@
 """Atomic writes and pickle-free readers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from strokeseg.io import CaseError, atomic_path, load_nifti, load_npz, load_npz_mmap, read_json, save_nifti, save_npz, write_json
+from strokeseg.io import NotMemoryMappable, CaseError, atomic_path, load_nifti, load_npz, load_npz_mmap, read_json, save_nifti, save_npz, write_json
 
 
 def test_atomic_path_leaves_old_file_when_the_writer_fails(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_memory_mapped_members_equal_loaded_arrays(tmp_path: Path) -> None:
         assert isinstance(mapped[key], np.memmap)
         np.testing.assert_array_equal(mapped[key], value)
     save_npz(tmp_path / "c.npz", arrays)
-    with pytest.raises(CaseError, match="compressed"):
+    with pytest.raises(NotMemoryMappable, match="compressed"):
         load_npz_mmap(tmp_path / "c.npz", ("image",))
     with pytest.raises(CaseError, match="missing key"):
         load_npz_mmap(tmp_path / "u.npz", ("brain_mask",))
@@ -101,3 +102,23 @@ def test_identical_arrays_give_byte_identical_npz(tmp_path: Path) -> None:
         assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
         with np.load(tmp_path / "a.npz", allow_pickle=False) as data:  # plain numpy reads it
             np.testing.assert_array_equal(data["image"], arrays["image"])
+
+
+def test_memory_mapped_members_are_checked_once_per_file_version(tmp_path: Path) -> None:
+    image = np.linspace(-1, 1, 4000, dtype=np.float32).reshape(10, 20, 20)
+    save_npz(tmp_path / "u.npz", {"image": image}, compress=False)
+    path = tmp_path / "u.npz"
+    assert load_npz_mmap(path, ("image",))["image"][5, 10, 10] == image[5, 10, 10]
+    stat = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    load_npz_mmap(path, ("image",))  # same (path, mtime, size): verified already, not re-read
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    with pytest.raises(CaseError, match=r"u\.npz: member 'image' is corrupt \(CRC-32"):
+        load_npz_mmap(path, ("image",))
+    image[0, 0, :3] = np.nan
+    save_npz(tmp_path / "n.npz", {"image": image}, compress=False)
+    with pytest.raises(CaseError, match=r"n\.npz: member 'image' holds 3 NaN/Inf value\(s\)"):
+        load_npz_mmap(tmp_path / "n.npz", ("image",))

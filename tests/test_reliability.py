@@ -16,9 +16,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +40,8 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg.io import read_json, write_json
+from strokeseg.io import load_npz, read_json, save_npz, write_json
+from strokeseg.splits import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["16", "16", "16"]  # preprocessed grid of the tiny ISLES / BraTS volumes (voxels)
@@ -604,3 +607,47 @@ def test_two_seeded_cpu_runs_write_identical_outputs(build: Callable, request: p
     assert main(argv(second)) == 0
     assert any(first.rglob("*.npz")) or any(first.rglob("*.pth"))
     _assert_same_outputs(first, second)
+
+
+# --------------------------------------------------------------------------- 4. .npz damaged between stages
+
+
+def _flip_byte(path: Path, member: str) -> None:
+    """Flip one bit in the middle of ``member``'s data, in place (bit rot: the zip still opens)."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{member}.npy")
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def _put_nan(path: Path, member: str) -> None:
+    """Rewrite ``path`` with one NaN voxel in ``member``, keeping its storage (compressed or not)."""
+    with zipfile.ZipFile(path) as archive:
+        compressed = archive.getinfo(f"{member}.npy").compress_type != zipfile.ZIP_STORED
+    arrays = load_npz(path)
+    arrays[member].flat[arrays[member].size // 2] = np.nan
+    save_npz(path, arrays, compress=compressed)
+
+
+def test_bit_rot_in_a_memory_mapped_training_volume_stops_training(brats_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy(brats_train, tmp_path / "brats")
+    case = load_split(data / "brats2024_t2flair_splits_5fold.json", 0, "BraTS2024").train[0]
+    _flip_byte(data / f"{case}.npz", "image")
+    out = tmp_path / "run"
+    argv = ["--brats-dir", str(data), "--output-dir", str(out), "--arch", "resnet18", *TRAIN_FLAGS, "--epochs", "1"]
+    assert train_brats_uctransnet3d.main(argv) == 2
+    line = re.escape(str(data / f"{case}.npz")) + r": member 'image' is corrupt \(CRC-32 [0-9a-f]{8}, the archive records [0-9a-f]{8}\)"
+    assert re.search("ERROR: " + line, capsys.readouterr().out)
+    assert not (out / "fold_0" / "last.pth").exists() and not (out / "fold_0" / "best_model.pth").exists()
+
+
+def test_nan_in_a_validation_volume_stops_training(isles_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy(isles_train, tmp_path / "isles")
+    case = load_split(data / "isles2022_splits_5fold.json", 0, "ISLES2022").val[0]
+    _put_nan(data / f"{case}.npz", "dwi")  # compressed: decoded, then checked
+    out = tmp_path / "run"
+    assert train_isles_resnet18.main(_isles_training_argv(data, out)) == 2
+    assert f"ERROR: {data / f'{case}.npz'}: member 'dwi' holds 1 NaN/Inf value(s)" in capsys.readouterr().out
+    assert not (out / "fold_0" / "last.pth").exists() and not (out / "fold_0" / "best_model.pth").exists()
