@@ -23,10 +23,12 @@ import torch
 from strokeseg import evaluation as ev
 from strokeseg import report
 from strokeseg.inference import PRECISIONS
-from strokeseg.io import CaseError, read_json, write_text
+from strokeseg.io import CaseError, write_text
 from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
+# Arguments that do not change an evaluation's results ("runs" is parsed from --run).
+RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume datasets, ATLAS/UOA: only over the box of the brain's non-zero voxels, the rest is background)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it and stop)")
+    parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it when its arguments match, else stop with an error; a failed one is redone)")
+    parser.add_argument("--allow-unfinished", action="store_true", help="exit 0 although a fold's training stopped before its last epoch (it is scored and marked 'unfinished (epoch k of N)' either way)")
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.checkpoints):
         parser.error("give either --run LABEL=RUN_DIR (repeatable) or --checkpoints PATH...")
@@ -98,26 +101,29 @@ def load_runs(args: argparse.Namespace) -> dict[str, list[ev.FoldModel]]:
     return runs
 
 
-def finished_status(output_dir: Path) -> int | None:
-    """Exit status of the evaluation already finished in ``output_dir`` (its summary.json and
-    results.md exist): 1 when it had a failed case, run or comparison, else 0. None otherwise."""
-    summary_path, results_path = output_dir / "summary.json", output_dir / "results.md"
-    if not (summary_path.is_file() and results_path.is_file()):
-        return None
-    summary = read_json(summary_path)
-    errors = [run for run in summary.get("runs", {}).values() if "error" in run]
-    errors += [comp for comp in summary.get("compare", []) if "error" in comp]
-    return 1 if summary.get("n_failed") or errors else 0
+def report_unfinished(runs: dict[str, list[ev.FoldModel]], allowed: bool) -> int:
+    """Log every fold whose training stopped early (an ERROR unless ``allowed``, then a NOTE);
+    the exit status they give: 1 when any and not ``allowed``, else 0."""
+    unfinished = [(label, fm) for label, fold_models in runs.items() for fm in fold_models if fm.unfinished]
+    for label, fm in unfinished:
+        get_logger().info(f"{'NOTE' if allowed else 'ERROR'} run {label} fold_{fm.fold} ({fm.path}): training {fm.unfinished}; scored "
+                          f"and marked anyway (resume the training, or pass --allow-unfinished)")
+    return int(bool(unfinished) and not allowed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
-    status = None if args.overwrite else finished_status(args.output_dir)
-    if status is not None:
-        log.info(f"{args.output_dir} already holds a finished evaluation (summary.json, results.md): not re-run; use --overwrite to evaluate again")
+    arguments = {key: value for key, value in vars(args).items() if key not in RESULT_FREE}
+    try:
+        reuse = not args.overwrite and ev.reusable_evaluation(args.output_dir, arguments, RESULT_FREE)
+    except CaseError as err:
+        log.info(f"ERROR {err}")
+        return 1
+    if reuse:
+        log.info(f"{args.output_dir} already holds this evaluation, finished (summary.json, results.md): not re-run; use --overwrite to evaluate again")
         print((args.output_dir / "results.md").read_text(), flush=True)
-        return status
+        return 0
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     brain_crop = ev.DATASETS[args.dataset].whole_volume and not args.no_brain_crop
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = ev.preset_record(args.dataset)
     log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
 
-    results, rows, summaries, status = [], [], {}, 0
+    results, rows, summaries, status = [], [], {}, report_unfinished(runs, args.allow_unfinished)
     for label, fold_models in runs.items():
         log.info(f"run {label}: folds {[fm.fold for fm in fold_models]}, windows {sorted({fm.window for fm in fold_models})}, {len(cases[label])} cases")
         summaries[label] = ev.describe_run(label, fold_models, args.dataset, len(cases[label]))
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
+    text += ev.unfinished_notes(summaries)
     write_text(args.output_dir / "results.md", text)
     print(text, flush=True)
     extra = {
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "table_values": "mean ± sample std (ddof=1) across the per-fold means",
         "runs": summaries,
         "compare": comparisons,
+        "arguments": arguments,
     }
     return max(status, finish(args.output_dir / "summary.json", RunReport(results), extra))
 

@@ -14,10 +14,11 @@ channels, window and identity are checked against the dataset before any case ru
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from .inference import nonzero_box, sliding_window_inference
 from .io import CaseError, check_finite, load_npz, one_line, read_json, save_nifti
 from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
 from .report import axial_slice_index, paper_init, paper_strategy
-from .runner import CaseResult, RunReport, run_cases
+from .runner import CaseResult, RunReport, get_logger, run_cases
 from .splits import load_split
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "discover_checkpoints",
     "fold_of_path",
     "load_fold_model",
+    "unfinished_training",
     "predict_probability",
     "evaluate_case",
     "evaluate_run",
@@ -63,6 +65,9 @@ __all__ = [
     "summarize_run",
     "compare_runs",
     "preset_record",
+    "evaluation_problems",
+    "reusable_evaluation",
+    "unfinished_notes",
 ]
 
 THRESHOLD = 0.5  # probability >= THRESHOLD is lesion
@@ -127,7 +132,8 @@ class FoldModel:
     training patch (see :meth:`window_for`);
     run_config: the training run's arguments stored in the checkpoint ({} when absent); init:
     the checkpoint's initialisation label ("scratch", "brats", "transfer", ...; None when not
-    recorded); val_cases: the validation case ids it was selected on (None when not recorded).
+    recorded); val_cases: the validation case ids it was selected on (None when not recorded);
+    unfinished: "unfinished (epoch k of N)" when its training stopped early (:func:`unfinished_training`).
     """
 
     fold: int
@@ -139,6 +145,7 @@ class FoldModel:
     window: tuple[int, int, int]
     init: str | None = None
     val_cases: list[str] | None = None
+    unfinished: str | None = None
 
     def window_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """The window for a volume of spatial ``shape``: UCTransNet3D always its fixed training
@@ -156,6 +163,7 @@ class FoldModel:
             "window": list(self.window),
             "channels": list(self.channels),
             "init": self.init,
+            "unfinished": self.unfinished,
             "run_config": self.run_config,
         }
 
@@ -456,7 +464,32 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
         window=_window(model_config, run_config, window, path),
         init=init.get("label") if isinstance(init, dict) else run_config.get("init"),
         val_cases=list(val_cases) if isinstance(val_cases, (list, tuple)) else None,
+        unfinished=unfinished_training(path, checkpoint, run_config),
     )
+
+
+def unfinished_training(path: Path, checkpoint: Mapping, run_config: Mapping) -> str | None:
+    """"unfinished (epoch k of N)" when the training of the checkpoint at ``path`` stopped before
+    its N epochs (the run config's "epochs"), else None.
+
+    k is the number of epochs completed, read from ``last.pth`` beside ``path`` (the trainer
+    writes it after every epoch and on preemption, before best_model.pth; ``checkpoint`` itself
+    when ``path`` is that file): best_model.pth holds the best epoch, not the last. None too when
+    N or last.pth is not there (a run whose last.pth was deleted cannot be told apart).
+    Raises :class:`CaseError` for an unreadable last.pth.
+    """
+    planned = run_config.get("epochs")
+    last = path.parent / "last.pth"
+    if not isinstance(planned, int) or not last.is_file():
+        return None
+    if last.resolve() == path.resolve():
+        done = checkpoint.get("epoch")
+    else:
+        try:
+            done = models.load_checkpoint(last).get("epoch")
+        except (FileNotFoundError, ValueError) as err:
+            raise CaseError(f"{one_line(err)} (read to tell whether {path} finished training)") from err
+    return f"unfinished (epoch {done} of {planned})" if isinstance(done, int) and done < planned else None
 
 
 # --------------------------------------------------------------------------- per case
@@ -569,6 +602,7 @@ def describe_run(label: str, fold_models: Sequence[FoldModel], dataset: str, n_c
         "n_test_cases": n_cases,
         # e.g. ["norm"]: folds trained with BatchNorm and GroupNorm (the paper's transfer folds 0-1)
         "model_config_differs_in": differing,
+        "unfinished": {f"fold_{fm.fold}": fm.unfinished for fm in fold_models if fm.unfinished},
         "checkpoints": {f"fold_{fm.fold}": fm.record() for fm in fold_models},
     }
 
@@ -628,3 +662,65 @@ def preset_record(dataset: str) -> dict:
     """{"name", "connectivity", "volume_unit"} of the dataset's metrics preset."""
     name = DATASETS[dataset].preset
     return {"name": name, "connectivity": PRESETS[name].connectivity, "volume_unit": PRESETS[name].volume_unit}
+
+
+def unfinished_notes(summaries: Mapping[str, Mapping]) -> str:
+    """Markdown lines for results.md naming every scored fold whose training stopped early
+    ("" when none): from the "unfinished" entries of :func:`describe_run`."""
+    lines = [f"- run `{label}` {fold}: {state}" for label, run in summaries.items() for fold, state in run.get("unfinished", {}).items()]
+    if not lines:
+        return ""
+    return "\n**Unfinished training**: these folds were scored before their last epoch.\n\n" + "\n".join(lines) + "\n"
+
+
+def evaluation_problems(summary: Mapping) -> list[str]:
+    """What makes a finished evaluation's summary.json a failure to redo: failed cases, runs
+    that could not be summarised, failed comparisons, folds scored before training finished."""
+    runs = summary.get("runs", {})
+    problems = [f"{summary['n_failed']} failed case(s)"] if summary.get("n_failed") else []
+    problems += [f"run {label}: {run['error']}" for label, run in runs.items() if "error" in run]
+    problems += [f"compare {comp.get('a')} vs {comp.get('b')}: {comp['error']}" for comp in summary.get("compare", []) if "error" in comp]
+    problems += [f"run {label} {fold}: {state}" for label, run in runs.items() for fold, state in run.get("unfinished", {}).items()]
+    return problems
+
+
+def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any], result_free: Collection[str]) -> list[str]:
+    """"--flag (was X, now Y)" for every argument outside ``result_free`` whose JSON value differs."""
+    def canonical(values: Mapping[str, Any]) -> dict:
+        return json.loads(json.dumps({k: v for k, v in values.items() if k not in result_free}, default=str))
+
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    old, new = canonical(recorded), canonical(current)
+    keys = sorted(key for key in set(old) | set(new) if old.get(key, "(absent)") != new.get(key, "(absent)"))
+    return [f"--{key.replace('_', '-')} (was {short(old.get(key, '(absent)'))}, now {short(new.get(key, '(absent)'))})" for key in keys]
+
+
+def reusable_evaluation(output_dir: Path, arguments: Mapping[str, Any], result_free: Collection[str]) -> bool:
+    """True when ``output_dir`` holds a finished, successful evaluation with these ``arguments``
+    (argument name -> value; paths are compared as strings), to be reported instead of redone.
+
+    A finished evaluation (summary.json and results.md) must have been run with ``arguments``,
+    outside ``result_free`` (settings that do not change the results), as its summary.json
+    records them (older ones: its run_args.json); otherwise :class:`CaseError` names the folder
+    and every differing argument. One with :func:`evaluation_problems` is logged and gives False
+    (evaluate again), as does a folder without a finished evaluation.
+    """
+    summary_path, args_path = output_dir / "summary.json", output_dir / "run_args.json"
+    if not (summary_path.is_file() and (output_dir / "results.md").is_file()):
+        return False
+    summary = read_json(summary_path)
+    recorded = summary.get("arguments")
+    if recorded is None and args_path.is_file():
+        recorded = read_json(args_path).get("args")
+    if not isinstance(recorded, dict):
+        raise CaseError(f"{output_dir}: holds an evaluation that records no arguments; pass --overwrite to replace it")
+    differing = _differing_arguments(recorded, arguments, result_free)
+    if differing:
+        raise CaseError(f"{output_dir}: holds an evaluation with other arguments: {'; '.join(differing)}; pass --overwrite to replace it, or another --output-dir")
+    problems = evaluation_problems(summary)
+    if problems:
+        get_logger().info(f"{output_dir}: the evaluation there did not succeed ({'; '.join(problems[:3])}): evaluating again")
+    return not problems

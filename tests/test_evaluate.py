@@ -281,14 +281,62 @@ def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: P
     assert sorted(r["case_id"] for r in _csv(out / "per_case.csv")) == cases
     assert summary["runs"]["a"]["fold_summary"]["n_cases"] == 2
     assert "FAILED a/sub-strokecase9999" in capsys.readouterr().out
-    # A re-run finds the finished evaluation: reports it with its exit status, rewrites nothing.
-    stamp = (out / "summary.json").stat().st_mtime_ns
-    assert evaluate.main(argv) == 1
-    assert "already holds a finished evaluation" in capsys.readouterr().out
-    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    # A failed evaluation is not reused: once the splits file is fixed, a plain re-run evaluates again.
     _splits(splits, "ISLES2022", cases)
-    assert evaluate.main([*argv, "--overwrite"]) == 0  # evaluated again, now without the missing case
-    assert read_json(out / "summary.json")["n_failed"] == 0
+    assert evaluate.main(argv) == 0
+    assert f"{out}: the evaluation there did not succeed (1 failed case(s)): evaluating again" in capsys.readouterr().out
+    assert read_json(out / "summary.json")["n_failed"] == 0 and len(_csv(out / "per_case.csv")) == 2
+
+
+def test_finished_evaluation_is_reused_only_with_the_same_arguments(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    run, other = _isles_run(tmp_path / "run", "dwi_only", (0,), seed=0), _isles_run(tmp_path / "other", "dwi_only", (0,), seed=1)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"a={run}",
+            "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 0
+    finished = {name: (out / name).read_bytes() for name in ("summary.json", "results.md", "per_case.csv")}
+    capsys.readouterr()
+    # Settings that do not change results (device, windows per batch) reuse it: tables printed, nothing rewritten.
+    assert evaluate.main([*argv, "--device", "cpu", "--sw-batch-size", "1"]) == 0
+    assert "already holds this evaluation, finished" in capsys.readouterr().out
+    for changed, named in (([*argv, "--tta"], "--tta (was false, now true)"),
+                           ([*argv[:7], f"a={other}", *argv[8:]], f"--run (was [\"a={run}\"], now [\"a={other}\"])"),
+                           ([*argv, "--split", "val", "--data-dir", str(tmp_path)], "--data-dir (was"),
+                           ([*argv, "--split", "val"], '--split (was "test", now "val")')):
+        assert evaluate.main(changed) == 1
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
+        assert f"ERROR {out}: holds an evaluation with other arguments: " in line and named in line and "--overwrite" in line
+        assert {name: (out / name).read_bytes() for name in finished} == finished  # nothing touched
+    assert evaluate.main([*argv, "--tta", "--overwrite"]) == 0
+    assert read_json(out / "summary.json")["arguments"]["tta"] is True
+
+
+def test_fold_whose_training_stopped_early_is_marked_and_fails_unless_allowed(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    run = tmp_path / "run"
+    net = {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}
+    for fold, last_epoch in ((0, 50), (1, 1)):  # fold 1 was preempted after epoch 1 of 50, waiting for a requeue
+        config = {"isles_dir": "/data/isles", "fold": fold, "patch_size": ISLES_SHAPE, "epochs": 50}
+        _checkpoint(run / f"fold_{fold}" / "best_model.pth", net, config, seed=fold, epoch=1)  # best epoch 1 in both
+        _checkpoint(run / f"fold_{fold}" / "last.pth", net, config, seed=fold, epoch=last_epoch)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"a={run}",
+            "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 1
+    best = run / "fold_1" / "best_model.pth"
+    assert f"ERROR run a fold_1 ({best}): training unfinished (epoch 1 of 50)" in capsys.readouterr().out
+    summary = read_json(out / "summary.json")
+    assert summary["runs"]["a"]["unfinished"] == {"fold_1": "unfinished (epoch 1 of 50)"}
+    assert summary["runs"]["a"]["checkpoints"]["fold_0"]["unfinished"] is None
+    assert "- run `a` fold_1: unfinished (epoch 1 of 50)" in (out / "results.md").read_text()
+    assert {r["fold"] for r in _csv(out / "per_case.csv")} == {"fold_0", "fold_1"}  # scored all the same
+    assert evaluate.main([*argv, "--allow-unfinished"]) == 0  # not reused (unfinished): evaluated again
+    output = capsys.readouterr().out
+    assert "did not succeed (run a fold_1: unfinished (epoch 1 of 50))" in output and f"NOTE run a fold_1 ({best})" in output
+    assert "unfinished (epoch 1 of 50)" in (out / "results.md").read_text()
 
 
 def test_nan_input_fails_its_case_instead_of_scoring_dice_0(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
