@@ -106,8 +106,11 @@ def make_splits(
 
 def validate_splits(splits: dict, source: str | Path = "splits", groups: Mapping[str, str] | None = None) -> None:
     """Check every fold: unique ids, train/val/test pairwise disjoint, validation sets disjoint
-    across folds, and (with ``groups``) no patient on both sides. Raises :class:`CaseError`."""
+    across folds, one test set shared by every fold of a dataset (so no case is test in one fold
+    and train or val in another), and (with ``groups``) no patient on both sides. Raises
+    :class:`CaseError`; files written elsewhere (the original repository's) are checked alike."""
     seen_val: dict[str, str] = {}
+    first_test: dict[str, tuple[str, set[str]]] = {}
     for fold_name, per_dataset in splits.items():
         for dataset, parts in per_dataset.items():
             where = f"{source}: {fold_name}/{dataset}"
@@ -123,6 +126,10 @@ def validate_splits(splits: dict, source: str | Path = "splits", groups: Mapping
                     raise CaseError(f"{where}: {len(overlap)} id(s) in both {name_a} and {name_b}: {sorted(overlap)[:5]}")
             if groups:
                 _check_groups(where, {"train": train, "val": val, "test": test}, groups)
+            first_fold, first = first_test.setdefault(dataset, (fold_name, test))
+            if test != first:
+                changed = sorted(test ^ first)
+                raise CaseError(f"{where}: test set differs from {first_fold}'s in {len(changed)} case(s), e.g. {changed[:5]}; every fold must share one held-out test set")
             for case_id in val:
                 other = seen_val.setdefault(f"{dataset}/{case_id}", fold_name)
                 if other != fold_name:

@@ -339,6 +339,19 @@ def test_fold_whose_training_stopped_early_is_marked_and_fails_unless_allowed(is
     assert "unfinished (epoch 1 of 50)" in (out / "results.md").read_text()
 
 
+def test_external_splits_file_needs_one_test_set_across_folds(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))
+    splits = tmp_path / "original_repo_splits.json"  # the original repository's shape; fold_1 trains on fold_0's test case 0
+    write_json(splits, {"fold_0": {"ISLES2022": {"train": cases[2:4], "val": [cases[4]], "test": cases[:2]}},
+                        "fold_1": {"ISLES2022": {"train": [cases[0], cases[4]], "val": [cases[2]], "test": [cases[1], cases[3]]}}})
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits),
+            "--run", f"a={_isles_run(tmp_path / 'run', 'dwi_only', (0,), 0)}", "--output-dir", str(out), "--png", "none"]
+    line = _fails(argv, capsys, f"{splits}: fold_1/ISLES2022: test set differs from fold_0's in 2 case(s), e.g. {[cases[0], cases[3]]}")
+    assert "every fold must share one held-out test set" in line
+    assert not (out / "per_case.csv").exists() and not (out / "summary.json").exists()
+
+
 def test_nan_input_fails_its_case_instead_of_scoring_dice_0(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = tmp_path / "data"
     shutil.copytree(isles_eval, data)
