@@ -24,6 +24,7 @@ from strokeseg import evaluation as ev
 from strokeseg import report
 from strokeseg.inference import PRECISIONS
 from strokeseg.io import CaseError, write_text
+from strokeseg.metrics import PRESETS
 from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -37,13 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, required=True, help="ISLES: preprocess_isles_WITH_BBOX.py output; ATLAS/UOA: preprocess_stroke_foundation.py output base (holding <DATASET>/) or the <DATASET> folder")
     parser.add_argument("--splits-file", type=Path, help="splits JSON (default: <DATASET>_splits_5fold.json / isles2022_splits_5fold.json beside the data)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="test: the fixed held-out set, scored by every fold (default); val: each fold's own validation cases")
-    parser.add_argument("--run", action="append", default=[], metavar="LABEL=RUN_DIR", help="a training output folder with fold_<k>/<checkpoint-name>; repeat for several runs")
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=RUN_DIR", help="a training output folder with fold_<k>/<checkpoint-name>; repeat for several runs; several folders with one LABEL are seeds of one arm")
     parser.add_argument("--checkpoints", type=Path, nargs="+", help="checkpoint files of a single run labelled 'model' (fold from a fold_<k> parent folder, else the run config)")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to evaluate (default: every fold folder found)")
     parser.add_argument("--checkpoint-name", default="best_model.pth", help="checkpoint file inside fold_<k>/ (default best_model.pth)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for per_case.csv, summary.json, results.md, figures/, predictions/")
     parser.add_argument("--ensemble", action="store_true", help="also score the fold ensemble (mean of the fold models' probabilities per case; test split only)")
-    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired Wilcoxon signed-rank test on per-case Dice of two runs (ensemble Dice with --ensemble, else the mean over folds); repeatable")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired comparison of two runs on every metric over the cases both scored (per case: the ensemble with --ensemble, else the mean over fold models and seeds): mean difference A - B with bootstrap 95%% CI, Wilcoxon signed-rank p, Holm-adjusted p over all comparisons; repeatable")
+    parser.add_argument("--compare-all", action="store_true", help="compare every pair of runs (in --run order)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="metrics preset (default: the dataset's; isles24: lesions count only when matched one-to-one at IoU >= 0.5)")
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
     parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
@@ -66,10 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.runs = {}
     for spec in args.run:
         label, _, run_dir = spec.partition("=")
-        if not _LABEL.match(label) or not run_dir or label in args.runs:
-            parser.error(f"--run {spec!r}: expected a unique LABEL=RUN_DIR with LABEL of letters, digits, '.', '_', '-'")
-        args.runs[label] = Path(run_dir)
+        if not _LABEL.match(label) or not run_dir or Path(run_dir) in args.runs.get(label, []):
+            parser.error(f"--run {spec!r}: expected LABEL=RUN_DIR (each folder once) with LABEL of letters, digits, '.', '_', '-'")
+        args.runs.setdefault(label, []).append(Path(run_dir))
     labels = list(args.runs) or ["model"]
+    if args.compare_all:
+        args.compare += [[a, b] for i, a in enumerate(labels) for b in labels[i + 1:] if [a, b] not in args.compare]
     for pair in args.compare:
         if any(label not in labels for label in pair) or pair[0] == pair[1]:
             parser.error(f"--compare {' '.join(pair)}: name two different runs among {labels}")
@@ -84,31 +89,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_runs(args: argparse.Namespace) -> dict[str, list[ev.FoldModel]]:
-    """Every run's fold models, rebuilt on the CPU and checked before any case runs."""
+def load_runs(args: argparse.Namespace) -> dict[str, list[list[ev.FoldModel]]]:
+    """label -> its seeds (one per run folder given that label) -> fold models, rebuilt on the
+    CPU and checked before any case runs."""
     window = None if args.window is None else tuple(args.window * 3 if len(args.window) == 1 else args.window)
-    runs = {}
     if args.checkpoints:
-        found = {"model": [(ev.fold_of_path(path), path) for path in args.checkpoints]}
+        found = {"model": [[(ev.fold_of_path(path), path) for path in args.checkpoints]]}
     else:
-        found = {label: list(ev.discover_checkpoints(run_dir, args.folds, args.checkpoint_name).items()) for label, run_dir in args.runs.items()}
-    for label, checkpoints in found.items():
-        loaded = [ev.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints]
-        runs[label] = sorted(loaded, key=lambda fm: fm.fold)
-        folds = [fm.fold for fm in runs[label]]
-        if len(set(folds)) != len(folds):
-            raise CaseError(f"run {label}: several checkpoints for one fold ({sorted(folds)})")
+        found = {label: [list(ev.discover_checkpoints(d, args.folds, args.checkpoint_name).items()) for d in dirs] for label, dirs in args.runs.items()}
+    runs: dict[str, list[list[ev.FoldModel]]] = {}
+    for label, seeds in found.items():
+        for checkpoints in seeds:
+            loaded = sorted((ev.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints), key=lambda fm: fm.fold)
+            folds = [fm.fold for fm in loaded]
+            if len(set(folds)) != len(folds):
+                raise CaseError(f"run {label}: several checkpoints for one fold ({sorted(folds)})")
+            runs.setdefault(label, []).append(loaded)
     return runs
 
 
-def report_unfinished(runs: dict[str, list[ev.FoldModel]], allowed: bool) -> int:
-    """Log every fold whose training stopped early (an ERROR unless ``allowed``, then a NOTE);
-    the exit status they give: 1 when any and not ``allowed``, else 0."""
-    unfinished = [(label, fm) for label, fold_models in runs.items() for fm in fold_models if fm.unfinished]
+def report_unfinished(runs: dict[str, list[list[ev.FoldModel]]], allowed: bool) -> int:
+    """Log every fold (of every seed) whose training stopped early (an ERROR unless ``allowed``,
+    then a NOTE); the exit status they give: 1 when any and not ``allowed``, else 0."""
+    unfinished = [(label, fm) for label, seeds in runs.items() for fold_models in seeds for fm in fold_models if fm.unfinished]
     for label, fm in unfinished:
         get_logger().info(f"{'NOTE' if allowed else 'ERROR'} run {label} fold_{fm.fold} ({fm.path}): training {fm.unfinished}; scored "
                           f"and marked anyway (resume the training, or pass --allow-unfinished)")
     return int(bool(unfinished) and not allowed)
+
+
+def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, settings: ev.InferenceSettings) -> tuple[list[dict], list[CaseResult], dict]:
+    """Every seed of one arm on its cases. Returns rows (with "run" and "seed"), case results
+    (named "<label>/<case>" or "<label>/seed_<s>/<case>") and the arm's summary (an "error"
+    when nothing was scored). Case figures show the first seed; the Bland-Altman PNG all."""
+    log = get_logger()
+    listed = sorted({case for seed_cases in cases for case in seed_cases})
+    log.info(f"run {label}: {len(seeds)} seed(s), folds {[[fm.fold for fm in fms] for fms in seeds]}, windows {sorted({fm.window for fms in seeds for fm in fms})}, {len(listed)} cases")
+    summary = ev.describe_run(label, seeds, args.dataset, len(listed))
+    if summary["model_config_differs_in"]:
+        log.info(f"NOTE run {label}: fold checkpoints differ in {summary['model_config_differs_in']}")
+    rows, results = [], []
+    for seed, (fold_models, seed_cases) in enumerate(zip(seeds, cases)):
+        name = f"{label}/seed_{seed}" if len(seeds) > 1 else label
+        outputs = ev.CaseOutputs(args.output_dir / "predictions" / name if args.save_nifti else None, {} if args.png != "none" and seed == 0 else None)
+        run_report = ev.evaluate_run(fold_models, seed_cases, case_dir, args.dataset, args.ensemble, settings, outputs, args.preset)
+        seed_rows = [{"run": label, "seed": seed, **row} for r in run_report.results if r.status == "done" for row in r.info["rows"]]
+        rows += seed_rows
+        results += [CaseResult(f"{name}/{r.case_id}", r.status, r.reason, r.seconds, r.info) for r in run_report.results]
+        if outputs.figures is not None:
+            report.write_figures(args.output_dir / "figures" / label, seed_rows, outputs.figures, args.png, label)
+    summary["failed"] = [{"case_id": r.case_id, "reason": r.reason} for r in results if r.status == "failed"]
+    try:
+        summary.update(ev.summarize_run(rows, args.bootstrap, args.seed))
+    except ValueError as err:
+        summary["error"] = str(err)
+        log.info(f"ERROR run {label}: {err}")
+        return rows, results, summary
+    if summary["volume_agreement"]["n"]:
+        report.save_bland_altman(args.output_dir / "figures" / "bland_altman" / f"{label}.png", summary, label)
+    return rows, results, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,45 +167,35 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     brain_crop = ev.DATASETS[args.dataset].whole_volume and not args.no_brain_crop
     settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
+    args.preset = args.preset or ev.DATASETS[args.dataset].preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)
     try:
         case_dir = ev.dataset_dir(args.data_dir, args.dataset)
         splits_file = args.splits_file or ev.default_splits_file(case_dir, args.dataset)
         runs = load_runs(args)
-        cases = {label: ev.split_cases(splits_file, args.dataset, fms, args.split) for label, fms in runs.items()}
+        cases = {label: [ev.split_cases(splits_file, args.dataset, fms, args.split) for fms in seeds] for label, seeds in runs.items()}
     except CaseError as err:
         log.info(f"ERROR {err}")
         return 1
-    preset = ev.preset_record(args.dataset)
+    preset = ev.preset_record(args.preset)
     log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
 
-    results, rows, summaries, status = [], [], {}, report_unfinished(runs, args.allow_unfinished)
-    for label, fold_models in runs.items():
-        log.info(f"run {label}: folds {[fm.fold for fm in fold_models]}, windows {sorted({fm.window for fm in fold_models})}, {len(cases[label])} cases")
-        summaries[label] = ev.describe_run(label, fold_models, args.dataset, len(cases[label]))
-        if summaries[label]["model_config_differs_in"]:
-            log.info(f"NOTE run {label}: fold checkpoints differ in {summaries[label]['model_config_differs_in']}")
-        outputs = ev.CaseOutputs(args.output_dir / "predictions" / label if args.save_nifti else None, {} if args.png != "none" else None)
-        run_report = ev.evaluate_run(fold_models, cases[label], case_dir, args.dataset, args.ensemble, settings, outputs)
-        run_rows = [{"run": label, **row} for r in run_report.results if r.status == "done" for row in r.info["rows"]]
+    results, rows, summaries = [], [], {}
+    for label, seeds in runs.items():
+        run_rows, run_results, summaries[label] = evaluate_arm(label, seeds, cases[label], args, case_dir, settings)
         rows += run_rows
-        results += [CaseResult(f"{label}/{r.case_id}", r.status, r.reason, r.seconds, r.info) for r in run_report.results]
-        try:
-            summaries[label].update(ev.summarize_run(run_rows, args.bootstrap, args.seed))
-        except ValueError as err:
-            summaries[label]["error"] = str(err)
-            log.info(f"ERROR run {label}: {err}")
-            status = 1
-        if outputs.figures is not None:
-            report.write_figures(args.output_dir / "figures" / label, run_rows, outputs.figures, args.png, label)
+        results += run_results
+    status = max(report_unfinished(runs, args.allow_unfinished), int(any("error" in summary for summary in summaries.values())))
 
-    comparisons = [ev.compare_runs(a, summaries[a], b, summaries[b]) for a, b in args.compare]
+    comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, args.bootstrap, args.seed)
     for comp in comparisons:
-        outcome = comp.get("error") or f"n = {comp['n']}, p = {comp['p_value']:.4g}, median difference {comp['median_difference']:+.4f}"
-        log.info(f"compare {comp['a']} vs {comp['b']} (per-case Dice, {comp['per_case']}): {outcome}")
+        dice = comp.get("metrics", {}).get("dice")
+        outcome = comp.get("error") or f"n = {dice['n']}, Dice difference {dice['mean_difference']:+.4f}, p = {dice['p_value']}, Holm p = {dice['p_holm']}"
+        log.info(f"compare {comp['a']} vs {comp['b']} ({comp['per_case']}): {outcome}")
         status = max(status, int("error" in comp))
     report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
     text += ev.unfinished_notes(summaries)

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=[197, 233, 189], help="volume size X Y Z in voxels")
     p.add_argument("--lesions", type=int, default=12, help="reference lesions (spheres) to draw")
-    p.add_argument("--preset", default="isles22", choices=sorted(PRESETS), help="connectivity preset")
+    p.add_argument("--preset", default="isles22", choices=sorted(k for k, p in PRESETS.items() if p.match_iou is None), help="connectivity preset (the reference counts one overlapping voxel, so not isles24)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each (best is reported)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic pair")
     return p.parse_args(argv)

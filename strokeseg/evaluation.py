@@ -30,15 +30,17 @@ from .data import sample_shape
 from .geometry import uncrop_to_native
 from .inference import nonzero_box, sliding_window_inference
 from .io import CaseError, check_finite, load_npz, one_line, read_json, save_nifti
-from .metrics import METRIC_NAMES, PRESETS, case_metrics, paired_wilcoxon, summarize
+from .metrics import METRIC_NAMES, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
 from .runner import CaseResult, RunReport, get_logger, run_cases
 from .splits import load_split
+from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
 
 __all__ = [
     "DATASETS",
     "THRESHOLD",
     "CSV_COLUMNS",
+    "LESION_COLUMNS",
     "DatasetSpec",
     "EvalCase",
     "FoldModel",
@@ -61,6 +63,7 @@ __all__ = [
     "predict_probability",
     "evaluate_case",
     "evaluate_run",
+    "lesion_rows",
     "describe_run",
     "summarize_run",
     "compare_runs",
@@ -71,8 +74,11 @@ __all__ = [
 ]
 
 THRESHOLD = 0.5  # probability >= THRESHOLD is lesion
-_ROW_KEYS = ("run", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
-CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+_ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
+_CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
+CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity")
+# lesions.csv: one row per reference lesion and scoring model (see strokeseg.metrics.case_metrics)
+LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
 
 @dataclass(frozen=True)
@@ -528,7 +534,8 @@ def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, out
     if outputs.figures is not None and image is not None:
         z = axial_slice_index(case.reference, prediction)
         outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
-    return {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[len(_ROW_KEYS):]}}
+    row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[len(_ROW_KEYS):]}}
+    return {**row, "lesions": metrics["lesions"]}
 
 
 def evaluate_case(
@@ -539,16 +546,18 @@ def evaluate_case(
     ensemble: bool,
     settings: InferenceSettings,
     outputs: CaseOutputs,
+    preset: str | None = None,
 ) -> CaseResult:
     """Predict one case with every fold model given (and their mean probability when
-    ``ensemble``), score each prediction, write the side outputs.
+    ``ensemble``), score each prediction under ``preset`` (None: the dataset's), write the side outputs.
 
     Returns a done :class:`CaseResult` whose info["rows"] holds one metrics dict per prediction
-    (fold "fold_<k>" or "ensemble"). Bad input raises :class:`CaseError` (the runner records it).
+    (fold "fold_<k>" or "ensemble"; "lesions": its per-lesion dicts). Bad input raises
+    :class:`CaseError` (the runner records it).
     """
     channels = max((fm.channels for fm in fold_models), key=len)
     case = load_case(case_dir, case_id, dataset, channels)
-    preset = DATASETS[dataset].preset
+    preset = preset or DATASETS[dataset].preset
     image = display_volume(case) if outputs.figures is not None else None
     rows, total = [], None
     for fold_model in fold_models:
@@ -568,6 +577,7 @@ def evaluate_run(
     ensemble: bool,
     settings: InferenceSettings,
     outputs: CaseOutputs,
+    preset: str | None = None,
 ) -> RunReport:
     """:func:`evaluate_case` for every case id -> folds of ``cases`` (from :func:`split_cases`),
     in one process; the run's models sit on ``settings.device`` only for its duration."""
@@ -575,7 +585,7 @@ def evaluate_run(
     items = {case_id: (case_id, [by_fold[fold] for fold in folds]) for case_id, folds in cases.items()}
 
     def process(item: tuple[str, list[FoldModel]]) -> CaseResult:
-        return evaluate_case(item[0], case_dir, dataset, item[1], ensemble, settings, outputs)
+        return evaluate_case(item[0], case_dir, dataset, item[1], ensemble, settings, outputs, preset)
 
     for fm in fold_models:
         fm.model.to(settings.device)
@@ -589,79 +599,89 @@ def evaluate_run(
 # --------------------------------------------------------------------------- summaries
 
 
-def describe_run(label: str, fold_models: Sequence[FoldModel], dataset: str, n_cases: int) -> dict:
-    """What a run is: label, paper strategy and init (from the first fold's run config and model
-    config; see :func:`strokeseg.report.paper_strategy`), folds, case count, checkpoints."""
-    first = fold_models[0]
-    differing = sorted({key for fm in fold_models for key in fm.model_config if fm.model_config.get(key) != first.model_config.get(key)})
+def describe_run(label: str, seeds: Sequence[Sequence[FoldModel]], dataset: str, n_cases: int) -> dict:
+    """What an arm is: label, paper strategy and init (from the first fold's run config and model
+    config; see :func:`strokeseg.report.paper_strategy`), folds, listed case count, n_seeds
+    (training runs given this label) and checkpoints ("fold_<k>"; "seed_<s>/fold_<k>" with
+    several seeds)."""
+    models = [(s, fm) for s, fold_models in enumerate(seeds) for fm in fold_models]
+    first = models[0][1]
+    differing = sorted({key for _, fm in models for key in fm.model_config if fm.model_config.get(key) != first.model_config.get(key)})
+    prefix = (lambda s: f"seed_{s}/") if len(seeds) > 1 else (lambda s: "")
     return {
         "label": label,
         "strategy": paper_strategy(first.run_config, first.model_config, label),
         "init": paper_init(first.init, label, dataset),
-        "folds": [fm.fold for fm in fold_models],
+        "folds": sorted({fm.fold for _, fm in models}),
         "n_test_cases": n_cases,
+        "n_seeds": len(seeds),
         # e.g. ["norm"]: folds trained with BatchNorm and GroupNorm (the paper's transfer folds 0-1)
         "model_config_differs_in": differing,
-        "unfinished": {f"fold_{fm.fold}": fm.unfinished for fm in fold_models if fm.unfinished},
-        "checkpoints": {f"fold_{fm.fold}": fm.record() for fm in fold_models},
+        "unfinished": {f"{prefix(s)}fold_{fm.fold}": fm.unfinished for s, fm in models if fm.unfinished},
+        "checkpoints": {f"{prefix(s)}fold_{fm.fold}": fm.record() for s, fm in models},
     }
 
+
+def lesion_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """One dict per reference lesion of every scored row (columns :data:`LESION_COLUMNS`)."""
+    return [{**{key: row.get(key) for key in _ROW_KEYS}, **lesion} for row in rows for lesion in row.get("lesions", ())]
 
 
 def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
-    """Aggregate one run's per-case rows (from :func:`evaluate_case`).
+    """Aggregate one arm's per-case rows (every seed; from :func:`evaluate_case`).
 
-    Returns {"fold_summary": :func:`strokeseg.metrics.summarize` over the fold rows (per-fold
-    means, mean ± std across fold means, mean ± std and bootstrap CI over (fold, case)),
-    "ensemble_summary": the same over the ensemble rows (or None), "per_case_dice": case id ->
-    the Dice used for paired tests (the ensemble's when present, else the mean over folds),
-    "per_case_source": "ensemble" or "mean over folds"}. Raises ValueError without fold rows.
+    Returns "fold_summary" (:func:`strokeseg.statistics.summarize` over the fold models' rows),
+    "ensemble_summary" (the same over the ensemble rows, or None); over distinct cases, from the
+    ensemble rows when present, else the mean over fold models and seeds ("per_case_source"):
+    "per_case" (metric -> case id -> value, for paired tests), "volumes_ml" ({"pred", "ref"}:
+    case id -> lesion volume), "volume_agreement" (:func:`strokeseg.statistics.volume_agreement`
+    of the two) and "detection"
+    (:func:`strokeseg.statistics.detection`; lesions pooled over the scoring models).
+    Raises ValueError without fold rows.
     """
-    per_fold: dict[str, list[Mapping]] = {}
-    for row in rows:
-        if row["fold"] != "ensemble":
-            per_fold.setdefault(row["fold"], []).append(row)
-    if not per_fold:
+    fold_rows = [row for row in rows if row["fold"] != "ensemble"]
+    if not fold_rows:
         raise ValueError("no case was scored")
-    per_fold = dict(sorted(per_fold.items(), key=lambda item: int(item[0].split("_")[1])))
-    fold_summary = summarize(per_fold, METRIC_NAMES, n_bootstrap=n_bootstrap, seed=seed)
     ensemble_rows = [row for row in rows if row["fold"] == "ensemble"]
-    ensemble_summary = summarize({"ensemble": ensemble_rows}, METRIC_NAMES, n_bootstrap, seed) if ensemble_rows else None
-    if ensemble_rows:
-        per_case = {row["case_id"]: float(row["dice"]) for row in ensemble_rows}
-    else:
-        collected: dict[str, list[float]] = {}
-        for fold_rows in per_fold.values():
-            for row in fold_rows:
-                collected.setdefault(row["case_id"], []).append(float(row["dice"]))
-        per_case = {case_id: float(np.mean(values)) for case_id, values in sorted(collected.items())}
+    source = ensemble_rows or fold_rows
+    volumes = {"pred": case_values(source, "pred_volume_ml"), "ref": case_values(source, "ref_volume_ml")}
     return {
-        "fold_summary": fold_summary,
-        "ensemble_summary": ensemble_summary,
-        "per_case_dice": per_case,
-        "per_case_source": "ensemble" if ensemble_rows else "mean over folds",
+        "fold_summary": summarize(fold_rows, METRIC_NAMES, n_bootstrap, seed),
+        "ensemble_summary": summarize(ensemble_rows, METRIC_NAMES, n_bootstrap, seed) if ensemble_rows else None,
+        "per_case": {metric: case_values(source, metric) for metric in METRIC_NAMES},
+        "per_case_source": "ensemble" if ensemble_rows else "mean over fold models",
+        "volumes_ml": volumes,
+        "volume_agreement": volume_agreement(volumes["pred"], volumes["ref"]),
+        "detection": detection(lesion_rows(source), case_values(source, "fp_lesions")),
     }
 
 
-def compare_runs(label_a: str, run_a: Mapping, label_b: str, run_b: Mapping) -> dict:
-    """Paired two-sided Wilcoxon signed-rank test on per-case Dice (cases matched by id) of two
-    run summaries from :func:`summarize_run`. An impossible test gives {"a", "b", "error"}."""
-    out = {"a": label_a, "b": label_b, "metric": "dice", "per_case": run_a.get("per_case_source")}
-    unscored = [label for label, run in ((label_a, run_a), (label_b, run_b)) if "per_case_dice" not in run]
-    if unscored:
-        out["error"] = f"run(s) {unscored} have no scored case"
-        return out
-    try:
-        out.update(paired_wilcoxon(run_a["per_case_dice"], run_b["per_case_dice"]))
-    except ValueError as err:
-        out["error"] = str(err)
+def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], n_bootstrap: int, seed: int) -> list[dict]:
+    """Paired comparisons of run summaries (from :func:`summarize_run`), one per (a, b) pair:
+    for every metric :func:`strokeseg.statistics.paired_difference` of a - b over the cases
+    both scored, plus "p_holm": Holm-adjusted over every (pair, metric) p-value of this call.
+    A pair that cannot be tested gets {"a", "b", "error"}."""
+    out = []
+    for a, b in pairs:
+        comp: dict = {"a": a, "b": b, "per_case": runs[a].get("per_case_source")}
+        missing = [label for label in (a, b) if "per_case" not in runs[label]]
+        try:
+            if missing:
+                raise ValueError(f"run(s) {missing} have no scored case")
+            comp["metrics"] = {m: paired_difference(runs[a]["per_case"][m], runs[b]["per_case"][m], n_bootstrap, seed) for m in METRIC_NAMES}
+        except ValueError as err:
+            comp["error"] = str(err)
+        out.append(comp)
+    tests = [test for comp in out for test in comp.get("metrics", {}).values()]
+    for test, adjusted in zip(tests, holm([test["p_value"] for test in tests])):
+        test["p_holm"] = adjusted
     return out
 
 
-def preset_record(dataset: str) -> dict:
-    """{"name", "connectivity", "volume_unit"} of the dataset's metrics preset."""
-    name = DATASETS[dataset].preset
-    return {"name": name, "connectivity": PRESETS[name].connectivity, "volume_unit": PRESETS[name].volume_unit}
+def preset_record(preset: str) -> dict:
+    """{"name", "connectivity", "volume_unit", "match_iou"} of a metrics preset (a key of PRESETS)."""
+    found = PRESETS[preset]
+    return {"name": preset, "connectivity": found.connectivity, "volume_unit": found.volume_unit, "match_iou": found.match_iou}
 
 
 def unfinished_notes(summaries: Mapping[str, Mapping]) -> str:

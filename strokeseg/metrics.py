@@ -1,8 +1,8 @@
-"""Whole-volume segmentation metrics per case, their aggregation over folds, and paired tests.
+"""Whole-volume segmentation metrics per case and lesion-level matching.
 
 Every metric takes a prediction P and a reference G as boolean arrays of one shape (X, Y, Z).
 Lesions are connected components under 6-connectivity (faces, ATLAS'22) or 26-connectivity
-(faces, edges and corners, ISLES'22); :data:`PRESETS` names the two challenge conventions.
+(faces, edges and corners, ISLES'22 and '24); :data:`PRESETS` names the challenge conventions.
 
 Each metric's name, unit, decimals, direction and empty rule live in :data:`METRICS`, from
 which the CSV columns, summaries, tables and comparisons derive.
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 __all__ = [
     "Preset",
@@ -27,9 +26,9 @@ __all__ = [
     "volume_difference",
     "lesion_f1",
     "lesion_count_difference",
+    "LesionMatch",
+    "match_lesions",
     "case_metrics",
-    "summarize",
-    "paired_wilcoxon",
 ]
 
 
@@ -40,10 +39,14 @@ class Preset:
     connectivity: 6 (faces) or 26 (faces, edges, corners) for connected components.
     volume_unit: "ml" or "voxels", the unit the challenge reports volume differences in
     (:func:`case_metrics` returns both; this says which one to put in tables).
+    match_iou: None: a reference lesion is detected when one of its voxels is predicted
+    (ISLES'22, ATLAS'22); a number: only when matched one-to-one to a predicted component at
+    IoU >= match_iou (ISLES'24, panoptica's naive threshold matching).
     """
 
     connectivity: int
     volume_unit: str
+    match_iou: float | None = None
 
     @property
     def volume_metric(self) -> str:
@@ -59,6 +62,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "isles22": Preset(connectivity=26, volume_unit="ml"),
     "atlas22": Preset(connectivity=6, volume_unit="voxels"),
+    "isles24": Preset(connectivity=26, volume_unit="ml", match_iou=0.5),
 }
 
 
@@ -121,19 +125,60 @@ def _dice_from_counts(n_overlap: int, n_pred: int, n_ref: int) -> float:
     return 2.0 * n_overlap / (n_pred + n_ref)
 
 
-def _f1_from_labels(
-    pred_labels: np.ndarray, n_pred: int, ref_labels: np.ndarray, n_ref: int, overlap: np.ndarray
-) -> float:
-    """Lesion-wise F1 from component labels and the voxel mask P ∩ G."""
-    if n_pred == 0 and n_ref == 0:
-        return 1.0
-    # A reference lesion is hit (TP) and a predicted component is matched (not FP) exactly when
-    # one of its voxels lies in P ∩ G, so both counts come from the overlap voxels alone.
-    tp = int(np.count_nonzero(np.bincount(ref_labels[overlap], minlength=n_ref + 1)[1:]))
-    matched_pred = int(np.count_nonzero(np.bincount(pred_labels[overlap], minlength=n_pred + 1)[1:]))
-    fn = n_ref - tp
-    fp = n_pred - matched_pred
-    return tp / (tp + (fp + fn) / 2.0)
+@dataclass(frozen=True)
+class LesionMatch:
+    """Which lesions of a case match. ref_detected: bool (n_ref,), reference lesion i + 1
+    detected; pred_matched: bool (n_pred,), predicted component j + 1 counted as a hit (not a
+    false positive); ref_sizes: int64 (n_ref,) voxels per reference lesion; ref_overlap: int64
+    (n_ref,) voxels of each reference lesion that are predicted."""
+
+    ref_detected: np.ndarray
+    pred_matched: np.ndarray
+    ref_sizes: np.ndarray
+    ref_overlap: np.ndarray
+
+    @property
+    def f1(self) -> float:
+        """TP / (TP + (FP + FN) / 2): TP detected reference lesions, FN the others, FP unmatched
+        predicted components; 1.0 when both masks have no lesion."""
+        n_ref, n_pred = self.ref_detected.size, self.pred_matched.size
+        if n_ref == 0 and n_pred == 0:
+            return 1.0
+        tp = int(self.ref_detected.sum())
+        return tp / (tp + (n_pred - int(self.pred_matched.sum()) + n_ref - tp) / 2.0)
+
+
+def _one_to_one(ref_ids: np.ndarray, pred_ids: np.ndarray, iou: np.ndarray, threshold: float, n_ref: int, n_pred: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of overlapping (ref, pred) pairs (1-based ids) by IoU,
+    highest first (ties: lower ref id, then lower pred id), pairs with IoU >= threshold only."""
+    ref_done, pred_done = np.zeros(n_ref + 1, bool), np.zeros(n_pred + 1, bool)
+    for k in np.lexsort((pred_ids, ref_ids, -iou)):
+        if iou[k] >= threshold and not ref_done[ref_ids[k]] and not pred_done[pred_ids[k]]:
+            ref_done[ref_ids[k]] = pred_done[pred_ids[k]] = True
+    return ref_done[1:], pred_done[1:]
+
+
+def match_lesions(
+    pred_labels: np.ndarray, n_pred: int, ref_labels: np.ndarray, n_ref: int, overlap: np.ndarray, match_iou: float | None
+) -> LesionMatch:
+    """Match component labels (int (X, Y, Z), 0 background) of P and G; overlap: bool P ∩ G.
+
+    match_iou None: a reference lesion is detected and a predicted component matched when one
+    of its voxels lies in P ∩ G (many-to-many). A number: pairs with IoU >= match_iou are
+    matched one-to-one by :func:`_one_to_one` (panoptica's NaiveThresholdMatching).
+    """
+    ref_sizes = np.bincount(ref_labels[ref_labels > 0], minlength=n_ref + 1)[1:].astype(np.int64)
+    ref_in, pred_in = ref_labels[overlap], pred_labels[overlap]
+    ref_overlap = np.bincount(ref_in, minlength=n_ref + 1)[1:].astype(np.int64)
+    if match_iou is None:
+        pred_matched = np.bincount(pred_in, minlength=n_pred + 1)[1:] > 0
+        return LesionMatch(ref_overlap > 0, pred_matched, ref_sizes, ref_overlap)
+    pairs, inter = np.unique(ref_in.astype(np.int64) * (n_pred + 1) + pred_in, return_counts=True)
+    ref_ids, pred_ids = pairs // (n_pred + 1), pairs % (n_pred + 1)
+    pred_sizes = np.bincount(pred_labels[pred_labels > 0], minlength=n_pred + 1)
+    iou = inter / (ref_sizes[ref_ids - 1] + pred_sizes[pred_ids] - inter)
+    detected, pred_matched = _one_to_one(ref_ids, pred_ids, iou, match_iou, n_ref, n_pred)
+    return LesionMatch(detected, pred_matched, ref_sizes, ref_overlap)
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -160,17 +205,18 @@ def volume_difference(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float)
     return voxels, voxels * float(voxel_volume_ml)
 
 
-def lesion_f1(pred: np.ndarray, ref: np.ndarray, connectivity: int) -> float:
+def lesion_f1(pred: np.ndarray, ref: np.ndarray, connectivity: int, match_iou: float | None = None) -> float:
     """Lesion-wise F1 = TP / (TP + (FP + FN) / 2) over connected components.
 
-    A reference component is TP if any of its voxels is predicted, else FN; a predicted
-    component touching no reference voxel is FP. connectivity: 6 or 26.
-    Both empty: 1.0. Only one empty: 0.0 (all FP or all FN).
+    match_iou None: a reference component is TP if any of its voxels is predicted, else FN; a
+    predicted component touching no reference voxel is FP. A number: TP are the pairs matched
+    one-to-one at IoU >= match_iou, FN and FP the unmatched components (ISLES'24).
+    connectivity: 6 or 26. Both empty: 1.0. Only one empty: 0.0 (all FP or all FN).
     """
     _check_pair(pred, ref)
     pred_labels, n_pred = label_components(pred, connectivity)
     ref_labels, n_ref = label_components(ref, connectivity)
-    return _f1_from_labels(pred_labels, n_pred, ref_labels, n_ref, pred & ref)
+    return match_lesions(pred_labels, n_pred, ref_labels, n_ref, pred & ref, match_iou).f1
 
 
 def lesion_count_difference(pred: np.ndarray, ref: np.ndarray, connectivity: int) -> int:
@@ -183,12 +229,15 @@ def lesion_count_difference(pred: np.ndarray, ref: np.ndarray, connectivity: int
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, preset: str) -> dict:
-    """All metrics of one case under a named preset ("isles22" or "atlas22").
+    """All metrics of one case under a named preset (a key of :data:`PRESETS`).
 
     pred, ref: boolean (X, Y, Z); voxel_volume_ml: ml per voxel. Components of P and G are
-    labelled once and shared by lesion F1 and the count difference. Empty rules as in the
-    single-metric functions. Returns a JSON-able dict with the keys of :data:`METRIC_NAMES`
-    plus "preset" and "connectivity".
+    labelled once and shared by lesion F1, the count difference and detection. Returns a
+    JSON-able dict: the keys of :data:`METRIC_NAMES`; "preset", "connectivity";
+    "ref_volume_ml", "pred_volume_ml"; "n_ref_lesions", "n_pred_lesions"; "fp_lesions"
+    (predicted components counted as false positives); "lesions": one dict per reference
+    lesion ("lesion_id" 1.., "ref_volume_ml", "detected" by the preset's rule,
+    "overlap_fraction": its predicted voxels / its voxels).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -197,125 +246,24 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
     overlap = pred & ref
     pred_labels, n_pred = label_components(pred, connectivity)
     ref_labels, n_ref = label_components(ref, connectivity)
+    match = match_lesions(pred_labels, n_pred, ref_labels, n_ref, overlap, PRESETS[preset].match_iou)
+    n_pred_voxels, n_ref_voxels = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    lesions = [
+        {"lesion_id": i + 1, "ref_volume_ml": int(size) * voxel_volume_ml, "detected": bool(hit), "overlap_fraction": int(inter) / int(size)}
+        for i, (size, inter, hit) in enumerate(zip(match.ref_sizes, match.ref_overlap, match.ref_detected))
+    ]
     return {
-        "dice": _dice_from_counts(
-            int(np.count_nonzero(overlap)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
-        ),
+        "dice": _dice_from_counts(int(np.count_nonzero(overlap)), n_pred_voxels, n_ref_voxels),
         "abs_volume_diff_voxels": voxels,
         "abs_volume_diff_ml": ml,
-        "lesion_f1": _f1_from_labels(pred_labels, n_pred, ref_labels, n_ref, overlap),
+        "lesion_f1": match.f1,
         "abs_lesion_count_diff": abs(n_pred - n_ref),
         "preset": preset,
         "connectivity": connectivity,
-    }
-
-
-def _metric_values(cases: Sequence[Mapping], metric: str, fold: str) -> np.ndarray:
-    values = []
-    for i, case in enumerate(cases):
-        value = case.get(metric)
-        if value is None or not math.isfinite(float(value)):
-            who = case.get("case_id", f"#{i}")
-            raise ValueError(f"fold {fold!r}, case {who}: metric {metric!r} is missing or not finite ({value!r})")
-        values.append(float(value))
-    return np.asarray(values, dtype=np.float64)
-
-
-def _std(values: np.ndarray) -> float:
-    """Sample standard deviation (ddof=1); NaN for fewer than two values."""
-    return float(np.std(values, ddof=1)) if values.size > 1 else float("nan")
-
-
-def _single_setting(cases: Sequence[Mapping], key: str) -> object:
-    found = {case.get(key) for case in cases}
-    if len(found) > 1:
-        raise ValueError(f"cases mix {key} values {sorted(map(str, found))}; summarize one setting at a time")
-    return found.pop()
-
-
-def summarize(
-    per_fold: Mapping[str, Sequence[Mapping]],
-    metrics: Sequence[str] = METRIC_NAMES,
-    n_bootstrap: int = 10000,
-    seed: int = 0,
-) -> dict:
-    """Aggregate per-case metrics over folds and over cases.
-
-    per_fold: fold name -> list of per-case dicts (as from :func:`case_metrics`, optionally
-    with "case_id"); pass ``{"all": cases}`` when there are no folds. Each metric gets:
-
-    - fold_means: the mean of each fold (in ``per_fold`` order); fold_mean: their mean;
-      fold_std: their sample std (ddof=1), the paper's "mean ± std across the fold means"
-      (NaN with one fold).
-    - case_mean, case_std: mean and sample std (ddof=1) over all cases pooled (NaN std with
-      one case); ci95: percentile bootstrap 95 % interval of the case mean from
-      ``n_bootstrap`` resamples of cases, seeded by ``seed`` (same resamples for every metric).
-
-    The result also records n_cases, n_folds, folds and the cases' "preset" and
-    "connectivity" (None when the dicts lack them; mixing values is an error).
-    """
-    if not per_fold or any(len(cases) == 0 for cases in per_fold.values()):
-        sizes = {fold: len(cases) for fold, cases in per_fold.items()}
-        raise ValueError(f"every fold needs at least one case, got fold sizes {sizes}")
-    if n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
-    pooled = [case for cases in per_fold.values() for case in cases]
-    rng = np.random.default_rng(seed)
-    resamples = rng.integers(0, len(pooled), size=(n_bootstrap, len(pooled)))
-    out: dict = {
-        "preset": _single_setting(pooled, "preset"),
-        "connectivity": _single_setting(pooled, "connectivity"),
-        "n_cases": len(pooled),
-        "n_folds": len(per_fold),
-        "folds": list(per_fold),
-        "n_bootstrap": n_bootstrap,
-        "seed": seed,
-        "metrics": {},
-    }
-    for metric in metrics:
-        fold_means = np.array([_metric_values(cases, metric, fold).mean() for fold, cases in per_fold.items()])
-        values = np.concatenate([_metric_values(cases, metric, fold) for fold, cases in per_fold.items()])
-        boot_means = values[resamples].mean(axis=1)
-        low, high = np.percentile(boot_means, [2.5, 97.5])
-        out["metrics"][metric] = {
-            "fold_means": fold_means.tolist(),
-            "fold_mean": float(fold_means.mean()),
-            "fold_std": _std(fold_means),
-            "case_mean": float(values.mean()),
-            "case_std": _std(values),
-            "ci95": [float(low), float(high)],
-        }
-    return out
-
-
-def paired_wilcoxon(a: Mapping[str, float], b: Mapping[str, float], min_cases: int = 5) -> dict:
-    """Two-sided Wilcoxon signed-rank test of a[case] - b[case] over the cases in both.
-
-    a, b: case id -> metric value for two methods. Returns n (cases in both), n_only_a and
-    n_only_b (cases dropped for lack of a pair), statistic and p_value of
-    ``scipy.stats.wilcoxon`` (defaults: zero differences are left out of the ranks; the
-    statistic is min(W+, W-)), and median_difference (median of a - b over the n cases).
-    Raises ValueError when fewer than ``min_cases`` cases are shared or all differences are
-    zero (the test is undefined).
-    """
-    common = sorted(set(a) & set(b))
-    if len(common) < min_cases:
-        raise ValueError(
-            f"paired Wilcoxon needs at least {min_cases} cases present in both, got {len(common)} "
-            f"(a has {len(a)}, b has {len(b)})"
-        )
-    diff = np.array([float(a[c]) - float(b[c]) for c in common])
-    if not np.isfinite(diff).all():
-        bad = [case for case, d in zip(common, diff) if not np.isfinite(d)]
-        raise ValueError(f"non-finite paired values for cases {bad}")
-    if not np.any(diff):
-        raise ValueError(f"all {len(common)} paired differences are zero; the Wilcoxon test is undefined")
-    result = stats.wilcoxon(diff)
-    return {
-        "n": len(common),
-        "n_only_a": len(a) - len(common),
-        "n_only_b": len(b) - len(common),
-        "statistic": float(result.statistic),
-        "p_value": float(result.pvalue),
-        "median_difference": float(np.median(diff)),
+        "ref_volume_ml": n_ref_voxels * voxel_volume_ml,
+        "pred_volume_ml": n_pred_voxels * voxel_volume_ml,
+        "n_ref_lesions": n_ref,
+        "n_pred_lesions": n_pred,
+        "fp_lesions": n_pred - int(match.pred_matched.sum()),
+        "lesions": lesions,
     }

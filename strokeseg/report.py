@@ -1,10 +1,11 @@
 """Evaluation outputs: per-case CSV, Markdown tables in the paper's layout, PNG figures.
 
 Tables take run summaries as built by :func:`strokeseg.evaluation.describe_run` plus
-:func:`strokeseg.evaluation.summarize_run` (a dict with "label", "strategy", "init", "folds",
-"n_test_cases" and "fold_summary"/"ensemble_summary" from :func:`strokeseg.metrics.summarize`). Every table cell is "mean ± std" where the std is the
-sample std (ddof=1) across the per-fold means, the paper's convention; "n/a" when undefined
-(one fold). Figures are drawn with the Agg canvas (no pyplot, no display needed).
+:func:`strokeseg.evaluation.summarize_run` ("label", "strategy", "init", "folds", "n_test_cases",
+"fold_summary"/"ensemble_summary" from :func:`strokeseg.statistics.summarize`, "volume_agreement",
+"detection"). Paper-layout cells are "mean ± std" with the sample std (ddof=1) across the per-fold
+means, the paper's convention; "n/a" when undefined (one fold). Columns, headers and decimals
+come from :data:`strokeseg.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ __all__ = [
     "isles_table",
     "atlas_table",
     "details_table",
+    "failed_cases",
+    "distribution_table",
+    "agreement_table",
+    "detection_table",
+    "comparison_table",
+    "save_bland_altman",
     "results_markdown",
     "write_csv",
     "select_for_figures",
@@ -132,62 +139,156 @@ def atlas_table(dataset_name: str, runs: Sequence[Mapping]) -> str:
     return markdown_table(header, rows)
 
 
+def _num(value: float | None, decimals: int) -> str:
+    """``value`` with ``decimals`` digits; "n/a" for None or NaN."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def _pair(values: Sequence[float], decimals: int) -> str:
+    return f"[{_num(values[0], decimals)}, {_num(values[1], decimals)}]"
+
+
 def _case_cell(summary: Mapping | None, metric: str = "dice") -> tuple[str, str]:
     if summary is None:
         return "–", "–"
     values = summary["metrics"][metric]
     decimals = METRICS[metric].decimals
-    low, high = values["ci95"]
-    return format_mean_std(values["case_mean"], values["case_std"], decimals), f"[{low:.{decimals}f}, {high:.{decimals}f}]"
+    return format_mean_std(values["case_mean"], values["case_std"], decimals), _pair(values["ci95"], decimals)
+
+
+def _cases_text(run: Mapping) -> str:
+    """Scored / listed cases: distinct cases with a score / cases the splits file lists."""
+    return f"{run['fold_summary']['n_cases']}/{run['n_test_cases']}"
 
 
 def details_table(runs: Sequence[Mapping], metrics: Sequence[str]) -> str:
-    """Per run: folds, cases, each of ``metrics`` (keys of METRICS) across fold means, DSC over
-    cases with its bootstrap 95 % CI, and the fold ensemble's DSC over cases when it was computed."""
+    """Per run: folds, scored/listed cases, each of ``metrics`` (keys of METRICS) across fold
+    means, DSC over distinct cases with its bootstrap 95 % CI, and the fold ensemble's DSC
+    over cases when it was computed."""
     header = ["Run", "Folds", "Cases", *(METRICS[m].header for m in metrics)]
-    header += ["DSC over (fold, case)", "95 % CI", "Ensemble DSC over cases", "Ensemble 95 % CI"]
+    header += ["DSC over cases", "95 % CI", "Ensemble DSC over cases", "Ensemble 95 % CI"]
     rows = []
     for run in runs:
         summary = run["fold_summary"]
-        row = [run["label"], _folds_text(run["folds"]), str(run["n_test_cases"])]
+        row = [run["label"], _folds_text(run["folds"]), _cases_text(run)]
         row += [_cell(summary, m) for m in metrics]
         row += [*_case_cell(summary), *_case_cell(run.get("ensemble_summary"))]
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str) -> str:
-    """The whole ``results.md``: the paper-layout table, the details table, comparisons, notes.
+def failed_cases(runs: Sequence[Mapping]) -> str:
+    """Markdown list of every run's failed cases with their reasons ("" when none failed)."""
+    lines = [f"- {item['case_id']}: {item['reason']}" for run in runs for item in run.get("failed", ())]
+    return "Failed cases (not scored):\n" + "\n".join(lines) if lines else ""
 
-    preset: {"name", "connectivity", "volume_unit"}; comparisons: dicts with "a", "b" and either
-    the :func:`strokeseg.metrics.paired_wilcoxon` result or an "error".
+
+def distribution_table(runs: Sequence[Mapping], metrics: Sequence[str]) -> str:
+    """Per run and metric: mean ± std across fold means (across seed means too when a run has
+    several seeds), then over distinct cases mean ± std, bootstrap 95 % CI, median, IQR and
+    [5th, 95th] percentiles."""
+    seeds = any(run.get("n_seeds", 1) > 1 for run in runs)
+    header = ["Run", "Metric", "Folds: mean ± std"] + (["Seeds: mean ± std"] if seeds else [])
+    header += ["Cases: mean ± std", "95 % CI", "Median", "IQR", "[5th, 95th]"]
+    rows = []
+    for run in runs:
+        for metric in metrics:
+            v, d = run["fold_summary"]["metrics"][metric], METRICS[metric].decimals
+            seed_cell = [format_mean_std(float(np.mean(v["seed_means"])), v["seed_std"], d)] if seeds else []
+            rows.append([run["label"], METRICS[metric].header, format_mean_std(v["fold_mean"], v["fold_std"], d), *seed_cell,
+                         *_case_cell(run["fold_summary"], metric), _num(v["median"], d), _pair(v["iqr"], d), _pair(v["p5_p95"], d)])
+    return markdown_table(header, rows)
+
+
+def agreement_table(runs: Sequence[Mapping]) -> str:
+    """Per run: predicted vs reference lesion volume (ml) over distinct cases: Bland-Altman bias
+    and 95 % limits of agreement, ICC(3,1), Pearson and Spearman r."""
+    header = ["Run", "Cases", "Bias (ml)", "95 % LoA (ml)", "ICC(3,1)", "Pearson r", "Spearman r"]
+    rows = []
+    for run in runs:
+        a = run["volume_agreement"]
+        rows.append([run["label"], str(a["n"]), _num(a["bias_ml"], 2), _pair(a["loa_ml"], 2), _num(a["icc_3_1"], 3), _num(a["pearson_r"], 3), _num(a["spearman_r"], 3)])
+    return markdown_table(header, rows)
+
+
+def detection_table(runs: Sequence[Mapping]) -> str:
+    """Per run: detection sensitivity per reference-lesion volume bin ("sensitivity (detected/n)")
+    and false-positive lesions per case."""
+    names = [b["bin"] for b in runs[0]["detection"]["bins"]] if runs else []
+    rows = []
+    for run in runs:
+        found = run["detection"]
+        cells = [f"{_num(b['sensitivity'], 3)} ({b['detected']}/{b['n']})" for b in found["bins"]]
+        rows.append([run["label"], *cells, _num(found["fp_lesions_per_case"], 2)])
+    return markdown_table(["Run", *(f"Sensitivity {n}" for n in names), "FP lesions / case"], rows)
+
+
+def comparison_table(comparisons: Sequence[Mapping]) -> str:
+    """One row per comparison and metric: n, mean difference A − B [bootstrap 95 % CI], median
+    difference, Wilcoxon p, Holm-adjusted p; comparisons that failed are listed below."""
+    rows, notes = [], []
+    for comp in comparisons:
+        if "error" in comp:
+            notes.append(f"- {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
+            continue
+        for metric, test in comp["metrics"].items():
+            d = METRICS[metric].decimals + 1
+            better = "higher" if METRICS[metric].higher_is_better else "lower"
+            rows.append([f"{comp['a']} − {comp['b']}", f"{METRICS[metric].header} ({better} is better)", str(test["n"]),
+                         f"{test['mean_difference']:+.{d}f} {_pair(test['ci95'], d)}", f"{test['median_difference']:+.{d}f}",
+                         _p(test["p_value"]), _p(test["p_holm"])])
+    header = ["A − B", "Metric", "Cases", "Mean difference [95 % CI]", "Median difference", "Wilcoxon p", "Holm p"]
+    return "\n\n".join(part for part in (markdown_table(header, rows) if rows else "", "\n".join(notes)) if part)
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str) -> str:
+    """The whole ``results.md``: the paper-layout table with failed cases under it, details,
+    distributions, volume agreement, lesion detection, comparisons; each with its definition.
+
+    preset: :func:`strokeseg.evaluation.preset_record`; comparisons: from
+    :func:`strokeseg.evaluation.compare_runs`.
     """
     name = {"ISLES2022": "ISLES 2022", "UOA_Private": "UOA"}.get(dataset, dataset)
     table = isles_table(runs) if dataset == "ISLES2022" else atlas_table(name, runs)
+    metrics = PRESETS[preset["name"]].table_metrics
+    match = f"matched one-to-one at IoU >= {preset['match_iou']}" if preset.get("match_iou") else "hit by one predicted voxel"
     parts = [
         f"# {name}: {split} set",
         table,
+        failed_cases(runs),
         "Values: mean ± sample std (ddof=1) across the per-fold means (each fold's model scored on "
         f"the {split} cases), the paper's convention. Whole-volume scoring; lesions are "
-        f"{preset['connectivity']}-connected components (preset {preset['name']}).",
+        f"{preset['connectivity']}-connected components (preset {preset['name']}; a reference lesion counts as detected when {match}).",
         "## Details",
-        details_table(runs, PRESETS[preset["name"]].table_metrics),
-        "\"over (fold, case)\": mean ± std over every fold model's per-case score; ensemble: the fold "
-        "models' probabilities averaged per case, mean ± std over cases; CI: percentile bootstrap of "
-        "the case mean.",
+        details_table(runs, metrics),
+        "Cases: scored/listed distinct cases. \"over cases\": a case's value is the mean over the fold "
+        "models (and seeds) that scored it; mean ± std over distinct cases; ensemble: the fold models' "
+        "probabilities averaged per case; CI: percentile bootstrap of the mean over distinct cases.",
+        "## Distributions over cases",
+        distribution_table(runs, metrics),
+        "Folds: the paper's mean ± std across fold means (with several seeds: pooled within-seed std); "
+        "Seeds: mean ± std across the seeds' means; IQR: [25th, 75th] percentile.",
+        "## Volume agreement (predicted vs reference lesion volume, ml)",
+        agreement_table(runs),
+        "Per distinct case (the ensemble's volume, else the mean over fold models). Bias: mean of "
+        "predicted − reference; LoA: bias ± 1.96 sample std of the differences; ICC(3,1): two-way "
+        "mixed, consistency, single rater (Shrout & Fleiss 1979). Bland-Altman plots: figures/bland_altman/<run>.png.",
+        "## Lesion detection",
+        detection_table(runs),
+        "Reference lesions binned by volume, pooled over the scoring models (the ensemble when "
+        "present); FP lesions: predicted components not matched to a reference lesion, mean per case. "
+        "Per lesion: lesions.csv.",
     ]
     if comparisons:
-        lines = ["## Paired comparisons (Wilcoxon signed-rank on per-case Dice)"]
-        for comp in comparisons:
-            if "error" in comp:
-                lines.append(f"- {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
-            else:
-                lines.append(
-                    f"- {comp['a']} vs {comp['b']}: n = {comp['n']}, median difference "
-                    f"{comp['median_difference']:+.4f}, p = {comp['p_value']:.4g} ({comp['per_case']})"
-                )
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+        parts += ["## Paired comparisons", comparison_table(comparisons),
+                  "Per case: the ensemble's value, else the mean over fold models and seeds; difference "
+                  "A − B over the cases both scored, bootstrap 95 % CI of its mean; two-sided Wilcoxon "
+                  "signed-rank p (zero differences dropped); Holm: adjusted over every comparison and metric above."]
+    return "\n\n".join(part for part in parts if part) + "\n"
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
@@ -261,3 +362,26 @@ def write_figures(out_dir: Path, rows: Sequence[Mapping], slices: Mapping[tuple[
         save_case_figure(path, found.image, found.reference, found.prediction, title)
         written.append(path)
     return written
+
+
+def save_bland_altman(path: str | Path, run: Mapping, label: str) -> None:
+    """Bland-Altman PNG of a run summary (from :func:`strokeseg.evaluation.summarize_run`):
+    per case the mean of predicted and reference volume (ml) against their difference, with
+    the bias and 95 % limits of agreement as lines. Written atomically."""
+    cases = sorted(set(run["volumes_ml"]["pred"]) & set(run["volumes_ml"]["ref"]))
+    pred = np.array([run["volumes_ml"]["pred"][c] for c in cases])
+    ref = np.array([run["volumes_ml"]["ref"][c] for c in cases])
+    agreement = run["volume_agreement"]
+    fig = Figure(figsize=(5.0, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter((pred + ref) / 2, pred - ref, s=12, color="tab:blue")
+    for value, style in ((agreement["bias_ml"], "-"), *((loa, "--") for loa in agreement["loa_ml"])):
+        if not math.isnan(value):
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1)
+    ax.set_xlabel("mean of predicted and reference volume (ml)")
+    ax.set_ylabel("predicted − reference (ml)")
+    ax.set_title(f"{label}: bias {_num(agreement['bias_ml'], 2)} ml, LoA {_pair(agreement['loa_ml'], 2)}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import scipy.stats
+
 import evaluate
 import models
 import preprocess_isles_WITH_BBOX
@@ -20,6 +22,8 @@ import preprocess_stroke_foundation
 from strokeseg import evaluation as ev
 from strokeseg.evaluation import load_isles_case, score_probability
 from strokeseg.io import load_npz, read_json, save_npz, write_json
+from strokeseg.metrics import METRICS
+from strokeseg.statistics import holm
 
 SUB = "sub-strokecase0009"
 ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
@@ -135,7 +139,7 @@ def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, c
     assert {r["fold"] for r in rows} == {"fold_0", "fold_1", "ensemble"}
     assert {r["connectivity"] for r in rows} == {"26"}
     summary = read_json(out / "summary.json")
-    assert summary["preset"] == {"name": "isles22", "connectivity": 26, "volume_unit": "ml"}
+    assert summary["preset"] == {"name": "isles22", "connectivity": 26, "volume_unit": "ml", "match_iou": None}
     assert summary["n_failed"] == 0 and summary["n_done"] == 2 * len(cases)
     for label in ("shared", "dwi"):
         run = summary["runs"][label]
@@ -146,22 +150,38 @@ def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, c
         assert dice["fold_mean"] == pytest.approx(np.mean(fold_means), abs=1e-12)
         ensemble = [float(r["dice"]) for r in rows if r["run"] == label and r["fold"] == "ensemble"]
         assert run["ensemble_summary"]["metrics"]["dice"]["case_std"] == pytest.approx(np.std(ensemble, ddof=1), abs=1e-12)
-        low, high = dice["ci95"]
-        assert low <= dice["case_mean"] <= high
+        # CI over the distinct cases (value: mean over the two fold models), recomputed directly
+        per_case = np.array([np.mean([float(r["dice"]) for r in rows if r["run"] == label and r["case_id"] == c and r["fold"] != "ensemble"]) for c in cases])
+        boot = per_case[np.random.default_rng(0).integers(0, len(cases), size=(100, len(cases)))].mean(axis=1)
+        np.testing.assert_allclose(dice["ci95"], np.percentile(boot, [2.5, 97.5]), atol=1e-12)
+        assert run["fold_summary"]["n_cases"] == len(cases) and run["fold_summary"]["n_rows"] == 2 * len(cases)
         assert set(run["checkpoints"]) == {"fold_0", "fold_1"}
         assert run["checkpoints"]["fold_0"]["model_config"]["width"] == 4
-        assert run["per_case_source"] == "ensemble" and set(run["per_case_dice"]) == set(cases)
+        assert run["per_case_source"] == "ensemble" and set(run["per_case"]["dice"]) == set(cases)
+        assert run["volume_agreement"]["n"] == len(cases) and (out / "figures" / "bland_altman" / f"{label}.png").is_file()
     assert summary["runs"]["shared"]["strategy"] == "Shared encoder (DWI+ADC avg)"
     assert summary["runs"]["dwi"]["checkpoints"]["fold_0"]["channels"] == ["dwi"]
     (comparison,) = summary["compare"]
-    assert (comparison["a"], comparison["b"], comparison["n"]) == ("shared", "dwi", len(cases))
-    assert 0.0 <= comparison["p_value"] <= 1.0
+    assert (comparison["a"], comparison["b"]) == ("shared", "dwi") and set(comparison["metrics"]) == set(METRICS)
+    # p pinned to scipy on the ensembles' per-case Dice; Holm over the 5 metrics of the one comparison
+    ens = {label: {r["case_id"]: float(r["dice"]) for r in rows if r["run"] == label and r["fold"] == "ensemble"} for label in ("shared", "dwi")}
+    diff = np.array([ens["shared"][c] - ens["dwi"][c] for c in cases])
+    test = comparison["metrics"]["dice"]
+    assert test["n"] == len(cases) and test["mean_difference"] == pytest.approx(diff.mean(), abs=1e-12)
+    assert test["p_value"] == pytest.approx(scipy.stats.wilcoxon(diff).pvalue, abs=1e-12)
+    assert (test["p_value"] * 2 ** len(cases)) % 2 == pytest.approx(0.0, abs=1e-9)  # exact test: an even count / 2^n
+    p_values = [t["p_value"] for t in comparison["metrics"].values() if t["p_value"] is not None]
+    assert test["p_holm"] == pytest.approx(holm(p_values)[p_values.index(test["p_value"])])
+    lesions = _csv(out / "lesions.csv")
+    assert {r["fold"] for r in lesions} == {"fold_0", "fold_1", "ensemble"}
+    assert sum(1 for r in lesions if r["run"] == "dwi" and r["fold"] == "ensemble") == sum(int(r["n_ref_lesions"]) for r in rows if r["run"] == "dwi" and r["fold"] == "ensemble")
     results = (out / "results.md").read_text()
     assert "| Strategy | Init | Mean DSC |" in results
     shared_dice = summary["runs"]["shared"]["fold_summary"]["metrics"]["dice"]
     expected_row = f"| Shared encoder (DWI+ADC avg) | Scratch | {shared_dice['fold_mean']:.4f} ± {shared_dice['fold_std']:.4f} |"
     assert expected_row in results and expected_row in stdout
-    assert "26-connected" in results and "shared vs dwi" in results
+    assert "26-connected" in results and "| shared − dwi | DSC (higher is better) | 6 |" in results
+    assert "## Volume agreement" in results and "## Lesion detection" in results
     pngs = sorted((out / "figures" / "shared").glob("*.png"))
     assert 1 <= len(pngs) <= 3 and all(p.name.endswith("_ensemble.png") for p in pngs)
     assert (out / "run_args.json").is_file()
@@ -280,6 +300,9 @@ def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: P
     assert "sub-strokecase9999.npz does not exist" in failed["reason"] and "\n" not in failed["reason"]
     assert sorted(r["case_id"] for r in _csv(out / "per_case.csv")) == cases
     assert summary["runs"]["a"]["fold_summary"]["n_cases"] == 2
+    assert summary["runs"]["a"]["failed"] == [{"case_id": "a/sub-strokecase9999", "reason": failed["reason"]}]
+    results = (out / "results.md").read_text()
+    assert f"| a | f0 | 2/3 |" in results and f"- a/sub-strokecase9999: {failed['reason']}" in results
     assert "FAILED a/sub-strokecase9999" in capsys.readouterr().out
     # A failed evaluation is not reused: once the splits file is fixed, a plain re-run evaluates again.
     _splits(splits, "ISLES2022", cases)
@@ -373,12 +396,16 @@ def test_nan_input_fails_its_case_instead_of_scoring_dice_0(isles_eval: Path, tm
 def test_argument_errors(tmp_path: Path) -> None:
     base = ["--dataset", "ATLAS", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     for extra in ([], ["--run", "a=x", "--checkpoints", "y"], ["--run", "a b=x"], ["--run", "a=x", "--compare", "a", "b"],
-                  ["--run", "a=x", "--ensemble", "--split", "val"], ["--run", "a=x", "--window", "32", "32"]):
+                  ["--run", "a=x", "--ensemble", "--split", "val"], ["--run", "a=x", "--window", "32", "32"],
+                  ["--run", "a=x", "--run", "a=x"], ["--run", "a=x", "--preset", "brats"]):
         with pytest.raises(SystemExit) as info:
             evaluate.parse_args(base + extra)
         assert info.value.code == 2, extra
     args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--compare", "a", "b"])
-    assert args.runs == {"a": Path("x"), "b": Path("y")} and json.dumps(args.compare) == '[["a", "b"]]'
+    assert args.runs == {"a": [Path("x")], "b": [Path("y")]} and json.dumps(args.compare) == '[["a", "b"]]'
+    args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--run", "a=z", "--run", "c=w", "--compare", "b", "c", "--compare-all"])
+    assert args.runs["a"] == [Path("x"), Path("z")]
+    assert args.compare == [["b", "c"], ["a", "b"], ["a", "c"]]
 
 
 def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> None:
@@ -395,3 +422,28 @@ def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> Non
     assert not cropped.any()
     whole = ev.predict_probability({"image": image}, fold_model, ev.InferenceSettings())
     assert whole[0, 0, 0] > 0  # without the crop the background is predicted too
+
+
+def test_seeds_of_one_arm_and_the_isles24_preset(isles_eval: Path, tmp_path: Path) -> None:
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    seed_a = _isles_run(tmp_path / "s1", "dwi_only", (0, 1), seed=0)
+    seed_b = _isles_run(tmp_path / "s2", "dwi_only", (0, 1), seed=20)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"arm={seed_a}",
+            "--run", f"arm={seed_b}", "--output-dir", str(out), "--png", "none", "--bootstrap", "20", "--preset", "isles24"]
+    assert evaluate.main(argv) == 0
+    rows = _csv(out / "per_case.csv")
+    assert sorted({(r["seed"], r["fold"]) for r in rows}) == [("0", "fold_0"), ("0", "fold_1"), ("1", "fold_0"), ("1", "fold_1")]
+    assert {r["preset"] for r in rows} == {"isles24"}
+    summary = read_json(out / "summary.json")
+    assert summary["preset"]["match_iou"] == 0.5
+    run = summary["runs"]["arm"]
+    assert run["n_seeds"] == 2 and sorted(run["checkpoints"]) == ["seed_0/fold_0", "seed_0/fold_1", "seed_1/fold_0", "seed_1/fold_1"]
+    dice = run["fold_summary"]["metrics"]["dice"]
+    means = {(s, f): np.mean([float(r["dice"]) for r in rows if r["seed"] == s and r["fold"] == f]) for s in "01" for f in ("fold_0", "fold_1")}
+    seed_means = [np.mean([means[(s, "fold_0")], means[(s, "fold_1")]]) for s in "01"]
+    assert dice["seed_means"] == pytest.approx(seed_means) and dice["seed_std"] == pytest.approx(np.std(seed_means, ddof=1))
+    pooled = np.sqrt(np.mean([np.var([means[(s, "fold_0")], means[(s, "fold_1")]], ddof=1) for s in "01"]))
+    assert dice["fold_std"] == pytest.approx(pooled) and run["fold_summary"]["n_cases"] == 2
+    assert "Seeds: mean ± std" in (out / "results.md").read_text()

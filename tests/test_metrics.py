@@ -1,11 +1,12 @@
-"""Tests of strokeseg.metrics: hand-built volumes, empty rules, aggregation, paired tests and the
-published ISLES'22 values of one real case."""
+"""Tests of strokeseg.metrics: hand-built volumes, empty rules, lesion detection, the isles24
+preset against the panoptica package, and the published ISLES'22 values of one real case."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from strokeseg.io import load_nifti
 from strokeseg.metrics import (
@@ -14,8 +15,7 @@ from strokeseg.metrics import (
     dice,
     lesion_count_difference,
     lesion_f1,
-    paired_wilcoxon,
-    summarize,
+    match_lesions,
     volume_difference,
 )
 
@@ -101,15 +101,23 @@ def test_case_metrics_agree_with_single_metrics(preset):
     connectivity = PRESETS[preset].connectivity
     out = case_metrics(pred, ref, 0.002, preset)
     voxels, ml = volume_difference(pred, ref, 0.002)
+    lesions = out.pop("lesions")
+    n_ref, n_pred = lesion_count_difference(ref, ref & False, connectivity), lesion_count_difference(pred, pred & False, connectivity)
     assert out == {
         "dice": dice(pred, ref),
         "abs_volume_diff_voxels": voxels,
         "abs_volume_diff_ml": ml,
-        "lesion_f1": lesion_f1(pred, ref, connectivity),
+        "lesion_f1": lesion_f1(pred, ref, connectivity, PRESETS[preset].match_iou),
         "abs_lesion_count_diff": lesion_count_difference(pred, ref, connectivity),
         "preset": preset,
         "connectivity": connectivity,
+        "ref_volume_ml": pytest.approx(ref.sum() * 0.002),
+        "pred_volume_ml": pytest.approx(pred.sum() * 0.002),
+        "n_ref_lesions": n_ref,
+        "n_pred_lesions": n_pred,
+        "fp_lesions": out["fp_lesions"],
     }
+    assert len(lesions) == n_ref and sum(lesion["ref_volume_ml"] for lesion in lesions) == pytest.approx(ref.sum() * 0.002)
     assert case_metrics(_empty(), _empty(), 1.0, preset)["lesion_f1"] == 1.0
 
 
@@ -141,70 +149,85 @@ def test_isles22_sample_reproduces_published_values(isles_sample_dir):
     assert out["lesion_f1"] == pytest.approx(0.24793388429752067, abs=1e-12)
 
 
-def _cases(values, **extra):
-    return [{"dice": v, **extra} for v in values]
+def test_lesion_rows_and_false_positives_by_hand():
+    ref = _empty()
+    ref[1:3, 1:3, 1:3] = True  # lesion 1: 8 voxels, 2 predicted
+    ref[6:9, 6:9, 6:9] = True  # lesion 2: 27 voxels, none predicted
+    pred = _empty()
+    pred[1:3, 1, 1] = True
+    pred[10, 10, 10] = True  # a false positive
+    out = case_metrics(pred, ref, 0.5, "isles22")
+    assert out["lesions"] == [
+        {"lesion_id": 1, "ref_volume_ml": 4.0, "detected": True, "overlap_fraction": 0.25},
+        {"lesion_id": 2, "ref_volume_ml": 13.5, "detected": False, "overlap_fraction": 0.0},
+    ]
+    assert (out["fp_lesions"], out["n_ref_lesions"], out["n_pred_lesions"]) == (1, 2, 2)
+    assert (out["ref_volume_ml"], out["pred_volume_ml"]) == (17.5, 1.5)
+    # isles24: lesion 1 has IoU 2 / 8 < 0.5 with its predicted component, so it is missed and
+    # that component is a false positive too
+    strict = case_metrics(pred, ref, 0.5, "isles24")
+    assert [lesion["detected"] for lesion in strict["lesions"]] == [False, False]
+    assert strict["fp_lesions"] == 2 and strict["lesion_f1"] == 0.0
 
 
-def test_summarize_fold_and_case_statistics_by_hand():
-    per_fold = {"f0": _cases([0.2, 0.4]), "f1": _cases([0.6]), "f2": _cases([0.5, 0.7, 0.9])}
-    summary = summarize(per_fold, metrics=("dice",), n_bootstrap=2000, seed=1)
-    d = summary["metrics"]["dice"]
-    np.testing.assert_allclose(d["fold_means"], [0.3, 0.6, 0.7])
-    assert d["fold_mean"] == pytest.approx(1.6 / 3)
-    # fold means deviate by -7/30, 2/30, 5/30 from 16/30: sample variance (49+4+25)/900/2
-    assert d["fold_std"] == pytest.approx(math.sqrt(78 / 1800))
-    assert d["case_mean"] == pytest.approx(0.55)
-    assert d["case_std"] == pytest.approx(math.sqrt(0.295 / 5))
-    low, high = d["ci95"]
-    assert 0.2 <= low < 0.55 < high <= 0.9
-    assert (summary["n_cases"], summary["n_folds"], summary["folds"]) == (6, 3, ["f0", "f1", "f2"])
-    assert summary["preset"] is None and summary["connectivity"] is None
+def test_iou_matching_is_one_to_one():
+    ref = _empty()
+    ref[2, 2, 2] = ref[2, 2, 4] = True  # two one-voxel lesions
+    pred = _empty()
+    pred[2, 2, 2:5] = True  # one bar covering both: IoU 1/3 each
+    assert lesion_f1(pred, ref, 26, 0.5) == 0.0
+    pred2 = _empty()
+    pred2[2, 2, 2] = True
+    pred2[2, 2, 4:6] = True  # IoU 1 with lesion 1, 1/2 with lesion 2: both matched
+    assert lesion_f1(pred2, ref, 26, 0.5) == 1.0
+    labels, n = ndimage.label(pred2)
+    ref_labels, n_ref = ndimage.label(ref)
+    match = match_lesions(labels, n, ref_labels, n_ref, pred2 & ref, 0.5)
+    assert match.ref_detected.tolist() == [True, True] and match.pred_matched.tolist() == [True, True]
 
 
-def test_summarize_bootstrap_is_seeded_and_has_the_expected_width():
-    values = np.random.default_rng(0).standard_normal(400)
-    per_fold = {"all": _cases(values, preset="atlas22", connectivity=6)}
-    first = summarize(per_fold, metrics=("dice",), seed=3)
-    again = summarize(per_fold, metrics=("dice",), seed=3)
-    other = summarize(per_fold, metrics=("dice",), seed=4)
-    ci = first["metrics"]["dice"]["ci95"]
-    assert ci == again["metrics"]["dice"]["ci95"] and ci != other["metrics"]["dice"]["ci95"]
-    assert ci[0] < values.mean() < ci[1]
-    # the percentile interval of a mean is about ±1.96 standard errors
-    assert ci[1] - ci[0] == pytest.approx(2 * 1.96 * values.std(ddof=1) / math.sqrt(400), rel=0.1)
-    assert math.isnan(first["metrics"]["dice"]["fold_std"])  # one fold: undefined
-    assert (first["preset"], first["connectivity"]) == ("atlas22", 6)
+def _panoptica_counts(pred, ref):
+    from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
+    from panoptica.utils.constants import CCABackend
+
+    evaluator = Panoptica_Evaluator(
+        expected_input=InputType.SEMANTIC,
+        instance_approximator=ConnectedComponentsInstanceApproximator(cca_backend=CCABackend.cc3d),  # 26-connectivity
+        instance_matcher=NaiveThresholdMatching(matching_threshold=0.5),
+        verbose=False,
+    )
+    result = evaluator.evaluate(pred.astype(np.uint8), ref.astype(np.uint8), verbose=False)["ungrouped"]
+    return result.tp, result.fp, result.fn, result.rq
 
 
-def test_summarize_rejects_bad_input():
-    with pytest.raises(ValueError, match="mix preset"):
-        summarize({"a": _cases([0.1], preset="isles22"), "b": _cases([0.2], preset="atlas22")}, metrics=("dice",))
-    with pytest.raises(ValueError, match="case c7.*lesion_f1"):
-        summarize({"a": [{"case_id": "c7", "dice": 0.5}]}, metrics=("dice", "lesion_f1"))
-    with pytest.raises(ValueError, match="at least one case"):
-        summarize({"a": _cases([0.1]), "b": []}, metrics=("dice",))
+def _edge_cases():
+    empty, lesion = _empty(), _empty()
+    lesion[2:5, 2:5, 2:5] = True
+    touching = _empty()  # two lesions touching at an edge: one 26-connected component
+    touching[1:4, 1:4, 1:4] = True
+    touching[4:7, 4:7, 1:4] = True
+    half = _empty()
+    half[1:4, 1:4, 1:4] = True
+    return {"empty ref": (lesion, empty), "empty pred": (empty, lesion), "touching ref": (half, touching), "touching pred": (touching, half)}
 
 
-def test_paired_wilcoxon_hand_case_and_clear_shift():
-    # six positive differences: W- = 0, exact two-sided p = 2 / 2**6
-    a = {f"c{i}": float(i) + 1.0 for i in range(6)}
-    b = {f"c{i}": 0.5 - 0.1 * i for i in range(6)}
-    out = paired_wilcoxon(a, b)
-    assert (out["n"], out["statistic"]) == (6, 0.0)
-    assert out["p_value"] == pytest.approx(2 / 64)
-    rng = np.random.default_rng(0)
-    base = rng.random(30)
-    shifted = {f"s{i}": v + 0.1 + 0.01 * rng.standard_normal() for i, v in enumerate(base)}
-    plain = {f"s{i}": v for i, v in enumerate(base)} | {"only_b": 0.3}
-    out = paired_wilcoxon(shifted, plain)
-    assert out["p_value"] < 1e-5 and out["median_difference"] == pytest.approx(0.1, abs=0.01)
-    assert (out["n"], out["n_only_a"], out["n_only_b"]) == (30, 0, 1)
+@pytest.mark.parametrize("name", ["random 0", "random 1", "random 2", "empty ref", "empty pred", "touching ref", "touching pred"])
+def test_isles24_lesion_f1_equals_panoptica(name):
+    if name.startswith("random"):
+        rng = np.random.default_rng(int(name[-1]))
+        ref = ndimage.binary_dilation(rng.random((20, 18, 16)) > 0.985, iterations=2)
+        pred = ndimage.binary_dilation(ref & (rng.random(ref.shape) > 0.3), iterations=1) | (rng.random(ref.shape) > 0.995)
+    else:
+        pred, ref = _edge_cases()[name]
+    tp, fp, fn, rq = _panoptica_counts(pred, ref)
+    out = case_metrics(pred, ref, 1.0, "isles24")
+    assert (sum(lesion["detected"] for lesion in out["lesions"]), out["fp_lesions"], out["n_ref_lesions"] - tp) == (tp, fp, fn)
+    assert out["lesion_f1"] == pytest.approx(rq, abs=1e-12)
+    if name.startswith("random"):
+        assert tp > 0 and fp + fn > 0  # a case that discriminates
 
 
-def test_paired_wilcoxon_rejects_too_few_or_degenerate_pairs():
-    with pytest.raises(ValueError, match="got 0"):
-        paired_wilcoxon({"a": 1.0}, {"b": 1.0})
-    with pytest.raises(ValueError, match="got 4"):
-        paired_wilcoxon({f"c{i}": i for i in range(4)}, {f"c{i}": i + 1 for i in range(10)})
-    with pytest.raises(ValueError, match="zero"):
-        paired_wilcoxon({f"c{i}": i for i in range(6)}, {f"c{i}": i for i in range(6)})
+def test_isles24_both_empty_is_one_where_panoptica_is_undefined():
+    tp, fp, fn, rq = _panoptica_counts(_empty(), _empty())
+    assert (tp, fp, fn) == (0, 0, 0) and math.isnan(rq)
+    assert case_metrics(_empty(), _empty(), 1.0, "isles24")["lesion_f1"] == 1.0  # our empty rule

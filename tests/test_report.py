@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from strokeseg import report
-from strokeseg.metrics import summarize
+from strokeseg.evaluation import summarize_run
 
 
 @pytest.mark.parametrize(
@@ -33,14 +33,18 @@ def test_markdown_table_layout_and_bad_row() -> None:
         report.markdown_table(["A", "B"], [["1"]])
 
 
-def _case(dice: float, f1: float, count: float, voxels: float) -> dict:
-    return {"dice": dice, "lesion_f1": f1, "abs_lesion_count_diff": count, "abs_volume_diff_voxels": voxels, "abs_volume_diff_ml": voxels / 1000}
+def _case(fold: int, case: int, d: float) -> dict:
+    """A scored row whose metrics all follow from its Dice d (lesion F1 d/2, count 2d, 1000d voxels)."""
+    lesion = {"lesion_id": 1, "ref_volume_ml": 2.0 + case, "detected": d > 0.5, "overlap_fraction": d}
+    return {"seed": 0, "fold": f"fold_{fold}", "case_id": f"c{case}", "dice": d, "lesion_f1": d / 2, "abs_lesion_count_diff": 2 * d,
+            "abs_volume_diff_voxels": 1000 * d, "abs_volume_diff_ml": d, "ref_volume_ml": 2.0 + case, "pred_volume_ml": 2.0 + case + d,
+            "fp_lesions": case, "lesions": [lesion]}
 
 
 def _run(label: str, init: str, folds: list[int], dice_by_fold: list[list[float]], strategy: str = "S") -> dict:
-    per_fold = {f"fold_{k}": [_case(d, d / 2, 2 * d, 1000 * d) for d in values] for k, values in zip(folds, dice_by_fold)}
+    rows = [_case(k, i, d) for k, values in zip(folds, dice_by_fold) for i, d in enumerate(values)]
     return {"label": label, "strategy": strategy, "init": init, "folds": folds, "n_test_cases": len(dice_by_fold[0]),
-            "fold_summary": summarize(per_fold, n_bootstrap=50), "ensemble_summary": None}
+            **summarize_run(rows, n_bootstrap=50, seed=0)}
 
 
 def test_atlas_table_is_mean_and_std_across_fold_means() -> None:
@@ -76,18 +80,27 @@ def test_isles_table_and_paper_names() -> None:
     assert lines[2] == "| DWI-only baseline | Scratch | 0.7100 ± 0.0100 |"
 
 
-def test_results_markdown_names_preset_and_comparison() -> None:
+def test_results_markdown_names_preset_sections_failures_and_comparisons() -> None:
     run = _run("a", "Scratch", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
-    comparisons = [{"a": "a", "b": "b", "n": 6, "p_value": 0.03125, "median_difference": 0.05, "per_case": "ensemble"},
-                   {"a": "a", "b": "c", "error": "too few cases"}]
-    text = report.results_markdown("ATLAS", [run], {"name": "atlas22", "connectivity": 6, "volume_unit": "voxels"}, comparisons, "test")
-    assert "6-connected components (preset atlas22)" in text
-    assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in text
-    assert "- a vs b: n = 6, median difference +0.0500, p = 0.03125 (ensemble)" in text
+    run["n_test_cases"] = 3
+    run["failed"] = [{"case_id": "a/c9", "reason": "c9.npz does not exist"}]
+    test = {"n": 6, "mean_difference": 0.05, "ci95": [-0.01, 0.1], "median_difference": 0.04, "p_value": 0.03125, "p_holm": 0.0625}
+    comparisons = [{"a": "a", "b": "b", "per_case": "ensemble", "metrics": {"dice": test}}, {"a": "a", "b": "c", "error": "too few cases"}]
+    preset = {"name": "atlas22", "connectivity": 6, "volume_unit": "voxels", "match_iou": None}
+    text = report.results_markdown("ATLAS", [run], preset, comparisons, "test")
+    assert "6-connected components (preset atlas22" in text
+    table, rest = text.split("Failed cases (not scored):\n- a/c9: c9.npz does not exist\n")
+    assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in table
+    assert "| a − b | DSC (higher is better) | 6 | +0.05000 [-0.01000, 0.10000] | +0.04000 | 0.03125 | 0.0625 |" in text
     assert "- a vs c: not computed (too few cases)" in text
-    details = text.split("## Details")[1]
-    assert "| a | f0–1 | 2 | 0.6000 ± 0.1414 |" in details
-    assert "Vol Diff (voxels)" in details
+    details = rest.split("## Details")[1]
+    # 2 of 3 listed cases scored; case c0 = mean(0.4, 0.6), c1 = mean(0.6, 0.8): distinct-case std 0.1414
+    assert "| a | f0–1 | 2/3 | 0.6000 ± 0.1414 |" in details and "Vol Diff (voxels)" in details
+    assert "| a | DSC | 0.6000 ± 0.1414 | 0.6000 ± 0.1414 |" in text.split("## Distributions over cases")[1]
+    # volumes 2 + c + d per case over 2.0 + c: bias = mean Dice over cases 0.6, sd 0.1414
+    assert "| a | 2 | 0.60 | [0.32, 0.88] |" in text.split("## Volume agreement")[1]
+    # c0 (2 ml, detected under neither fold... Dice 0.4 and 0.6) and c1 (3 ml, 0.6 and 0.8): 3 of 4 detections
+    assert "| a | n/a (0/0) | 0.750 (3/4) | n/a (0/0) | 0.50 |" in text.split("## Lesion detection")[1]
 
 
 def test_write_csv_round_trip(tmp_path: Path) -> None:
@@ -146,3 +159,9 @@ def test_tables_and_csv_columns_derive_from_the_metrics_table() -> None:
     assert header.startswith("| Run | Folds | Cases | DSC | Vol Diff (voxels) | Lesion F1 | Lesion Count Diff |")
     row = report.details_table([run], ("abs_volume_diff_ml",)).splitlines()[2]
     assert "| 0.60 ± 0.14 |" in row  # METRICS["abs_volume_diff_ml"].decimals == 2
+
+
+def test_bland_altman_png(tmp_path: Path) -> None:
+    run = _run("a", "Scratch", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
+    report.save_bland_altman(tmp_path / "ba.png", run, "a")
+    assert (tmp_path / "ba.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
