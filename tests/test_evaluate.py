@@ -51,6 +51,12 @@ def _splits(path: Path, dataset: str, test: list[str], n_folds: int = 2) -> Path
     return path
 
 
+def _isles_argv(data: Path, splits: Path, out: Path, runs: list[tuple[str, Path]], *extra: str) -> list[str]:
+    """evaluate.py arguments for ISLES2022 with one --run per (label, folder)."""
+    run_args = [arg for label, run in runs for arg in ("--run", f"{label}={run}")]
+    return ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), *run_args, "--output-dir", str(out), *extra]
+
+
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -130,8 +136,7 @@ def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, c
     shared = _isles_run(tmp_path / "shared", "shared", (0, 1), seed=0)
     dwi = _isles_run(tmp_path / "dwi", "dwi_only", (0, 1), seed=10)
     out = tmp_path / "out"
-    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"shared={shared}",
-            "--run", f"dwi={dwi}", "--output-dir", str(out), "--ensemble", "--compare", "shared", "dwi", "--bootstrap", "100"]
+    argv = _isles_argv(isles_eval, splits, out, [("shared", shared), ("dwi", dwi)], "--ensemble", "--compare", "shared", "dwi", "--bootstrap", "100")
     assert evaluate.main(argv) == 0
     stdout = capsys.readouterr().out
     rows = _csv(out / "per_case.csv")
@@ -430,8 +435,7 @@ def test_seeds_of_one_arm_and_the_isles24_preset(isles_eval: Path, tmp_path: Pat
     seed_a = _isles_run(tmp_path / "s1", "dwi_only", (0, 1), seed=0)
     seed_b = _isles_run(tmp_path / "s2", "dwi_only", (0, 1), seed=20)
     out = tmp_path / "out"
-    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"arm={seed_a}",
-            "--run", f"arm={seed_b}", "--output-dir", str(out), "--png", "none", "--bootstrap", "20", "--preset", "isles24"]
+    argv = _isles_argv(isles_eval, splits, out, [("arm", seed_a), ("arm", seed_b)], "--png", "none", "--bootstrap", "20", "--preset", "isles24")
     assert evaluate.main(argv) == 0
     rows = _csv(out / "per_case.csv")
     assert sorted({(r["seed"], r["fold"]) for r in rows}) == [("0", "fold_0"), ("0", "fold_1"), ("1", "fold_0"), ("1", "fold_1")]
