@@ -51,10 +51,14 @@ def _splits(path: Path, dataset: str, test: list[str], n_folds: int = 2) -> Path
     return path
 
 
-def _isles_argv(data: Path, splits: Path, out: Path, runs: list[tuple[str, Path]], *extra: str) -> list[str]:
-    """evaluate.py arguments for ISLES2022 with one --run per (label, folder)."""
-    run_args = [arg for label, run in runs for arg in ("--run", f"{label}={run}")]
-    return ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), *run_args, "--output-dir", str(out), *extra]
+def _isles_setup(data: Path, tmp_path: Path, n_cases: int, runs: list[tuple[str, str, int]], *extra: str) -> tuple[list[str], Path, list[str]]:
+    """The first ``n_cases`` test cases, a two-fold run folder per (label, variant, seed) and the
+    evaluate.py arguments scoring them: (cases, output folder, argv)."""
+    cases = sorted(p.stem for p in data.glob("*.npz"))[:n_cases]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    run_args = [arg for i, (label, variant, seed) in enumerate(runs) for arg in ("--run", f"{label}={_isles_run(tmp_path / f'run{i}', variant, (0, 1), seed)}")]
+    out = tmp_path / "out"
+    return cases, out, ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(splits), *run_args, "--output-dir", str(out), *extra]
 
 
 def _csv(path: Path) -> list[dict]:
@@ -131,12 +135,8 @@ def test_saved_nifti_has_the_source_grid(sample_eval: Path, isles_sample_dir: Pa
 
 
 def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))
-    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
-    shared = _isles_run(tmp_path / "shared", "shared", (0, 1), seed=0)
-    dwi = _isles_run(tmp_path / "dwi", "dwi_only", (0, 1), seed=10)
-    out = tmp_path / "out"
-    argv = _isles_argv(isles_eval, splits, out, [("shared", shared), ("dwi", dwi)], "--ensemble", "--compare", "shared", "dwi", "--bootstrap", "100")
+    cases, out, argv = _isles_setup(isles_eval, tmp_path, 6, [("shared", "shared", 0), ("dwi", "dwi_only", 10)],
+                                    "--ensemble", "--compare", "shared", "dwi", "--bootstrap", "100")
     assert evaluate.main(argv) == 0
     stdout = capsys.readouterr().out
     rows = _csv(out / "per_case.csv")
@@ -430,12 +430,8 @@ def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> Non
 
 
 def test_seeds_of_one_arm_and_the_isles24_preset(isles_eval: Path, tmp_path: Path) -> None:
-    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
-    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
-    seed_a = _isles_run(tmp_path / "s1", "dwi_only", (0, 1), seed=0)
-    seed_b = _isles_run(tmp_path / "s2", "dwi_only", (0, 1), seed=20)
-    out = tmp_path / "out"
-    argv = _isles_argv(isles_eval, splits, out, [("arm", seed_a), ("arm", seed_b)], "--png", "none", "--bootstrap", "20", "--preset", "isles24")
+    _, out, argv = _isles_setup(isles_eval, tmp_path, 2, [("arm", "dwi_only", 0), ("arm", "dwi_only", 20)],
+                                "--png", "none", "--bootstrap", "20", "--preset", "isles24")
     assert evaluate.main(argv) == 0
     rows = _csv(out / "per_case.csv")
     assert sorted({(r["seed"], r["fold"]) for r in rows}) == [("0", "fold_0"), ("0", "fold_1"), ("1", "fold_0"), ("1", "fold_1")]
