@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -605,27 +606,83 @@ def train_step(
     return loss.detach()
 
 
+# --------------------------------------------------------------------------- the run's state
+
+
+@dataclass(frozen=True)
+class _Records:
+    """What every checkpoint stores beside the weights and the training state (JSON-able):
+    the resolved model config, the script's arguments, how the weights started, the data
+    contract, and the run's identity (settings, data, validation case ids), which a resume must
+    match."""
+
+    model_config: dict
+    config: dict
+    init: dict
+    data_contract: dict | None
+    identity: dict
+
+
+@dataclass
+class _Run:
+    """Everything the phases of :func:`fit` share: the fixed set-up and the training state.
+
+    ``model`` is the bare network (saved, validated), ``train_model`` the one trained (``model``
+    or its DistributedDataParallel wrapper). ``steps``: optimiser steps per epoch and rank.
+    ``lr``: the rate of the last step done. ``epoch_started``: perf_counter() value at which
+    the current epoch would have started had it run without a break (the epoch's wall time is
+    kept across a resume)."""
+
+    settings: TrainSettings
+    ctx: DistContext
+    records: _Records
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    loss_fn: nn.Module
+    sampler: EpochSampler
+    loader: BatchLoader
+    steps: int
+    warmup_steps: int
+    val_cases: Sequence[CaseFiles]
+    window: int
+    state: _Progress
+    lr: float = 0.0
+    epoch_started: float = 0.0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * self.settings.epochs
+
+    def lr_of_step(self, step: int) -> float:
+        """Learning rate of global optimiser step ``step`` (0-based) of this run."""
+        s = self.settings
+        return lr_at(step, self.total_steps, s.lr, self.warmup_steps, s.schedule)
+
+
 # --------------------------------------------------------------------------- validation
 
 
-def _validate(
-    model: nn.Module, val_cases: Sequence[CaseFiles], window: int, settings: TrainSettings, ctx: DistContext, stop: _StopFlag
-) -> float | None:
+def _validate(run: _Run, stop: _StopFlag) -> float | None:
     """Mean Dice (p >= 0.5) over whole validation volumes by sliding-window inference with
     windows of the training sample shape (:func:`sample_shape`: the training patch, or the whole
     volume when the patch covers it); cases are split over ranks and the sums all-reduced.
     Returns None when a preemption signal arrives (checked after every case, on all ranks)."""
-    net = models.unwrap_model(model)  # DDP's forward would broadcast buffers: ranks see different case counts
+    ctx, settings, cases = run.ctx, run.settings, run.val_cases
+    net = run.model  # not DDP's forward, which would broadcast buffers: ranks see different case counts
     net.eval()
-    predictor = lambda x: models.foreground_probability(net, x)  # noqa: E731
+    predictor = functools.partial(models.foreground_probability, net)
     total, count = 0.0, 0
     try:
-        for first in range(0, len(val_cases), ctx.world_size):
+        for first in range(0, len(cases), ctx.world_size):
             index = first + ctx.rank
-            if index < len(val_cases):
-                image, mask = load_case_volume(val_cases[index])
+            if index < len(cases):
+                image, mask = load_case_volume(cases[index])
                 prob = sliding_window_inference(
-                    torch.from_numpy(image), predictor, sample_shape(window, image.shape[1:]), overlap=settings.overlap,
+                    torch.from_numpy(image), predictor, sample_shape(run.window, image.shape[1:]), overlap=settings.overlap,
                     sw_batch_size=settings.sw_batch_size, device=ctx.device,
                 )
                 total += dice(prob >= VAL_THRESHOLD, mask)
@@ -638,16 +695,230 @@ def _validate(
     return total / count
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- phase: start or resume
 
 
-def _log_start(model: nn.Module, train_set: TrainingSet, n_val: int, steps: int, ctx: DistContext, amp: torch.dtype | None) -> None:
-    log = get_logger()
-    log.info(
+def _init_model(resolved: dict, init: InitSpec, seed: int, checkpoint: dict | None) -> tuple[nn.Module, dict]:
+    """The network with its starting weights (resumed, pretrained or seeded scratch), and the
+    init record every checkpoint stores (label, checkpoint, scope, transfer report)."""
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = models.build_model(resolved)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"], strict=True)
+        return model, checkpoint["init"]
+    record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None,
+              "parameters_transferred": 0, "parameters_total": None}
+    if init.checkpoint is not None:
+        report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
+        record["transfer"], record["source_fold"] = report.summary(), report.source_fold
+        record["parameters_transferred"], record["parameters_total"] = report.parameters_copied, report.parameters_total
+        get_logger().info(report.summary())
+    elif init.label != "scratch":
+        raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")
+    return model, record
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    """Optimiser, loss scaler, RNG states and progress from ``last.pth`` (already checked)."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    _restore_rng(checkpoint["rng"])
+    run.state = _Progress(**checkpoint["progress"])
+    state = run.state
+    get_logger().info(f"resumed {run.settings.fold_dir / 'last.pth'}: epoch {state.epoch + 1}, step {state.step}, best Dice {state.best_dice:.4f}")
+    if checkpoint.get("world_size") != run.ctx.world_size and state.step:
+        raise ValueError(f"cannot resume mid-epoch with {run.ctx.world_size} ranks: last.pth was written by {checkpoint.get('world_size')}")
+
+
+def _assemble(settings: TrainSettings, ctx: DistContext, model: nn.Module, records: _Records, train_set: TrainingSet, val_cases: Sequence[CaseFiles]) -> _Run:
+    """Move the model to the device and build optimiser, loss scaler, DDP wrapper, sampler and
+    loader: a run at epoch 0, step 0."""
+    memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
+    model.to(ctx.device, memory_format=memory_format)
+    amp_dtype = amp_dtype_for(settings.amp, ctx.device)
+    optimizer = make_optimizer(model, settings)
+    scaler = make_grad_scaler(amp_dtype)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
+    sampler = EpochSampler(train_set, settings.batch_size, ctx.rank, ctx.world_size)
+    steps = sampler.per_rank() // settings.batch_size
+    return _Run(
+        settings, ctx, records, model, train_model, optimizer, scaler, amp_dtype, memory_format, build_loss(settings.loss),
+        sampler, BatchLoader(train_set, sampler, settings.workers), steps, round(settings.warmup_epochs * steps),
+        val_cases, train_set.patch_size, _Progress(),
+    )
+
+
+def _start(settings: TrainSettings, ctx: DistContext, model_config: dict, train_set: TrainingSet, val_cases: Sequence[CaseFiles],
+           run_config: Mapping[str, Any], init: InitSpec, data_contract: Mapping[str, Any] | None) -> _Run:
+    """Phase 1, start or resume: check the fold folder and (when resuming) that last.pth was
+    configured alike, build the model with its starting weights, restore the state or write
+    run_args.json, and log the run's sizes."""
+    resolved = models.resolve_model_config(model_config)
+    resuming = _prepare_fold_dir(settings, ctx)
+    identity = _jsonable({"settings": asdict(settings), "data": train_set.describe(), "val_cases": [c.case_id for c in val_cases]})
+    checkpoint = None
+    if resuming:
+        checkpoint = models.load_checkpoint(settings.fold_dir / "last.pth")
+        _resume_check(checkpoint, {"model_config": resolved, **identity}, settings.fold_dir / "last.pth")
+    model, init_record = _init_model(resolved, init, settings.seed, checkpoint)
+    contract = _jsonable(dict(data_contract)) if data_contract is not None else None
+    records = _Records(resolved, _jsonable(dict(run_config)), init_record, contract, identity)
+    run = _assemble(settings, ctx, model, records, train_set, val_cases)
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+        if ctx.is_main and _best_checkpoint_missing(settings.fold_dir / "best_model.pth", run.state):
+            get_logger().info(f"best_model.pth of epoch {run.state.best_epoch} was not written (killed after last.pth): rewritten from last.pth")
+            _save_best(run)
+    elif ctx.is_main:
+        write_run_args(settings.fold_dir, {**records.config, "model_config": resolved, "init": init_record, "world_size": ctx.world_size})
+    state = run.state
+    run.lr = run.lr_of_step(max(state.epoch * run.steps + state.step - 1, 0))  # what history reports when a resumed epoch only validates
+    _log_start(run, train_set)
+    return run
+
+
+def _log_start(run: _Run, train_set: TrainingSet) -> None:
+    ctx, amp = run.ctx, run.amp_dtype
+    get_logger().info(
         f"{len(train_set.cases)} training cases x {train_set.samples_per_case} samples = {len(train_set)} per epoch "
-        f"({steps} steps per rank), {n_val} validation volumes; {models.count_parameters(model) / 1e6:.2f} M parameters; "
+        f"({run.steps} steps per rank), {len(run.val_cases)} validation volumes; {models.count_parameters(run.model) / 1e6:.2f} M parameters; "
         f"device {ctx.device} x {ctx.world_size} rank(s), {'autocast ' + str(amp).replace('torch.', '') if amp else 'float32'}"
     )
+
+
+# --------------------------------------------------------------------------- phase: one epoch
+
+
+def _step(run: _Run, images: torch.Tensor, masks: torch.Tensor, stop: _StopFlag) -> bool:
+    """One optimiser step at (epoch, step) of ``run.state``, with that step's learning rate and
+    seed; adds the loss to the epoch's sums. True when any rank has received a signal."""
+    state, s = run.state, run.settings
+    run.lr = run.lr_of_step(state.epoch * run.steps + state.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    torch.manual_seed(_step_seed(s.seed, state.epoch, state.step, run.ctx.rank))
+    # In the model's layout; the loader's buffer is reused only after this step.
+    images, masks = images.to(run.ctx.device, memory_format=run.memory_format), masks.to(run.ctx.device)
+    loss = train_step(run.train_model, images, masks, run.optimizer, run.scaler, run.loss_fn, run.amp_dtype, s.grad_clip)
+    n = images.shape[0]
+    loss_sum, count, signalled = _all_sum([float(loss) * n, n, 1.0 if stop.signal_name else 0.0], run.ctx)
+    state.loss_sum += loss_sum
+    state.loss_count += count
+    state.step += 1
+    return signalled > 0
+
+
+def _train_epoch(run: _Run, stop: _StopFlag) -> bool:
+    """Phase 2, one epoch: the steps of epoch ``run.state.epoch`` not yet done (a resumed epoch
+    skips exactly the batches already trained on). False when a preemption signal arrived (the
+    state then stands after the last completed step); RuntimeError when the loader ends early
+    or the loss is not finite."""
+    state = run.state
+    run.epoch_started = time.perf_counter() - state.seconds
+    run.train_model.train()
+    if state.step >= run.steps:  # resumed after its last step: only validation is left
+        return True
+    run.sampler.set_epoch(state.epoch, skip=state.step * run.settings.batch_size)
+    batches = stop.batches(run.loader)
+    if run.ctx.is_main:
+        batches = progress(batches, total=run.steps - state.step, desc=f"epoch {state.epoch + 1}")
+    for images, masks in batches:
+        signalled = _step(run, images, masks, stop)
+        state.seconds = time.perf_counter() - run.epoch_started
+        if signalled:
+            return False
+    if state.step < run.steps:
+        if stop.signal_name:  # a DataLoader worker died with the signal: end here
+            return False
+        raise RuntimeError(f"the data loader ended after {state.step} of {run.steps} steps")
+    if not math.isfinite(state.loss_sum):
+        raise RuntimeError(f"training loss became {state.loss_sum} in epoch {state.epoch + 1}; lower --lr or check the data")
+    return True
+
+
+# --------------------------------------------------------------------------- phase: end of epoch
+
+
+def _end_epoch(run: _Run, val_dice: float) -> None:
+    """Phase 3, end of epoch: the history row, the best score, the state of the next epoch;
+    then (rank 0) last.pth first (a kill before best_model.pth is written is repaired on
+    resume), best_model.pth when improved, history.csv, curves.png and the log line."""
+    state = run.state
+    state.seconds = time.perf_counter() - run.epoch_started
+    row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(state.loss_count, 1), "val_dice": val_dice, "lr": run.lr, "seconds": state.seconds}
+    state.history.append(row)
+    improved = val_dice > state.best_dice
+    if improved:
+        state.best_dice, state.best_epoch = val_dice, state.epoch + 1
+    state.epoch, state.step, state.loss_sum, state.loss_count, state.seconds = state.epoch + 1, 0, 0.0, 0.0, 0.0
+    if not run.ctx.is_main:
+        return
+    _save_last(run)
+    if improved:
+        _save_best(run)
+    fold_dir = run.settings.fold_dir
+    write_history(fold_dir / "history.csv", state.history)
+    plot_curves(fold_dir / "curves.png", state.history)
+    get_logger().info(
+        f"epoch {row['epoch']}/{run.settings.epochs}  train_loss {row['train_loss']:.4f}  val_dice {val_dice:.4f}  "
+        f"best {state.best_dice:.4f} (epoch {state.best_epoch})  lr {run.lr:.2e}  {row['seconds']:.1f} s"
+    )
+
+
+def _save_last(run: _Run) -> None:
+    """last.pth (rank 0 only): weights, optimiser, schedule position, scaler, progress, RNG
+    states, and the records."""
+    if not run.ctx.is_main:
+        return
+    s, state, records = run.settings, run.state, run.records
+    schedule = {"schedule": s.schedule, "base_lr": s.lr, "warmup_steps": run.warmup_steps, "total_steps": run.total_steps,
+                "step": state.epoch * run.steps + state.step, "lr": run.lr}
+    models.save_checkpoint(
+        s.fold_dir / "last.pth", run.model, records.model_config,
+        optimizer=run.optimizer.state_dict(), scheduler=schedule, scaler=run.scaler.state_dict(),
+        epoch=state.epoch, best_score=state.best_dice, history=state.history, progress=asdict(state), rng=_rng_state(),
+        config=records.config, init=records.init, data_contract=records.data_contract, world_size=run.ctx.world_size,
+        **records.identity,
+    )
+
+
+def _save_best(run: _Run) -> None:
+    """best_model.pth: the weights of the best epoch so far (called right after it ends)."""
+    state, records = run.state, run.records
+    models.save_checkpoint(
+        run.settings.fold_dir / "best_model.pth", run.model, records.model_config,
+        epoch=state.best_epoch, best_score=state.best_dice, history=state.history,
+        config=records.config, init=records.init, val_cases=records.identity["val_cases"], data_contract=records.data_contract,
+    )
+
+
+# --------------------------------------------------------------------------- exits
+
+
+def _preempted(run: _Run, stop: _StopFlag) -> int:
+    """Save last.pth where the run stands and return :data:`EXIT_PREEMPTED`."""
+    _save_last(run)
+    if run.ctx.distributed:
+        dist.barrier()  # keep every rank alive until rank 0 has written last.pth
+    state = run.state
+    get_logger().info(f"{stop.signal_name or 'signal on another rank'}: saved {run.settings.fold_dir / 'last.pth'} at epoch {state.epoch + 1} step {state.step}; exit {EXIT_PREEMPTED}")
+    return EXIT_PREEMPTED
+
+
+def _finish(run: _Run) -> int:
+    """Check that every rank holds the same weights, log the best epoch, return 0."""
+    log = get_logger()
+    digest = _check_replicas_agree(run.model, run.ctx)
+    if run.ctx.distributed:
+        log.info(f"final weights identical on all {run.ctx.world_size} ranks (parameter sha256 {digest})")
+        dist.barrier()
+    log.info(f"done: best validation Dice {run.state.best_dice:.4f} at epoch {run.state.best_epoch}; {run.settings.fold_dir / 'best_model.pth'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- the loop
 
 
 def fit(
@@ -669,167 +940,26 @@ def fit(
     data_contract: what the model expects of its input data (dataset, input keys, window,
     threshold, preprocessing settings, training and validation case ids), JSON-able; stored
     verbatim under ``"data_contract"`` in last.pth and best_model.pth.
+
+    The phases: start or resume (:func:`_start`), then per epoch the training steps
+    (:func:`_train_epoch`), validation (:func:`_validate`) and the end of the epoch
+    (:func:`_end_epoch`); a preemption signal ends any of them with :func:`_preempted`.
     """
-    ctx = setup_distributed(settings.device)
-    log = get_logger()
     if not val_cases:
         raise ValueError("no validation cases")
-    fold_dir = settings.fold_dir
-    resolved = models.resolve_model_config(model_config)
-    window = train_set.patch_size
-    resuming = _prepare_fold_dir(settings, ctx)
-    contract = _jsonable(dict(data_contract)) if data_contract is not None else None
-
-    torch.manual_seed(settings.seed)  # identical initial weights on every rank
-    model = models.build_model(resolved)
-    init_record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None,
-                   "parameters_transferred": 0, "parameters_total": None}
-    expected = {
-        "model_config": resolved,
-        "settings": asdict(settings),
-        "data": train_set.describe(),
-        "val_cases": [c.case_id for c in val_cases],
-    }
-    checkpoint = None
-    if resuming:
-        checkpoint = models.load_checkpoint(fold_dir / "last.pth")
-        _resume_check(checkpoint, expected, fold_dir / "last.pth")
-        model.load_state_dict(checkpoint["model"], strict=True)
-        init_record = checkpoint["init"]
-    elif init.checkpoint is not None:
-        report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
-        init_record["transfer"], init_record["source_fold"] = report.summary(), report.source_fold
-        init_record["parameters_transferred"], init_record["parameters_total"] = report.parameters_copied, report.parameters_total
-        log.info(report.summary())
-    elif init.label != "scratch":
-        raise ValueError(f"init {init.label!r} needs a pretrained checkpoint")
-    memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
-    model.to(ctx.device, memory_format=memory_format)
-    amp_dtype = amp_dtype_for(settings.amp, ctx.device)
-    optimizer = make_optimizer(model, settings)
-    scaler = make_grad_scaler(amp_dtype)
-    state = _Progress()
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        _restore_rng(checkpoint["rng"])
-        state = _Progress(**checkpoint["progress"])
-        log.info(f"resumed {fold_dir / 'last.pth'}: epoch {state.epoch + 1}, step {state.step}, best Dice {state.best_dice:.4f}")
-        if checkpoint.get("world_size") != ctx.world_size and state.step:
-            raise ValueError(f"cannot resume mid-epoch with {ctx.world_size} ranks: last.pth was written by {checkpoint.get('world_size')}")
-        del checkpoint
-    elif ctx.is_main:
-        write_run_args(fold_dir, {**_jsonable(dict(run_config)), "model_config": resolved, "init": init_record, "world_size": ctx.world_size})
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
-
-    sampler = EpochSampler(train_set, settings.batch_size, ctx.rank, ctx.world_size)
-    loader = BatchLoader(train_set, sampler, settings.workers)
-    steps = sampler.per_rank() // settings.batch_size
-    total_steps = steps * settings.epochs
-    warmup_steps = round(settings.warmup_epochs * steps)
-    loss_fn = build_loss(settings.loss)
-    _log_start(model, train_set, len(val_cases), steps, ctx, amp_dtype)
-
-    def save_last(lr: float) -> None:
-        if not ctx.is_main:
-            return
-        models.save_checkpoint(
-            fold_dir / "last.pth", model, resolved,
-            optimizer=optimizer.state_dict(),
-            scheduler={"schedule": settings.schedule, "base_lr": settings.lr, "warmup_steps": warmup_steps, "total_steps": total_steps, "step": state.epoch * steps + state.step, "lr": lr},
-            scaler=scaler.state_dict(),
-            epoch=state.epoch,
-            best_score=state.best_dice,
-            history=state.history,
-            progress=asdict(state),
-            rng=_rng_state(),
-            config=_jsonable(dict(run_config)),
-            init=init_record,
-            data_contract=contract,
-            world_size=ctx.world_size,
-            **{k: v for k, v in _jsonable(expected).items() if k != "model_config"},  # save_checkpoint stores it
-        )
-
-    def save_best() -> None:
-        models.save_checkpoint(
-            fold_dir / "best_model.pth", model, resolved,
-            epoch=state.best_epoch, best_score=state.best_dice, history=state.history,
-            config=_jsonable(dict(run_config)), init=init_record, val_cases=expected["val_cases"],
-            data_contract=contract,
-        )
-
-    if resuming and ctx.is_main and _best_checkpoint_missing(fold_dir / "best_model.pth", state):
-        log.info(f"best_model.pth of epoch {state.best_epoch} was not written (killed after last.pth): rewritten from last.pth")
-        save_best()
-
-    def preempted(lr: float) -> int:
-        save_last(lr)
-        if ctx.distributed:
-            dist.barrier()  # keep every rank alive until rank 0 has written last.pth
-        log.info(f"{stop.signal_name or 'signal on another rank'}: saved {fold_dir / 'last.pth'} at epoch {state.epoch + 1} step {state.step}; exit {EXIT_PREEMPTED}")
-        return EXIT_PREEMPTED
-
-    # The rate of the last step done (what history reports when a resumed epoch only validates).
-    lr = lr_at(max(state.epoch * steps + state.step - 1, 0), total_steps, settings.lr, warmup_steps, settings.schedule)
+    ctx = setup_distributed(settings.device)
+    run = _start(settings, ctx, model_config, train_set, val_cases, run_config, init, data_contract)
     with _StopFlag() as stop:
         if stop.agreed(ctx):
-            return preempted(lr)
-        while state.epoch < settings.epochs:
-            started = time.perf_counter() - state.seconds
-            train_model.train()
-            if state.step < steps:
-                sampler.set_epoch(state.epoch, skip=state.step * settings.batch_size)
-                batches = progress(stop.batches(loader), total=steps - state.step, desc=f"epoch {state.epoch + 1}") if ctx.is_main else stop.batches(loader)
-                for images, masks in batches:
-                    lr = lr_at(state.epoch * steps + state.step, total_steps, settings.lr, warmup_steps, settings.schedule)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    torch.manual_seed(_step_seed(settings.seed, state.epoch, state.step, ctx.rank))
-                    # In the model's layout; the loader's buffer is reused only after this step.
-                    images, masks = images.to(ctx.device, memory_format=memory_format), masks.to(ctx.device)
-                    loss = train_step(train_model, images, masks, optimizer, scaler, loss_fn, amp_dtype, settings.grad_clip)
-                    n = images.shape[0]
-                    loss_sum, count, signalled = _all_sum([float(loss) * n, n, 1.0 if stop.signal_name else 0.0], ctx)
-                    state.loss_sum += loss_sum
-                    state.loss_count += count
-                    state.step += 1
-                    state.seconds = time.perf_counter() - started
-                    if signalled:
-                        return preempted(lr)
-                if state.step < steps:
-                    if stop.signal_name:  # a DataLoader worker died with the signal: end here
-                        return preempted(lr)
-                    raise RuntimeError(f"the data loader ended after {state.step} of {steps} steps")
-                if not math.isfinite(state.loss_sum):
-                    raise RuntimeError(f"training loss became {state.loss_sum} in epoch {state.epoch + 1}; lower --lr or check the data")
-            val_dice = _validate(train_model, val_cases, window, settings, ctx, stop)
+            return _preempted(run, stop)
+        while run.state.epoch < settings.epochs:
+            if not _train_epoch(run, stop):
+                return _preempted(run, stop)
+            val_dice = _validate(run, stop)
             if val_dice is None:
-                return preempted(lr)
-            state.seconds = time.perf_counter() - started
-            row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(state.loss_count, 1), "val_dice": val_dice, "lr": lr, "seconds": state.seconds}
-            state.history.append(row)
-            improved = val_dice > state.best_dice
-            if improved:
-                state.best_dice, state.best_epoch = val_dice, state.epoch + 1
-            state.epoch, state.step, state.loss_sum, state.loss_count, state.seconds = state.epoch + 1, 0, 0.0, 0.0, 0.0
-            if ctx.is_main:
-                save_last(lr)  # first: a kill before best_model.pth is written is repaired on resume
-                if improved:
-                    save_best()
-                write_history(fold_dir / "history.csv", state.history)
-                plot_curves(fold_dir / "curves.png", state.history)
-                log.info(
-                    f"epoch {row['epoch']}/{settings.epochs}  train_loss {row['train_loss']:.4f}  val_dice {val_dice:.4f}  "
-                    f"best {state.best_dice:.4f} (epoch {state.best_epoch})  lr {lr:.2e}  {row['seconds']:.1f} s"
-                )
-    digest = _check_replicas_agree(model, ctx)
-    if ctx.distributed:
-        log.info(f"final weights identical on all {ctx.world_size} ranks (parameter sha256 {digest})")
-        dist.barrier()
-    log.info(f"done: best validation Dice {state.best_dice:.4f} at epoch {state.best_epoch}; {fold_dir / 'best_model.pth'}")
-    return 0
+                return _preempted(run, stop)
+            _end_epoch(run, val_dice)
+    return _finish(run)
 
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
