@@ -450,10 +450,11 @@ class EpochSampler(Sampler):
 
 
 def _worker_init(worker_id: int) -> None:
-    # SIGUSR1 is the main process's preemption request (it saves and shuts the workers down);
-    # signalled by mistake as well, a worker would die and take the step with it. SIGTERM keeps
-    # its default: it is how the workers are shut down.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # SIGTERM and SIGUSR1 are the main process's preemption request: it saves last.pth and
+    # shuts the workers down (a None on their index queue). SLURM's time limit and scancel
+    # signal the whole process group; a worker killed by it would take the step with it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # parallelism comes from the workers
 
 

@@ -13,8 +13,11 @@ the number of steps of it already done, the running loss sums, best score, histo
 states. On CPU a resumed run ends with bit-identical weights; on CUDA, cuDNN's nondeterministic
 kernels make runs (resumed or not) agree only to rounding.
 
-Preemption. SIGTERM or SIGUSR1 (SLURM's ``--signal=B:USR1@120``) only sets a flag. The loop
-checks it after every training step (and after every validation case); all ranks agree on it,
+Preemption. SIGTERM or SIGUSR1 (SLURM's ``--signal=B:USR1@120``; the time limit and
+``scancel`` send SIGTERM to the whole process group, DataLoader workers ignore both) only sets
+a flag, from the start of :func:`fit` on. The loop checks it once the run is set up, after
+every training step and after every validation case (a signal while the epoch's files are
+written is seen after the next step); all ranks agree on it,
 ``last.pth`` is written *mid-epoch* with the number of steps done, and the process exits with
 status 75 (EX_TEMPFAIL), which the sbatch scripts turn into ``scontrol requeue``. Mid-epoch
 rather than end-of-epoch state because an ATLAS epoch (thousands of 96³ steps) can outlast the
@@ -22,25 +25,36 @@ warning period: saving at the next step boundary loses at most one step, and sin
 skips exactly the batches already trained on, the resumed epoch continues as if never stopped.
 A signal during validation saves the state "all steps done" and the resumed run validates again.
 
+One run per fold folder. ``fit`` holds an exclusive ``flock`` on ``fold_<k>/.lock`` (host and
+pid inside) while it runs; a second training into the folder fails at once naming the holder.
+``--overwrite`` checks every input first and keeps the previous run's files until the new run
+writes its first ``last.pth``.
+
 Distributed. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) the model is
 wrapped in DistributedDataParallel (NCCL on CUDA, gloo on CPU), each rank trains on a disjoint
 slice of every epoch, validation cases are split between ranks and the Dice sums all-reduced,
-and only rank 0 writes files and logs. At the end the ranks compare a hash of their parameters.
+and only rank 0 writes files and logs. Before validation every rank takes rank 0's buffers
+(BatchNorm running statistics, which each rank otherwise updates from its own batches), so
+every rank validates the model rank 0 saves. At the end the ranks compare a hash of their
+parameters and buffers.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -115,10 +129,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "chunk_cases": 8,  # cases whose samples are interleaved (per-worker volume cache size)
     "overlap": 0.5,  # sliding-window overlap of validation
     "sw_batch_size": 4,  # windows per forward pass in validation
+    "val_every": 1,  # whole-volume validation every N epochs (and always after the last)
 }
 _POLY_POWER = 0.9
 # Settings that may change between a run and its resume without changing the result.
-_RESUME_FREE = ("output_dir", "workers", "device", "resume", "resume_if_exists", "overwrite")
+_RESUME_FREE = ("output_dir", "workers", "device", "resume", "resume_if_exists", "overwrite", "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -143,6 +158,8 @@ class TrainSettings:
     overlap: float
     sw_batch_size: int
     channels_last: bool = True
+    val_every: int = 1
+    tensorboard: bool = False
     device: str = "auto"
     resume: bool = False
     resume_if_exists: bool = False
@@ -243,6 +260,12 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="weights and batches in channels-last memory format: 1.1-2x faster 3-D convolutions on CPU (oneDNN, most at small widths); "
                         "--no-channels-last keeps the contiguous layout (default on)")
+    g.add_argument("--val-every", type=_positive(int), default=d["val_every"],
+                   help=f"whole-volume validation every N epochs and always after the last; best_model.pth is chosen among the validated epochs, "
+                        f"history.csv leaves val_dice empty for the others (default {d['val_every']})")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files (train loss, val Dice, learning rate per epoch) to fold_<k>/tensorboard/; "
+                        "needs the optional package tensorboard (pip install tensorboard)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (under torchrun cuda:LOCAL_RANK), else CPU")
     resume = g.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue exactly from fold_<k>/last.pth; an error when it does not exist")
@@ -376,18 +399,26 @@ def _all_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
     return t.tolist()
 
 
-def _parameter_digest(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of all parameters' bytes (buffers excluded: DDP leaves each
-    rank's BatchNorm running statistics from its own last batch)."""
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the bytes of all parameters and buffers (BatchNorm running
+    statistics included: :func:`_broadcast_buffers` makes them equal before validation)."""
     h = hashlib.sha256()
-    for p in models.unwrap_model(model).parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
+    net = models.unwrap_model(model)
+    for tensor in [*net.parameters(), *net.buffers()]:
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _broadcast_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, in place."""
+    if ctx.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _check_replicas_agree(model: nn.Module, ctx: DistContext) -> str:
     """Gather every rank's parameter digest; raise RuntimeError when they differ."""
-    digest = _parameter_digest(model)
+    digest = _weights_digest(model)
     if not ctx.distributed:
         return digest
     mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=ctx.device)
@@ -441,31 +472,62 @@ class _StopFlag:
 # --------------------------------------------------------------------------- outputs
 
 
-def write_history(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+def write_history(path: Path, history: Sequence[Mapping[str, float | None]]) -> None:
     """history.csv: epoch (1-based), train_loss (mean over samples), val_dice (mean whole-volume
-    Dice at p >= 0.5), lr (at the epoch's last step), seconds (wall time of the epoch)."""
+    Dice at p >= 0.5; empty for an epoch not validated, see --val-every), lr (at the epoch's
+    last step), seconds (wall time of the epoch)."""
     columns = ("epoch", "train_loss", "val_dice", "lr", "seconds")
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in history:
-            writer.writerow([row["epoch"], f"{row['train_loss']:.6f}", f"{row['val_dice']:.6f}", f"{row['lr']:.6g}", f"{row['seconds']:.1f}"])
+            val = "" if row["val_dice"] is None else f"{row['val_dice']:.6f}"
+            writer.writerow([row["epoch"], f"{row['train_loss']:.6f}", val, f"{row['lr']:.6g}", f"{row['seconds']:.1f}"])
 
 
-def plot_curves(path: Path, history: Sequence[Mapping[str, float]]) -> None:
-    """curves.png: training loss, validation Dice and learning rate against epoch."""
+def plot_curves(path: Path, history: Sequence[Mapping[str, float | None]]) -> None:
+    """curves.png: training loss, validation Dice (validated epochs) and learning rate against epoch."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(12, 3.5))
     for ax, key, title in zip(fig.subplots(1, 3), ("train_loss", "val_dice", "lr"), ("training loss", "validation Dice (whole volumes)", "learning rate")):
-        ax.plot(epochs, [row[key] for row in history], marker="o" if len(epochs) < 30 else None)
+        points = [(row["epoch"], row[key]) for row in history if row[key] is not None]
+        ax.plot([e for e, _ in points], [v for _, v in points], marker="o" if len(points) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+
+
+class _TensorBoard:
+    """TensorBoard event files in ``log_dir`` (the optional package ``tensorboard``): per epoch
+    (1-based step) ``train/loss``, ``val/dice`` (validated epochs only) and ``lr``. The writer
+    opens when this process ends its first epoch and drops the events a preempted process left
+    from that epoch on (``purge_step``), so a resumed run shows each epoch once."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError(f"--tensorboard needs the optional package tensorboard (pip install tensorboard): {err}") from err
+        self._writer_class = SummaryWriter
+        self._writer: Any = None
+        self.log_dir = log_dir
+
+    def log(self, row: Mapping[str, float | None]) -> None:
+        epoch = int(row["epoch"])
+        if self._writer is None:
+            self._writer = self._writer_class(log_dir=str(self.log_dir), purge_step=epoch)
+        for tag, key in (("train/loss", "train_loss"), ("val/dice", "val_dice"), ("lr", "lr")):
+            if row[key] is not None:
+                self._writer.add_scalar(tag, row[key], epoch)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -520,8 +582,9 @@ def _resume_check(checkpoint: dict, expected: dict, path: Path) -> None:
     problems = []
     for key, value in expected.items():
         stored = checkpoint.get(key)
-        if key == "settings":
-            stored = {k: v for k, v in (stored or {}).items() if k not in _RESUME_FREE}
+        if key == "settings":  # a setting newer than the checkpoint counts with its default
+            defaults = {f.name: f.default for f in fields(TrainSettings) if f.default is not MISSING}
+            stored = {k: v for k, v in {**defaults, **(stored or {})}.items() if k not in _RESUME_FREE}
             value = {k: v for k, v in value.items() if k not in _RESUME_FREE}
         if _jsonable(stored) != _jsonable(value):
             if isinstance(value, dict) and isinstance(stored, dict):
@@ -541,21 +604,62 @@ def _best_checkpoint_missing(path: Path, state: "_Progress") -> bool:
     return not path.is_file() or models.load_checkpoint(path).get("epoch") != state.best_epoch
 
 
-def _prepare_fold_dir(settings: TrainSettings, ctx: DistContext) -> bool:
-    """Decide between resuming and starting fresh; True to resume. Raises CaseError when
-    --resume finds no last.pth, or a fresh start would overwrite a run without --overwrite."""
+def _prepare_fold_dir(settings: TrainSettings) -> tuple[bool, bool]:
+    """Decide between resuming and starting fresh: (resume, replace), replace meaning a fresh
+    start over a previous run (--overwrite), whose files stay until this run's first last.pth
+    (:func:`_replace_previous_run`). Deletes nothing. Raises CaseError when --resume finds no
+    last.pth, or a fresh start would replace a run without --overwrite."""
     last = settings.fold_dir / "last.pth"
     if settings.resume and not last.is_file():
         raise CaseError(f"--resume: {last} not found (start without --resume, or use --resume-if-exists)")
     if settings.resume or (settings.resume_if_exists and last.is_file()):
-        return True
+        return True, False
     existing = [settings.fold_dir / n for n in ("last.pth", "best_model.pth") if (settings.fold_dir / n).exists()]
     if existing and not settings.overwrite:
         raise CaseError(f"{settings.fold_dir} already holds a run ({existing[0].name}); pass --resume to continue or --overwrite to start over")
+    return False, bool(existing)
+
+
+def _replace_previous_run(fold_dir: Path) -> None:
+    """Remove what a previous run left beside last.pth (its best model, history, curves and
+    arguments, TensorBoard events), just before this run's first last.pth replaces the old one."""
+    for name in ("best_model.pth", "history.csv", "curves.png", "run_args.json"):
+        (fold_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(fold_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard: event files in fold_<k>/tensorboard/
+LOCK_NAME = ".lock"  # in every fold folder: "host <name> pid <n>" of the training holding it
+
+
+@contextlib.contextmanager
+def _fold_lock(fold_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``fold_dir/.lock`` (rank 0, for the duration of the
+    ``with``; the kernel releases it when the process ends, however it ends) and record the
+    holder's host and pid in it. Raises CaseError on every rank when another process holds it:
+    two trainings must never write into one fold folder."""
+    handle, holder = None, None
     if ctx.is_main:
-        for path in existing:
-            path.unlink()
-    return False
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(fold_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder not recorded yet"
+            handle.close()
+    if _all_sum([1.0 if holder else 0.0], ctx)[0] > 0:
+        raise CaseError(f"{fold_dir} is in use by another training ({holder or 'rank 0 could not lock it'}); "
+                        f"wait for it, or give this run another --fold / --output-dir")
+    try:
+        if handle is not None:
+            handle.truncate(0)
+            handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+            handle.flush()
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
@@ -652,6 +756,8 @@ class _Run:
     state: _Progress
     lr: float = 0.0
     epoch_started: float = 0.0
+    replacing: bool = False  # a previous run's files are still in the fold folder (--overwrite)
+    tensorboard: _TensorBoard | None = None  # rank 0 with --tensorboard
 
     @property
     def total_steps(self) -> int:
@@ -666,6 +772,12 @@ class _Run:
 # --------------------------------------------------------------------------- validation
 
 
+def _validation_due(settings: TrainSettings, epoch: int) -> bool:
+    """Whether 0-based ``epoch`` ends with whole-volume validation: every ``val_every``-th
+    epoch and the last one."""
+    return (epoch + 1) % settings.val_every == 0 or epoch + 1 == settings.epochs
+
+
 def _validate(run: _Run, stop: _StopFlag) -> float | None:
     """Mean Dice (p >= 0.5) over whole validation volumes by sliding-window inference with
     windows of the training sample shape (:func:`sample_shape`: the training patch, or the whole
@@ -673,6 +785,7 @@ def _validate(run: _Run, stop: _StopFlag) -> float | None:
     Returns None when a preemption signal arrives (checked after every case, on all ranks)."""
     ctx, settings, cases = run.ctx, run.settings, run.val_cases
     net = run.model  # not DDP's forward, which would broadcast buffers: ranks see different case counts
+    _broadcast_buffers(net, ctx)  # every rank validates the model rank 0 saves
     net.eval()
     predictor = functools.partial(models.foreground_probability, net)
     total, count = 0.0, 0
@@ -753,10 +866,12 @@ def _assemble(settings: TrainSettings, ctx: DistContext, model: nn.Module, recor
 def _start(settings: TrainSettings, ctx: DistContext, model_config: dict, train_set: TrainingSet, val_cases: Sequence[CaseFiles],
            run_config: Mapping[str, Any], init: InitSpec, data_contract: Mapping[str, Any] | None) -> _Run:
     """Phase 1, start or resume: check the fold folder and (when resuming) that last.pth was
-    configured alike, build the model with its starting weights, restore the state or write
-    run_args.json, and log the run's sizes."""
+    configured alike, build the model with its starting weights (every input is checked before
+    anything in the folder changes), restore the state or write run_args.json (when replacing
+    a previous run: with the first last.pth), and log the run's sizes."""
     resolved = models.resolve_model_config(model_config)
-    resuming = _prepare_fold_dir(settings, ctx)
+    tensorboard = _TensorBoard(settings.fold_dir / TENSORBOARD_DIR) if settings.tensorboard and ctx.is_main else None
+    resuming, replacing = _prepare_fold_dir(settings)
     identity = _jsonable({"settings": asdict(settings), "data": train_set.describe(), "val_cases": [c.case_id for c in val_cases]})
     checkpoint = None
     if resuming:
@@ -766,17 +881,25 @@ def _start(settings: TrainSettings, ctx: DistContext, model_config: dict, train_
     contract = _jsonable(dict(data_contract)) if data_contract is not None else None
     records = _Records(resolved, _jsonable(dict(run_config)), init_record, contract, identity)
     run = _assemble(settings, ctx, model, records, train_set, val_cases)
+    run.tensorboard = tensorboard
     if checkpoint is not None:
         _restore(run, checkpoint)
         if ctx.is_main and _best_checkpoint_missing(settings.fold_dir / "best_model.pth", run.state):
             get_logger().info(f"best_model.pth of epoch {run.state.best_epoch} was not written (killed after last.pth): rewritten from last.pth")
             _save_best(run)
+    elif replacing:
+        run.replacing = True  # the previous run stays until this one writes its first last.pth
     elif ctx.is_main:
-        write_run_args(settings.fold_dir, {**records.config, "model_config": resolved, "init": init_record, "world_size": ctx.world_size})
+        _write_run_args(run)
     state = run.state
     run.lr = run.lr_of_step(max(state.epoch * run.steps + state.step - 1, 0))  # what history reports when a resumed epoch only validates
     _log_start(run, train_set)
     return run
+
+
+def _write_run_args(run: _Run) -> None:
+    records = run.records
+    write_run_args(run.settings.fold_dir, {**records.config, "model_config": records.model_config, "init": records.init, "world_size": run.ctx.world_size})
 
 
 def _log_start(run: _Run, train_set: TrainingSet) -> None:
@@ -841,15 +964,16 @@ def _train_epoch(run: _Run, stop: _StopFlag) -> bool:
 # --------------------------------------------------------------------------- phase: end of epoch
 
 
-def _end_epoch(run: _Run, val_dice: float) -> None:
-    """Phase 3, end of epoch: the history row, the best score, the state of the next epoch;
-    then (rank 0) last.pth first (a kill before best_model.pth is written is repaired on
-    resume), best_model.pth when improved, history.csv, curves.png and the log line."""
+def _end_epoch(run: _Run, val_dice: float | None) -> None:
+    """Phase 3, end of epoch: the history row, the best score (``val_dice`` None: the epoch was
+    not validated), the state of the next epoch; then (rank 0) last.pth first (a kill before
+    best_model.pth is written is repaired on resume), best_model.pth when improved,
+    history.csv, curves.png, TensorBoard and the log line."""
     state = run.state
     state.seconds = time.perf_counter() - run.epoch_started
     row = {"epoch": state.epoch + 1, "train_loss": state.loss_sum / max(state.loss_count, 1), "val_dice": val_dice, "lr": run.lr, "seconds": state.seconds}
     state.history.append(row)
-    improved = val_dice > state.best_dice
+    improved = val_dice is not None and val_dice > state.best_dice
     if improved:
         state.best_dice, state.best_epoch = val_dice, state.epoch + 1
     state.epoch, state.step, state.loss_sum, state.loss_count, state.seconds = state.epoch + 1, 0, 0.0, 0.0, 0.0
@@ -861,8 +985,10 @@ def _end_epoch(run: _Run, val_dice: float) -> None:
     fold_dir = run.settings.fold_dir
     write_history(fold_dir / "history.csv", state.history)
     plot_curves(fold_dir / "curves.png", state.history)
+    if run.tensorboard is not None:
+        run.tensorboard.log(row)
     get_logger().info(
-        f"epoch {row['epoch']}/{run.settings.epochs}  train_loss {row['train_loss']:.4f}  val_dice {val_dice:.4f}  "
+        f"epoch {row['epoch']}/{run.settings.epochs}  train_loss {row['train_loss']:.4f}  val_dice {'-' if val_dice is None else f'{val_dice:.4f}'}  "
         f"best {state.best_dice:.4f} (epoch {state.best_epoch})  lr {run.lr:.2e}  {row['seconds']:.1f} s"
     )
 
@@ -873,6 +999,8 @@ def _save_last(run: _Run) -> None:
     if not run.ctx.is_main:
         return
     s, state, records = run.settings, run.state, run.records
+    if run.replacing:
+        _replace_previous_run(s.fold_dir)
     schedule = {"schedule": s.schedule, "base_lr": s.lr, "warmup_steps": run.warmup_steps, "total_steps": run.total_steps,
                 "step": state.epoch * run.steps + state.step, "lr": run.lr}
     models.save_checkpoint(
@@ -882,6 +1010,9 @@ def _save_last(run: _Run) -> None:
         config=records.config, init=records.init, data_contract=records.data_contract, world_size=run.ctx.world_size,
         **records.identity,
     )
+    if run.replacing:
+        _write_run_args(run)
+        run.replacing = False
 
 
 def _save_best(run: _Run) -> None:
@@ -900,6 +1031,8 @@ def _save_best(run: _Run) -> None:
 def _preempted(run: _Run, stop: _StopFlag) -> int:
     """Save last.pth where the run stands and return :data:`EXIT_PREEMPTED`."""
     _save_last(run)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if run.ctx.distributed:
         dist.barrier()  # keep every rank alive until rank 0 has written last.pth
     state = run.state
@@ -907,12 +1040,17 @@ def _preempted(run: _Run, stop: _StopFlag) -> int:
     return EXIT_PREEMPTED
 
 
-def _finish(run: _Run) -> int:
-    """Check that every rank holds the same weights, log the best epoch, return 0."""
+def _finish(run: _Run, stop: _StopFlag) -> int:
+    """Check that every rank holds the same weights, log the best epoch, return 0 (also when a
+    signal arrived after the last epoch's last.pth: nothing is left to resume)."""
     log = get_logger()
+    if stop.signal_name:
+        log.info(f"{stop.signal_name} after the last epoch was saved: the run is complete")
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     digest = _check_replicas_agree(run.model, run.ctx)
     if run.ctx.distributed:
-        log.info(f"final weights identical on all {run.ctx.world_size} ranks (parameter sha256 {digest})")
+        log.info(f"final weights identical on all {run.ctx.world_size} ranks (parameter and buffer sha256 {digest})")
         dist.barrier()
     log.info(f"done: best validation Dice {run.state.best_dice:.4f} at epoch {run.state.best_epoch}; {run.settings.fold_dir / 'best_model.pth'}")
     return 0
@@ -942,24 +1080,28 @@ def fit(
     verbatim under ``"data_contract"`` in last.pth and best_model.pth.
 
     The phases: start or resume (:func:`_start`), then per epoch the training steps
-    (:func:`_train_epoch`), validation (:func:`_validate`) and the end of the epoch
+    (:func:`_train_epoch`), validation (:func:`_validate`, every ``settings.val_every``
+    epochs and after the last) and the end of the epoch
     (:func:`_end_epoch`); a preemption signal ends any of them with :func:`_preempted`.
+    The fold folder is locked for the whole run (:func:`_fold_lock`), and the signal handlers
+    are installed before the start, so a signal at any point leaves a resumable last.pth.
     """
     if not val_cases:
         raise ValueError("no validation cases")
     ctx = setup_distributed(settings.device)
-    run = _start(settings, ctx, model_config, train_set, val_cases, run_config, init, data_contract)
-    with _StopFlag() as stop:
-        if stop.agreed(ctx):
+    with _fold_lock(settings.fold_dir, ctx), _StopFlag() as stop:
+        run = _start(settings, ctx, model_config, train_set, val_cases, run_config, init, data_contract)
+        if stop.agreed(ctx):  # signalled during the start
             return _preempted(run, stop)
         while run.state.epoch < settings.epochs:
             if not _train_epoch(run, stop):
                 return _preempted(run, stop)
-            val_dice = _validate(run, stop)
-            if val_dice is None:
+            validated = _validation_due(settings, run.state.epoch)
+            val_dice = _validate(run, stop) if validated else None
+            if validated and val_dice is None:
                 return _preempted(run, stop)
             _end_epoch(run, val_dice)
-    return _finish(run)
+        return _finish(run, stop)
 
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ import train_isles_resnet18
 import train_stroke
 from strokeseg.io import load_npz, read_json, save_npz, write_json
 from strokeseg.splits import load_split
+from strokeseg.training import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["16", "16", "16"]  # preprocessed grid of the tiny ISLES / BraTS volumes (voxels)
@@ -380,11 +381,12 @@ _PNG_END = b"IEND\xaeB`\x82"
 
 def _assert_outputs_complete(folder: Path) -> list[str]:
     """Every visible file under ``folder`` loads completely (no pickle); hidden files may only be
-    ``.partial`` leftovers, and no output glob picks one up. Returns the visible relative paths."""
+    ``.partial`` leftovers or a training's fold lock, and no output glob picks one up. Returns
+    the visible relative paths."""
     visible = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.startswith("."):
-            assert path.name.endswith(".partial"), f"unexpected hidden file {path}"
+            assert path.name.endswith(".partial") or path.name == LOCK_NAME, f"unexpected hidden file {path}"
             continue
         visible.append(str(path.relative_to(folder)))
         if path.suffix == ".npz":
@@ -534,9 +536,10 @@ def _read_canonical(path: Path, root: Path) -> Any:
 
 def _assert_same_outputs(a: Path, b: Path) -> None:
     """Same file sets; .npz and .png byte-identical; JSON, CSV and checkpoints equal after
-    :func:`_canonical` (checkpoint tensors compared bit for bit)."""
-    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    :func:`_canonical` (checkpoint tensors compared bit for bit). A training's fold lock (host
+    and pid of the last holder) is left out."""
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.name != LOCK_NAME)
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name != LOCK_NAME)
     for rel in files:
         if rel.endswith((".npz", ".png")):
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs between the two runs"

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,6 +279,35 @@ def test_uctransnet_transfer_takes_the_whole_network_by_default(data, tmp_path, 
     assert train_isles_resnet18.parse_args(isles + ["--transfer-scope", "all"]).transfer_scope == "all"
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch_and_writes_tensorboard(data, tmp_path):
+    """--val-every 2 over 3 epochs validates epochs 2 and 3 only (history: empty val_dice for
+    epoch 1), selects best_model.pth among them, and --tensorboard logs the same numbers."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--epochs", "3", "--val-every", "2", "--tensorboard"]
+    assert train_isles_resnet18.main(argv) == 0
+    rows = _history(tmp_path / "fold_0")
+    assert [r["val_dice"] == "" for r in rows] == [True, False, False]
+    best = models.load_checkpoint(tmp_path / "fold_0" / "best_model.pth")
+    validated = {int(r["epoch"]): float(r["val_dice"]) for r in rows if r["val_dice"]}
+    assert best["epoch"] in validated and best["best_score"] == pytest.approx(max(validated.values()), abs=1e-6)
+    events = EventAccumulator(str(tmp_path / "fold_0" / "tensorboard"))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3] and [step for step, _ in scalars["lr"]] == [1, 2, 3]
+    assert scalars["val/dice"] == [(e, pytest.approx(v, abs=1e-6)) for e, v in validated.items()]
+    assert [v for _, v in scalars["train/loss"]] == [pytest.approx(float(r["train_loss"]), abs=1e-5) for r in rows]
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--epochs", "1", "--tensorboard"]
+    assert train_isles_resnet18.main(argv) == 2
+    assert "ERROR: --tensorboard needs the optional package tensorboard (pip install tensorboard)" in capsys.readouterr().out
+    assert not (tmp_path / "fold_0" / "last.pth").exists()
+
+
 # --------------------------------------------------------------------------- loud failures
 
 
@@ -317,6 +347,47 @@ def test_resume_and_overwrite_rules(data, tmp_path, capsys):
     assert "configured differently" in out and "'lr'" in out
     assert train_isles_resnet18.main(base + ["--resume"]) == 0  # complete: nothing left to do
     assert train_isles_resnet18.main(base + ["--overwrite"]) == 0
+
+
+def test_overwrite_keeps_the_finished_run_until_every_input_is_checked(data, tmp_path, capsys):
+    """A mistyped --pretrain-ckpt with --overwrite fails naming the file and leaves the finished
+    run as it was; a good --overwrite replaces every file of it."""
+    base = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "r"), *TINY_ISLES, "--epochs", "1"]
+    assert train_isles_resnet18.main(base) == 0
+    fold = tmp_path / "r" / "fold_0"
+    before = {name: (fold / name).read_bytes() for name in OUTPUTS}
+    mistyped = tmp_path / "brats" / "fold_0" / "best_modle.pth"
+    capsys.readouterr()
+    assert train_isles_resnet18.main(base + ["--overwrite", "--init", "brats", "--pretrain-ckpt", str(mistyped)]) == 2
+    assert f"ERROR: checkpoint not found: {mistyped}" in capsys.readouterr().out
+    assert {name: (fold / name).read_bytes() for name in OUTPUTS} == before
+    assert train_isles_resnet18.main(base + ["--overwrite", "--seed", "7"]) == 0
+    assert all((fold / name).read_bytes() != before[name] for name in OUTPUTS)
+    assert read_json(fold / "run_args.json")["args"]["seed"] == 7
+    assert models.load_checkpoint(fold / "best_model.pth")["config"]["seed"] == 7
+
+
+def test_second_training_into_a_fold_folder_fails_naming_the_holder(data, tmp_path, capsys):
+    """Two runs into one fold folder (an array job without --fold): the second fails at once,
+    naming the folder, host and pid of the first; a killed holder leaves no lock behind."""
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES]
+    first = subprocess.Popen([sys.executable, "train_isles_resnet18.py", *argv, "--epochs", "100"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+    lock = tmp_path / "fold_0" / training.LOCK_NAME
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0] if first.poll() is not None else "no lock"
+            time.sleep(0.02)
+        capsys.readouterr()
+        assert train_isles_resnet18.main(argv + ["--epochs", "100", "--resume-if-exists"]) == 2
+        holder = f"host {socket.gethostname()} pid {first.pid}"
+        assert f"ERROR: {tmp_path / 'fold_0'} is in use by another training ({holder})" in capsys.readouterr().out
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.communicate()
+    assert train_isles_resnet18.main(argv + ["--epochs", "1", "--overwrite"]) == 0
 
 
 # --------------------------------------------------------------------------- resume and preemption
@@ -373,6 +444,82 @@ def test_sigterm_saves_mid_epoch_exits_75_and_resumes_exactly(resume_args, tmp_p
     _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
 
 
+def _group_sigterm_when(argv: list[str], ready, log: Path) -> subprocess.CompletedProcess:
+    """Run train_isles_resnet18.py in its own process group and send SIGTERM to the whole group
+    (what SLURM's time limit and scancel do) as soon as ``ready()`` holds."""
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "train_isles_resnet18.py", *argv], cwd=REPO, stdout=sink,
+                                   stderr=subprocess.STDOUT, env=ONE_THREAD_ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready():
+            assert process.poll() is None and time.monotonic() < deadline, f"no signal point (status {process.poll()}): {log.read_text()}"
+            time.sleep(0.005)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(argv, process.returncode, log.read_text())
+
+
+def _logged_start(log: Path):
+    return lambda: "training cases x" in log.read_text()  # noqa: E731
+
+
+def _end_of_epoch_1(fold: Path):
+    return lambda: (fold / "last.pth").exists() or any(fold.glob(".*.partial"))  # noqa: E731
+
+
+def _into_epoch_2(fold: Path):
+    return lambda: (fold / "curves.png").exists()  # noqa: E731
+
+
+@pytest.mark.parametrize("point", [_logged_start, _end_of_epoch_1, _into_epoch_2], ids=lambda f: f.__name__.strip("_"))
+def test_group_sigterm_with_workers_saves_exits_75_and_resumes(data, tmp_path, point):
+    """SIGTERM to the process group with 2 DataLoader workers: the workers ignore it, the main
+    process saves a resumable last.pth and exits 75, wherever the signal lands."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(out), *TINY_ISLES, "--epochs", "4", "--patches-per-volume", "2"]
+    watched = log if point is _logged_start else out / "fold_0"
+    result = _group_sigterm_when([*argv, "--workers", "2"], point(watched), log)
+    assert result.returncode == training.EXIT_PREEMPTED, result.stdout
+    assert "SIGTERM: saved" in result.stdout and "killed by signal" not in result.stdout
+    assert models.load_checkpoint(out / "fold_0" / "last.pth")["progress"]["epoch"] < 4
+    assert train_isles_resnet18.main(argv + ["--resume"]) == 0
+    assert [int(r["epoch"]) for r in _history(out / "fold_0")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "where, epoch, step",
+    [("make_optimizer", 0, 0), ("load_case_volume", 0, None), ("plot_curves", 1, 1)],
+    ids=["start", "validation", "plotting"],
+)
+def test_sigterm_during_start_validation_or_plotting_saves_and_resumes(data, tmp_path, monkeypatch, capsys, where, epoch, step):
+    """The signal arrives while the run is set up, validates or draws curves.png: last.pth holds
+    the state reached (validation: every step of epoch 1 done, None below; plotting: the step
+    after it), exit 75, --resume completes."""
+    original = getattr(training, where)
+    sent = []
+
+    def signalling(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, where, signalling)
+    argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--epochs", "2"]
+    assert train_isles_resnet18.main(argv) == training.EXIT_PREEMPTED
+    assert "SIGTERM: saved" in capsys.readouterr().out
+    monkeypatch.undo()
+    saved = models.load_checkpoint(tmp_path / "fold_0" / "last.pth")
+    steps = saved["scheduler"]["total_steps"] // 2
+    assert (saved["progress"]["epoch"], saved["progress"]["step"]) == (epoch, steps if step is None else step)
+    assert train_isles_resnet18.main(argv + ["--resume"]) == 0
+    assert [int(r["epoch"]) for r in _history(tmp_path / "fold_0")] == [1, 2]
+
+
 def test_torchrun_two_ranks_agree(data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_isles_resnet18.py"]
     command += ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--strategy", "shared", "--epochs", "2"]
@@ -381,7 +528,7 @@ def test_torchrun_two_ranks_agree(data, tmp_path):
     line = next(l for l in result.stdout.splitlines() if "final weights identical on all 2 ranks" in l)
     digest = line.rsplit(" ", 1)[1].rstrip(")")
     model, checkpoint = models.model_from_checkpoint(tmp_path / "fold_0" / "last.pth")
-    assert training._parameter_digest(model) == digest  # rank 0 saved the weights every rank holds
+    assert training._weights_digest(model) == digest  # rank 0 saved the weights and BatchNorm statistics every rank holds
     assert checkpoint["world_size"] == 2
     assert result.stdout.count("epoch 2/2") == 1  # only rank 0 logs
 
