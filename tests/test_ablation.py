@@ -224,3 +224,23 @@ def test_training_complete_only_after_the_last_epoch(tmp_path):
     assert ablation.is_complete(Task(stage, 0))
     (fold / "best_model.pth").unlink()
     assert not ablation.is_complete(Task(stage, 0))
+
+
+@pytest.mark.parametrize("script, env, expected", [
+    ("train_stroke.sbatch", {"DATASET": "UOA_Private", "ARCH": "uctransnet3d", "INIT": "transfer"},
+     {"--pretrain-ckpt": "runs/brats_uctransnet3d/fold_3/best_model.pth", "--output-dir": "runs/uoa_private_uctransnet3d_transfer"}),
+    ("train_isles_resnet18.sbatch", {"STRATEGY": "separate", "INIT": "brats"},
+     {"--pretrain-ckpt": "runs/brats_resnet18/fold_3/best_model.pth", "--output-dir": "runs/isles_separate_brats"}),
+    ("train_brats_uctransnet3d.sbatch", {"ARCH": "uctransnet3d"},
+     {"--batch-size": "8", "--patches-per-volume": "4", "--patch-size": "64", "--output-dir": "runs/brats_uctransnet3d"}),
+])
+def test_slurm_examples_pair_folds_and_use_the_plan_names(tmp_path, script, env, expected):
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, **env, PYTHON=str(stub), ARGS_OUT=str(tmp_path / "args"), SLURM_ARRAY_TASK_ID="3", SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="8")
+    done = subprocess.run(["bash", str(REPO / "slurm" / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "args").read_text().splitlines()
+    assert {flag: _option(argv, flag) for flag in expected} == expected
+    assert _option(argv, "--fold") == "3" and "--resume-if-exists" in argv
