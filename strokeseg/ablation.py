@@ -417,13 +417,20 @@ def run_local(plan: Plan, cpus: int, gpus: int = 0, python: str = sys.executable
 # --------------------------------------------------------------------------- SLURM executor
 
 
+def _shell_word(arg: str) -> str:
+    """``arg`` quoted for bash, ``{fold}`` in it becoming ``"$FOLD"``."""
+    if FOLD not in arg:
+        return shlex.quote(arg)
+    return '"$FOLD"'.join(shlex.quote(part) if part else "" for part in arg.split(FOLD))
+
+
 def _shell_args(args: Sequence[str]) -> str:
-    """Shell words, one option (and its values) per line; ``{fold}`` becomes ``$FOLD``."""
+    """Shell words, one option (and its values) per line."""
     lines: list[list[str]] = [[]]
     for arg in args:
         if arg.startswith("--") and lines[-1]:
             lines.append([])
-        lines[-1].append(shlex.quote(arg).replace(FOLD, "'\"$FOLD\"'"))
+        lines[-1].append(_shell_word(arg))
     return " \\\n    ".join(" ".join(words) for words in lines)
 
 

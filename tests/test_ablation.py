@@ -79,6 +79,18 @@ def test_demo_plan_is_the_paper_grid_at_demo_sizes(tmp_path):
     assert [_option(argv, f) for f in ("--epochs", "--width", "--batch-size", "--lr", "--workers", "--patch-size")] == ["6", "8", "2", "3e-3", "0", "32"]
 
 
+def test_demo_emits_its_plan_for_slurm(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "generate_data", lambda raw, scale, seed: None)  # the synthetic data is not needed to plan
+    assert demo.main(["--out", str(tmp_path / "out"), "--emit-slurm", str(tmp_path / "jobs")]) == 0
+    scripts = sorted(p.name for p in (tmp_path / "jobs").glob("*.sbatch"))
+    assert len(scripts) == 24 and scripts[6] == "06_train_brats_resnet18.sbatch"
+    text = (tmp_path / "jobs" / "06_train_brats_resnet18.sbatch").read_text()
+    assert "#SBATCH --array=0,1" in text and "--epochs 4" in text and '--fold "$FOLD"' in text
+    transfer = next((tmp_path / "jobs").glob("*_train_atlas_resnet18_transfer.sbatch")).read_text()
+    assert f'--pretrain-ckpt {tmp_path}/out/runs/brats_resnet18/fold_"$FOLD"/best_model.pth' in transfer
+    assert str(tmp_path / "out" / "ablation.json") in (tmp_path / "jobs" / "submit.sh").read_text()
+
+
 def test_bad_grid_names_the_file(tmp_path):
     grid = json.loads((REPO / "ablation.json").read_text())
     del grid["resources"]["train_isles"]
