@@ -512,6 +512,11 @@ def emit_slurm(plan: Plan, out_dir: str | os.PathLike, python: str = sys.executa
 # --------------------------------------------------------------------------- command line
 
 
+def cpu_count() -> int:
+    """CPU cores this process may use (its affinity where the platform reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def describe(plan: Plan) -> str:
     """The plan as text: per stage its folds, needs, resources and the first task's command."""
     lines = [f"{len(plan.stages)} stages, {len(plan.tasks())} tasks; outputs and logs under {plan.work_dir}"]
@@ -531,7 +536,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--run", action="store_true", help="run the incomplete tasks on this machine (default: print the plan)")
     action.add_argument("--emit-slurm", type=Path, metavar="DIR", help="write one sbatch script per stage and DIR/submit.sh")
     action.add_argument("--pending", action="store_true", help="print the keys of the tasks whose outputs are not complete, one a line")
-    parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)), help="--run: CPU cores to share between tasks (default: all of this machine's)")
+    parser.add_argument("--cpus", type=int, default=cpu_count(), help="--run: CPU cores to share between tasks (default: all of this machine's)")
     parser.add_argument("--gpus", type=int, default=None, help="--run: GPUs to share between tasks (default: all CUDA devices)")
     return parser.parse_args(argv)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .ablation import emit_slurm, load_plan, run_local
+from .ablation import cpu_count, emit_slurm, load_plan, run_local
 from .io import read_json, write_json, write_text
 from .runner import get_logger, write_run_args
 from .synthetic import make_atlas, make_brats, make_isles, make_uoa
@@ -130,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     parser.add_argument("--full", action="store_true", help="the paper's sizes (width 64, 96³/64³ patches, 5 folds, 100 epochs): for a GPU machine")
     parser.add_argument("--emit-slurm", type=Path, metavar="DIR", help="write the demo's plan as sbatch scripts and DIR/submit.sh instead of running it (data generated under --out)")
-    parser.add_argument("--cpus", type=int, default=len(os.sched_getaffinity(0)), help="CPU cores shared by the stages (default: all of this machine's)")
+    parser.add_argument("--cpus", type=int, default=cpu_count(), help="CPU cores shared by the stages (default: all of this machine's)")
     return parser.parse_args(argv)
 
 
