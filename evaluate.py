@@ -22,6 +22,8 @@ import torch
 
 from strokeseg import evaluation as ev
 from strokeseg import report
+from strokeseg.contract import check_preprocessing
+from strokeseg.datasets import dataset_names, dataset_spec
 from strokeseg.inference import PRECISIONS
 from strokeseg.io import CaseError, write_text
 from strokeseg.metrics import PRESETS
@@ -34,9 +36,10 @@ RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfi
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(ev.DATASETS), help="dataset and metrics preset: ISLES2022 (isles22: 26-connectivity, ml), ATLAS or UOA_Private (atlas22: 6-connectivity, voxels)")
+    evaluable = [name for name in dataset_names() if dataset_spec(name).load_eval_case is not None]
+    parser.add_argument("--dataset", required=True, choices=evaluable, help="a registered dataset; it sets the metrics preset: ISLES2022 (isles22: 26-connectivity, ml), ATLAS or UOA_Private (atlas22: 6-connectivity, voxels); must be the checkpoints' (their data contract)")
     parser.add_argument("--data-dir", type=Path, required=True, help="ISLES: preprocess_isles_WITH_BBOX.py output; ATLAS/UOA: preprocess_stroke_foundation.py output base (holding <DATASET>/) or the <DATASET> folder")
-    parser.add_argument("--splits-file", type=Path, help="splits JSON (default: <DATASET>_splits_5fold.json / isles2022_splits_5fold.json beside the data)")
+    parser.add_argument("--splits-file", type=Path, help="splits JSON (default: the one the preprocessing stage wrote beside the data: isles2022_splits_5fold.json, <DATASET>_splits_5fold.json)")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="test: the fixed held-out set, scored by every fold (default); val: each fold's own validation cases")
     parser.add_argument("--run", action="append", default=[], metavar="LABEL=RUN_DIR", help="a training output folder with fold_<k>/<checkpoint-name>; repeat for several runs; several folders with one LABEL are seeds of one arm")
     parser.add_argument("--checkpoints", type=Path, nargs="+", help="checkpoint files of a single run labelled 'model' (fold from a fold_<k> parent folder, else the run config)")
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
     parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
-    parser.add_argument("--window", type=int, nargs="+", help="sliding-window size in voxels, 1 or 3 ints (default: the checkpoint's patch size, 96 for a ResNet U-Net without one; a ResNet U-Net sees a volume the window covers whole, as in training); UCTransNet3D only runs at its own")
+    parser.add_argument("--window", type=int, nargs="+", help="sliding-window size in voxels, 1 or 3 ints (default: the window of the checkpoint's data contract; a volume the window covers is seen whole, as in training); a fixed-input-size network (UCTransNet3D) only runs at its own")
     parser.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1) (default 0.5)")
     parser.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian", help="blending of overlapping windows (default gaussian)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")
@@ -89,9 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_runs(args: argparse.Namespace) -> dict[str, list[list[ev.FoldModel]]]:
+def load_runs(args: argparse.Namespace, case_dir: Path) -> dict[str, list[list[ev.FoldModel]]]:
     """label -> its seeds (one per run folder given that label) -> fold models, rebuilt on the
-    CPU and checked before any case runs."""
+    CPU and checked before any case runs: each fits the dataset, and the data in ``case_dir``
+    was preprocessed with its training data's settings."""
     window = None if args.window is None else tuple(args.window * 3 if len(args.window) == 1 else args.window)
     if args.checkpoints:
         found = {"model": [[(ev.fold_of_path(path), path) for path in args.checkpoints]]}
@@ -101,6 +105,8 @@ def load_runs(args: argparse.Namespace) -> dict[str, list[list[ev.FoldModel]]]:
     for label, seeds in found.items():
         for checkpoints in seeds:
             loaded = sorted((ev.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints), key=lambda fm: fm.fold)
+            for fold_model in loaded:
+                check_preprocessing(fold_model.contract, case_dir, fold_model.path)
             folds = [fm.fold for fm in loaded]
             if len(set(folds)) != len(folds):
                 raise CaseError(f"run {label}: several checkpoints for one fold ({sorted(folds)})")
@@ -165,15 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
-    brain_crop = ev.DATASETS[args.dataset].whole_volume and not args.no_brain_crop
+    spec = dataset_spec(args.dataset)
+    brain_crop = spec.whole_brain and not args.no_brain_crop
     settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
-    args.preset = args.preset or ev.DATASETS[args.dataset].preset
+    args.preset = args.preset or spec.preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)
     try:
-        case_dir = ev.dataset_dir(args.data_dir, args.dataset)
-        splits_file = args.splits_file or ev.default_splits_file(case_dir, args.dataset)
-        runs = load_runs(args)
+        case_dir = spec.case_dir(args.data_dir)
+        splits_file = args.splits_file or case_dir / spec.splits_name
+        runs = load_runs(args, case_dir)
         cases = {label: [ev.split_cases(splits_file, args.dataset, fms, args.split) for fms in seeds] for label, seeds in runs.items()}
     except CaseError as err:
         log.info(f"ERROR {err}")

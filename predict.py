@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CaseError, ValueError) as err:
         log.info(f"ERROR {one_line(err)}")
         return 2
-    brain_crop = model_set.spec.whole_volume and not args.no_brain_crop
+    brain_crop = model_set.spec.whole_brain and not args.no_brain_crop
     settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)

@@ -26,11 +26,14 @@ from pathlib import Path
 
 from strokeseg import training
 from strokeseg.augment import augment_preset
+from strokeseg.contract import build_data_contract
+from strokeseg.datasets import dataset_spec
 from strokeseg.data import SampleMix, TrainingSet, find_case_files
 from strokeseg.runner import get_logger
 from strokeseg.splits import load_split
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
+DATASET = "BraTS2024"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,25 +43,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patches-per-volume", type=int, default=10, help="patches per volume per epoch (default 10)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of tumour-centred patches (default 0.67; rest random)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="checkpoint to fine-tune from (all weights; a missing or mismatched file is an error)")
-    training.add_model_arguments(parser, ("uctransnet3d", "resnet18"))
+    training.add_model_arguments(parser, "uctransnet3d")
     training.add_training_arguments(parser, DEFAULTS)
-    args = parser.parse_args(argv)
-    training.resolve_model_arguments(args)
+    args = training.parse_training_arguments(parser, argv)
     if args.splits_file is None:
-        args.splits_file = args.brats_dir / "brats2024_t2flair_splits_5fold.json"
+        args.splits_file = args.brats_dir / dataset_spec(DATASET).splits_name
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    split = load_split(args.splits_file, args.fold, "BraTS2024")
-    train_cases = find_case_files(args.brats_dir, split.train, ("image",), "mask")
-    val_cases = find_case_files(args.brats_dir, split.val, ("image",), "mask")
+    spec = dataset_spec(DATASET)
+    split = load_split(args.splits_file, args.fold, spec.name)
+    train_cases = find_case_files(args.brats_dir, split.train, spec.input_keys, spec.mask_key)
+    val_cases = find_case_files(args.brats_dir, split.val, spec.input_keys, spec.mask_key)
     get_logger().info(f"BraTS 2024 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches")
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args, in_channels=1)
+    model_config = training.model_config_from_args(args.arch, vars(args), len(spec.input_keys))
     init = training.InitSpec("finetune", args.pretrain_ckpt, "all") if args.pretrain_ckpt else training.InitSpec()
-    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+    contract = build_data_contract(spec.name, args.brats_dir, spec.input_keys, args.patch_size, args.fold, split.train, split.val)
+    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:

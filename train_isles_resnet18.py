@@ -24,28 +24,30 @@ from pathlib import Path
 
 from strokeseg import training
 from strokeseg.augment import augment_preset
+from strokeseg.contract import build_data_contract
+from strokeseg.datasets import dataset_spec
 from strokeseg.data import SampleMix, TrainingSet, find_case_files
 from strokeseg.runner import get_logger
 from strokeseg.splits import load_split
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
-CHANNELS = {"dwi_only": ("dwi",), "separate": ("dwi", "adc"), "shared": ("dwi", "adc")}
+DATASET = "ISLES2022"
+INPUTS = {"dwi_only": 1, "separate": 2, "shared": 2}  # strategy -> leading ISLES input keys read (DWI, ADC)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with dwi, adc, mask")
     parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json)")
-    parser.add_argument("--strategy", choices=tuple(CHANNELS), default="shared", help="separate | shared | dwi_only (default shared)")
+    parser.add_argument("--strategy", choices=tuple(INPUTS), default="shared", help="separate | shared | dwi_only (default shared)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: ResNet-18 encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
     training.add_transfer_scope_argument(parser)
     parser.add_argument("--patches-per-volume", type=int, default=1, help="samples per volume per epoch (default 1)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of lesion-centred samples when --patch-size < volume (default 0.67; rest random)")
-    training.add_model_arguments(parser, ("resnet18",))
+    training.add_model_arguments(parser, "resnet18", ("resnet18",))
     training.add_training_arguments(parser, DEFAULTS)
-    args = parser.parse_args(argv)
-    training.resolve_model_arguments(args)
+    args = training.parse_training_arguments(parser, argv)
     if args.init == "brats" and args.pretrain_ckpt is None:
         parser.error("--init brats requires --pretrain-ckpt (there is no silent fallback to scratch)")
     if args.init == "scratch" and args.pretrain_ckpt is not None:
@@ -55,21 +57,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     if args.splits_file is None:
-        args.splits_file = args.isles_dir / "isles2022_splits_5fold.json"
+        args.splits_file = args.isles_dir / dataset_spec(DATASET).splits_name
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    split = load_split(args.splits_file, args.fold, "ISLES2022")
-    keys = CHANNELS[args.strategy]
-    train_cases = find_case_files(args.isles_dir, split.train, keys, "mask")
-    val_cases = find_case_files(args.isles_dir, split.val, keys, "mask")
+    spec = dataset_spec(DATASET)
+    split = load_split(args.splits_file, args.fold, spec.name)
+    keys = spec.input_keys[: INPUTS[args.strategy]]
+    train_cases = find_case_files(args.isles_dir, split.train, keys, spec.mask_key)
+    val_cases = find_case_files(args.isles_dir, split.val, keys, spec.mask_key)
     get_logger().info(f"ISLES 2022 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val cases, strategy {args.strategy}, init {args.init}")
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args, in_channels=len(keys), variant=args.strategy)
+    model_config = training.model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})
     init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec(args.init)
-    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+    contract = build_data_contract(spec.name, args.isles_dir, keys, args.patch_size, args.fold, split.train, split.val)
+    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,18 +25,20 @@ from pathlib import Path
 
 from strokeseg import training
 from strokeseg.augment import augment_preset
+from strokeseg.contract import build_data_contract
+from strokeseg.datasets import dataset_names, dataset_spec
 from strokeseg.data import SampleMix, TrainingSet, find_case_files
 from strokeseg.io import CaseError
 from strokeseg.runner import get_logger
 from strokeseg.splits import load_split
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
-KEYS = {"image_keys": ("image",), "mask_key": "lesion_mask", "brain_key": "brain_mask"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("ATLAS", "UOA_Private"), required=True, help="dataset folder name under --data-dir")
+    brain_masked = [name for name in dataset_names() if dataset_spec(name).brain_key is not None]
+    parser.add_argument("--dataset", choices=brain_masked, required=True, help="a registered dataset with brain masks (the foundation stage's): its folder name under --data-dir")
     parser.add_argument("--data-dir", type=Path, required=True, help="preprocess_stroke_foundation.py output root holding <DATASET>/ and <DATASET>_patches_<P>/")
     parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <data-dir>/<DATASET>/<DATASET>_splits_5fold.json)")
     parser.add_argument("--patch-dir", type=Path, default=None, help="pre-extracted patches (default <data-dir>/<DATASET>_patches_<P>)")
@@ -44,16 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random-patch-fraction", type=float, default=0.3, help="share of samples cut at random brain positions, the rest from the stored lesion patches (default 0.3)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint to start from (transfer; what is copied: --transfer-scope); a missing or mismatched file is an error")
     training.add_transfer_scope_argument(parser)
-    training.add_model_arguments(parser, ("resnet18", "uctransnet3d"))
+    training.add_model_arguments(parser, "resnet18")
     training.add_training_arguments(parser, DEFAULTS)
-    args = parser.parse_args(argv)
-    training.resolve_model_arguments(args)
+    args = training.parse_training_arguments(parser, argv)
     try:
         args.transfer_scope = training.resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
     except ValueError as err:
         parser.error(str(err))
     if args.splits_file is None:
-        args.splits_file = args.data_dir / args.dataset / f"{args.dataset}_splits_5fold.json"
+        args.splits_file = args.data_dir / args.dataset / dataset_spec(args.dataset).splits_name
     if args.patch_dir is None:
         args.patch_dir = args.data_dir / f"{args.dataset}_patches_{args.patch_size}"
     return args
@@ -62,16 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     if not args.patch_dir.is_dir():
         raise CaseError(f"{args.patch_dir}: patch folder not found; run extract_patches_96x96x96.py --patch_size {args.patch_size} first")
-    split = load_split(args.splits_file, args.fold, args.dataset)
-    volume_dir = args.data_dir / args.dataset
-    train_cases = find_case_files(volume_dir, split.train, patch_dir=args.patch_dir, **KEYS)
-    val_cases = find_case_files(volume_dir, split.val, **KEYS)
+    spec = dataset_spec(args.dataset)
+    split = load_split(args.splits_file, args.fold, spec.name)
+    volume_dir = args.data_dir / spec.name
+    keys = (spec.input_keys, spec.mask_key, spec.brain_key)
+    train_cases = find_case_files(volume_dir, split.train, *keys, patch_dir=args.patch_dir)
+    val_cases = find_case_files(volume_dir, split.val, *keys)
     init = training.InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec()
     get_logger().info(f"{args.dataset} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches, init {init.label}")
     mix = SampleMix.from_fraction(args.patches_per_volume, 1.0 - args.random_patch_fraction, "stored")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args, in_channels=1)
-    return training.fit(training.TrainSettings.from_args(args), model_config, train_set, val_cases, vars(args), init)
+    model_config = training.model_config_from_args(args.arch, vars(args), len(spec.input_keys))
+    contract = build_data_contract(spec.name, volume_dir, spec.input_keys, args.patch_size, args.fold, split.train, split.val)
+    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:

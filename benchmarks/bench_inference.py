@@ -96,7 +96,7 @@ def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
         ).to(device).eval()
     if args.checkpoint is not None:
         return models.model_from_checkpoint(args.checkpoint, map_location=device)[0].eval()
-    config = {"arch": "resnet18_unet", "variant": "single", "in_channels": args.channels, "width": args.width}
+    config = {"arch": "resnet18", "variant": "single", "in_channels": args.channels, "width": args.width}
     return models.build_model(config).to(device).eval()
 
 

@@ -20,14 +20,15 @@ import time
 
 import torch
 
+import models
 from models import build_model, count_parameters
 from strokeseg.losses import DiceCELoss, multi_head_loss
 
 CASES = (
     # (name, model config, cubic patch edge in voxels): full size
-    ("resnet18_unet dwi_only", {"arch": "resnet18_unet", "variant": "dwi_only"}, 96),
-    ("resnet18_unet separate", {"arch": "resnet18_unet", "variant": "separate"}, 96),
-    ("resnet18_unet shared", {"arch": "resnet18_unet", "variant": "shared"}, 96),
+    ("resnet18 dwi_only", {"arch": "resnet18", "variant": "dwi_only"}, 96),
+    ("resnet18 separate", {"arch": "resnet18", "variant": "separate"}, 96),
+    ("resnet18 shared", {"arch": "resnet18", "variant": "shared"}, 96),
     ("uctransnet3d", {"arch": "uctransnet3d", "patch_size": 64}, 64),
 )
 QUICK_WIDTH, QUICK_PATCH = 16, {96: 64, 64: 32}
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, config, patch in CASES:
         if args.quick:
             config, patch = {**config, "width": QUICK_WIDTH}, QUICK_PATCH[patch]
-            if config["arch"] == "uctransnet3d":
+            if models.arch_spec(config["arch"]).fixed_input_size:
                 config["patch_size"] = patch
         results = context.Queue()
         worker = context.Process(target=_measure, args=(config, patch, args.device, args.iters, results))

@@ -94,13 +94,13 @@ def main(argv=None) -> int:
         spec = model_set.spec
         pattern = "**/*_T1w.nii.gz" if args.dataset == "atlas" else None
         cases, _ = pr.discover_cases(pr.InputSpec(root / "data", image_pattern=pattern), spec)
-        settings = InferenceSettings(device=device, precision=args.precision, brain_crop=spec.whole_volume)
+        settings = InferenceSettings(device=device, precision=args.precision, brain_crop=spec.whole_brain)
         options = pr.PredictOptions(root / "out", settings)
         spent = time_forward_passes(model_set, device)
         first = dict(list(cases.items())[:1])
         pr.predict_cases(first, model_set, pr.PredictOptions(root / "warm", settings))  # warm-up: allocator, oneDNN kernels
         print(f"{args.dataset}: {len(cases)} case(s), native shape {args.shape or 'default'}, {args.folds} fold model(s), ResNet-18 U-Net width {args.width}, "
-              f"window {args.window}, precision {args.precision}, brain crop {spec.whole_volume}, device {device}, {torch.get_num_threads()} threads")
+              f"window {args.window}, precision {args.precision}, brain crop {spec.whole_brain}, device {device}, {torch.get_num_threads()} threads")
         print(f"{'case':24}{'wall s':>9}{'forward s':>11}{'ratio':>8}")
         wall_total, forward_total = 0.0, 0.0
         for case_id, case in cases.items():

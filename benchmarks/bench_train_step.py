@@ -34,9 +34,9 @@ LAYOUTS = (torch.contiguous_format, torch.channels_last_3d)
 
 
 def model_config(arch: str, width: int, patch: int) -> dict:
-    if arch == "resnet18":
-        return {"arch": "resnet18_unet", "variant": "single", "width": width, "norm": "batch"}
-    return {"arch": "uctransnet3d", "width": width, "norm": "group", "patch_size": patch}
+    """The architecture's default config at ``width`` (and ``patch`` when its input size is fixed)."""
+    fixed = {"patch_size": patch} if models.arch_spec(arch).fixed_input_size else {}
+    return {"arch": arch, "width": width, **fixed}
 
 
 def samples_per_second(arch: str, sizes: tuple[int, int, int], amp: str, layout: torch.memory_format, device: torch.device, steps: int) -> float:

@@ -1,5 +1,8 @@
 """Networks for lesion segmentation: ResNet-18 U-Net (four variants) and UCTransNet3D.
 
+Architectures are looked up by name in the registry (:mod:`models.registry`:
+:func:`register_arch`, :func:`arch_spec`, :func:`arch_names`).
+
 Every network follows one contract (see :mod:`models.common`): ``model(x)`` maps
 x (B, C_in, X, Y, Z) to a tuple of per-head logits (B, num_classes, X, Y, Z), and
 :func:`foreground_probability` applies its inference rule. Build from a plain dict with
@@ -8,7 +11,6 @@ transfer with :func:`load_pretrained`. ``python -m models`` prints parameter cou
 """
 from .common import NORMS, count_parameters, foreground_probability, make_norm, unwrap_model
 from .factory import (
-    ARCHS,
     FORMAT_VERSION,
     TransferReport,
     build_model,
@@ -20,11 +22,12 @@ from .factory import (
     resolve_model_config,
     save_checkpoint,
 )
+from .registry import ArchSpec, arch_names, arch_spec, register_arch
 from .resnet_unet import VARIANTS, ResNetUNet, ResNetUNetConfig
 from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
 
 __all__ = [
-    "ARCHS",
+    "ArchSpec",
     "FORMAT_VERSION",
     "NORMS",
     "VARIANTS",
@@ -33,6 +36,8 @@ __all__ = [
     "UCTransNet3D",
     "UCTransNet3DConfig",
     "TransferReport",
+    "arch_names",
+    "arch_spec",
     "build_model",
     "count_parameters",
     "foreground_probability",
@@ -42,6 +47,7 @@ __all__ = [
     "model_config_defaults",
     "model_config_of",
     "model_from_checkpoint",
+    "register_arch",
     "resolve_model_config",
     "save_checkpoint",
     "unwrap_model",

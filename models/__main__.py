@@ -13,11 +13,12 @@ import torch
 
 from .common import count_parameters
 from .factory import build_model
+from .registry import arch_spec
 
 CONFIGS = (
-    ("resnet18_unet single / dwi_only (1 ch)", {"arch": "resnet18_unet", "variant": "dwi_only"}),
-    ("resnet18_unet separate (2 x 1 ch)", {"arch": "resnet18_unet", "variant": "separate"}),
-    ("resnet18_unet shared (2 ch, 2 decoders)", {"arch": "resnet18_unet", "variant": "shared"}),
+    ("resnet18 single / dwi_only (1 ch)", {"arch": "resnet18", "variant": "dwi_only"}),
+    ("resnet18 separate (2 x 1 ch)", {"arch": "resnet18", "variant": "separate"}),
+    ("resnet18 shared (2 ch, 2 decoders)", {"arch": "resnet18", "variant": "shared"}),
     ("uctransnet3d (1 ch)", {"arch": "uctransnet3d"}),
 )
 
@@ -26,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=64, help="base width (channels of the first level), default 64")
     parser.add_argument(
-        "--patch-size", type=int, default=64, help="UCTransNet3D cubic patch edge in voxels, divisible by 16 (default 64)"
+        "--patch-size", type=int, default=64, help="input edge in voxels of the fixed-input-size networks (UCTransNet3D: divisible by 16; default 64)"
     )
     return parser.parse_args(argv)
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'configuration':<42} {'parameters':>12} {'millions':>9}")
     for name, config in CONFIGS:
         config = {**config, "width": args.width}
-        if config["arch"] == "uctransnet3d":
+        if arch_spec(config["arch"]).fixed_input_size:
             config["patch_size"] = args.patch_size
             name = f"{name} at {args.patch_size}^3"
         with torch.device("meta"):  # shapes only: no memory, no forward

@@ -9,7 +9,8 @@ Model contract (every network here follows it):
   channel 0 is background.
 - ``model.inference_heads``: indices of the heads whose foreground probabilities are averaged
   at inference, e.g. ``(0,)`` (first head only) or ``(0, 1)`` (mean of two heads).
-- ``model.arch`` and ``model.config`` (a dataclass) identify the network; with
+- ``model.config`` (its architecture's config dataclass, see :mod:`models.registry`) and the
+  network class identify the network; with
   ``model.encoder_prefixes`` and ``model.input_conv_keys`` they drive transfer loading.
 """
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 A model config is a JSON-able dict: ``{"arch": ..., <fields of that arch's dataclass>}``:
 
-- ``resnet18_unet``: variant ('single' | 'dwi_only' | 'separate' | 'shared'), in_channels
-  (default 1, or 2 for 'separate'/'shared'), num_classes (2), width (64), norm ('batch').
-- ``uctransnet3d``: in_channels (1), num_classes (2), width (64), norm ('group'),
-  patch_size (64), layers (4), heads (4), dropout (0.1).
+the keys and defaults are the fields of the architecture's config dataclass in the registry
+(:mod:`models.registry`), e.g. ``resnet18``: variant ('single' | 'dwi_only' | 'separate' |
+'shared'), in_channels (the variant's), num_classes (2), width (64), norm ('batch');
+``uctransnet3d``: in_channels (1), num_classes (2), width (64), norm ('group'), patch_size (64),
+layers (4), heads (4), dropout (0.1).
 
 Checkpoint file (``torch.save`` of a dict, read with ``torch.load(weights_only=True)``)::
 
@@ -30,11 +31,9 @@ from torch import Tensor, nn
 from strokeseg.io import atomic_path
 
 from .common import unwrap_model
-from .resnet_unet import ResNetUNet, ResNetUNetConfig
-from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
+from .registry import ArchSpec, arch_names, arch_of_network, arch_spec, canonical_arch
 
 __all__ = [
-    "ARCHS",
     "FORMAT_VERSION",
     "model_config_defaults",
     "resolve_model_config",
@@ -48,43 +47,39 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_NETWORKS = {"resnet18_unet": (ResNetUNetConfig, ResNetUNet), "uctransnet3d": (UCTransNet3DConfig, UCTransNet3D)}
-ARCHS = tuple(_NETWORKS)
 _RESERVED_KEYS = ("format_version", "model_config", "model")
 
 
-def _arch_of(config: Any) -> str:
+def _spec_of(config: Any) -> ArchSpec:
     if not isinstance(config, dict):
         raise ValueError(f"model config must be a dict, got {type(config).__name__}")
     arch = config.get("arch")
-    if not isinstance(arch, str) or arch not in _NETWORKS:
-        raise ValueError(f"model config 'arch' must be one of {ARCHS}, got {arch!r}")
-    return arch
+    if not isinstance(arch, str) or canonical_arch(arch) not in arch_names():
+        raise ValueError(f"model config 'arch' must be one of {arch_names()}, got {arch!r}")
+    return arch_spec(arch)
 
 
 def model_config_defaults(arch: str) -> dict:
-    """Default model config of ``arch`` ('resnet18_unet' | 'uctransnet3d') as a plain dict."""
-    arch = _arch_of({"arch": arch})
-    return {"arch": arch, **asdict(_NETWORKS[arch][0]())}
+    """Default model config of the registered architecture ``arch`` as a plain dict."""
+    spec = _spec_of({"arch": arch})
+    return {"arch": spec.name, **asdict(spec.config_cls())}
 
 
 def resolve_model_config(config: dict) -> dict:
     """Complete and validate a model config: defaults filled in, every value checked.
 
-    Raises ValueError on an unknown arch, a key that is not a field of that arch (e.g.
-    'patch_size' for 'resnet18_unet') or a bad value. For 'resnet18_unet' a missing
-    in_channels follows the variant (2 for 'separate' and 'shared', else 1).
+    Raises ValueError on an unknown arch, a key that is not a field of that arch's config
+    dataclass (e.g. 'patch_size' for 'resnet18') or a bad value (the dataclass checks it). A
+    former checkpoint name of the arch (:data:`models.registry.FORMER_NAMES`) resolves to its
+    registry name.
     """
-    arch = _arch_of(config)
-    config_cls = _NETWORKS[arch][0]
-    known = {f.name for f in fields(config_cls)}
+    spec = _spec_of(config)
+    known = {f.name for f in fields(spec.config_cls)}
     unknown = sorted(set(config) - known - {"arch"})
     if unknown:
-        raise ValueError(f"unknown {arch} model config key(s) {unknown}; allowed: {sorted(known)}")
+        raise ValueError(f"unknown {spec.name} model config key(s) {unknown}; allowed: {sorted(known)}")
     values = {k: v for k, v in config.items() if k != "arch"}
-    if arch == "resnet18_unet" and "in_channels" not in values:
-        values["in_channels"] = 2 if values.get("variant") in ("separate", "shared") else 1
-    return {"arch": arch, **asdict(config_cls(**values))}
+    return {"arch": spec.name, **asdict(spec.config_cls(**values))}
 
 
 def build_model(config: dict) -> nn.Module:
@@ -93,14 +88,14 @@ def build_model(config: dict) -> nn.Module:
     Build under ``with torch.device("meta"):`` to count parameters without allocating.
     """
     resolved = resolve_model_config(config)
-    config_cls, network_cls = _NETWORKS[resolved.pop("arch")]
-    return network_cls(config_cls(**resolved))
+    spec = arch_spec(resolved.pop("arch"))
+    return spec.network_cls(spec.config_cls(**resolved))
 
 
 def model_config_of(model: nn.Module) -> dict:
     """The resolved model config of a network built here (wrappers are unwrapped)."""
     net = unwrap_model(model)
-    return {"arch": net.arch, **asdict(net.config)}
+    return {"arch": arch_of_network(net).name, **asdict(net.config)}
 
 
 def _check_weights_only_safe(value: Any, where: str) -> None:
@@ -253,10 +248,10 @@ def _check_compatible(source_config: dict, target_config: dict, path: Path) -> N
             f"{path}: checkpoint norm {source_config['norm']!r} differs from target norm {target_config['norm']!r} "
             "(normalisation is part of a checkpoint's identity: a BatchNorm/GroupNorm mix-up)"
         )
-    if source_config["arch"] == "uctransnet3d" and source_config["patch_size"] != target_config["patch_size"]:
+    if arch_spec(source_config["arch"]).fixed_input_size and source_config["patch_size"] != target_config["patch_size"]:
         raise ValueError(
             f"{path}: checkpoint patch_size {source_config['patch_size']} differs from target patch_size "
-            f"{target_config['patch_size']} (the position embedding fixes the patch size)"
+            f"{target_config['patch_size']} ({source_config['arch']} runs only at its patch size)"
         )
 
 

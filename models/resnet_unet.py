@@ -25,7 +25,7 @@ Configurations (``variant``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,16 @@ _MIN_DECODER_WIDTH = 8
 @dataclass(frozen=True)
 class ResNetUNetConfig:
     variant: str = "single"  # 'single' | 'dwi_only' | 'separate' | 'shared' (see module docstring)
-    in_channels: int = 1  # input channels; must be 1 for 'dwi_only', 2 for 'separate' and 'shared'
+    # input channels; None: the variant's (2 for 'separate' and 'shared', else 1), which it must equal
+    in_channels: int | None = None
     num_classes: int = 2  # 2: softmax (background, lesion); 1: sigmoid lesion logit
-    width: int = 64  # base width w: encoder stages w, 2w, 4w, 8w
-    norm: str = "batch"  # 'batch' | 'group' | 'instance'
+    width: int = field(default=64, metadata={"help": "base channel width w: encoder stages w, 2w, 4w, 8w"})
+    norm: str = field(default="batch", metadata={"help": "normalisation, part of a checkpoint's identity", "choices": NORMS})
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
+        if self.in_channels is None:
+            object.__setattr__(self, "in_channels", _VARIANT_CHANNELS.get(self.variant, 1))
         check_int("in_channels", self.in_channels)
         check_int("num_classes", self.num_classes)
         check_int("width", self.width)
@@ -162,7 +165,6 @@ class ResNetUNet(nn.Module):
     InstanceNorm needs edge > 32.
     """
 
-    arch = "resnet18_unet"
     encoder_prefixes = ("encoders.",)
 
     def __init__(self, config: ResNetUNetConfig):

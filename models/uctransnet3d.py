@@ -22,7 +22,7 @@ With base width w (64 in the paper) and a cubic patch of edge P (64 in the paper
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,13 @@ _PATCH_STRIDES = (8, 4, 2, 1)  # per-scale embedding kernel = stride for x1..x4
 class UCTransNet3DConfig:
     in_channels: int = 1  # input channels
     num_classes: int = 2  # 2: softmax (background, lesion); 1: sigmoid lesion logit
-    width: int = 64  # base width w: encoder w, 2w, 4w, 8w, 8w
-    norm: str = "group"  # 'batch' | 'group' | 'instance'; GroupNorm in the paper's intended runs
+    width: int = field(default=64, metadata={"help": "base channel width w: encoder w, 2w, 4w, 8w, 8w"})
+    # GroupNorm in the paper's intended runs
+    norm: str = field(default="group", metadata={"help": "normalisation, part of a checkpoint's identity", "choices": NORMS})
     patch_size: int = 64  # cubic input edge in voxels, divisible by 16; fixed by the position embedding
-    layers: int = 4  # transformer layers L
-    heads: int = 4  # attention heads per layer
-    dropout: float = 0.1  # dropout after embeddings, attention softmax and attention output
+    layers: int = field(default=4, metadata={"help": "transformer layers L"})
+    heads: int = field(default=4, metadata={"help": "attention heads per transformer layer"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout after embeddings, attention softmax and attention output"})
 
     def __post_init__(self) -> None:
         check_int("in_channels", self.in_channels)
@@ -214,7 +215,6 @@ class UCTransNet3D(nn.Module):
     logits (B, num_classes, P, P, P).
     """
 
-    arch = "uctransnet3d"
     encoder_prefixes = ("encoder.",)
     input_conv_keys = ("encoder.0.0.0.weight",)
     inference_heads = (0,)

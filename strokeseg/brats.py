@@ -8,17 +8,19 @@ merged into one binary mask.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .datasets import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_label_map, resample_to_shape, zscore
 from .io import CaseError, affines_match, load_nifti, save_npz
 from .runner import CaseResult
 
-__all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "discover_brats_cases", "preprocess_brats_case"]
+__all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "preprocess_brats_case"]
 
 BRATS_KEYS = ("image", "mask")
 SEG_LABELS = (0, 1, 2, 3, 4)
@@ -118,3 +120,20 @@ def preprocess_brats_case(
         "spacing_mm": list(flair.zooms),
     }
     return CaseResult(case.case_id, "done", info=info)
+
+
+# Pretraining only: evaluate.py does not score BraTS (no load_eval_case).
+BRATS2024 = register_dataset(DatasetSpec(
+    name="BraTS2024",
+    display_name="BraTS 2024",
+    input_keys=("image",),
+    mask_key="mask",
+    splits_name="brats2024_t2flair_splits_5fold.json",
+    preset="atlas22",
+    table_layout="dataset",
+    whole_brain=True,
+    stage="brats",
+    find_case_dir=same_folder,
+    read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape",)),
+    run_config_key="brats_dir",
+))

@@ -26,10 +26,12 @@ from torch import nn
 
 import models
 
+from .contract import THRESHOLD, DataContract, contract_from_checkpoint
 from .data import sample_shape
+from .datasets import EvalCase, dataset_spec
 from .geometry import uncrop_to_native
 from .inference import nonzero_box, sliding_window_inference
-from .io import CaseError, check_finite, load_npz, one_line, read_json, save_nifti
+from .io import CaseError, one_line, read_json, save_nifti
 from .metrics import METRIC_NAMES, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
 from .runner import CaseResult, RunReport, get_logger, run_cases
@@ -37,21 +39,13 @@ from .splits import load_split
 from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
 
 __all__ = [
-    "DATASETS",
-    "THRESHOLD",
     "CSV_COLUMNS",
     "LESION_COLUMNS",
-    "DatasetSpec",
-    "EvalCase",
     "FoldModel",
     "InferenceSettings",
     "CaseOutputs",
     "FigureSlices",
-    "dataset_dir",
-    "default_splits_file",
     "split_cases",
-    "load_isles_case",
-    "load_atlas_case",
     "load_case",
     "display_volume",
     "to_scoring_grid",
@@ -73,7 +67,6 @@ __all__ = [
     "unfinished_notes",
 ]
 
-THRESHOLD = 0.5  # probability >= THRESHOLD is lesion
 _ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
 _CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
 CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity")
@@ -81,64 +74,15 @@ CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity")
 LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """name: the key in splits files; preset: metrics preset; splits_name: default splits file
-    name; channels: npz keys the network may read, in input-channel order; preprocessing: the
-    stage that makes its network input from NIfTI ("isles": DWI/ADC crop, "foundation": T1w
-    whole volume); whole_volume: inference runs over whole volumes (then cropping them to the
-    brain's box first is on by default)."""
-
-    name: str
-    preset: str
-    splits_name: str
-    channels: tuple[str, ...]
-    preprocessing: str
-    whole_volume: bool
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "ISLES2022": DatasetSpec("ISLES2022", "isles22", "isles2022_splits_5fold.json", ("dwi", "adc"), "isles", False),
-    "ATLAS": DatasetSpec("ATLAS", "atlas22", "ATLAS_splits_5fold.json", ("image",), "foundation", True),
-    "UOA_Private": DatasetSpec("UOA_Private", "atlas22", "UOA_Private_splits_5fold.json", ("image",), "foundation", True),
-}
-# Spellings of the dataset in training run configs, normalised (lower case, alphanumerics only).
-_DATASET_ALIASES = {"isles2022": "ISLES2022", "isles": "ISLES2022", "atlas": "ATLAS", "uoaprivate": "UOA_Private", "uoa": "UOA_Private"}
-
-
-@dataclass(frozen=True)
-class EvalCase:
-    """One case ready for inference and scoring.
-
-    inputs: npz key -> float32 (X, Y, Z) network input on the inference grid (ISLES: the 96³
-    crop; ATLAS/UOA: the whole preprocessed volume). reference: bool lesion mask on the scoring
-    grid (ISLES: native; ATLAS/UOA: the preprocessed grid). affine (4, 4) and spacing (mm, array
-    axis order) of the scoring grid. bbox (3, 2) [start, stop) and cropped_shape: the ISLES crop
-    (None for ATLAS/UOA).
-    """
-
-    case_id: str
-    inputs: dict[str, np.ndarray]
-    reference: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
-    bbox: np.ndarray | None = None
-    cropped_shape: tuple[int, int, int] | None = None
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
-
-
 @dataclass
 class FoldModel:
     """A fold's network in eval mode on its device, with what evaluation needs to know about it.
 
-    channels: npz keys stacked as its input channels; window: sliding-window size (voxels), the
-    training patch (see :meth:`window_for`);
-    run_config: the training run's arguments stored in the checkpoint ({} when absent); init:
-    the checkpoint's initialisation label ("scratch", "brats", "transfer", ...; None when not
-    recorded); val_cases: the validation case ids it was selected on (None when not recorded);
+    contract: the checkpoint's data contract (:mod:`strokeseg.contract`: dataset, input keys,
+    window, threshold, preprocessing, case ids); window: sliding-window size (voxels), the
+    contract's unless ``--window`` overrides it (see :meth:`window_for`); run_config: the
+    training run's arguments stored in the checkpoint ({} when absent); init: the checkpoint's
+    initialisation label ("scratch", "brats", "transfer", ...; None when not recorded);
     unfinished: "unfinished (epoch k of N)" when its training stopped early (:func:`unfinished_training`).
     """
 
@@ -147,17 +91,27 @@ class FoldModel:
     model: nn.Module
     model_config: dict
     run_config: dict
-    channels: tuple[str, ...]
+    contract: DataContract
     window: tuple[int, int, int]
     init: str | None = None
-    val_cases: list[str] | None = None
     unfinished: str | None = None
 
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """npz keys stacked as the input channels, in order."""
+        return self.contract.input_keys
+
+    @property
+    def val_cases(self) -> tuple[str, ...] | None:
+        """The validation case ids the checkpoint was selected on (None when not recorded)."""
+        return self.contract.val_cases
+
     def window_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """The window for a volume of spatial ``shape``: UCTransNet3D always its fixed training
-        size; a ResNet U-Net what it saw in training (:func:`strokeseg.data.sample_shape`: the
-        whole volume when the window covers it, else the window)."""
-        if self.model_config.get("arch") == "uctransnet3d":
+        """The window for a volume of spatial ``shape``: a fixed-input-size architecture (e.g.
+        UCTransNet3D) always its training size; others what they saw in training
+        (:func:`strokeseg.data.sample_shape`: the whole volume when the window covers it, else
+        the window)."""
+        if models.arch_spec(self.model_config["arch"]).fixed_input_size:
             return self.window
         return sample_shape(self.window, shape)
 
@@ -211,21 +165,6 @@ class CaseOutputs:
 # --------------------------------------------------------------------------- data
 
 
-def dataset_dir(data_dir: Path, dataset: str) -> Path:
-    """Folder holding the case files: ``data_dir`` for ISLES; for ATLAS/UOA ``data_dir/<dataset>``
-    when it exists (the preprocessing output base), else ``data_dir`` itself."""
-    if not data_dir.is_dir():
-        raise CaseError(f"{data_dir}: data folder not found")
-    if dataset != "ISLES2022" and (data_dir / dataset).is_dir():
-        return data_dir / dataset
-    return data_dir
-
-
-def default_splits_file(case_dir: Path, dataset: str) -> Path:
-    """The splits file beside the data (``isles2022_splits_5fold.json``, ``<DATASET>_splits_5fold.json``)."""
-    return case_dir / DATASETS[dataset].splits_name
-
-
 def split_cases(splits_file: Path, dataset: str, fold_models: Sequence[FoldModel], split: str) -> dict[str, list[int]]:
     """case id -> the folds whose model scores it: every fold for "test" (the fixed held-out set),
     the fold itself for "val". Sorted by case id.
@@ -236,11 +175,10 @@ def split_cases(splits_file: Path, dataset: str, fold_models: Sequence[FoldModel
     empty set.
     """
     if not splits_file.is_file():
-        hint = " (preprocess_v2_isles.py writes it into its output folder)" if dataset == "ISLES2022" else ""
-        raise CaseError(f"{splits_file}: splits file not found; pass --splits-file{hint}")
+        raise CaseError(f"{splits_file}: splits file not found; pass --splits-file (the preprocessing stage writes {dataset_spec(dataset).splits_name} into its output folder)")
     cases: dict[str, list[int]] = {}
     for fm in fold_models:
-        ids = getattr(load_split(splits_file, fm.fold, DATASETS[dataset].name), split)
+        ids = getattr(load_split(splits_file, fm.fold, dataset), split)
         if not ids:
             raise CaseError(f"{splits_file}: fold_{fm.fold}/{dataset} has an empty {split!r} list")
         if fm.val_cases is not None:
@@ -248,71 +186,20 @@ def split_cases(splits_file: Path, dataset: str, fold_models: Sequence[FoldModel
             if clash:
                 what = "validation cases of" if split == "test" else "not the validation cases of"
                 raise CaseError(f"{splits_file}: {split} case(s) {clash[:5]} are {what} {fm.path}; is this the splits file it was trained with?")
+        trained = sorted(set(ids) & set(fm.contract.train_cases or ()))
+        if trained:
+            raise CaseError(f"{splits_file}: {split} case(s) {trained[:5]} are training cases of {fm.path}; is this the splits file it was trained with?")
         for case_id in ids:
             cases.setdefault(case_id, []).append(fm.fold)
     return dict(sorted(cases.items()))
 
 
-def _case_file(case_dir: Path, case_id: str, suffix: str) -> Path:
-    path = case_dir / f"{case_id}{suffix}"
-    if not path.is_file():
-        raise CaseError(f"{case_id}: listed in the splits file but {path} does not exist")
-    return path
-
-
-_ISLES_GEOMETRY = ("bbox", "cropped_shape", "original_shape", "original_affine", "original_mask", "spacing")
-
-
-def load_isles_case(case_dir: Path, case_id: str, channels: Sequence[str]) -> EvalCase:
-    """Read ``<case_id>.npz`` written by ``preprocess_isles_WITH_BBOX.py`` (needs its bbox keys)."""
-    path = _case_file(case_dir, case_id, ".npz")
-    data = load_npz(path)
-    missing = [key for key in (*channels, *_ISLES_GEOMETRY) if key not in data]
-    if missing:
-        raise CaseError(f"{path}: missing key(s) {missing}; evaluation reads the output of preprocess_isles_WITH_BBOX.py")
-    check_finite(path, {key: data[key] for key in (*channels, "spacing", "original_affine")})
-    reference = data["original_mask"].astype(bool)
-    if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
-        raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
-    return EvalCase(
-        case_id=case_id,
-        inputs={key: data[key].astype(np.float32, copy=False) for key in channels},
-        reference=reference,
-        affine=data["original_affine"].astype(np.float64),
-        spacing=tuple(float(s) for s in data["spacing"]),
-        bbox=data["bbox"],
-        cropped_shape=tuple(int(s) for s in data["cropped_shape"]),
-    )
-
-
-def load_atlas_case(case_dir: Path, case_id: str) -> EvalCase:
-    """Read ``<case_id>.npz`` (image, lesion_mask) and ``<case_id>_metadata.json`` (affine,
-    spacing, shape) written by ``preprocess_stroke_foundation.py``; checks the three agree."""
-    path = _case_file(case_dir, case_id, ".npz")
-    meta_path = _case_file(case_dir, case_id, "_metadata.json")
-    data = load_npz(path, keys=("image", "lesion_mask"))
-    meta = read_json(meta_path)
-    missing = [k for k in ("affine", "spacing", "shape") if k not in meta]
-    if missing:
-        raise CaseError(f"{meta_path}: missing key(s) {missing}")
-    check_finite(path, data)
-    image, mask = data["image"], data["lesion_mask"]
-    if image.shape != mask.shape or list(image.shape) != list(meta["shape"]):
-        raise CaseError(f"{path}: image {image.shape}, lesion_mask {mask.shape} and metadata shape {meta['shape']} differ")
-    return EvalCase(
-        case_id=case_id,
-        inputs={"image": image.astype(np.float32, copy=False)},
-        reference=mask.astype(bool),
-        affine=np.asarray(meta["affine"], dtype=np.float64),
-        spacing=tuple(float(s) for s in meta["spacing"]),
-    )
-
-
 def load_case(case_dir: Path, case_id: str, dataset: str, channels: Sequence[str]) -> EvalCase:
-    """:func:`load_isles_case` or :func:`load_atlas_case` by dataset name."""
-    if dataset == "ISLES2022":
-        return load_isles_case(case_dir, case_id, channels)
-    return load_atlas_case(case_dir, case_id)
+    """The dataset spec's evaluation loader (``load_eval_case``) for one case."""
+    loader = dataset_spec(dataset).load_eval_case
+    if loader is None:
+        raise CaseError(f"{dataset}: the dataset has no evaluation loader")
+    return loader(case_dir, case_id, channels)
 
 
 def display_volume(case: EvalCase) -> np.ndarray:
@@ -334,15 +221,15 @@ def to_scoring_grid(volume: np.ndarray, case: EvalCase) -> np.ndarray:
     return uncrop_to_native(volume, case.bbox, case.cropped_shape, case.reference.shape, is_label=False)
 
 
-def score_probability(probability: np.ndarray, case: EvalCase, preset: str) -> tuple[np.ndarray, dict]:
+def score_probability(probability: np.ndarray, case: EvalCase, preset: str, threshold: float = THRESHOLD) -> tuple[np.ndarray, dict]:
     """Threshold a foreground probability map and score it against the case's reference.
 
     probability: float (X, Y, Z) on the inference grid (ISLES: the 96³ crop). It is mapped to
     the scoring grid first (:func:`to_scoring_grid`, trilinear on probabilities), then voxels
-    >= :data:`THRESHOLD` are lesion. Returns (prediction bool on the scoring grid, metrics dict
+    >= ``threshold`` (the checkpoint contract's, :data:`strokeseg.contract.THRESHOLD`) are lesion. Returns (prediction bool on the scoring grid, metrics dict
     from :func:`strokeseg.metrics.case_metrics` plus "ref_voxels" and "pred_voxels").
     """
-    prediction = to_scoring_grid(np.asarray(probability, dtype=np.float32), case) >= THRESHOLD
+    prediction = to_scoring_grid(np.asarray(probability, dtype=np.float32), case) >= threshold
     metrics = case_metrics(prediction, case.reference, case.voxel_volume_ml, preset)
     metrics["ref_voxels"] = int(np.count_nonzero(case.reference))
     metrics["pred_voxels"] = int(np.count_nonzero(prediction))
@@ -385,60 +272,48 @@ def fold_of_path(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _normalised_dataset(value: object) -> str | None:
-    key = re.sub(r"[^a-z0-9]", "", str(value).lower())
-    return _DATASET_ALIASES.get(key)
-
-
-def _trained_on(run_config: Mapping) -> str | None:
-    """The training dataset named by a run config: its "dataset" (train_stroke.py), else implied
-    by the data flag of the training script (``isles_dir``: ISLES2022, ``brats_dir``: BraTS)."""
-    if run_config.get("dataset") is not None:
-        return str(run_config["dataset"])
-    if "isles_dir" in run_config:
-        return "ISLES2022"
-    if "brats_dir" in run_config:
-        return "BraTS2024"
-    return None
-
-
-def _input_channels(model_config: Mapping, dataset: str, path: Path) -> tuple[str, ...]:
-    available = DATASETS[dataset].channels
-    n = model_config.get("in_channels")
-    if not isinstance(n, int) or not 1 <= n <= len(available):
+def _window(contract: DataContract, model_config: Mapping, forced: Sequence[int] | None, path: Path) -> tuple[int, int, int]:
+    """The contract's window, or ``forced`` (--window); a fixed-input-size architecture runs
+    only at its training size (a different ``forced`` window is an error)."""
+    arch = models.arch_spec(model_config["arch"])
+    if forced is None:
+        return contract.window
+    if arch.fixed_input_size and tuple(forced) != contract.window:
         raise CaseError(
-            f"{path}: checkpoint in_channels {n!r} does not match {dataset}, which provides "
-            f"{len(available)} channel(s) {list(available)}"
+            f"{path}: {arch.name} runs only at its training size {'x'.join(map(str, contract.window))} (fixed input size); "
+            f"got --window {' '.join(map(str, forced))}"
         )
-    return available[:n]
+    return tuple(int(w) for w in forced)  # type: ignore[return-value]
 
 
-def _window(model_config: Mapping, run_config: Mapping, forced: Sequence[int] | None, path: Path) -> tuple[int, int, int]:
-    """UCTransNet3D: its patch_size (fixed by the position embedding; a different ``forced``
-    window is an error). ResNet U-Net: ``forced``, else the run config's patch_size, else 96."""
-    if model_config.get("arch") == "uctransnet3d":
-        size = (int(model_config["patch_size"]),) * 3
-        if forced is not None and tuple(forced) != size:
-            raise CaseError(
-                f"{path}: UCTransNet3D runs only at its training size {size[0]}³ (position embedding); "
-                f"got --window {' '.join(map(str, forced))}"
-            )
-        return size
-    if forced is not None:
-        return tuple(int(w) for w in forced)  # type: ignore[return-value]
-    stored = run_config.get("patch_size", 96)
-    size = (stored,) * 3 if isinstance(stored, int) else tuple(stored)
-    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise CaseError(f"{path}: run config patch_size {stored!r} is not a size in voxels; pass --window")
-    return size  # type: ignore[return-value]
+def _check_fits(contract: DataContract, model_config: Mapping, fold: int | None, dataset: str, path: Path) -> int:
+    """The fold of a checkpoint whose contract fits ``dataset``; CaseError otherwise."""
+    if contract.dataset != dataset:
+        raise CaseError(f"{path}: checkpoint was trained on dataset {contract.dataset!r}, not {dataset}")
+    available = dataset_spec(dataset).input_keys
+    if any(key not in available for key in contract.input_keys) or len(contract.input_keys) != model_config.get("in_channels"):
+        raise CaseError(
+            f"{path}: checkpoint reads {list(contract.input_keys)} into in_channels {model_config.get('in_channels')!r}; "
+            f"{dataset} provides {list(available)}"
+        )
+    source = "run config" if contract.derived else "data contract"
+    if fold is not None and contract.fold is not None and contract.fold != fold:
+        raise CaseError(f"{path}: found as fold {fold} but its {source} says fold {contract.fold}")
+    fold = fold if fold is not None else contract.fold
+    if fold is None:
+        raise CaseError(f"{path}: fold unknown (not under fold_<k>/ and no fold in its {source})")
+    return fold
 
 
 def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.device, window: Sequence[int] | None) -> FoldModel:
     """Rebuild a checkpoint's network on ``device`` in eval mode, channels-last, and check it fits ``dataset``.
 
-    fold: the fold the file was found under (None: take the run config's "fold"). Raises
-    :class:`CaseError` for a missing or unreadable file, a run config naming another dataset or
-    fold, input channels the dataset cannot provide, or a forced window a UCTransNet3D cannot run.
+    Everything about the data comes from the checkpoint's data contract
+    (:func:`strokeseg.contract.contract_from_checkpoint`; older checkpoints: derived from the run
+    config, with a note). fold: the fold the file was found under (None: the contract's).
+    ``window``: overrides the contract's (--window). Raises :class:`CaseError` for a missing or
+    unreadable file, a contract naming another dataset or fold, input keys the dataset does not
+    provide, or a forced window a fixed-input-size network cannot run.
     """
     try:
         model, checkpoint = models.model_from_checkpoint(path, map_location=device)
@@ -447,18 +322,10 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     run_config = checkpoint.get("config") or {}
     if not isinstance(run_config, dict):
         raise CaseError(f"{path}: checkpoint 'config' is not a dict")
-    trained_on = _trained_on(run_config)
-    if trained_on is not None and _normalised_dataset(trained_on) != dataset:
-        raise CaseError(f"{path}: checkpoint was trained on dataset {trained_on!r}, not {dataset}")
-    stored_fold = run_config.get("fold")
-    if fold is not None and stored_fold is not None and int(stored_fold) != fold:
-        raise CaseError(f"{path}: found as fold {fold} but its run config says fold {stored_fold}")
-    fold = fold if fold is not None else stored_fold
-    if fold is None:
-        raise CaseError(f"{path}: fold unknown (not under fold_<k>/ and no 'fold' in its run config)")
+    contract = contract_from_checkpoint(checkpoint, path)
     model_config = checkpoint["model_config"]
+    fold = _check_fits(contract, model_config, fold, dataset, path)
     init = checkpoint.get("init")
-    val_cases = checkpoint.get("val_cases")
     model.to(memory_format=torch.channels_last_3d).eval()  # the layout sliding_window_inference feeds
     return FoldModel(
         fold=int(fold),
@@ -466,10 +333,9 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
         model=model,
         model_config=model_config,
         run_config=run_config,
-        channels=_input_channels(model_config, dataset, path),
-        window=_window(model_config, run_config, window, path),
+        contract=contract,
+        window=_window(contract, model_config, window, path),
         init=init.get("label") if isinstance(init, dict) else run_config.get("init"),
-        val_cases=list(val_cases) if isinstance(val_cases, (list, tuple)) else None,
         unfinished=unfinished_training(path, checkpoint, run_config),
     )
 
@@ -527,8 +393,8 @@ def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel,
     return out
 
 
-def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, outputs: CaseOutputs, image: np.ndarray | None) -> dict:
-    prediction, metrics = score_probability(probability, case, preset)
+def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, threshold: float, outputs: CaseOutputs, image: np.ndarray | None) -> dict:
+    prediction, metrics = score_probability(probability, case, preset, threshold)
     if outputs.nifti_dir is not None:
         save_nifti(outputs.nifti_dir / fold / f"{case.case_id}.nii.gz", prediction.astype(np.uint8), case.affine)
     if outputs.figures is not None and image is not None:
@@ -557,15 +423,15 @@ def evaluate_case(
     """
     channels = max((fm.channels for fm in fold_models), key=len)
     case = load_case(case_dir, case_id, dataset, channels)
-    preset = preset or DATASETS[dataset].preset
+    preset = preset or dataset_spec(dataset).preset
     image = display_volume(case) if outputs.figures is not None else None
     rows, total = [], None
     for fold_model in fold_models:
         probability = predict_probability(case.inputs, fold_model, settings)
-        rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, outputs, image))
+        rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, fold_model.contract.threshold, outputs, image))
         total = probability if total is None else total + probability
     if ensemble:
-        rows.append(_record(case, "ensemble", total / len(fold_models), preset, outputs, image))
+        rows.append(_record(case, "ensemble", total / len(fold_models), preset, fold_models[0].contract.threshold, outputs, image))
     return CaseResult(case_id, "done", info={"rows": rows})
 
 

@@ -8,9 +8,10 @@ mask, percentile clipping and z-scoring inside the brain; output ``<case>.npz`` 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ from .geometry import (
     spacing_to_shape,
     zscore,
 )
-from .io import CaseError, NiftiVolume, affines_match, load_nifti, read_json, save_npz, write_json
+from .datasets import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
+from .io import CaseError, NiftiVolume, affines_match, check_finite, load_nifti, load_npz, read_json, save_npz, write_json
 from .runner import CaseResult
 
 __all__ = [
@@ -50,6 +52,11 @@ __all__ = [
     "read_foundation_case",
     "normalise_foundation_case",
     "preprocess_foundation_case",
+    "foundation_case_dir",
+    "load_foundation_case",
+    "foundation_dataset",
+    "ATLAS",
+    "UOA_PRIVATE",
 ]
 
 FOUNDATION_KEYS = ("image", "lesion_mask", "brain_mask")
@@ -79,12 +86,14 @@ class PreprocessingConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One entry of ``datasets``: output folder ``name``; globs are relative to ``data_dir``."""
+    """One entry of ``datasets``: output folder ``name``; globs are relative to ``data_dir``;
+    ``id_markers``: where the case id ends in a file name (see :func:`case_id_from_filename`)."""
 
     name: str
     data_dir: Path
     image_pattern: str
     mask_pattern: str
+    id_markers: tuple[str, ...] = ID_MARKERS
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,8 @@ _PRE_KEYS = {
     "use_gpu": bool,
     "brain_threshold": _NUMBER,
 }
-_DATASET_KEYS = {"name": str, "data_dir": str, "image_pattern": str, "mask_pattern": str}
+_DATASET_KEYS = {"name": str, "data_dir": str, "image_pattern": str, "mask_pattern": str, "id_markers": list}
+_DATASET_REQUIRED = ("name", "data_dir", "image_pattern", "mask_pattern")
 _METHODS = ("zscore",)
 
 
@@ -170,12 +180,22 @@ def _preprocessing(block: dict, problems: list[str]) -> PreprocessingConfig:
     return PreprocessingConfig(**values)
 
 
+def _dataset_config(values: dict, where: str, problems: list[str]) -> DatasetConfig:
+    name = values["name"]
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        problems.append(f"{where}.name {name!r} is not usable as a folder name")
+    markers = values.get("id_markers", list(ID_MARKERS))
+    if not markers or not all(isinstance(m, str) and m for m in markers):
+        problems.append(f"{where}.id_markers must be a non-empty list of non-empty strings, got {markers!r}")
+    return DatasetConfig(name, Path(values["data_dir"]), values["image_pattern"], values["mask_pattern"], tuple(markers))
+
+
 def parse_config(raw: Any, source: str | Path = "config") -> FoundationConfig:
     """Validate the config.json content and build a :class:`FoundationConfig`.
 
     Schema: ``output_base_dir`` (string), ``datasets`` (non-empty list of objects with string
-    ``name``, ``data_dir``, ``image_pattern``, ``mask_pattern``; names unique, usable as folder
-    names) and an optional ``preprocessing`` object whose keys default as in
+    ``name``, ``data_dir``, ``image_pattern``, ``mask_pattern``, optional ``id_markers`` (list of
+    strings, default :data:`ID_MARKERS`); names unique, usable as folder names) and an optional ``preprocessing`` object whose keys default as in
     :class:`PreprocessingConfig`. Unknown keys, missing keys and wrong types are all collected
     into one :class:`ValueError` naming ``source``.
     """
@@ -187,12 +207,9 @@ def parse_config(raw: Any, source: str | Path = "config") -> FoundationConfig:
     if "datasets" in top and not top["datasets"]:
         problems.append("datasets must list at least one dataset")
     for i, entry in enumerate(top.get("datasets", [])):
-        values = _check_block(entry, _DATASET_KEYS, tuple(_DATASET_KEYS), f"datasets[{i}]", problems)
-        if len(values) == len(_DATASET_KEYS):
-            name = values["name"]
-            if not name or "/" in name or "\\" in name or name in (".", ".."):
-                problems.append(f"datasets[{i}].name {name!r} is not usable as a folder name")
-            datasets.append(DatasetConfig(name, Path(values["data_dir"]), values["image_pattern"], values["mask_pattern"]))
+        values = _check_block(entry, _DATASET_KEYS, _DATASET_REQUIRED, f"datasets[{i}]", problems)
+        if all(key in values for key in _DATASET_REQUIRED):
+            datasets.append(_dataset_config(values, f"datasets[{i}]", problems))
     names = [d.name for d in datasets]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"dataset name {name!r} appears more than once")
@@ -215,7 +232,8 @@ def load_config(
     if unknown:
         raise ValueError(f"--data-dir names {unknown} are not datasets of {path} ({[d.name for d in config.datasets]})")
     datasets = tuple(
-        DatasetConfig(d.name, Path(data_dirs.get(d.name, d.data_dir)), d.image_pattern, d.mask_pattern) for d in config.datasets
+        DatasetConfig(d.name, Path(data_dirs.get(d.name, d.data_dir)), d.image_pattern, d.mask_pattern, d.id_markers)
+        for d in config.datasets
     )
     base = Path(output_base_dir) if output_base_dir is not None else config.output_base_dir
     return FoundationConfig(base, config.preprocessing, datasets)
@@ -236,8 +254,9 @@ def preprocessing_from_dict(block: Mapping[str, Any], source: str | Path = "prep
 # --------------------------------------------------------------------------- discovery
 
 
-def case_id_from_filename(name: str) -> str:
-    """Case id of an image or mask file name: the part before the earliest of ``ID_MARKERS``.
+def case_id_from_filename(name: str, markers: Sequence[str] = ID_MARKERS) -> str:
+    """Case id of an image or mask file name: the part before the earliest of ``markers``
+    (default :data:`ID_MARKERS`; a config.json dataset may give its own ``id_markers``).
 
     ATLAS ``sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz`` and its
     ``..._space-..._label-L_desc-T1lesion_mask.nii.gz`` give ``sub-r001s001_ses-1``; UOA
@@ -245,7 +264,7 @@ def case_id_from_filename(name: str) -> str:
     gives the name without ``.nii``/``.nii.gz``.
     """
     stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")] if name.endswith(".nii") else name
-    cuts = [stem.find(marker) for marker in ID_MARKERS if stem.find(marker) > 0]
+    cuts = [stem.find(marker) for marker in markers if stem.find(marker) > 0]
     return stem[: min(cuts)] if cuts else stem
 
 
@@ -286,7 +305,7 @@ def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True
     found: dict[str, dict[str, list[Path]]] = {}
     for kind, paths in (("image", images), ("mask", masks)):
         for path in paths:
-            found.setdefault(case_id_from_filename(path.name), {"image": [], "mask": []})[kind].append(path)
+            found.setdefault(case_id_from_filename(path.name, dataset.id_markers), {"image": [], "mask": []})[kind].append(path)
     items = {}
     for case_id, files in sorted(found.items()):
         problem = ""
@@ -536,3 +555,68 @@ def preprocess_foundation_case(
     write_json(meta_path, metadata)
     info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape)}
     return CaseResult(item.case_id, "done", info=info)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def foundation_case_dir(data_dir: Path, name: str) -> Path:
+    """``data_dir/<name>`` when it exists (the stage's output base was given), else ``data_dir``."""
+    return data_dir / name if (data_dir / name).is_dir() else data_dir
+
+
+def load_foundation_case(case_dir: Path, case_id: str, input_keys: Sequence[str] = ("image",)) -> EvalCase:
+    """Read ``<case_id>.npz`` (``input_keys``, lesion_mask) and ``<case_id>_metadata.json``
+    (affine, spacing, shape) written by ``preprocess_stroke_foundation.py``; checks the three
+    agree. Scored on the preprocessed grid (no crop)."""
+    path, meta_path = case_dir / f"{case_id}.npz", case_dir / f"{case_id}_metadata.json"
+    for needed in (path, meta_path):
+        if not needed.is_file():
+            raise CaseError(f"{case_id}: listed in the splits file but {needed} does not exist")
+    data = load_npz(path, keys=(*input_keys, "lesion_mask"))
+    meta = read_json(meta_path)
+    missing = [k for k in ("affine", "spacing", "shape") if k not in meta]
+    if missing:
+        raise CaseError(f"{meta_path}: missing key(s) {missing}")
+    check_finite(path, data)
+    mask = data["lesion_mask"]
+    shapes = {key: data[key].shape for key in input_keys}
+    if any(shape != mask.shape for shape in shapes.values()) or list(mask.shape) != list(meta["shape"]):
+        raise CaseError(f"{path}: {shapes}, lesion_mask {mask.shape} and metadata shape {meta['shape']} differ")
+    return EvalCase(
+        case_id=case_id,
+        inputs={key: data[key].astype(np.float32, copy=False) for key in input_keys},
+        reference=mask.astype(bool),
+        affine=np.asarray(meta["affine"], dtype=np.float64),
+        spacing=tuple(float(s) for s in meta["spacing"]),
+    )
+
+
+def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") -> DatasetSpec:
+    """The spec of a dataset preprocessed by ``preprocess_stroke_foundation.py`` (a config.json
+    entry called ``name``): T1w ``image``, ``lesion_mask``, ``brain_mask``, whole-volume scoring,
+    the settings recorded in the stage's run_args.json. Register it with
+    :func:`strokeseg.datasets.register_dataset` to train and evaluate a new cohort."""
+    return DatasetSpec(
+        name=name,
+        display_name=display_name,
+        input_keys=("image",),
+        mask_key="lesion_mask",
+        brain_key="brain_mask",
+        splits_name=f"{name}_splits_5fold.json",
+        preset=preset,
+        table_layout="dataset",
+        whole_brain=True,
+        stage="foundation",
+        find_case_dir=foundation_case_dir,
+        read_preprocessing=functools.partial(
+            settings_from_run_args,
+            keys=("target_spacing", "normalization_method", "clip_percentile", "brain_threshold"),
+            within=("resolved_config", "preprocessing"),
+        ),
+        load_eval_case=load_foundation_case,
+    )
+
+
+ATLAS = register_dataset(foundation_dataset("ATLAS", "ATLAS"))
+UOA_PRIVATE = register_dataset(foundation_dataset("UOA_Private", "UOA"))

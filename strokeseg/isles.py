@@ -12,11 +12,13 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from .datasets import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, NiftiVolume, affines_match, load_nifti, load_npz, save_npz
+from .io import CaseError, NiftiVolume, affines_match, check_finite, load_nifti, load_npz, save_npz
 from .runner import CaseResult, RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "preprocess_isles_case",
     "add_isles_arguments",
     "preprocess_isles",
+    "load_isles_case",
+    "ISLES2022",
     "TRAIN_KEYS",
     "BBOX_KEYS",
     "lesion_volumes_ml",
@@ -224,3 +228,49 @@ def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]
         except CaseError as err:  # e.g. written by a version that did not store it
             raise CaseError(f"{err}; rerun with --overwrite to rebuild it") from None
     return volumes
+
+
+_EVAL_GEOMETRY = ("bbox", "cropped_shape", "original_shape", "original_affine", "original_mask", "spacing")
+
+
+def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> EvalCase:
+    """Read ``<case_id>.npz`` written by ``preprocess_isles_WITH_BBOX.py`` (needs its bbox keys):
+    ``input_keys`` on the resampled crop, the reference on the native grid."""
+    path = case_dir / f"{case_id}.npz"
+    if not path.is_file():
+        raise CaseError(f"{case_id}: listed in the splits file but {path} does not exist")
+    data = load_npz(path)
+    missing = [key for key in (*input_keys, *_EVAL_GEOMETRY) if key not in data]
+    if missing:
+        raise CaseError(f"{path}: missing key(s) {missing}; evaluation reads the output of preprocess_isles_WITH_BBOX.py")
+    check_finite(path, {key: data[key] for key in (*input_keys, "spacing", "original_affine")})
+    reference = data["original_mask"].astype(bool)
+    if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
+        raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
+    return EvalCase(
+        case_id=case_id,
+        inputs={key: data[key].astype(np.float32, copy=False) for key in input_keys},
+        reference=reference,
+        affine=data["original_affine"].astype(np.float64),
+        spacing=tuple(float(s) for s in data["spacing"]),
+        bbox=data["bbox"],
+        cropped_shape=tuple(int(s) for s in data["cropped_shape"]),
+    )
+
+
+ISLES2022 = register_dataset(DatasetSpec(
+    name="ISLES2022",
+    display_name="ISLES 2022",
+    input_keys=("dwi", "adc"),
+    mask_key="mask",
+    splits_name="isles2022_splits_5fold.json",
+    preset="isles22",
+    table_layout="strategy",
+    whole_brain=False,  # cropped to the DWI brain bounding box
+    stage="isles",
+    find_case_dir=same_folder,
+    read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape", "margin")),
+    load_eval_case=load_isles_case,
+    pretrained_label="BraTS",
+    run_config_key="isles_dir",
+))

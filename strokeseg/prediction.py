@@ -26,7 +26,8 @@ from scipy import ndimage
 
 import models
 
-from .evaluation import DATASETS, DatasetSpec, FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
+from .datasets import DatasetSpec, dataset_names, dataset_spec
+from .evaluation import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
 from .foundation import (
     DatasetConfig,
     FoundationItem,
@@ -116,14 +117,14 @@ def read_data_contract(checkpoint: Mapping[str, Any], path: Path) -> dict:
     missing = [key for key in CONTRACT_KEYS if key not in contract]
     if missing:
         raise CaseError(f"{path}: data contract lacks {missing}")
-    spec = DATASETS.get(contract["dataset"])
-    if spec is None:
-        raise CaseError(f"{path}: data contract names dataset {contract['dataset']!r}, not one of {sorted(DATASETS)}")
+    if contract["dataset"] not in dataset_names():
+        raise CaseError(f"{path}: data contract names dataset {contract['dataset']!r}, not one of {sorted(dataset_names())}")
+    spec = dataset_spec(contract["dataset"])
     threshold = contract["threshold"]
     if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
         raise CaseError(f"{path}: data contract threshold must be in (0, 1), got {threshold!r}")
     try:
-        if spec.preprocessing == "isles":
+        if spec.stage == "isles":
             _isles_settings(contract["preprocessing"], path)
         else:
             preprocessing_from_dict(contract["preprocessing"], path)
@@ -144,7 +145,7 @@ class ModelSet:
 
     @property
     def spec(self) -> DatasetSpec:
-        return DATASETS[self.contract["dataset"]]
+        return dataset_spec(self.contract["dataset"])
 
 
 def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, dict]:
@@ -266,7 +267,7 @@ def discover_cases(inputs: InputSpec, spec: DatasetSpec) -> tuple[dict[str, Pred
     layouts A and B; T1w: the glob patterns, paired by case id), and whether the output is a
     BIDS derivatives tree (a folder input whose every image lies under a ``sub-*`` folder).
     Masks are optional. Raises :class:`CaseError` when nothing is found."""
-    if spec.preprocessing == "isles":
+    if spec.stage == "isles":
         items: Mapping[str, IslesCase | FoundationItem] = _isles_items(inputs)
         sources = {case_id: item.dwi for case_id, item in items.items()}
     else:
@@ -316,7 +317,7 @@ def _prepare_foundation(item: FoundationItem, contract: Mapping) -> PreparedCase
 def prepare_case(case: PredictCase, contract: Mapping) -> PreparedCase:
     """Read and preprocess one case exactly as the contract's preprocessing stage does; bad input
     raises the stage's :class:`CaseError` (one line naming the file)."""
-    if DATASETS[contract["dataset"]].preprocessing == "isles":
+    if dataset_spec(contract["dataset"]).stage == "isles":
         return _prepare_isles(case.item, contract)  # type: ignore[arg-type]
     return _prepare_foundation(case.item, contract)  # type: ignore[arg-type]
 

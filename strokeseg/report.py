@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .datasets import dataset_spec
 from .io import atomic_path
 from .metrics import METRICS, PRESETS
 
@@ -90,7 +91,7 @@ def paper_init(init: str | None, label: str, dataset: str) -> str:
     if not isinstance(init, str):
         return label
     if init.lower() in _TRANSFER_INITS:
-        return "BraTS" if dataset == "ISLES2022" else "Transfer"
+        return dataset_spec(dataset).pretrained_label
     return "Scratch" if init.lower() == "scratch" else init
 
 
@@ -245,6 +246,10 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+# DatasetSpec.table_layout -> the paper table: (display name, runs) -> Markdown.
+_TABLE_LAYOUTS = {"strategy": lambda name, runs: isles_table(runs), "dataset": atlas_table}
+
+
 def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str) -> str:
     """The whole ``results.md``: the paper-layout table with failed cases under it, details,
     distributions, volume agreement, lesion detection, comparisons; each with its definition.
@@ -252,8 +257,9 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
     preset: :func:`strokeseg.evaluation.preset_record`; comparisons: from
     :func:`strokeseg.evaluation.compare_runs`.
     """
-    name = {"ISLES2022": "ISLES 2022", "UOA_Private": "UOA"}.get(dataset, dataset)
-    table = isles_table(runs) if dataset == "ISLES2022" else atlas_table(name, runs)
+    spec = dataset_spec(dataset)
+    name = spec.display_name
+    table = _TABLE_LAYOUTS[spec.table_layout](name, runs)
     metrics = PRESETS[preset["name"]].table_metrics
     match = f"matched one-to-one at IoU >= {preset['match_iou']}" if preset.get("match_iou") else "hit by one predicted voxel"
     parts = [

@@ -66,6 +66,7 @@ from torch import nn
 import models
 
 from .augment import AUGMENT_PRESETS
+from .contract import THRESHOLD
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
 from .inference import sliding_window_inference
 from .io import CaseError, atomic_path, one_line
@@ -76,7 +77,6 @@ from .runner import get_logger, progress, write_run_args
 __all__ = [
     "EXIT_PREEMPTED",
     "TRAINING_DEFAULTS",
-    "ARCH_CHOICES",
     "TrainSettings",
     "InitSpec",
     "DistContext",
@@ -85,6 +85,7 @@ __all__ = [
     "resolve_model_arguments",
     "add_transfer_scope_argument",
     "resolve_transfer_scope",
+    "parse_training_arguments",
     "model_config_from_args",
     "lr_at",
     "amp_dtype_for",
@@ -100,15 +101,7 @@ __all__ = [
 ]
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the sbatch scripts requeue on it
-VAL_THRESHOLD = 0.5  # probability >= 0.5 is lesion, as in evaluation
-ARCH_CHOICES = {"resnet18": "resnet18_unet", "uctransnet3d": "uctransnet3d"}  # CLI name -> models arch
-DEFAULT_PATCH = {"resnet18": 96, "uctransnet3d": 64}  # the paper's training patch edge per architecture
-DEFAULT_NORM = {"resnet18": "batch", "uctransnet3d": "group"}
-# What a pretrained checkpoint gives by default (the paper's code): the ResNet-18 encoder; the
-# whole UCTransNet3D (CNN encoder, channel transformer, decoder, head). Moves to the architecture
-# registry when it lands.
-DEFAULT_TRANSFER_SCOPE = {"resnet18": "encoder", "uctransnet3d": "all"}
-TRANSFER_SCOPES = ("encoder", "all")
+TRANSFER_SCOPES = ("encoder", "all")  # what a pretrained checkpoint gives (default: the architecture's, models.registry)
 
 # Defaults of the shared flags; each script overrides some via add_training_arguments(defaults).
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -166,8 +159,9 @@ class TrainSettings:
     overwrite: bool = False
 
     @staticmethod
-    def from_args(args: argparse.Namespace) -> "TrainSettings":
-        return TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
+    def from_args(values: Mapping[str, Any]) -> "TrainSettings":
+        """The settings among parsed arguments ``values`` (``vars(args)``)."""
+        return TrainSettings(**{f.name: values[f.name] for f in fields(TrainSettings)})
 
     @property
     def fold_dir(self) -> Path:
@@ -273,30 +267,71 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
     resume.add_argument("--overwrite", action="store_true", help="start fresh even though fold_<k>/ already holds a run (its files are replaced)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, archs: Sequence[str]) -> None:
-    """--arch (when ``archs`` has more than one entry; the first is the default), --width,
-    --norm, --patch-size, --layers, --heads. Call :func:`resolve_model_arguments` after parsing."""
+def _flag_fields() -> dict[str, list[tuple[str, Any]]]:
+    """Model flag name -> [(arch, field)] over every registered architecture."""
+    found: dict[str, list[tuple[str, Any]]] = {}
+    for name in models.arch_names():
+        spec = models.arch_spec(name)
+        for f in fields(spec.config_cls):
+            if f.name in spec.flag_fields() and f.name != "patch_size":
+                found.setdefault(f.name, []).append((name, f))
+    return found
+
+
+def _defaults_text(pairs: Sequence[tuple[str, Any]]) -> str:
+    values = {arch: f.default for arch, f in pairs}
+    if len(set(map(repr, values.values()))) == 1:
+        return f"default {next(iter(values.values()))}"
+    return "default " + ", ".join(f"{value} for {arch}" for arch, value in values.items())
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_arch: str, archs: Sequence[str] | None = None) -> None:
+    """--arch (when more than one architecture is offered), --patch-size and one flag per
+    config field of the registered architectures (``models.registry``; all fields but those the
+    script sets, e.g. --width, --norm, --layers), each defaulting to the chosen architecture's
+    dataclass default. ``archs``: the architectures offered (None: every registered one). Parse
+    with :func:`parse_training_arguments`, which fills the defaults."""
+    offered = tuple(archs) if archs is not None else models.arch_names()
+    for name in (default_arch, *offered):
+        models.arch_spec(name)  # unknown: ValueError listing the registered ones
     g = parser.add_argument_group("model")
-    if len(archs) > 1:
-        g.add_argument("--arch", choices=tuple(archs), default=archs[0], help=f"network (default {archs[0]})")
+    if len(offered) > 1:
+        g.add_argument("--arch", choices=offered, default=default_arch, help=f"network, one of the registered architectures (default {default_arch})")
     else:
-        parser.set_defaults(arch=archs[0])
-    g.add_argument("--width", type=_positive(int), default=64, help="base channel width (default 64, the paper's)")
-    g.add_argument("--norm", choices=models.NORMS, default=None, help="normalisation, part of a checkpoint's identity (default: batch for resnet18, group for uctransnet3d)")
-    g.add_argument("--patch-size", type=_positive(int), default=None, help="cubic training patch edge in voxels, also the validation window (default 96 for resnet18, 64 for uctransnet3d)")
-    g.add_argument("--layers", type=_positive(int), default=4, help="UCTransNet3D transformer layers (default 4)")
-    g.add_argument("--heads", type=_positive(int), default=4, help="UCTransNet3D attention heads (default 4)")
+        parser.set_defaults(arch=default_arch)
+    patches = ", ".join(f"{models.arch_spec(a).default_patch} for {a}" for a in offered)
+    g.add_argument("--patch-size", type=_positive(int), default=None, help=f"cubic training patch edge in voxels, also the validation window (default {patches})")
+    for name, pairs in _flag_fields().items():
+        pairs = [(arch, f) for arch, f in pairs if arch in offered]
+        if not pairs:
+            continue
+        f = pairs[0][1]
+        kind = type(f.default)
+        owners = "" if len(pairs) == len(offered) else f"{', '.join(arch for arch, _ in pairs)} only; "
+        help_text = f"{f.metadata.get('help', name)} ({owners}{_defaults_text(pairs)})"
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(flag, type=kind, choices=f.metadata.get("choices"), default=None, help=help_text)
 
 
-def resolve_model_arguments(args: argparse.Namespace) -> None:
-    """Fill the architecture-dependent defaults (norm, patch size) in place, so run_args.json
-    records the values used."""
-    if args.arch not in ARCH_CHOICES:
-        raise ValueError(f"arch must be one of {sorted(ARCH_CHOICES)}, got {args.arch!r}")
-    if args.norm is None:
-        args.norm = DEFAULT_NORM[args.arch]
-    if args.patch_size is None:
-        args.patch_size = DEFAULT_PATCH[args.arch]
+def resolve_model_arguments(arch: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The model flags of ``arch`` from parsed ``values`` (``vars(args)``) with its defaults
+    filled in: ``{"patch_size": ..., <flag field>: ...}``. A flag of another architecture that
+    was given is a ValueError, as is an unknown ``arch``."""
+    spec = models.arch_spec(arch)
+    mine = spec.flag_fields()
+    foreign = sorted(name for name in _flag_fields() if name not in mine and values.get(name) is not None)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ValueError(f"{flags}: not a flag of {arch} (its model flags: {', '.join('--' + n.replace('_', '-') for n in mine)})")
+    defaults = spec.defaults()
+    out = {"patch_size": values.get("patch_size") or spec.default_patch}
+    for name in mine:
+        if name != "patch_size":
+            out[name] = values[name] if values.get(name) is not None else defaults[name]
+    return out
 
 
 def add_transfer_scope_argument(parser: argparse.ArgumentParser) -> None:
@@ -305,13 +340,13 @@ def add_transfer_scope_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transfer-scope", choices=TRANSFER_SCOPES, default=None,
         help="what the pretrained checkpoint gives: encoder (the CNN encoder(s) only) or all (every tensor); "
-        "default the paper's: " + ", ".join(f"{scope} for {arch}" for arch, scope in DEFAULT_TRANSFER_SCOPE.items()),
+        "default the architecture's (the paper's): " + ", ".join(f"{models.arch_spec(a).transfer_scope} for {a}" for a in models.arch_names()),
     )
 
 
 def resolve_transfer_scope(arch: str, scope: str | None, pretrained: bool) -> str | None:
     """The transfer scope of a run: ``scope`` if given, else the architecture's default
-    (:data:`DEFAULT_TRANSFER_SCOPE`); None without a pretrained checkpoint. Raises ValueError
+    (its registry spec's ``transfer_scope``); None without a pretrained checkpoint. Raises ValueError
     for a scope given without a checkpoint or an unknown scope."""
     if not pretrained:
         if scope is not None:
@@ -319,22 +354,27 @@ def resolve_transfer_scope(arch: str, scope: str | None, pretrained: bool) -> st
         return None
     if scope is not None and scope not in TRANSFER_SCOPES:
         raise ValueError(f"transfer scope must be one of {TRANSFER_SCOPES}, got {scope!r}")
-    return scope if scope is not None else DEFAULT_TRANSFER_SCOPE[arch]
+    return scope if scope is not None else models.arch_spec(arch).transfer_scope
 
 
-def model_config_from_args(args: argparse.Namespace, in_channels: int, variant: str = "single") -> dict:
-    """The models.build_model config for the parsed model flags (after resolve_model_arguments)."""
-    if args.arch == "resnet18":
-        return {"arch": ARCH_CHOICES["resnet18"], "variant": variant, "in_channels": in_channels, "width": args.width, "norm": args.norm}
-    return {
-        "arch": ARCH_CHOICES["uctransnet3d"],
-        "in_channels": in_channels,
-        "width": args.width,
-        "norm": args.norm,
-        "patch_size": args.patch_size,
-        "layers": args.layers,
-        "heads": args.heads,
-    }
+def parse_training_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with the model flags resolved for the chosen --arch
+    (:func:`resolve_model_arguments`), so run_args.json records the values used; a bad
+    combination is a usage error (exit status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        vars(args).update(resolve_model_arguments(args.arch, vars(args)))
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def model_config_from_args(arch: str, values: Mapping[str, Any], in_channels: int, fixed: Mapping[str, Any] | None = None) -> dict:
+    """The models.build_model config of ``arch`` from resolved model flag ``values`` (see
+    :func:`resolve_model_arguments`), ``in_channels`` and the config fields the script sets
+    (``fixed``, e.g. {"variant": "shared"}). An unknown ``arch`` is a ValueError."""
+    spec = models.arch_spec(arch)
+    return {"arch": spec.name, **{name: values[name] for name in spec.flag_fields()}, "in_channels": in_channels, **dict(fixed or {})}
 
 
 # --------------------------------------------------------------------------- schedule
@@ -798,7 +838,7 @@ def _validate(run: _Run, stop: _StopFlag) -> float | None:
                     torch.from_numpy(image), predictor, sample_shape(run.window, image.shape[1:]), overlap=settings.overlap,
                     sw_batch_size=settings.sw_batch_size, device=ctx.device,
                 )
-                total += dice(prob >= VAL_THRESHOLD, mask)
+                total += dice(prob >= THRESHOLD, mask)
                 count += 1
             if stop.agreed(ctx):
                 return None

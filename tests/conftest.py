@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from strokeseg import synthetic
 
@@ -71,3 +72,13 @@ def brats_seven(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("brats7")
     synthetic.make_brats(root, 7, seed=3, shape=(32, 32, 24), second_visit_every=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(
+    "one_intra_op_thread")``): tiny steps on a busy machine slow down when threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,7 +20,8 @@ import models
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
 from strokeseg import evaluation as ev
-from strokeseg.evaluation import load_isles_case, score_probability
+from strokeseg.evaluation import score_probability
+from strokeseg.isles import load_isles_case
 from strokeseg.io import load_npz, read_json, save_npz, write_json
 from strokeseg.metrics import METRICS
 from strokeseg.statistics import holm
@@ -41,7 +42,7 @@ def _isles_run(root: Path, variant: str, folds: tuple[int, ...], seed: int, **ov
     """A run folder of untrained width-4 ResNet U-Nets, one per fold."""
     for fold in folds:
         config = {"isles_dir": "/data/isles", "strategy": variant, "init": "scratch", "fold": fold, "patch_size": ISLES_SHAPE, **overrides}
-        _checkpoint(root / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18_unet", "variant": variant, "width": 4}, config, seed + fold)
+        _checkpoint(root / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18", "variant": variant, "width": 4}, config, seed + fold)
     return root
 
 
@@ -113,7 +114,7 @@ def test_perfect_crop_prediction_scores_high_on_native_grid(sample_eval: Path) -
 
 def test_saved_nifti_has_the_source_grid(sample_eval: Path, isles_sample_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}, {"dataset": "ISLES2022", "fold": 0})
+    _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18", "variant": "dwi_only", "width": 4}, {"dataset": "ISLES2022", "fold": 0})
     splits = _splits(tmp_path / "splits.json", "ISLES2022", [SUB], n_folds=1)
     out = tmp_path / "out"
     argv = ["--dataset", "ISLES2022", "--data-dir", str(sample_eval), "--splits-file", str(splits), "--run", f"dwi={run}",
@@ -197,7 +198,7 @@ def test_atlas_whole_volume_end_to_end(atlas_base: Path, tmp_path: Path) -> None
     test_cases = splits["fold_0"]["ATLAS"]["test"]
     run = tmp_path / "run"
     for fold in (0, 1):
-        _checkpoint(run / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18_unet", "width": 4},
+        _checkpoint(run / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18", "width": 4},
                     {"dataset": "ATLAS", "fold": fold, "patch_size": 32}, seed=fold, init={"label": "transfer"},
                     val_cases=splits[f"fold_{fold}"]["ATLAS"]["val"])
     (run / "fold_1" / "last.pth").write_bytes(b"")  # other files in a fold folder are ignored
@@ -222,7 +223,7 @@ def test_atlas_whole_volume_end_to_end(atlas_base: Path, tmp_path: Path) -> None
 def test_val_split_scores_each_fold_on_its_own_cases(atlas_base: Path, tmp_path: Path) -> None:
     splits = read_json(atlas_base / "ATLAS" / "ATLAS_splits_5fold.json")
     run = tmp_path / "run"
-    _checkpoint(run / "fold_3" / "best_model.pth", {"arch": "resnet18_unet", "width": 4}, {"dataset": "atlas", "fold": 3, "patch_size": 32},
+    _checkpoint(run / "fold_3" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "atlas", "fold": 3, "patch_size": 32},
                 val_cases=splits["fold_3"]["ATLAS"]["val"])
     out = tmp_path / "out"
     argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base / "ATLAS"), "--checkpoints", str(run / "fold_3" / "best_model.pth"),
@@ -247,7 +248,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, pattern: str) -> str:
 def test_resnet_sees_a_volume_its_window_covers_whole_and_uctransnet_keeps_its_size(tmp_path: Path) -> None:
     from strokeseg.evaluation import load_fold_model
 
-    resnet = _checkpoint(tmp_path / "r.pth", {"arch": "resnet18_unet", "variant": "single", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 96})
+    resnet = _checkpoint(tmp_path / "r.pth", {"arch": "resnet18", "variant": "single", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 96})
     fold_model = load_fold_model(resnet, 0, "ATLAS", torch.device("cpu"), None)
     assert fold_model.window == (96, 96, 96)
     assert fold_model.window_for((32, 40, 24)) == (32, 40, 24)
@@ -275,18 +276,18 @@ def test_bad_checkpoints_are_clear_one_line_errors(isles_eval: Path, atlas_base:
     _fails([*isles, "--run", f"a={moved}"], capsys, "found as fold 0 but its run config says fold 3")
     uct = tmp_path / "uct" / "fold_0" / "best_model.pth"
     _checkpoint(uct, {"arch": "uctransnet3d", "width": 4, "patch_size": 16}, {"dataset": "ISLES2022", "fold": 0})
-    line = _fails([*isles, "--checkpoints", str(uct), "--window", "32"], capsys, "UCTransNet3D runs only at its training size 16")
+    line = _fails([*isles, "--checkpoints", str(uct), "--window", "32"], capsys, "uctransnet3d runs only at its training size 16x16x16 (fixed input size)")
     assert "--window 32 32 32" in line
     two = tmp_path / "two" / "fold_0" / "best_model.pth"
-    _checkpoint(two, {"arch": "resnet18_unet", "variant": "single", "in_channels": 2, "width": 4}, {"dataset": "ATLAS", "fold": 0})
+    _checkpoint(two, {"arch": "resnet18", "variant": "single", "in_channels": 2, "width": 4}, {"dataset": "ATLAS", "fold": 0})
     _fails(["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--checkpoints", str(two), "--output-dir", str(tmp_path / "o2")],
            capsys, "in_channels 2 does not match ATLAS, which provides 1 channel(s)")
     _fails([*isles, "--splits-file", str(tmp_path / "missing.json"), "--run", f"a={run}"], capsys, "splits file not found")
     leaked = tmp_path / "leaked" / "fold_0" / "best_model.pth"
-    _checkpoint(leaked, {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}, {"isles_dir": "x", "fold": 0}, val_cases=cases[:1])
+    _checkpoint(leaked, {"arch": "resnet18", "variant": "dwi_only", "width": 4}, {"isles_dir": "x", "fold": 0}, val_cases=cases[:1])
     _fails([*isles, "--checkpoints", str(leaked)], capsys, f"test case(s) ['{cases[0]}'] are validation cases of")
     brats = tmp_path / "brats" / "fold_0" / "best_model.pth"
-    _checkpoint(brats, {"arch": "resnet18_unet", "width": 4}, {"brats_dir": "x", "fold": 0})
+    _checkpoint(brats, {"arch": "resnet18", "width": 4}, {"brats_dir": "x", "fold": 0})
     _fails([*isles, "--checkpoints", str(brats)], capsys, "trained on dataset 'BraTS2024', not ISLES2022")
     assert not (tmp_path / "out" / "per_case.csv").exists()  # nothing was scored
 

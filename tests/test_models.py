@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+import models
 from torch import nn
 
 from models import (
@@ -24,7 +26,7 @@ from models import (
 from models.uctransnet3d import SqueezeExcitation
 from strokeseg.losses import DiceCELoss, multi_head_loss
 
-TINY_RESNET = {"arch": "resnet18_unet", "width": 4}
+TINY_RESNET = {"arch": "resnet18", "width": 4}
 TINY_UCT = {"arch": "uctransnet3d", "width": 4, "patch_size": 32, "layers": 1, "heads": 2}
 
 
@@ -111,7 +113,7 @@ def test_gradients_reach_every_parameter(config, shape):
 
 def test_full_width_parameter_counts_match_paper():
     with torch.device("meta"):
-        resnet = count_parameters(build_model({"arch": "resnet18_unet", "variant": "single"}))
+        resnet = count_parameters(build_model({"arch": "resnet18", "variant": "single"}))
         uct = count_parameters(build_model({"arch": "uctransnet3d", "patch_size": 64}))
     assert abs(resnet - 42e6) / 42e6 < 0.05, resnet
     assert abs(uct - 93e6) / 93e6 < 0.05, uct
@@ -129,11 +131,29 @@ def test_group_norm_divides_any_width():
 
 
 def test_resolve_fills_defaults_and_derives_channels():
-    assert resolve_model_config({"arch": "resnet18_unet", "variant": "shared"}) == {
-        "arch": "resnet18_unet", "variant": "shared", "in_channels": 2, "num_classes": 2, "width": 64, "norm": "batch",
+    assert resolve_model_config({"arch": "resnet18", "variant": "shared"}) == {
+        "arch": "resnet18", "variant": "shared", "in_channels": 2, "num_classes": 2, "width": 64, "norm": "batch",
     }
     defaults = model_config_defaults("uctransnet3d")
     assert (defaults["patch_size"], defaults["layers"], defaults["heads"], defaults["norm"]) == (64, 4, 4, "group")
+
+
+def test_checkpoint_with_the_former_resnet_name_loads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY_RESNET)
+    old = {"format_version": 1, "model_config": {"arch": "resnet18_unet", "variant": "single", "in_channels": 1,
+                                                 "num_classes": 2, "width": 4, "norm": "batch"}, "model": model.state_dict()}
+    torch.save(old, tmp_path / "old.pth")
+    loaded, checkpoint = model_from_checkpoint(tmp_path / "old.pth")
+    assert model_config_of(loaded)["arch"] == "resnet18" and checkpoint["model_config"]["arch"] == "resnet18_unet"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_unknown_architecture_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown architecture 'vnet'; known: resnet18, uctransnet3d"):
+        models.arch_spec("vnet")
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_arch(models.arch_spec("resnet18"))
 
 
 @pytest.mark.parametrize(
@@ -141,7 +161,7 @@ def test_resolve_fills_defaults_and_derives_channels():
     [
         ({"arch": "unet"}, "arch"),
         ({"width": 4}, "arch"),
-        ({**TINY_RESNET, "patch_size": 96}, r"unknown resnet18_unet model config key\(s\) \['patch_size'\]"),
+        ({**TINY_RESNET, "patch_size": 96}, r"unknown resnet18 model config key\(s\) \['patch_size'\]"),
         ({**TINY_RESNET, "variant": "joint"}, "variant"),
         ({**TINY_RESNET, "variant": "dwi_only", "in_channels": 2}, "in_channels=1"),
         ({**TINY_RESNET, "norm": "layer"}, "norm"),
@@ -347,7 +367,7 @@ def test_transfer_uctransnet_encoder_only(tmp_path):
             r"shape mismatch for encoders\.0\.stem\.0\.weight: checkpoint \(4, 1, 7, 7, 7\), target \(8, 1, 7, 7, 7\)",
         ),
         (_resnet("single", norm="group"), r"norm 'batch' differs from target norm 'group'"),
-        (TINY_UCT, r"arch 'resnet18_unet' differs from target arch 'uctransnet3d'"),
+        (TINY_UCT, r"arch 'resnet18' differs from target arch 'uctransnet3d'"),
     ],
 )
 def test_transfer_errors_leave_model_unchanged(resnet_source, target_config, match):

@@ -261,7 +261,7 @@ def bad_stroke_training_no_patch_folder(request: pytest.FixtureRequest, tmp: Pat
 def _untrained_checkpoint(path: Path) -> Path:
     """A width-4 DWI-only ResNet U-Net checkpoint as train_isles_resnet18.py lays it out."""
     torch.manual_seed(0)
-    config = {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}
+    config = {"arch": "resnet18", "variant": "dwi_only", "width": 4}
     models.save_checkpoint(path, models.build_model(config), config, config={"isles_dir": "x", "fold": 0, "patch_size": 16})
     return path
 

@@ -230,7 +230,7 @@ def test_brats_script_and_finetuning(data, tmp_path, capsys):
 
 def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     pretrained = tmp_path / "brats_resnet18.pth"
-    config = {"arch": "resnet18_unet", "variant": "single", "width": 4, "norm": "batch"}
+    config = {"arch": "resnet18", "variant": "single", "width": 4, "norm": "batch"}
     torch.manual_seed(0)
     models.save_checkpoint(pretrained, models.build_model(config), config)
     common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "resnet18", "--width", "4", "--patch-size", "32"]

@@ -1,0 +1,176 @@
+"""The dataset registry: one :class:`DatasetSpec` per dataset, looked up by its name.
+
+Each spec is defined beside its dataset's preprocessing code (ISLES 2022 in
+:mod:`strokeseg.isles`, ATLAS and UOA in :mod:`strokeseg.foundation`, BraTS 2024 in
+:mod:`strokeseg.brats`) and registered there; the training scripts, evaluation, reports and
+the checkpoint data contract read every dataset fact from it and never compare dataset names.
+Add a dataset with :func:`register_dataset` (see README "Extending").
+
+An evaluation case (:class:`EvalCase`) is the one in-memory form every dataset's evaluation
+loader returns.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .io import CaseError, read_json
+
+__all__ = [
+    "EvalCase",
+    "DatasetSpec",
+    "register_dataset",
+    "dataset_spec",
+    "dataset_names",
+    "spec_named_like",
+    "same_folder",
+    "settings_from_run_args",
+    "RUN_ARGS_NAME",
+]
+
+RUN_ARGS_NAME = "run_args.json"  # what every stage writes into its output folder
+# Modules whose import registers the built-in datasets (imported on the first look-up, so the
+# registry module itself imports no dataset code).
+_BUILTIN_MODULES = ("strokeseg.isles", "strokeseg.foundation", "strokeseg.brats")
+
+
+@dataclass(frozen=True)
+class EvalCase:
+    """One case ready for inference and scoring.
+
+    inputs: npz key -> float32 (X, Y, Z) network input on the inference grid (ISLES: the crop
+    resampled to the target shape; ATLAS/UOA: the whole preprocessed volume). reference: bool
+    lesion mask on the scoring grid (ISLES: native; ATLAS/UOA: the preprocessed grid). affine
+    (4, 4) and spacing (mm, array axis order) of the scoring grid. bbox (3, 2) [start, stop) and
+    cropped_shape: the crop that maps the inference grid onto the scoring grid (None when the two
+    grids are one).
+    """
+
+    case_id: str
+    inputs: dict[str, np.ndarray]
+    reference: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    bbox: np.ndarray | None = None
+    cropped_shape: tuple[int, int, int] | None = None
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the pipeline needs to know about one dataset.
+
+    name: the key in splits files, checkpoints and ``--dataset``; display_name: in tables.
+    input_keys: npz keys of the network inputs, in channel order (a model may read a prefix,
+    e.g. DWI only); mask_key: npz key of the training label; brain_key: npz key of a brain mask
+    (None: no brain mask; random training patches then come from the whole volume).
+    splits_name: the splits file the preprocessing stage writes into the case folder.
+    preset: metrics preset (:data:`strokeseg.metrics.PRESETS`); table_layout: the paper table
+    of :func:`strokeseg.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
+    "dataset": the ATLAS/UOA table); pretrained_label: a pretrained start in that table
+    ("BraTS", "Transfer"). whole_brain: volumes hold the whole head or brain (not cropped to it),
+    so inference may first crop to the brain. stage: the preprocessing stage that makes the
+    network input from NIfTI ("isles", "foundation", "brats"; prediction reads raw cases with it). find_case_dir(data_dir, name): the folder holding
+    ``<case>.npz`` given what a user passes as ``--data-dir``. read_preprocessing(case_dir):
+    the settings that shaped the files of a case folder, ``{"source": <file>, <setting>: value}``
+    ({} when the folder records none). load_eval_case(case_dir, case_id, input_keys): an
+    :class:`EvalCase` (None: the dataset is not evaluated by ``evaluate.py``). run_config_key: the
+    training script's data-folder argument that identifies the dataset in checkpoints written
+    before data contracts (None: such checkpoints name it as "dataset").
+    """
+
+    name: str
+    display_name: str
+    input_keys: tuple[str, ...]
+    mask_key: str
+    splits_name: str
+    preset: str
+    table_layout: str
+    whole_brain: bool
+    stage: str
+    find_case_dir: Callable[[Path, str], Path]
+    read_preprocessing: Callable[[Path], dict[str, Any]]
+    load_eval_case: Callable[[Path, str, Sequence[str]], EvalCase] | None = None
+    brain_key: str | None = None
+    pretrained_label: str = "Transfer"
+    run_config_key: str | None = None
+
+    def case_dir(self, data_dir: str | Path) -> Path:
+        """The folder holding this dataset's ``<case>.npz`` under ``data_dir`` (checked to exist)."""
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise CaseError(f"{data_dir}: data folder not found")
+        return self.find_case_dir(data_dir, self.name)
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+_loaded = False
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to the registry; a name registered twice is a ValueError."""
+    if spec.name in _DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is already registered")
+    _DATASETS[spec.name] = spec
+    return spec
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Registered dataset names, built-ins first."""
+    _load_builtins()
+    return tuple(_DATASETS)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec registered as ``name``; an unknown name is a ValueError listing the known ones."""
+    _load_builtins()
+    spec = _DATASETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(_DATASETS)}")
+    return spec
+
+
+def spec_named_like(text: str) -> DatasetSpec | None:
+    """The spec whose name equals ``text`` ignoring case and non-alphanumerics ("atlas",
+    "uoa_private"), else None. Only for run configs of checkpoints without a data contract."""
+    _load_builtins()
+    key = re.sub(r"[^a-z0-9]", "", text.lower())
+    return next((spec for name, spec in _DATASETS.items() if re.sub(r"[^a-z0-9]", "", name.lower()) == key), None)
+
+
+def same_folder(data_dir: Path, name: str) -> Path:
+    """``find_case_dir`` of datasets whose case files sit directly in ``--data-dir``."""
+    return data_dir
+
+
+def settings_from_run_args(case_dir: Path, keys: Sequence[str], within: Sequence[str] = ()) -> dict[str, Any]:
+    """``{"source": <case_dir>/run_args.json, key: value}`` for ``keys`` of the stage's recorded
+    arguments (:func:`strokeseg.runner.write_run_args`: its "args"), looked up inside the nested
+    objects ``within`` (e.g. ("resolved_config",
+    "preprocessing")); {} when the folder has no run_args.json. A listed key missing from the
+    file is recorded as None (the stage did not have that setting)."""
+    path = Path(case_dir) / RUN_ARGS_NAME
+    if not path.is_file():
+        return {}
+    values = read_json(path).get("args")
+    for key in within:
+        values = values.get(key) if isinstance(values, dict) else None
+    if not isinstance(values, dict):
+        raise CaseError(f"{path}: no {'.'.join(('args', *within))} object")
+    return {"source": str(path), **{key: values.get(key) for key in keys}}
