@@ -20,6 +20,7 @@ import models
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
 from strokeseg import evaluation as ev
+from strokeseg.contract import DataContract
 from strokeseg.evaluation import score_probability
 from strokeseg.isles import load_isles_case
 from strokeseg.io import load_npz, read_json, save_npz, write_json
@@ -417,7 +418,8 @@ def test_argument_errors(tmp_path: Path) -> None:
 def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> None:
     torch.manual_seed(0)
     config = {"arch": "resnet18_unet", "variant": "single", "width": 4, "in_channels": 1}
-    fold_model = ev.FoldModel(0, Path("m.pth"), models.build_model(config).eval(), models.resolve_model_config(config), {}, ("image",), (16, 16, 16))
+    contract = DataContract("ATLAS", ("image",), "lesion_mask", (16, 16, 16), 0.5, {}, 0, None, None)
+    fold_model = ev.FoldModel(0, Path("m.pth"), models.build_model(config).eval(), models.resolve_model_config(config), {}, contract, (16, 16, 16))
     image = np.zeros((30, 26, 22), dtype=np.float32)
     image[4:25, 3:21, 5:19] = np.random.default_rng(0).standard_normal((21, 18, 14))
     cropped = ev.predict_probability({"image": image}, fold_model, ev.InferenceSettings(brain_crop=True))
