@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-name", default="best_model.pth", help="checkpoint file inside fold_<k>/ (default best_model.pth)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for per_case.csv, summary.json, results.md, figures/, predictions/")
     parser.add_argument("--ensemble", action="store_true", help="also score the fold ensemble (mean of the fold models' probabilities per case; test split only)")
-    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired comparison of two runs on every metric over the cases both scored (per case: the ensemble with --ensemble, else the mean over fold models and seeds): mean difference A - B with bootstrap 95%% CI, Wilcoxon signed-rank p, Holm-adjusted p over all comparisons; repeatable")
+    parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired comparison of two runs on every metric of the preset's tables over the cases both scored (per case: the ensemble with --ensemble, else the mean over fold models and seeds): mean difference A - B with bootstrap 95%% CI, Wilcoxon signed-rank p, Holm-adjusted p over all comparisons; repeatable")
     parser.add_argument("--compare-all", action="store_true", help="compare every pair of runs (in --run order)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="metrics preset (default: the dataset's; isles24: lesions count only when matched one-to-one at IoU >= 0.5)")
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
@@ -156,6 +156,16 @@ def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict],
     return rows, results, summary
 
 
+def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[dict]:
+    """The --compare pairs on every metric (:func:`strokeseg.evaluation.compare_runs`), one log line each."""
+    comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].table_metrics, args.bootstrap, args.seed)
+    for comp in comparisons:
+        dice = comp.get("metrics", {}).get("dice")
+        outcome = comp.get("error") or f"n = {dice['n']}, Dice difference {dice['mean_difference']:+.4f}, p = {dice['p_value']}, Holm p = {dice['p_holm']}"
+        get_logger().info(f"compare {comp['a']} vs {comp['b']} ({comp['per_case']}): {outcome}")
+    return comparisons
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
@@ -195,12 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         results += run_results
     status = max(report_unfinished(runs, args.allow_unfinished), int(any("error" in summary for summary in summaries.values())))
 
-    comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, args.bootstrap, args.seed)
-    for comp in comparisons:
-        dice = comp.get("metrics", {}).get("dice")
-        outcome = comp.get("error") or f"n = {dice['n']}, Dice difference {dice['mean_difference']:+.4f}, p = {dice['p_value']}, Holm p = {dice['p_holm']}"
-        log.info(f"compare {comp['a']} vs {comp['b']} ({comp['per_case']}): {outcome}")
-        status = max(status, int("error" in comp))
+    comparisons = compare_arms(args, summaries)
+    status = max(status, int(any("error" in comp for comp in comparisons)))
     report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
     report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]

@@ -522,10 +522,11 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     }
 
 
-def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], n_bootstrap: int, seed: int) -> list[dict]:
+def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], metrics: Sequence[str], n_bootstrap: int, seed: int) -> list[dict]:
     """Paired comparisons of run summaries (from :func:`summarize_run`), one per (a, b) pair:
-    for every metric :func:`strokeseg.statistics.paired_difference` of a - b over the cases
-    both scored, plus "p_holm": Holm-adjusted over every (pair, metric) p-value of this call.
+    for every metric of ``metrics`` (the preset's table metrics: one volume unit, not both)
+    :func:`strokeseg.statistics.paired_difference` of a - b over the cases both scored, plus
+    "p_holm": Holm-adjusted over every (pair, metric) p-value of this call.
     A pair that cannot be tested gets {"a", "b", "error"}."""
     out = []
     for a, b in pairs:
@@ -534,7 +535,7 @@ def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], 
         try:
             if missing:
                 raise ValueError(f"run(s) {missing} have no scored case")
-            comp["metrics"] = {m: paired_difference(runs[a]["per_case"][m], runs[b]["per_case"][m], n_bootstrap, seed) for m in METRIC_NAMES}
+            comp["metrics"] = {m: paired_difference(runs[a]["per_case"][m], runs[b]["per_case"][m], n_bootstrap, seed) for m in metrics}
         except ValueError as err:
             comp["error"] = str(err)
         out.append(comp)

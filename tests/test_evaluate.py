@@ -24,7 +24,7 @@ from strokeseg.contract import DataContract
 from strokeseg.evaluation import score_probability
 from strokeseg.isles import load_isles_case
 from strokeseg.io import load_npz, read_json, save_npz, write_json
-from strokeseg.metrics import METRICS
+from strokeseg.metrics import PRESETS
 from strokeseg.statistics import holm
 
 SUB = "sub-strokecase0009"
@@ -169,8 +169,8 @@ def test_isles_two_runs_two_folds_end_to_end(isles_eval: Path, tmp_path: Path, c
     assert summary["runs"]["shared"]["strategy"] == "Shared encoder (DWI+ADC avg)"
     assert summary["runs"]["dwi"]["checkpoints"]["fold_0"]["channels"] == ["dwi"]
     (comparison,) = summary["compare"]
-    assert (comparison["a"], comparison["b"]) == ("shared", "dwi") and set(comparison["metrics"]) == set(METRICS)
-    # p pinned to scipy on the ensembles' per-case Dice; Holm over the 5 metrics of the one comparison
+    assert (comparison["a"], comparison["b"]) == ("shared", "dwi") and tuple(comparison["metrics"]) == PRESETS["isles22"].table_metrics
+    # p pinned to scipy on the ensembles' per-case Dice; Holm over the 4 metrics of the one comparison
     ens = {label: {r["case_id"]: float(r["dice"]) for r in rows if r["run"] == label and r["fold"] == "ensemble"} for label in ("shared", "dwi")}
     diff = np.array([ens["shared"][c] - ens["dwi"][c] for c in cases])
     test = comparison["metrics"]["dice"]
