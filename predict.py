@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         model_set = pr.load_model_set(args.run, args.folds, device)
-        cases, bids = pr.discover_cases(input_spec(args, model_set.contract["dataset"]), model_set.spec)
+        cases, bids = pr.discover_cases(input_spec(args, model_set.contract.dataset), model_set.spec)
     except (CaseError, ValueError) as err:
         log.info(f"ERROR {one_line(err)}")
         return 2
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if bids:
         pr.write_dataset_description(args.output_dir, model_set)
     log.info(
-        f"{len(cases)} case(s); model {model_set.label} ({model_set.contract['dataset']}, {len(model_set.fold_models)} fold model(s): "
+        f"{len(cases)} case(s); model {model_set.label} ({model_set.contract.dataset}, {len(model_set.fold_models)} fold model(s): "
         f"{' '.join(model_set.members)}); device {device}, precision {args.precision}, brain crop {'on' if brain_crop else 'off'}, "
         f"TTA {'on' if args.tta else 'off'}; output {'BIDS derivatives' if bids else 'flat'} in {args.output_dir}"
     )
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = pr.write_tables(args.output_dir, report)
     if tables["n_scored"]:
         log.info(f"{tables['n_scored']} labelled case(s) scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
-    extra = {"model": model_set.label, "folds": model_set.members, "data_contract": model_set.contract, "bids": bids, **tables}
+    extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}
     return finish(args.output_dir / "prediction_summary.json", report, extra)
 
 

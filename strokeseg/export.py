@@ -20,9 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import models
 
+from .contract import contract_from_checkpoint
 from .evaluation import discover_checkpoints
 from .io import CaseError, one_line, read_json, write_json
-from .prediction import code_version, read_data_contract, shared_contract
+from .prediction import code_version, shared_contract, stored_contract
 from .runner import get_logger
 
 __all__ = ["KEPT_KEYS", "export_checkpoint", "evaluation_record", "model_card", "export_run", "main"]
@@ -34,12 +35,12 @@ KEPT_KEYS = ("config", "init", "val_cases", "data_contract", "epoch", "best_scor
 def export_checkpoint(source: Path, target: Path) -> dict:
     """Rebuild ``source``'s network (strict) and write it to ``target`` with :data:`KEPT_KEYS`
     only. Returns the source checkpoint. Raises :class:`CaseError` for an unreadable checkpoint
-    or one without a valid data contract."""
+    or one without a data contract prediction can use (:func:`strokeseg.prediction.stored_contract`)."""
     try:
         model, checkpoint = models.model_from_checkpoint(source)
     except (FileNotFoundError, ValueError) as err:
         raise CaseError(one_line(err)) from err
-    read_data_contract(checkpoint, source)
+    stored_contract(checkpoint, source)
     extra = {key: checkpoint[key] for key in KEPT_KEYS if key in checkpoint}
     models.save_checkpoint(target, model, checkpoint["model_config"], **extra)
     return checkpoint
@@ -80,7 +81,7 @@ def model_card(run_dir: Path, checkpoints: Mapping[int, Mapping[str, Any]], eval
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "code_version": code_version(),
         "architecture": first["model_config"],
-        "data_contract": shared_contract(first["data_contract"]),
+        "data_contract": shared_contract(contract_from_checkpoint(first, run_dir)),
         "training_arguments": first.get("config"),
         "folds": folds,
         "evaluation": evaluation,

@@ -17,7 +17,7 @@ import functools
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +26,8 @@ from scipy import ndimage
 
 import models
 
-from .datasets import DatasetSpec, dataset_names, dataset_spec
+from .contract import DataContract, contract_from_checkpoint, preprocessing_differences
+from .datasets import DatasetSpec, dataset_spec
 from .evaluation import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
 from .foundation import (
     DatasetConfig,
@@ -45,7 +46,6 @@ from .report import axial_slice_index, save_case_figure, write_csv
 from .runner import CaseResult, RunReport, run_cases
 
 __all__ = [
-    "CONTRACT_KEYS",
     "VOLUME_COLUMNS",
     "LESION_COLUMNS",
     "SCORE_COLUMNS",
@@ -57,7 +57,7 @@ __all__ = [
     "PreparedCase",
     "PredictOptions",
     "code_version",
-    "read_data_contract",
+    "stored_contract",
     "shared_contract",
     "load_model_set",
     "discover_cases",
@@ -70,8 +70,6 @@ __all__ = [
     "write_dataset_description",
 ]
 
-# Keys of a checkpoint's data contract that prediction reads (see README, "Segment your own data").
-CONTRACT_KEYS = ("dataset", "input_keys", "window", "threshold", "preprocessing")
 # Contract keys that may differ between the members of one model set.
 _PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases")
 VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds")
@@ -104,30 +102,22 @@ def _isles_settings(block: Mapping[str, Any], source: str | Path) -> tuple[tuple
     return tuple(shape), margin  # type: ignore[return-value]
 
 
-def read_data_contract(checkpoint: Mapping[str, Any], path: Path) -> dict:
-    """The checkpoint's data contract, checked to hold what prediction needs.
+def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
+    """The data contract stored in a loaded checkpoint (:func:`strokeseg.contract.contract_from_checkpoint`),
+    checked to hold preprocessing settings prediction can apply.
 
-    Raises :class:`CaseError` naming ``path`` when it has none (a checkpoint written before
-    contracts were stored: prediction cannot know how its training data was preprocessed), a key
-    of :data:`CONTRACT_KEYS` is missing, the dataset is unknown, or a value is invalid.
+    Raises :class:`CaseError` naming ``path`` when there is none (a checkpoint written before
+    contracts were stored: how its training data was preprocessed is unknown), when it records
+    no preprocessing settings, names a dataset whose raw data prediction cannot read, or holds
+    invalid settings.
     """
-    contract = checkpoint.get("data_contract")
-    if not isinstance(contract, dict):
+    if checkpoint.get("data_contract") is None:
         raise CaseError(f"{path}: checkpoint has no data contract, so how its training data was preprocessed is unknown; retrain it with this version to use it for prediction")
-    missing = [key for key in CONTRACT_KEYS if key not in contract]
-    if missing:
-        raise CaseError(f"{path}: data contract lacks {missing}")
-    if contract["dataset"] not in dataset_names():
-        raise CaseError(f"{path}: data contract names dataset {contract['dataset']!r}, not one of {sorted(dataset_names())}")
-    spec = dataset_spec(contract["dataset"])
-    threshold = contract["threshold"]
-    if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise CaseError(f"{path}: data contract threshold must be in (0, 1), got {threshold!r}")
+    contract = contract_from_checkpoint(checkpoint, path)
+    if not contract.preprocessing:
+        raise CaseError(f"{path}: data contract records no preprocessing settings (its training data had no run_args.json); prediction cannot reproduce them")
     try:
-        if spec.stage == "isles":
-            _isles_settings(contract["preprocessing"], path)
-        else:
-            preprocessing_from_dict(contract["preprocessing"], path)
+        _raw_input(dataset_spec(contract.dataset), path).check(contract.preprocessing, path)
     except (ValueError, TypeError) as err:
         raise CaseError(one_line(err)) from err
     return contract
@@ -139,31 +129,37 @@ class ModelSet:
     members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined)."""
 
     fold_models: list[FoldModel]
-    contract: dict
+    contract: DataContract
     label: str
     members: list[str]
 
     @property
     def spec(self) -> DatasetSpec:
-        return dataset_spec(self.contract["dataset"])
+        return dataset_spec(self.contract.dataset)
 
 
-def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, dict]:
+def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, DataContract]:
     try:
-        contract = read_data_contract(models.load_checkpoint(path), path)
+        contract = stored_contract(models.load_checkpoint(path), path)
     except (FileNotFoundError, ValueError) as err:
         raise CaseError(one_line(err)) from err
-    fold_model = load_fold_model(path, fold, contract["dataset"], torch.device("cpu"), contract["window"])
-    if list(fold_model.channels) != list(contract["input_keys"]):
-        raise CaseError(f"{path}: network reads {list(fold_model.channels)} but its data contract lists input keys {contract['input_keys']}")
+    fold_model = load_fold_model(path, fold, contract.dataset, torch.device("cpu"), None)
     fold_model.model.to(device)
     return fold_model, contract
 
 
-def shared_contract(contract: Mapping) -> dict:
-    """The part of a data contract that every model of one model set shares (all keys but
-    window, fold and the case lists)."""
-    return {key: value for key, value in contract.items() if key not in _PER_MODEL_KEYS}
+def shared_contract(contract: DataContract) -> dict:
+    """The part of a data contract (as stored) that every model of one model set shares: all
+    but window, fold and the case lists."""
+    return {key: value for key, value in contract.as_dict().items() if key not in _PER_MODEL_KEYS}
+
+
+def _contract_differences(a: DataContract, b: DataContract) -> list[str]:
+    """What differs between two contracts beyond window, fold and case lists: key names, and
+    for preprocessing each differing setting (:func:`strokeseg.contract.preprocessing_differences`)."""
+    shared_a, shared_b = shared_contract(a), shared_contract(b)
+    keys = [key for key in shared_a if key != "preprocessing" and shared_a[key] != shared_b.get(key)]
+    return keys + preprocessing_differences(a.preprocessing, b.preprocessing)
 
 
 def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device: torch.device) -> ModelSet:
@@ -177,9 +173,9 @@ def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device
             fold_model, found = _load_member(path, fold, device)
             if contract is None:
                 contract, first = found, path
-            elif shared_contract(found) != shared_contract(contract):
-                differ = sorted(k for k in set(shared_contract(found)) | set(shared_contract(contract)) if found.get(k) != contract.get(k))
-                raise CaseError(f"{path}: data contract differs from {first}'s in {differ}; models of one prediction must share it")
+            elif _contract_differences(contract, found):
+                differ = "; ".join(_contract_differences(contract, found))
+                raise CaseError(f"{path}: data contract differs from {first}'s: {differ}; models of one prediction must share it")
             fold_models.append(fold_model)
             members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{Path(run_dir).name}/fold_{fold}")
     label = "+".join(Path(run_dir).resolve().name for run_dir in run_dirs)
@@ -223,7 +219,7 @@ def _strip_nii(name: str) -> str:
     return name
 
 
-def _isles_items(inputs: InputSpec) -> dict[str, IslesCase]:
+def _isles_items(inputs: InputSpec, dataset: str) -> dict[str, IslesCase]:
     if inputs.input_dir is not None:
         return {case.case_id: case for case in discover_isles_cases(inputs.input_dir)}
     if inputs.dwi is None or inputs.adc is None:
@@ -267,12 +263,9 @@ def discover_cases(inputs: InputSpec, spec: DatasetSpec) -> tuple[dict[str, Pred
     layouts A and B; T1w: the glob patterns, paired by case id), and whether the output is a
     BIDS derivatives tree (a folder input whose every image lies under a ``sub-*`` folder).
     Masks are optional. Raises :class:`CaseError` when nothing is found."""
-    if spec.stage == "isles":
-        items: Mapping[str, IslesCase | FoundationItem] = _isles_items(inputs)
-        sources = {case_id: item.dwi for case_id, item in items.items()}
-    else:
-        items = _foundation_items(inputs, spec.name)
-        sources = {case_id: item.image for case_id, item in items.items()}
+    raw = _raw_input(spec, spec.name)
+    items = raw.items(inputs, spec.name)
+    sources = {case_id: raw.source(item) for case_id, item in items.items()}
     found = [source for source in sources.values() if source is not None]
     bids = inputs.input_dir is not None and bool(found) and all(_bids_folder(source) is not None for source in found)
     cases = {case_id: PredictCase(case_id, item, sources[case_id], _out_stem(case_id, sources[case_id], bids)) for case_id, item in items.items()}
@@ -296,17 +289,17 @@ class PreparedCase:
     reference: np.ndarray | None
 
 
-def _prepare_isles(item: IslesCase, contract: Mapping) -> PreparedCase:
-    target_shape, margin = _isles_settings(contract["preprocessing"], "data contract")
+def _prepare_isles(item: IslesCase, contract: DataContract) -> PreparedCase:
+    target_shape, margin = _isles_settings(contract.preprocessing, "data contract")
     volumes = read_isles_case(item, require_mask=False)
     arrays = isles_arrays(volumes, target_shape, margin)
     reference = None if volumes.mask is None else volumes.mask.astype(bool)
-    inputs = {key: arrays[key] for key in contract["input_keys"]}
+    inputs = {key: arrays[key] for key in contract.input_keys}
     return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference)  # type: ignore[arg-type]
 
 
-def _prepare_foundation(item: FoundationItem, contract: Mapping) -> PreparedCase:
-    settings = preprocessing_from_dict(contract["preprocessing"], "data contract")
+def _prepare_foundation(item: FoundationItem, contract: DataContract) -> PreparedCase:
+    settings = preprocessing_from_dict(contract.preprocessing, "data contract")
     image, lesion = read_foundation_case(item, require_mask=False)
     normalised = normalise_foundation_case(image, None, settings, device=None)
     shape = tuple(int(s) for s in image.data.shape)
@@ -314,12 +307,36 @@ def _prepare_foundation(item: FoundationItem, contract: Mapping) -> PreparedCase
     return PreparedCase({"image": normalised.image}, bbox, shape, image, None if lesion is None else lesion.astype(bool))  # type: ignore[arg-type]
 
 
-def prepare_case(case: PredictCase, contract: Mapping) -> PreparedCase:
+@dataclass(frozen=True)
+class _RawInput:
+    """How prediction reads new NIfTI cases of one preprocessing stage (a dataset spec's
+    ``stage``): check(preprocessing settings, where) validates a contract's settings;
+    items(inputs, dataset) finds the cases; source(item) is the image whose grid the outputs
+    take; prepare(item, contract) reads and preprocesses one case."""
+
+    check: Callable[[Mapping[str, Any], Any], object]
+    items: Callable[[InputSpec, str], Mapping[str, Any]]
+    source: Callable[[Any], Path | None]
+    prepare: Callable[[Any, DataContract], PreparedCase]
+
+
+_RAW_INPUTS = {
+    "isles": _RawInput(_isles_settings, _isles_items, lambda item: item.dwi, _prepare_isles),
+    "foundation": _RawInput(preprocessing_from_dict, _foundation_items, lambda item: item.image, _prepare_foundation),
+}
+
+
+def _raw_input(spec: DatasetSpec, where: object) -> _RawInput:
+    raw = _RAW_INPUTS.get(spec.stage)
+    if raw is None:
+        raise CaseError(f"{where}: {spec.name} data comes from the {spec.stage!r} stage; prediction reads raw data of the {sorted(_RAW_INPUTS)} stages")
+    return raw
+
+
+def prepare_case(case: PredictCase, contract: DataContract) -> PreparedCase:
     """Read and preprocess one case exactly as the contract's preprocessing stage does; bad input
     raises the stage's :class:`CaseError` (one line naming the file)."""
-    if dataset_spec(contract["dataset"]).stage == "isles":
-        return _prepare_isles(case.item, contract)  # type: ignore[arg-type]
-    return _prepare_foundation(case.item, contract)  # type: ignore[arg-type]
+    return _raw_input(dataset_spec(contract.dataset), case.case_id).prepare(case.item, contract)
 
 
 def predict_native(prepared: PreparedCase, model_set: ModelSet, settings: InferenceSettings) -> np.ndarray:
@@ -419,7 +436,7 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         return _finished_case(case, mask_path, model_set)
     prepared = prepare_case(case, model_set.contract)
     probability = predict_native(prepared, model_set, options.settings)
-    mask = probability >= model_set.contract["threshold"]
+    mask = probability >= model_set.contract.threshold
     source = prepared.source
     info = _case_info(case.case_id, mask, source.affine, source.zooms, prepared.reference, model_set)
     header = nib.load(str(source.path)).header
@@ -461,6 +478,6 @@ def write_dataset_description(output_dir: Path, model_set: ModelSet) -> None:
         "GeneratedBy": [{
             "Name": "strokeseg predict.py",
             "Version": code_version(),
-            "Description": f"{model_set.contract['dataset']} model {model_set.label}, {' '.join(model_set.members)}: mean probability >= {model_set.contract['threshold']}",
+            "Description": f"{model_set.contract.dataset} model {model_set.label}, {' '.join(model_set.members)}: mean probability >= {model_set.contract.threshold}",
         }],
     })

@@ -19,6 +19,8 @@ import models
 import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
+from strokeseg.contract import DataContract
+from strokeseg.datasets import dataset_spec
 from strokeseg.io import read_json, write_json
 
 ISLES_SHAPE = 16  # contract target shape and window of the ISLES models (voxels per axis)
@@ -28,8 +30,9 @@ FOUNDATION_SETTINGS = {"target_spacing": [1.0, 1.0, 1.0], "normalization_method"
 
 
 def _contract(dataset: str, keys: list[str], window: int, preprocessing: dict, fold: int) -> dict:
-    return {"dataset": dataset, "input_keys": keys, "mask_key": "mask", "window": [window] * 3, "threshold": 0.5,
-            "preprocessing": preprocessing, "fold": fold, "train_cases": [], "val_cases": [f"val{fold}"]}
+    """The contract as the trainer stores it (strokeseg.contract), with the given settings."""
+    mask_key = dataset_spec(dataset).mask_key
+    return DataContract(dataset, tuple(keys), mask_key, (window,) * 3, 0.5, preprocessing, fold, (), (f"val{fold}",)).as_dict()
 
 
 def _run_dir(root: Path, dataset: str, keys: list[str], window: int, preprocessing: dict, folds: tuple[int, ...] = (0, 1), contract: bool = True) -> Path:
@@ -222,17 +225,22 @@ def test_t1w_folder_by_pattern(synthetic_uoa: Path, atlas_run: Path, tmp_path: P
 # --------------------------------------------------------------------------- models and bad input
 
 
-def test_checkpoint_without_data_contract_is_refused(isles_sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {}, folds=(0,), contract=False)
+@pytest.mark.parametrize("contract, preprocessing, message", [
+    (False, {}, "checkpoint has no data contract"),
+    (True, {}, "data contract records no preprocessing settings"),
+    (True, {"target_shape": [16, 16], "margin": 4}, "target_shape must be 3 positive ints"),
+])
+def test_checkpoint_without_usable_data_contract_is_refused(contract: bool, preprocessing: dict, message: str, isles_sample_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, preprocessing, folds=(0,), contract=contract)
     assert predict.main(["--input", str(isles_sample_dir), "--run", str(run), "--output-dir", str(tmp_path / "out")]) == 2
-    assert re.search(r"best_model\.pth: checkpoint has no data contract", capsys.readouterr().out)
+    assert re.search(rf"best_model\.pth: .*{message}", capsys.readouterr().out)
 
 
 def test_models_with_different_contracts_are_not_mixed(isles_sample_dir: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     other = _run_dir(tmp_path / "other", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {"target_shape": [32] * 3, "margin": 4}, folds=(0,))
     argv = ["--input", str(isles_sample_dir), "--run", str(isles_run), "--run", str(other), "--output-dir", str(tmp_path / "out")]
     assert predict.main(argv) == 2
-    assert re.search(r"other/fold_0/best_model\.pth: data contract differs from .*'s in \['preprocessing'\]", capsys.readouterr().out)
+    assert re.search(r"other/fold_0/best_model\.pth: data contract differs from .*'s: target_shape \[16, 16, 16\] vs \[32, 32, 32\]", capsys.readouterr().out)
 
 
 def test_wrong_input_kind_for_the_model(synthetic_atlas: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
