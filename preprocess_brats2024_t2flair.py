@@ -17,12 +17,10 @@ import functools
 import sys
 from pathlib import Path
 
-from strokeseg.brats import BRATS_KEYS, discover_brats_cases, preprocess_brats_case
+from strokeseg.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, preprocess_brats_case
 from strokeseg.io import CaseError, load_npz
-from strokeseg.runner import add_run_arguments, finish, get_logger, run_cases, write_run_args
-from strokeseg.splits import write_splits_once
-
-SPLITS_NAME = "brats2024_t2flair_splits_5fold.json"
+from strokeseg.runner import CaseResult, add_run_arguments, finish, get_logger, run_cases, write_run_args
+from strokeseg.splits import write_stage_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,27 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_brats_case, output_dir=args.output_dir, target_shape=tuple(args.target_shape), overwrite=args.overwrite
     )
     report = run_cases(cases, process, workers=args.workers, desc="BraTS")
-    status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": "BraTS2024", "keys": list(BRATS_KEYS)})
+    status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": BRATS2024.name, "keys": list(BRATS_KEYS)})
 
-    written = [r for r in report.results if r.status in ("done", "skipped")]
-    if not written:
-        return 1
     # Tumour volume on the common output grid orders the cases for stratification.
-    volumes = {
-        r.case_id: float(r.info["lesion_voxels"]) if "lesion_voxels" in r.info
-        else float(load_npz(args.output_dir / f"{r.case_id}.npz", keys=("mask",))["mask"].sum())
-        for r in written
-    }
-    groups = {c: cases[c].patient_id for c in volumes}
-    try:
-        write_splits_once(
-            args.output_dir / SPLITS_NAME, volumes, dataset="BraTS2024", test_fraction=args.test_fraction,
-            seed=args.seed, groups=groups, overwrite=args.overwrite,
-        )
-    except ValueError as err:
-        log.info(f"ERROR cannot write splits: {err}")
-        return 1
-    return status
+    def volume(result: CaseResult) -> float:
+        if "lesion_voxels" in result.info:
+            return result.info["lesion_voxels"]
+        return load_npz(args.output_dir / f"{result.case_id}.npz", keys=("mask",))["mask"].sum()
+
+    groups = {case_id: case.patient_id for case_id, case in cases.items()}
+    splits = write_stage_splits(args.output_dir / BRATS2024.splits_name, report, volume, BRATS2024.name, args.test_fraction, args.seed, args.overwrite, groups)
+    return max(status, splits)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
 Each ``<case>.npz`` also holds ``bbox`` (3, 2) [start, stop) voxels, ``original_shape``,
 ``cropped_shape``, ``original_affine`` (4, 4), ``original_mask`` (native grid, uint8) and
 ``spacing`` (mm), so ``evaluate.py`` maps predictions back to the native grid from the .npz alone.
+It writes the same ``isles2022_splits_5fold.json`` as ``preprocess_v2_isles.py`` (same cases,
+``--test-fraction`` and ``--seed``: the splits are stratified by the native lesion volume), so
+``evaluate.py`` finds it beside the data; an existing file is kept.
 
     python preprocess_isles_WITH_BBOX.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_eval --target-shape 96 96 96
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from strokeseg.isles import add_isles_arguments, preprocess_isles
+from strokeseg.isles import IslesSettings, add_isles_arguments, preprocess_isles
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _, status = preprocess_isles(args, with_bbox=True)
-    return status
+    settings = IslesSettings(tuple(args.target_shape), args.margin, with_bbox=True, test_fraction=args.test_fraction, seed=args.seed)
+    return preprocess_isles(args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args))
 
 
 if __name__ == "__main__":

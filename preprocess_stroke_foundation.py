@@ -18,10 +18,18 @@ from pathlib import Path
 
 import torch
 
-from strokeseg.foundation import FOUNDATION_KEYS, DatasetConfig, FoundationConfig, discover_foundation_cases, load_config, preprocess_foundation_case
+from strokeseg.foundation import (
+    FOUNDATION_KEYS,
+    DatasetConfig,
+    FoundationConfig,
+    discover_foundation_cases,
+    foundation_splits_name,
+    load_config,
+    preprocess_foundation_case,
+)
 from strokeseg.io import CaseError, read_json
 from strokeseg.runner import add_run_arguments, finish, get_logger, run_cases, write_run_args
-from strokeseg.splits import write_splits_once
+from strokeseg.splits import write_stage_splits
 
 
 def _name_path(text: str) -> tuple[str, str]:
@@ -60,19 +68,9 @@ def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse
     extra = {"dataset": dataset.name, "keys": list(FOUNDATION_KEYS), "preprocessing": config.as_dict()["preprocessing"]}
     status = finish(out_dir / f"{dataset.name}_summary.json", report, extra)
 
-    written = [r.case_id for r in report.results if r.status in ("done", "skipped")]
-    if not written:
-        return 1
-    volumes = {c: float(read_json(out_dir / f"{c}_metadata.json")["lesion_ml"]) for c in written}
-    try:
-        write_splits_once(
-            out_dir / f"{dataset.name}_splits_5fold.json", volumes, dataset=dataset.name,
-            test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite,
-        )
-    except ValueError as err:
-        log.info(f"ERROR {dataset.name}: cannot write splits: {err}")
-        return 1
-    return status
+    volume = lambda r: read_json(out_dir / f"{r.case_id}_metadata.json")["lesion_ml"]  # noqa: E731
+    splits = out_dir / foundation_splits_name(dataset.name)
+    return max(status, write_stage_splits(splits, report, volume, dataset.name, args.test_fraction, args.seed, args.overwrite))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from strokeseg.losses import build_loss  # noqa: E402
-from strokeseg.training import amp_dtype_for, make_grad_scaler, train_step  # noqa: E402
+from strokeseg.inference import autocast_dtype, training_precision  # noqa: E402
+from strokeseg.training import make_grad_scaler, train_step  # noqa: E402
 
 FULL = {"resnet18": (64, 96, 4), "uctransnet3d": (64, 64, 4)}  # width, patch edge, batch
 QUICK = {"resnet18": (16, 32, 2), "uctransnet3d": (16, 32, 2)}
@@ -44,7 +45,7 @@ def samples_per_second(arch: str, sizes: tuple[int, int, int], amp: str, layout:
     torch.manual_seed(0)
     model = models.build_model(model_config(arch, width, patch)).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    amp_dtype = amp_dtype_for(amp, device)
+    amp_dtype = autocast_dtype(device, training_precision(amp))
     scaler = make_grad_scaler(amp_dtype)
     loss_fn = build_loss("gdice")
     images = torch.randn(batch, 1, patch, patch, patch, device=device).contiguous(memory_format=layout)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        print(f"device: {torch.cuda.get_device_name(device)}; AMP dtype: {amp_dtype_for('auto', device)}")
+        print(f"device: {torch.cuda.get_device_name(device)}; AMP dtype: {autocast_dtype(device, None)}")
     else:
         print(f"device: CPU, {torch.get_num_threads()} threads; AMP is off on CPU, so both columns are float32")
     sizes = QUICK if args.quick else FULL

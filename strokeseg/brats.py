@@ -17,7 +17,7 @@ import numpy as np
 
 from .datasets import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_label_map, resample_to_shape, zscore
-from .io import CaseError, affines_match, load_nifti, save_npz
+from .io import CaseError, check_same_grid, load_nifti, save_npz
 from .runner import CaseResult
 
 __all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "preprocess_brats_case"]
@@ -102,10 +102,7 @@ def preprocess_brats_case(
         raise CaseError(f"{case.case_id}: no segmentation file ({case.case_id}-seg.nii.gz)")
     flair = load_nifti(case.t2f)
     seg = load_nifti(case.seg)
-    if seg.data.shape != flair.data.shape:
-        raise CaseError(f"{seg.path}: shape {seg.data.shape} differs from T2-FLAIR {flair.data.shape}")
-    if not affines_match(seg.affine, flair.affine):
-        raise CaseError(f"{seg.path}: affine differs from the T2-FLAIR's by more than 1e-3")
+    check_same_grid(flair, "T2-FLAIR", (seg,))
     if not flair.data.any():
         raise CaseError(f"{flair.path}: empty image (no non-zero voxel)")
     tumour = (as_label_map(seg.data, SEG_LABELS, seg.path) > 0).astype(np.uint8)

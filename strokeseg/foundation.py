@@ -31,7 +31,7 @@ from .geometry import (
     zscore,
 )
 from .datasets import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
-from .io import CaseError, NiftiVolume, affines_match, check_finite, load_nifti, load_npz, read_json, save_npz, write_json
+from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_nifti, load_npz, read_json, save_npz, write_json
 from .runner import CaseResult
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "normalise_foundation_case",
     "preprocess_foundation_case",
     "foundation_case_dir",
+    "foundation_splits_name",
     "load_foundation_case",
     "foundation_dataset",
     "ATLAS",
@@ -480,10 +481,7 @@ def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tup
     if item.mask is None and not require_mask:
         return image, None
     mask = load_nifti(item.mask, dtype=None)  # mask labels checked in their own type
-    if mask.data.shape != image.data.shape:
-        raise CaseError(f"{mask.path}: shape {mask.data.shape} differs from image {image.data.shape}")
-    if not affines_match(mask.affine, image.affine):
-        raise CaseError(f"{mask.path}: affine differs from the image's by more than 1e-3")
+    check_same_grid(image, "image", (mask,))
     return image, as_binary_mask(mask.data, mask.path)
 
 
@@ -560,6 +558,11 @@ def preprocess_foundation_case(
 # --------------------------------------------------------------------------- registry
 
 
+def foundation_splits_name(name: str) -> str:
+    """The splits file the foundation stage writes for config.json dataset ``name``."""
+    return f"{name}_splits_5fold.json"
+
+
 def foundation_case_dir(data_dir: Path, name: str) -> Path:
     """``data_dir/<name>`` when it exists (the stage's output base was given), else ``data_dir``."""
     return data_dir / name if (data_dir / name).is_dir() else data_dir
@@ -603,7 +606,7 @@ def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") ->
         input_keys=("image",),
         mask_key="lesion_mask",
         brain_key="brain_mask",
-        splits_name=f"{name}_splits_5fold.json",
+        splits_name=foundation_splits_name(name),
         preset=preset,
         table_layout="dataset",
         whole_brain=True,

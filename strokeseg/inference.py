@@ -27,11 +27,15 @@ __all__ = [
     "ensemble_predictors",
     "importance_map",
     "amp_autocast",
+    "autocast_dtype",
+    "training_precision",
+    "AMP_MODES",
     "cpu_supports_bf16",
     "nonzero_box",
 ]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+AMP_MODES = ("auto", "off")  # --amp of the training scripts (see training_precision)
 
 # Weight floor of the Gaussian map: window corners keep a nonzero weight, so every voxel has a
 # positive total weight (the same floor as MONAI, which keeps the two comparable).
@@ -132,9 +136,20 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def _autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype | None:
-    """The autocast dtype of a :data:`PRECISIONS` value on ``device`` (None: float32).
-    ``precision`` None is the training-time policy: autocast on CUDA, float32 elsewhere."""
+def training_precision(amp: str) -> str | None:
+    """The precision of the training scripts' ``--amp`` (:data:`AMP_MODES`), for training steps
+    and validation alike: 'auto' is None (the training-time policy of :func:`autocast_dtype`),
+    'off' is 'fp32'."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    return None if amp == "auto" else "fp32"
+
+
+def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype | None:
+    """The one autocast policy of training, validation and inference: the autocast dtype of a
+    :data:`PRECISIONS` value on ``device`` (None: float32). ``precision`` None is the
+    training-time policy: autocast on CUDA (bfloat16 where supported, else float16), float32
+    elsewhere."""
     if precision not in (None, *PRECISIONS):
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
@@ -149,7 +164,7 @@ def _autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype 
 def amp_autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
     """Autocast for inference on ``device`` at ``precision`` (see :data:`PRECISIONS`). The
     default (None) is bfloat16 (else float16) autocast on CUDA and plain float32 elsewhere."""
-    dtype = _autocast_dtype(device, precision)
+    dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -222,7 +237,7 @@ def sliding_window_inference(
     _check_args(volume, overlap, mode, sw_batch_size)
     size = _window_size(window)
     device = torch.device(device) if device is not None else volume.device
-    _autocast_dtype(device, precision)  # an unknown precision fails before any work
+    autocast_dtype(device, precision)  # an unknown precision fails before any work
     with torch.inference_mode():
         image = volume.to(device=device, dtype=torch.float32)
         shape = tuple(image.shape[1:])

@@ -15,7 +15,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "load_nifti",
     "save_nifti",
     "affines_match",
+    "check_same_grid",
     "one_line",
 ]
 
@@ -291,6 +292,17 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, he
 def affines_match(a: np.ndarray, b: np.ndarray, atol: float = 1e-3) -> bool:
     """True when two (4, 4) affines agree element-wise within ``atol`` (mm)."""
     return bool(np.allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0.0))
+
+
+def check_same_grid(reference: NiftiVolume, name: str, others: Sequence[NiftiVolume]) -> None:
+    """The door check of every preprocessing stage: each of ``others`` has the shape of
+    ``reference`` (called ``name`` in messages, e.g. "DWI") and its affine within 1e-3 mm
+    (qform/sform codes may differ). Raises :class:`CaseError` naming the other file."""
+    for other in others:
+        if other.data.shape != reference.data.shape:
+            raise CaseError(f"{other.path}: shape {other.data.shape} differs from {name} {reference.data.shape}")
+        if not affines_match(other.affine, reference.affine):
+            raise CaseError(f"{other.path}: affine differs from the {name}'s by more than 1e-3")
 
 
 def _umask() -> int:

@@ -12,14 +12,15 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .datasets import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, NiftiVolume, affines_match, check_finite, load_nifti, load_npz, save_npz
-from .runner import CaseResult, RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
+from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_nifti, load_npz, save_npz
+from .runner import CaseResult, add_run_arguments, finish, get_logger, run_cases, write_run_args
+from .splits import write_stage_splits
 
 __all__ = [
     "IslesCase",
@@ -29,6 +30,7 @@ __all__ = [
     "isles_arrays",
     "preprocess_isles_case",
     "add_isles_arguments",
+    "IslesSettings",
     "preprocess_isles",
     "load_isles_case",
     "ISLES2022",
@@ -121,11 +123,7 @@ def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
     dwi = load_nifti(_require(case.dwi, "DWI", case.case_id))
     adc = load_nifti(_require(case.adc, "ADC", case.case_id))
     msk = load_nifti(_require(case.mask, "mask", case.case_id)) if require_mask or case.mask is not None else None
-    for other in (adc, msk) if msk is not None else (adc,):
-        if other.data.shape != dwi.data.shape:
-            raise CaseError(f"{other.path}: shape {other.data.shape} differs from DWI {dwi.data.shape}")
-        if not affines_match(other.affine, dwi.affine):
-            raise CaseError(f"{other.path}: affine differs from the DWI's by more than 1e-3")
+    check_same_grid(dwi, "DWI", (adc, msk) if msk is not None else (adc,))
     return IslesVolumes(dwi, adc, as_binary_mask(msk.data, msk.path) if msk is not None else None)
 
 
@@ -187,34 +185,53 @@ def preprocess_isles_case(
 
 
 def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of both ISLES preprocessing scripts (the paper's, plus margin/workers/overwrite)."""
+    """The flags of both ISLES preprocessing scripts (the paper's, plus margin, splits, workers, overwrite)."""
     parser.add_argument("--isles-dir", type=Path, required=True, help="ISLES 2022 dataset root or its derivatives/ folder (layout A or B)")
-    parser.add_argument("--output-dir", type=Path, required=True, help="folder for <case>.npz, summary and run_args.json")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for <case>.npz, the splits file, summary and run_args.json")
     parser.add_argument("--target-shape", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"), help="resampled shape in voxels (default 96 96 96)")
     parser.add_argument("--margin", type=int, default=4, help="voxels kept around the DWI brain bounding box (default 4)")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="share of cases held out as the fixed test set (default 0.2: 50 of 250)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the splits (default 42)")
     add_run_arguments(parser)
 
 
-def preprocess_isles(args: argparse.Namespace, with_bbox: bool) -> tuple[RunReport, int]:
-    """Discover, preprocess every case, write ``preprocessing_summary.json``; returns the report
-    and the exit status (1 when any case failed or nothing was found)."""
+@dataclass(frozen=True)
+class IslesSettings:
+    """One ISLES preprocessing run: target_shape (voxels) and margin (voxels around the DWI
+    brain bounding box) shape the data; with_bbox adds the native-space keys evaluation needs;
+    test_fraction and seed make the splits file."""
+
+    target_shape: tuple[int, int, int] = (96, 96, 96)
+    margin: int = 4
+    with_bbox: bool = False
+    test_fraction: float = 0.2
+    seed: int = 42
+
+
+def preprocess_isles(
+    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any]
+) -> int:
+    """Discover and preprocess every case into ``output_dir``; write ``run_args.json`` (``run_args``:
+    the script's arguments), ``preprocessing_summary.json`` and ``isles2022_splits_5fold.json``
+    (stratified by the native lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages
+    write the same file for the same cases and seed; an existing file is kept unless
+    ``overwrite``). Returns the exit
+    status: 1 when any case failed or no splits could be written."""
     log = get_logger()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_run_args(args.output_dir, args)
-    cases = {case.case_id: case for case in discover_isles_cases(args.isles_dir)}
-    log.info(f"{len(cases)} ISLES cases under {args.isles_dir}; target shape {tuple(args.target_shape)}; bbox metadata: {with_bbox}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_run_args(output_dir, dict(run_args))
+    cases = {case.case_id: case for case in discover_isles_cases(isles_dir)}
+    log.info(f"{len(cases)} ISLES cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
     process = functools.partial(
-        preprocess_isles_case,
-        output_dir=args.output_dir,
-        target_shape=tuple(args.target_shape),
-        margin=args.margin,
-        with_bbox=with_bbox,
-        overwrite=args.overwrite,
+        preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
+        with_bbox=settings.with_bbox, overwrite=overwrite,
     )
-    report = run_cases(cases, process, workers=args.workers, desc="ISLES")
-    keys = BBOX_KEYS if with_bbox else TRAIN_KEYS
-    status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": "ISLES2022", "keys": list(keys)})
-    return report, status
+    report = run_cases(cases, process, workers=workers, desc="ISLES")
+    keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
+    status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
+    volume = lambda r: lesion_volumes_ml(output_dir, [r.case_id])[r.case_id]  # noqa: E731
+    splits = write_stage_splits(output_dir / ISLES2022.splits_name, report, volume, ISLES2022.name, settings.test_fraction, settings.seed, overwrite)
+    return max(status, splits)
 
 
 def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .io import CaseError, read_json, write_json
-from .runner import get_logger
+from .runner import CaseResult, RunReport, get_logger
 
-__all__ = ["Split", "make_splits", "load_split", "validate_splits", "write_splits_once"]
+__all__ = ["Split", "make_splits", "load_split", "validate_splits", "write_splits_once", "write_stage_splits"]
 
 
 @dataclass(frozen=True)
@@ -202,3 +202,37 @@ def write_splits_once(
     fold0 = splits["fold_0"][dataset]
     log.info(f"wrote {path}: {len(fold0['test'])} test cases, 5 folds of ~{len(fold0['val'])} val / {len(fold0['train'])} train")
     return splits
+
+
+def write_stage_splits(
+    path: Path,
+    report: RunReport,
+    lesion_volume: Callable[[CaseResult], float],
+    dataset: str,
+    test_fraction: float,
+    seed: int,
+    overwrite: bool,
+    groups: Mapping[str, str] | None = None,
+) -> int:
+    """The last step of every preprocessing stage: :func:`write_splits_once` over the cases the
+    stage has output for (done, or skipped because the output exists).
+
+    lesion_volume: a case's lesion volume (any fixed unit; it only orders the cases for
+    stratification) from its :class:`CaseResult`; groups: case id -> patient id (optional).
+    Returns 0, or 1 after logging why: no case has output, or the splits cannot be made.
+    """
+    log = get_logger()
+    written = [r for r in report.results if r.status in ("done", "skipped")]
+    if not written:
+        log.info(f"ERROR no case was preprocessed; {path} not written")
+        return 1
+    volumes = {r.case_id: float(lesion_volume(r)) for r in written}
+    try:
+        write_splits_once(
+            path, volumes, dataset=dataset, test_fraction=test_fraction, seed=seed,
+            groups={c: groups[c] for c in volumes} if groups is not None else None, overwrite=overwrite,
+        )
+    except ValueError as err:
+        log.info(f"ERROR {dataset}: cannot write splits: {err}")
+        return 1
+    return 0

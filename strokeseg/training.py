@@ -68,7 +68,7 @@ import models
 from .augment import AUGMENT_PRESETS
 from .contract import THRESHOLD
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
-from .inference import sliding_window_inference
+from .inference import AMP_MODES, autocast_dtype, sliding_window_inference, training_precision
 from .io import CaseError, atomic_path, one_line
 from .losses import LOSS_NAMES, build_loss, multi_head_loss
 from .metrics import dice
@@ -88,7 +88,6 @@ __all__ = [
     "parse_training_arguments",
     "model_config_from_args",
     "lr_at",
-    "amp_dtype_for",
     "make_optimizer",
     "make_grad_scaler",
     "train_step",
@@ -244,7 +243,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: Mapping[st
     g.add_argument("--warmup-epochs", type=_non_negative(float), default=d["warmup_epochs"], help=f"linear warmup length in epochs (default {d['warmup_epochs']})")
     g.add_argument("--grad-clip", type=_non_negative(float), default=d["grad_clip"], help=f"max global gradient L2 norm, 0 = off (default {d['grad_clip']})")
     g.add_argument("--loss", choices=LOSS_NAMES, default=d["loss"], help=f"loss on the logits, summed over heads (default {d['loss']})")
-    g.add_argument("--amp", choices=("auto", "off"), default=d["amp"], help="auto: bfloat16 autocast on CUDA (float16 + GradScaler without bf16 support), float32 on CPU; off: float32 (default auto)")
+    g.add_argument("--amp", choices=AMP_MODES, default=d["amp"], help="training and validation: auto: bfloat16 autocast on CUDA (float16 + GradScaler without bf16 support), float32 on CPU; off: float32 (default auto)")
     g.add_argument("--augment", choices=AUGMENT_PRESETS, default=d["augment"], help=f"training augmentation: off, flip (mirroring), full (flips, rotation ±10°, zoom 0.9-1.1, intensity jitter) (default {d['augment']})")
     g.add_argument("--seed", type=_non_negative(int), default=d["seed"], help=f"seed of initialisation, data order, patches and augmentation (default {d['seed']})")
     g.add_argument("--workers", type=_non_negative(int), default=d["workers"], help=f"DataLoader worker processes per GPU, 0 = main process (default {d['workers']})")
@@ -702,14 +701,6 @@ def _fold_lock(fold_dir: Path, ctx: DistContext) -> Iterator[None]:
             handle.close()
 
 
-def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of ``--amp`` on ``device``: None (float32) for 'off' and on CPU; on CUDA
-    bfloat16 where supported, else float16."""
-    if amp == "off" or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD over all parameters, as ``settings`` says."""
     if settings.optimizer == "adamw":
@@ -738,7 +729,7 @@ def train_step(
     (B, X, Y, Z), both on the model's device. Forward under autocast when ``amp_dtype`` is set,
     loss summed over the model's heads, scaled backward, gradient clipping to ``grad_clip``
     (global L2 norm; 0 = off). Returns the detached scalar loss."""
-    with torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = multi_head_loss(loss_fn, model(images), masks)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -836,7 +827,7 @@ def _validate(run: _Run, stop: _StopFlag) -> float | None:
                 image, mask = load_case_volume(cases[index])
                 prob = sliding_window_inference(
                     torch.from_numpy(image), predictor, sample_shape(run.window, image.shape[1:]), overlap=settings.overlap,
-                    sw_batch_size=settings.sw_batch_size, device=ctx.device,
+                    sw_batch_size=settings.sw_batch_size, device=ctx.device, precision=training_precision(settings.amp),
                 )
                 total += dice(prob >= THRESHOLD, mask)
                 count += 1
@@ -888,7 +879,7 @@ def _assemble(settings: TrainSettings, ctx: DistContext, model: nn.Module, recor
     loader: a run at epoch 0, step 0."""
     memory_format = torch.channels_last_3d if settings.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=memory_format)
-    amp_dtype = amp_dtype_for(settings.amp, ctx.device)
+    amp_dtype = autocast_dtype(ctx.device, training_precision(settings.amp))
     optimizer = make_optimizer(model, settings)
     scaler = make_grad_scaler(amp_dtype)
     if ctx.device.type == "cuda":

@@ -60,10 +60,11 @@ def test_every_checkpoint_holds_the_contract(isles: Path) -> None:
     assert (contract.input_keys, contract.window, contract.fold, contract.val_cases) == (("dwi",), (32, 32, 32), 0, tuple(splits["val"]))
 
 
-def test_evaluation_data_with_the_training_settings_is_scored(isles: Path, tmp_path: Path) -> None:
+def test_evaluation_data_with_the_training_settings_is_scored_without_a_splits_flag(isles: Path, tmp_path: Path) -> None:
     data = _eval_data(isles, "eval_same", "--target-shape", *SHAPE)
-    splits = str(isles / "train" / "isles2022_splits_5fold.json")
-    assert _evaluate(data, [isles / "run" / "fold_0" / "best_model.pth"], tmp_path / "out", "--splits-file", splits) == 0
+    # preprocess_isles_WITH_BBOX.py wrote the training preprocessing's splits file beside its output
+    assert read_json(data / "isles2022_splits_5fold.json") == read_json(isles / "train" / "isles2022_splits_5fold.json")
+    assert _evaluate(data, [isles / "run" / "fold_0" / "best_model.pth"], tmp_path / "out") == 0
     test = read_json(isles / "train" / "isles2022_splits_5fold.json")["fold_0"]["ISLES2022"]["test"]
     assert read_json(tmp_path / "out" / "summary.json")["n_done"] == len(test)
 
