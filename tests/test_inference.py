@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.inference import _autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
+from strokeseg.inference import autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
 
 
 def _tiny_net(in_channels: int = 1, seed: int = 0) -> torch.nn.Module:
@@ -203,12 +203,12 @@ def test_bad_volume_predictor_and_ensemble_raise():
 
 def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    assert _autocast_dtype(cpu, None) is None and _autocast_dtype(cpu, "fp32") is None
-    assert _autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert autocast_dtype(cpu, None) is None and autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") == torch.bfloat16
     monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: False)
-    assert _autocast_dtype(cpu, "auto") is None
+    assert autocast_dtype(cpu, "auto") is None
     monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: True)
-    assert _autocast_dtype(cpu, "auto") == torch.bfloat16
+    assert autocast_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be one of"):
         sliding_window_inference(_volume((1, 8, 8, 8)), lambda x: x.sigmoid(), 8, precision="fp16")
 
