@@ -230,7 +230,11 @@ def preprocess_isles(
     keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
     status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
     volume = lambda r: lesion_volumes_ml(output_dir, [r.case_id])[r.case_id]  # noqa: E731
-    splits = write_stage_splits(output_dir / ISLES2022.splits_name, report, volume, ISLES2022.name, settings.test_fraction, settings.seed, overwrite)
+    # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
+    splits = write_stage_splits(
+        output_dir / ISLES2022.splits_name, report, volume, ISLES2022.name, settings.test_fraction, settings.seed, overwrite,
+        required=not settings.with_bbox,
+    )
     return max(status, splits)
 
 

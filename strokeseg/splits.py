@@ -213,13 +213,15 @@ def write_stage_splits(
     seed: int,
     overwrite: bool,
     groups: Mapping[str, str] | None = None,
+    required: bool = True,
 ) -> int:
     """The last step of every preprocessing stage: :func:`write_splits_once` over the cases the
     stage has output for (done, or skipped because the output exists).
 
     lesion_volume: a case's lesion volume (any fixed unit; it only orders the cases for
     stratification) from its :class:`CaseResult`; groups: case id -> patient id (optional).
-    Returns 0, or 1 after logging why: no case has output, or the splits cannot be made.
+    Returns 0, or 1 after logging why: no case has output, or the splits cannot be made (with
+    ``required`` False a NOTE is logged instead and 0 returned).
     """
     log = get_logger()
     written = [r for r in report.results if r.status in ("done", "skipped")]
@@ -233,6 +235,6 @@ def write_stage_splits(
             groups={c: groups[c] for c in volumes} if groups is not None else None, overwrite=overwrite,
         )
     except ValueError as err:
-        log.info(f"ERROR {dataset}: cannot write splits: {err}")
-        return 1
+        log.info(f"{'ERROR' if required else 'NOTE'} {dataset}: cannot write splits: {err}")
+        return int(required)
     return 0
