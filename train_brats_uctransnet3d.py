@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
     model_config = training.model_config_from_args(args.arch, vars(args), len(spec.input_keys))
-    init = training.InitSpec("finetune", args.pretrain_ckpt, "all") if args.pretrain_ckpt else training.InitSpec()
+    init = training.InitSpec("finetune", args.pretrain_ckpt, "all", None, tuple(split.test)) if args.pretrain_ckpt else training.InitSpec()
     contract = build_data_contract(spec.name, args.brats_dir, spec.input_keys, args.patch_size, args.fold, split.train, split.val)
     return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 

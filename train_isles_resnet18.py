@@ -24,6 +24,7 @@ from pathlib import Path
 
 from strokeseg import training
 from strokeseg.augment import augment_preset
+from strokeseg.brats import BRATS2024
 from strokeseg.contract import build_data_contract
 from strokeseg.datasets import dataset_spec
 from strokeseg.data import SampleMix, TrainingSet, find_case_files
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
     model_config = training.model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})
-    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec(args.init)
+    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test)) if args.pretrain_ckpt else training.InitSpec(args.init)
     contract = build_data_contract(spec.name, args.isles_dir, keys, args.patch_size, args.fold, split.train, split.val)
     return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from strokeseg import training
 from strokeseg.augment import augment_preset
+from strokeseg.brats import BRATS2024
 from strokeseg.contract import build_data_contract
 from strokeseg.datasets import dataset_names, dataset_spec
 from strokeseg.data import SampleMix, TrainingSet, find_case_files
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     keys = (spec.input_keys, spec.mask_key, spec.brain_key)
     train_cases = find_case_files(volume_dir, split.train, *keys, patch_dir=args.patch_dir)
     val_cases = find_case_files(volume_dir, split.val, *keys)
-    init = training.InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope) if args.pretrain_ckpt else training.InitSpec()
+    init = training.InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test)) if args.pretrain_ckpt else training.InitSpec()
     get_logger().info(f"{args.dataset} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches, init {init.label}")
     mix = SampleMix.from_fraction(args.patches_per_volume, 1.0 - args.random_patch_fraction, "stored")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)

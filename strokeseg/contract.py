@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import models
 
@@ -30,7 +30,7 @@ from .datasets import DatasetSpec, dataset_names, dataset_spec, spec_named_like
 from .io import CaseError
 from .runner import get_logger
 
-__all__ = ["THRESHOLD", "DataContract", "build_data_contract", "contract_from_checkpoint", "read_contract", "preprocessing_differences", "check_preprocessing"]
+__all__ = ["THRESHOLD", "DataContract", "build_data_contract", "contract_from_checkpoint", "read_contract", "preprocessing_differences", "check_preprocessing", "check_pretrained"]
 
 THRESHOLD = 0.5  # probability >= THRESHOLD is lesion (validation, evaluation, prediction)
 
@@ -227,3 +227,30 @@ def check_preprocessing(contract: DataContract, case_dir: Path, checkpoint: str 
             f"{'; '.join(differences)} (training {contract.preprocessing.get('source')}, evaluation {evaluated.get('source')}); "
             "preprocess the evaluation data with the training data's settings"
         )
+
+
+def check_pretrained(checkpoint: str | os.PathLike, label: str, source_dataset: str | None, val_cases: Collection[str], test_cases: Collection[str]) -> DataContract:
+    """Refuse a pretrained checkpoint that is not what the run's init ``label`` says, or that saw
+    cases this fold holds out; returns its contract.
+
+    Its recorded dataset (data contract; older checkpoints: run config, see
+    :func:`contract_from_checkpoint`) must be ``source_dataset`` (a registry name; None: any).
+    Leakage: its recorded training cases must include none of this fold's ``val_cases`` and
+    ``test_cases``, its validation cases none of ``test_cases`` (selected on the same validation
+    cases, as when fine-tuning fold k from fold k, is allowed). Raises :class:`CaseError` naming
+    the file; a checkpoint recording no training cases (older ones) is checked as far as it records.
+    """
+    contract = read_contract(checkpoint)
+    if source_dataset is not None and contract.dataset != source_dataset:
+        source = "run config" if contract.derived else "data contract"
+        raise CaseError(f"{checkpoint}: trained on {contract.dataset} (its {source}), not {source_dataset}: refused as the {label!r} initialisation")
+    trained, selected = set(contract.train_cases or ()), set(contract.val_cases or ())
+    leaked = sorted((trained & (set(val_cases) | set(test_cases))) | (selected & set(test_cases)))
+    if leaked:
+        raise CaseError(
+            f"{checkpoint}: trained or validated on {len(leaked)} of this fold's held-out case(s), e.g. {leaked[:5]}: "
+            "leakage; pretrain on a split whose training and validation cases exclude this fold's validation and test cases"
+        )
+    if contract.train_cases is None:
+        get_logger().info(f"NOTE {checkpoint}: records no training cases; checked for leakage against its validation cases only")
+    return contract

@@ -66,7 +66,7 @@ from torch import nn
 import models
 
 from .augment import AUGMENT_PRESETS
-from .contract import THRESHOLD
+from .contract import THRESHOLD, check_pretrained
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
 from .inference import AMP_MODES, autocast_dtype, sliding_window_inference, training_precision
 from .io import CaseError, atomic_path, one_line
@@ -170,11 +170,16 @@ class TrainSettings:
 @dataclass(frozen=True)
 class InitSpec:
     """How the weights start: label ('scratch', 'brats', 'transfer', 'finetune'), and for a
-    pretrained start the checkpoint and the scope copied ('encoder' | 'all')."""
+    pretrained start the checkpoint, the scope copied ('encoder' | 'all'), the dataset it must
+    have been trained on (source_dataset, a registry name; None: any) and this fold's test case
+    ids, which, like its validation cases, it must not have seen
+    (:func:`strokeseg.contract.check_pretrained`, before anything is written)."""
 
     label: str = "scratch"
     checkpoint: Path | None = None
     scope: str = "encoder"
+    source_dataset: str | None = None
+    test_cases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -842,9 +847,10 @@ def _validate(run: _Run, stop: _StopFlag) -> float | None:
 # --------------------------------------------------------------------------- phase: start or resume
 
 
-def _init_model(resolved: dict, init: InitSpec, seed: int, checkpoint: dict | None) -> tuple[nn.Module, dict]:
+def _init_model(resolved: dict, init: InitSpec, seed: int, checkpoint: dict | None, val_cases: Sequence[str]) -> tuple[nn.Module, dict]:
     """The network with its starting weights (resumed, pretrained or seeded scratch), and the
-    init record every checkpoint stores (label, checkpoint, scope, transfer report)."""
+    init record every checkpoint stores (label, checkpoint, scope, transfer report). A
+    pretrained checkpoint is checked first (its dataset; leakage of ``val_cases`` and the test cases)."""
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = models.build_model(resolved)
     if checkpoint is not None:
@@ -853,6 +859,7 @@ def _init_model(resolved: dict, init: InitSpec, seed: int, checkpoint: dict | No
     record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None,
               "parameters_transferred": 0, "parameters_total": None}
     if init.checkpoint is not None:
+        check_pretrained(init.checkpoint, init.label, init.source_dataset, val_cases, init.test_cases)
         report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
         record["transfer"], record["source_fold"] = report.summary(), report.source_fold
         record["parameters_transferred"], record["parameters_total"] = report.parameters_copied, report.parameters_total
@@ -908,7 +915,7 @@ def _start(settings: TrainSettings, ctx: DistContext, model_config: dict, train_
     if resuming:
         checkpoint = models.load_checkpoint(settings.fold_dir / "last.pth")
         _resume_check(checkpoint, {"model_config": resolved, **identity}, settings.fold_dir / "last.pth")
-    model, init_record = _init_model(resolved, init, settings.seed, checkpoint)
+    model, init_record = _init_model(resolved, init, settings.seed, checkpoint, identity["val_cases"])
     contract = _jsonable(dict(data_contract)) if data_contract is not None else None
     records = _Records(resolved, _jsonable(dict(run_config)), init_record, contract, identity)
     run = _assemble(settings, ctx, model, records, train_set, val_cases)

@@ -380,6 +380,13 @@ def test_external_splits_file_needs_one_test_set_across_folds(isles_eval: Path, 
     line = _fails(argv, capsys, f"{splits}: fold_1/ISLES2022: test set differs from fold_0's in 2 case(s), e.g. {[cases[0], cases[3]]}")
     assert "every fold must share one held-out test set" in line
     assert not (out / "per_case.csv").exists() and not (out / "summary.json").exists()
+    # A consistent file, but the checkpoint's data contract records test case 0 among its training cases.
+    write_json(splits, {"fold_0": {"ISLES2022": {"train": cases[2:4], "val": [cases[4]], "test": cases[:2]}}})
+    leaky = tmp_path / "leaky" / "fold_0" / "best_model.pth"
+    contract = DataContract("ISLES2022", ("dwi",), "mask", (ISLES_SHAPE,) * 3, 0.5, {}, 0, (cases[0], *cases[2:4]), (cases[4],))
+    _checkpoint(leaky, {"arch": "resnet18_unet", "variant": "dwi_only", "width": 4}, {"isles_dir": "x", "fold": 0}, data_contract=contract.as_dict())
+    _fails([*argv[:6], "--run", f"a={leaky.parents[1]}", *argv[8:]], capsys, f"{splits}: test case(s) {[cases[0]]} are training cases of {leaky}")
+    assert not (out / "per_case.csv").exists() and not (out / "summary.json").exists()
 
 
 def test_nan_input_fails_its_case_instead_of_scoring_dice_0(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -40,6 +40,7 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
+from strokeseg.contract import DataContract
 from strokeseg.io import load_npz, read_json, save_npz, write_json
 from strokeseg.splits import load_split
 from strokeseg.training import LOCK_NAME
@@ -258,6 +259,24 @@ def bad_stroke_training_no_patch_folder(request: pytest.FixtureRequest, tmp: Pat
                   absent=[tmp / "run"])
 
 
+def bad_training_isles_checkpoint_as_brats_init(request: pytest.FixtureRequest, tmp: Path) -> BadRun:
+    wrong = _untrained_checkpoint(tmp / "isles_run" / "fold_0" / "best_model.pth")  # an ISLES run's checkpoint (its run config)
+    argv = _isles_training_argv(request.getfixturevalue("isles_train"), tmp / "run", "--init", "brats", "--pretrain-ckpt", str(wrong))
+    pattern = "ERROR: " + re.escape(f"{wrong}: trained on ISLES2022 (its run config), not BraTS2024: refused as the 'brats' initialisation") + "$"
+    return BadRun(train_isles_resnet18.main, argv, pattern, absent=[tmp / "run" / "fold_0" / "last.pth", tmp / "run" / "fold_0" / "best_model.pth"])
+
+
+def bad_brats_finetune_from_a_checkpoint_that_saw_the_test_set(request: pytest.FixtureRequest, tmp: Path) -> BadRun:
+    data = request.getfixturevalue("brats_train")
+    split = load_split(data / "brats2024_t2flair_splits_5fold.json", 0, "BraTS2024")
+    source, config = tmp / "source" / "best_model.pth", {"arch": "resnet18_unet", "width": 4}
+    contract = DataContract("BraTS2024", ("image",), "mask", (16, 16, 16), 0.5, {}, 1, (*split.train, split.test[0]), tuple(split.val[:1]))
+    models.save_checkpoint(source, models.build_model(config), config, config={"brats_dir": str(data), "fold": 1}, data_contract=contract.as_dict())
+    argv = ["--brats-dir", str(data), "--output-dir", str(tmp / "run"), "--arch", "resnet18", *TRAIN_FLAGS, "--pretrain-ckpt", str(source)]
+    pattern = "ERROR: " + re.escape(f"{source}: trained or validated on 1 of this fold's held-out case(s), e.g. {[split.test[0]]}: leakage")
+    return BadRun(train_brats_uctransnet3d.main, argv, pattern, absent=[tmp / "run" / "fold_0" / "last.pth", tmp / "run" / "fold_0" / "best_model.pth"])
+
+
 def _untrained_checkpoint(path: Path) -> Path:
     """A width-4 DWI-only ResNet U-Net checkpoint as train_isles_resnet18.py lays it out."""
     torch.manual_seed(0)
@@ -306,6 +325,8 @@ BAD_INPUTS = [
     bad_training_train_val_overlap,
     bad_brats_training_splits_file_missing,
     bad_stroke_training_no_patch_folder,
+    bad_training_isles_checkpoint_as_brats_init,
+    bad_brats_finetune_from_a_checkpoint_that_saw_the_test_set,
     bad_evaluate_missing_checkpoint,
     bad_evaluate_test_case_not_in_data,
 ]

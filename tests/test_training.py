@@ -232,7 +232,7 @@ def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     pretrained = tmp_path / "brats_resnet18.pth"
     config = {"arch": "resnet18", "variant": "single", "width": 4, "norm": "batch"}
     torch.manual_seed(0)
-    models.save_checkpoint(pretrained, models.build_model(config), config)
+    models.save_checkpoint(pretrained, models.build_model(config), config, config={"brats_dir": "/data/brats"})  # a BraTS run's config
     common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "resnet18", "--width", "4", "--patch-size", "32"]
     common += ["--batch-size", "2", "--workers", "0", "--patches-per-volume", "3", "--epochs", "2"]
     assert train_stroke.main(common + ["--output-dir", str(tmp_path / "atlas"), "--pretrain-ckpt", str(pretrained)]) == 0
@@ -260,7 +260,7 @@ def test_uctransnet_transfer_takes_the_whole_network_by_default(data, tmp_path, 
     config = {"arch": "uctransnet3d", "in_channels": 1, "width": 4, "norm": "group", "patch_size": 32, "layers": 1, "heads": 1}
     pretrained = tmp_path / "brats_uct.pth"
     torch.manual_seed(0)
-    models.save_checkpoint(pretrained, models.build_model(config), config)
+    models.save_checkpoint(pretrained, models.build_model(config), config, config={"brats_dir": "/data/brats"})
     common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "uctransnet3d", "--width", "4", "--patch-size", "32",
               "--layers", "1", "--heads", "1", "--batch-size", "2", "--workers", "0", "--patches-per-volume", "1", "--epochs", "1"]
     assert train_stroke.main(common + ["--output-dir", str(tmp_path / "uct"), "--pretrain-ckpt", str(pretrained)]) == 0
