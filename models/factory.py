@@ -153,8 +153,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # the file exists: any failure (UnpicklingError, RuntimeError, EOFError...) means not a checkpoint
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable checkpoint ({reason})") from err
+        raise ValueError(_unreadable(path, err)) from err
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint of this pipeline (no 'format_version' entry)")
     if checkpoint["format_version"] != FORMAT_VERSION:
@@ -163,6 +162,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(checkpoint.get("model_config"), dict) or not isinstance(checkpoint.get("model"), dict):
         raise ValueError(f"{path}: checkpoint lacks a 'model_config' dict or a 'model' state_dict")
     return checkpoint
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FOREIGN = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused ``path`` (never torch's
+    advice to load it unsafely)."""
+    text = _ANSI.sub("", str(err)).strip()
+    foreign = _FOREIGN.search(text)
+    if foreign:  # a pickled Python object, which only an unsafe load would rebuild
+        return (
+            f"{path}: not a checkpoint of this pipeline (it holds a Python object, {foreign.group(1)}, besides tensors; "
+            "loading it would run code from the file, so never do that with a file from an untrusted source)"
+        )
+    if text.startswith("Weights only load failed"):
+        return f"{path}: not a readable checkpoint (not a PyTorch checkpoint file)"
+    first = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    return f"{path}: not a readable checkpoint, truncated or corrupt ({path.stat().st_size} bytes; {first}); copy it again or use another"
 
 
 def model_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
