@@ -61,6 +61,7 @@ class Tissue(IntEnum):
     OEDEMA = 8  # BraTS label 2, surrounding FLAIR hyperintensity
     ENHANCING = 9  # BraTS label 3
     CAVITY = 10  # BraTS label 4, resection cavity
+    GLIOSIS = 11  # gliotic rim of a chronic stroke lesion (T1: between CSF and grey matter)
 
 
 # Relative intensities per tissue (white matter about 0.8). Tissues left out render as exactly 0,
@@ -73,7 +74,7 @@ _CONTRASTS: dict[str, dict[Tissue, float]] = {
         Tissue.CORE: 1.6, Tissue.OEDEMA: 1.9, Tissue.ENHANCING: 1.7, Tissue.CAVITY: 0.2,
     },
     "t1": {
-        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85, Tissue.STROKE: 0.3,
+        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85, Tissue.STROKE: 0.3, Tissue.GLIOSIS: 0.42,
         Tissue.CORE: 0.4, Tissue.OEDEMA: 0.6, Tissue.ENHANCING: 0.55, Tissue.CAVITY: 0.2,
     },
     "t1c": {
@@ -85,6 +86,7 @@ _CONTRASTS: dict[str, dict[Tissue, float]] = {
         Tissue.CORE: 0.85, Tissue.OEDEMA: 0.8, Tissue.ENHANCING: 0.7, Tissue.CAVITY: 1.0,
     },
 }
+_GLIOTIC_RIM_VOXELS = 2  # chronic lesions: a CSF-dark core inside a rim this thick (both lesion)
 _HEAD = {Tissue.SCALP: 0.75, Tissue.SKULL: 0.08}  # T1 of a head that was not skull-stripped
 
 _DATASET_KEYS = {"isles": 1, "atlas": 2, "uoa": 3, "brats": 4}
@@ -340,7 +342,8 @@ def _mni_case(rng: np.random.Generator, shape: Shape3, empty: bool, head: bool) 
     """T1 (float32, a.u.) and lesion (bool) of one MNI-space stroke case (ATLAS and UOA)."""
     labels = brain_phantom(rng, shape, np.asarray(_MNI_RADII) * rng.uniform(0.97, 1.03, 3))
     lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.05, 0.4))
-    labels[lesion] = Tissue.STROKE
+    labels[lesion] = Tissue.GLIOSIS  # the core alone would be as dark as CSF
+    labels[ndimage.binary_erosion(lesion, iterations=_GLIOTIC_RIM_VOXELS)] = Tissue.STROKE
     contrast = {**_CONTRASTS["t1"], **_HEAD} if head else _CONTRASTS["t1"]
     t1 = render(rng, labels, contrast, noise_sd=0.04) * np.float32(rng.uniform(60.0, 120.0))
     return t1, lesion

@@ -287,6 +287,9 @@ def test_atlas_layout_geometry_and_empty_case(synthetic_atlas):
 def _assert_darker_than_surroundings(t1: np.ndarray, lesion: np.ndarray) -> None:
     ring = ndimage.binary_dilation(lesion, iterations=2) & ~lesion & (t1 != 0)
     assert t1[lesion].mean() < 0.7 * t1[ring].mean()
+    core = ndimage.binary_erosion(lesion, iterations=2)  # chronic lesion: a CSF-dark core in a gliotic rim
+    if core.any():
+        assert t1[core].mean() < 0.85 * t1[lesion & ~core].mean() < 0.85 * t1[ring].mean()
 
 
 def test_atlas_case_does_not_depend_on_n_cases(tmp_path):
