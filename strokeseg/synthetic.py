@@ -474,7 +474,7 @@ def make_atlas(
     name before ``_space-``, as SPEC.md defines the ATLAS case id).
 
     Files: root/Training/R001/sub-r001s001/ses-1/anat/sub-r001s001_ses-1_space-MNI152NLin2009aSym_
-    T1w.nii.gz (float32, head with skull, background 0, dark lesions) and ..._label-L_desc-
+    T1w.nii.gz (float32, head with skull, background 0, lesions: a CSF-dark core in a gliotic rim) and ..._label-L_desc-
     T1lesion_mask.nii.gz (uint8 {0,1}); 4 subjects per cohort folder R001, R002, ... 1 mm
     isotropic, axis-aligned MNI affine; ``shape`` in voxels. Every ``empty_every``-th case
     (0 = none) has an empty mask.
@@ -506,7 +506,7 @@ def make_uoa(
 ) -> list[str]:
     """Write ``n_cases`` UOA-like cases; return their ids (UOA001, ...).
 
-    Files: root/UOA001/UOA001_T1_FNIRT_MNI.nii.gz (float32, skull-stripped, dark lesions) and
+    Files: root/UOA001/UOA001_T1_FNIRT_MNI.nii.gz (float32, skull-stripped, lesions as in ATLAS) and
     root/UOA001/UOA001_lesion.nii.gz (float32 {0., 1.}), FSL-style MNI affine (x flipped).
     ``shape`` is the 1 mm grid in voxels. Every ``spacing_every``-th case (0 = none) is stored at
     1.25 x 1.5 x 2.0 mm instead, on a grid of about ``shape / spacing`` voxels covering the same
