@@ -99,6 +99,20 @@ def test_readme_blocks_are_parsed_and_every_skip_has_a_reason():
     assert all(reason is None or reason.strip() for _, _, reason in blocks)
 
 
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    text = README.read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links and sorted(set(links) - anchors) == []
+    files = re.findall(r"\]\(([\w./-]+\.md)\)", text)
+    assert files and [f for f in files if not (REPO / f).is_file()] == []
+
+
 def test_shrinking_rewrites_sizes_and_paths(tmp_path):
     code = "python train_stroke.py --dataset ATLAS --data-dir /data/x --arch uctransnet3d \\\n  --epochs 100  # note"
     out = tiny_command(code, tmp_path)
