@@ -9,6 +9,7 @@ device to foreground probabilities (B, 1, wx, wy, wz): for a model,
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import numbers
@@ -239,42 +240,62 @@ def sliding_window_inference(
     device = torch.device(device) if device is not None else volume.device
     autocast_dtype(device, precision)  # an unknown precision fails before any work
     with torch.inference_mode():
-        image = volume.to(device=device, dtype=torch.float32)
-        shape = tuple(image.shape[1:])
-        pads = [max(w - s, 0) for w, s in zip(size, shape)]
-        if any(pads):
-            # F.pad lists the last axis first: (z_before, z_after, y_before, ...).
-            image = F.pad(image, [p for pad in reversed(pads) for p in (pad // 2, pad - pad // 2)])
+        image, pads = _pad_to_window(volume.to(device=device, dtype=torch.float32), size)
         padded = tuple(image.shape[1:])
         steps = [max(1, int(w * (1 - overlap))) for w in size]
         starts = [_axis_starts(s, w, step) for s, w, step in zip(padded, size, steps)]
         weights = importance_map(size, mode, sigma_scale, device)
-        total = torch.zeros(padded, dtype=torch.float32, device=device)  # sum of weight * probability
+        predict = functools.partial(_predict_windows, predictor, mirror_tta, device, precision)
         positions = list(itertools.product(*starts))
-        predict = _predict_tta if mirror_tta else _predict
-        # One batch buffer reused for every batch: no fresh (page-faulting) allocation per batch.
-        # Channels-last: oneDNN and cuDNN run 3-D convolutions several times faster in it
-        # (about 2-5x on CPU for the widths used here, when the weights are channels-last too).
-        buffer = torch.empty((min(sw_batch_size, len(positions)), image.shape[0], *size), device=device)
-        buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
-        for first in range(0, len(positions), sw_batch_size):
-            regions = [
-                tuple(slice(s, s + w) for s, w in zip(position, size))
-                for position in positions[first : first + sw_batch_size]
-            ]
-            batch = buffer[: len(regions)]
-            for window_input, region in zip(batch, regions):
-                window_input.copy_(image[(slice(None), *region)])
-            with amp_autocast(device, precision):
-                prob = predict(predictor, batch)
-            for region, window_prob in zip(regions, prob[:, 0]):
-                if mode == "constant":
-                    total[region].add_(window_prob)
-                else:
-                    total[region].addcmul_(window_prob, weights)
+        total = _stitch(image, predict, size, positions, None if mode == "constant" else weights, sw_batch_size)
         total.div_(_weight_map(weights, starts, padded))
-        crop = tuple(slice(pad // 2, pad // 2 + s) for pad, s in zip(pads, shape))
+        crop = tuple(slice(pad // 2, pad // 2 + s) for pad, s in zip(pads, volume.shape[1:]))
         return total[crop].contiguous().cpu().numpy()
+
+
+def _pad_to_window(image: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, list[int]]:
+    """``image`` (C, X, Y, Z) zero-padded to at least ``size`` per axis (the extra voxel after),
+    and the padding per axis."""
+    pads = [max(w - s, 0) for w, s in zip(size, image.shape[1:])]
+    if any(pads):
+        # F.pad lists the last axis first: (z_before, z_after, y_before, ...).
+        image = F.pad(image, [p for pad in reversed(pads) for p in (pad // 2, pad - pad // 2)])
+    return image, pads
+
+
+def _predict_windows(predictor: Predictor, mirror_tta: bool, device: torch.device, precision: str | None, batch: torch.Tensor) -> torch.Tensor:
+    """Probabilities (B, 1, wx, wy, wz) of a window batch under the precision's autocast."""
+    with amp_autocast(device, precision):
+        return (_predict_tta if mirror_tta else _predict)(predictor, batch)
+
+
+def _stitch(
+    image: torch.Tensor,
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    size: tuple[int, int, int],
+    positions: list[tuple[int, ...]],
+    weights: torch.Tensor | None,
+    sw_batch_size: int,
+) -> torch.Tensor:
+    """Sum over the windows at ``positions`` of weight x probability, float32 (X, Y, Z) on the
+    image's device; ``weights`` None: constant (every window weight 1)."""
+    total = torch.zeros(image.shape[1:], dtype=torch.float32, device=image.device)
+    # One batch buffer reused for every batch: no fresh (page-faulting) allocation per batch.
+    # Channels-last: oneDNN and cuDNN run 3-D convolutions several times faster in it
+    # (about 2-5x on CPU for the widths used here, when the weights are channels-last too).
+    buffer = torch.empty((min(sw_batch_size, len(positions)), image.shape[0], *size), device=image.device)
+    buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
+    for first in range(0, len(positions), sw_batch_size):
+        regions = [tuple(slice(s, s + w) for s, w in zip(position, size)) for position in positions[first : first + sw_batch_size]]
+        batch = buffer[: len(regions)]
+        for window_input, region in zip(batch, regions):
+            window_input.copy_(image[(slice(None), *region)])
+        for region, window_prob in zip(regions, predict(batch)[:, 0]):
+            if weights is None:
+                total[region].add_(window_prob)
+            else:
+                total[region].addcmul_(window_prob, weights)
+    return total
 
 
 def ensemble_predictors(predictors: Sequence[Predictor]) -> Predictor:
