@@ -27,7 +27,7 @@ from pathlib import Path
 
 from strokeseg.io import CaseError, write_json
 from strokeseg.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
-from strokeseg.runner import RunReport, add_run_arguments, finish, get_logger, run_cases, write_run_args
+from strokeseg.runner import RunReport, add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
 from strokeseg.splits import load_split
 
 
@@ -73,15 +73,23 @@ def _kinds(report: RunReport, kind: str) -> list[str]:
     return sorted(r.case_id for r in report.results if r.info.get("patch_kind") == kind)
 
 
+def patch_settings(args: argparse.Namespace, dataset: str) -> dict:
+    """The settings that shape a patch folder; ``--split/--fold/--splits_file`` only choose cases."""
+    return {
+        "input_dir": str((args.input_dir / dataset).resolve()), "patch_size": args.patch_size, "max_patches": args.max_patches,
+        "min_lesion_overlap": args.min_lesion_overlap, "seed": args.seed, "compressed": args.compress,
+        "centers_only": args.centers_only,
+    }
+
+
 def run_dataset(args: argparse.Namespace, dataset: str) -> int:
+    """Extract the patches of one dataset; returns its exit status. Raises :class:`CaseError`
+    for a run-level problem (no input, an unusable folder, a folder made with other settings)."""
     log = get_logger()
     out_dir = args.output_dir / f"{dataset}_patches_{args.patch_size}"
-    try:
-        cases = select_cases(args, dataset)
-    except CaseError as err:
-        log.info(f"ERROR {err}")
-        return 1
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = select_cases(args, dataset)
+    prepare_output_dir(out_dir)
+    check_settings(out_dir, patch_settings(args, dataset), args.overwrite)
     write_run_args(out_dir, args)
     log.info(f"{dataset}: {len(cases)} cases ({args.split}), {args.patch_size}^3 patches, at most {args.max_patches} each -> {out_dir}")
     process = functools.partial(
@@ -103,7 +111,7 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return max(run_dataset(args, dataset) for dataset in args.datasets)
+    return max(guard_stage(functools.partial(run_dataset, args, dataset)) for dataset in args.datasets)
 
 
 if __name__ == "__main__":

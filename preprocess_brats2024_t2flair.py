@@ -17,10 +17,10 @@ import functools
 import sys
 from pathlib import Path
 
-from strokeseg.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, preprocess_brats_case
-from strokeseg.io import CaseError, load_npz
-from strokeseg.runner import CaseResult, add_run_arguments, finish, get_logger, run_cases, write_run_args
-from strokeseg.splits import write_stage_splits
+from strokeseg.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
+from strokeseg.io import load_npz
+from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,36 +31,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-fraction", type=float, default=0.1, help="share of patients held out as the fixed test set (default 0.1; the paper does not state it)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the splits (default 42)")
     add_run_arguments(parser)
+    add_rebuild_splits_argument(parser)
     return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Preprocess every visit (unless ``--rebuild-splits``), then write or keep the splits; the exit status."""
+    settings = {
+        "brats_dir": str(args.brats_dir.resolve()), "target_shape": list(args.target_shape),
+        "test_fraction": args.test_fraction, "seed": args.seed,
+    }
+    if args.rebuild_splits:
+        check_settings(args.output_dir, settings, overwrite=False, may_change=SPLIT_SETTINGS)
+        case_ids, status, voxels = cases_on_disk(args.output_dir), 0, {}
+    else:
+        cases = {case.case_id: case for case in discover_brats_cases(args.brats_dir)}
+        prepare_output_dir(args.output_dir)
+        check_settings(args.output_dir, settings, args.overwrite)
+        write_run_args(args.output_dir, args)
+        n_patients = len({c.patient_id for c in cases.values()})
+        get_logger().info(f"{len(cases)} BraTS visits of {n_patients} patients under {args.brats_dir}; target shape {tuple(args.target_shape)}")
+        process = functools.partial(
+            preprocess_brats_case, output_dir=args.output_dir, target_shape=tuple(args.target_shape), overwrite=args.overwrite
+        )
+        report = run_cases(cases, process, workers=args.workers, desc="BraTS")
+        status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": BRATS2024.name, "keys": list(BRATS_KEYS)})
+        case_ids, voxels = report.with_output(), {r.case_id: r.info["lesion_voxels"] for r in report.results if "lesion_voxels" in r.info}
+
+    # Tumour volume on the common output grid orders the cases for stratification.
+    def volume(case_id: str) -> float:
+        if case_id in voxels:
+            return voxels[case_id]
+        return load_npz(args.output_dir / f"{case_id}.npz", keys=("mask",))["mask"].sum()
+
+    groups = {case_id: patient_id(case_id) for case_id in case_ids}
+    splits_path = args.output_dir / BRATS2024.splits_name
+    overwrite = args.overwrite or args.rebuild_splits
+    return max(status, write_stage_splits(splits_path, case_ids, volume, BRATS2024.name, args.test_fraction, args.seed, overwrite, groups))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log = get_logger()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_run_args(args.output_dir, args)
-    try:
-        cases = {case.case_id: case for case in discover_brats_cases(args.brats_dir)}
-    except CaseError as err:
-        log.info(f"ERROR {err}")
-        return 1
-    n_patients = len({c.patient_id for c in cases.values()})
-    log.info(f"{len(cases)} BraTS visits of {n_patients} patients under {args.brats_dir}; target shape {tuple(args.target_shape)}")
-    process = functools.partial(
-        preprocess_brats_case, output_dir=args.output_dir, target_shape=tuple(args.target_shape), overwrite=args.overwrite
-    )
-    report = run_cases(cases, process, workers=args.workers, desc="BraTS")
-    status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": BRATS2024.name, "keys": list(BRATS_KEYS)})
-
-    # Tumour volume on the common output grid orders the cases for stratification.
-    def volume(result: CaseResult) -> float:
-        if "lesion_voxels" in result.info:
-            return result.info["lesion_voxels"]
-        return load_npz(args.output_dir / f"{result.case_id}.npz", keys=("mask",))["mask"].sum()
-
-    groups = {case_id: case.patient_id for case_id, case in cases.items()}
-    splits = write_stage_splits(args.output_dir / BRATS2024.splits_name, report, volume, BRATS2024.name, args.test_fraction, args.seed, args.overwrite, groups)
-    return max(status, splits)
+    return guard_stage(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from strokeseg.isles import IslesSettings, add_isles_arguments, preprocess_isles
+from strokeseg.runner import guard_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = IslesSettings(tuple(args.target_shape), args.margin, with_bbox=True, test_fraction=args.test_fraction, seed=args.seed)
-    return preprocess_isles(args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args))
+    return guard_stage(lambda: preprocess_isles(
+        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits
+    ))
 
 
 if __name__ == "__main__":

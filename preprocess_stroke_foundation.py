@@ -28,8 +28,8 @@ from strokeseg.foundation import (
     preprocess_foundation_case,
 )
 from strokeseg.io import CaseError, read_json
-from strokeseg.runner import add_run_arguments, finish, get_logger, run_cases, write_run_args
-from strokeseg.splits import write_stage_splits
+from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
 
 
 def _name_path(text: str) -> tuple[str, str]:
@@ -48,29 +48,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-fraction", type=float, default=0.15, help="share of cases held out as the fixed test set (default 0.15)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the splits (default 42)")
     add_run_arguments(parser)
+    add_rebuild_splits_argument(parser)
     return parser.parse_args(argv)
 
 
-def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse.Namespace) -> int:
-    """Preprocess one dataset into ``<output_base_dir>/<name>/``; returns its exit status."""
-    log = get_logger()
-    out_dir = config.output_base_dir / dataset.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_run_args(out_dir, {**vars(args), "resolved_config": config.as_dict()})
-    try:
-        cases = discover_foundation_cases(dataset)
-    except CaseError as err:
-        log.info(f"ERROR {err}")
-        return 1
-    log.info(f"{dataset.name}: {len(cases)} cases under {dataset.data_dir} -> {out_dir}")
-    process = functools.partial(preprocess_foundation_case, output_dir=out_dir, settings=config.preprocessing, overwrite=args.overwrite)
-    report = run_cases(cases, process, workers=args.workers, desc=dataset.name)
-    extra = {"dataset": dataset.name, "keys": list(FOUNDATION_KEYS), "preprocessing": config.as_dict()["preprocessing"]}
-    status = finish(out_dir / f"{dataset.name}_summary.json", report, extra)
+def dataset_settings(dataset: DatasetConfig, config: FoundationConfig, args: argparse.Namespace) -> dict:
+    """The settings that shape ``<output_base_dir>/<name>/`` (``use_gpu`` only picks the device)."""
+    preprocessing = {k: v for k, v in config.as_dict()["preprocessing"].items() if k != "use_gpu"}
+    return {
+        "dataset": dataset.name, "data_dir": str(dataset.data_dir.resolve()), "image_pattern": dataset.image_pattern,
+        "mask_pattern": dataset.mask_pattern, "id_markers": list(dataset.id_markers), "preprocessing": preprocessing,
+        "test_fraction": args.test_fraction, "seed": args.seed,
+    }
 
-    volume = lambda r: read_json(out_dir / f"{r.case_id}_metadata.json")["lesion_ml"]  # noqa: E731
+
+def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse.Namespace) -> int:
+    """Preprocess one dataset into ``<output_base_dir>/<name>/`` (or only rebuild its splits);
+    returns its exit status. Raises :class:`CaseError` for a run-level problem."""
+    out_dir = config.output_base_dir / dataset.name
+    if args.rebuild_splits:
+        check_settings(out_dir, dataset_settings(dataset, config, args), overwrite=False, may_change=SPLIT_SETTINGS)
+        case_ids, status = cases_on_disk(out_dir, "_metadata.json"), 0
+    else:
+        cases = discover_foundation_cases(dataset)
+        prepare_output_dir(out_dir)
+        check_settings(out_dir, dataset_settings(dataset, config, args), args.overwrite)
+        write_run_args(out_dir, {**vars(args), "resolved_config": config.as_dict()})
+        get_logger().info(f"{dataset.name}: {len(cases)} cases under {dataset.data_dir} -> {out_dir}")
+        process = functools.partial(preprocess_foundation_case, output_dir=out_dir, settings=config.preprocessing, overwrite=args.overwrite)
+        report = run_cases(cases, process, workers=args.workers, desc=dataset.name)
+        extra = {"dataset": dataset.name, "keys": list(FOUNDATION_KEYS), "preprocessing": config.as_dict()["preprocessing"]}
+        status = finish(out_dir / f"{dataset.name}_summary.json", report, extra)
+        case_ids = report.with_output()
+    volume = lambda case_id: read_json(out_dir / f"{case_id}_metadata.json")["lesion_ml"]  # noqa: E731
     splits = out_dir / foundation_splits_name(dataset.name)
-    return max(status, write_stage_splits(splits, report, volume, dataset.name, args.test_fraction, args.seed, args.overwrite))
+    overwrite = args.overwrite or args.rebuild_splits
+    return max(status, write_stage_splits(splits, case_ids, volume, dataset.name, args.test_fraction, args.seed, overwrite))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for dataset in config.datasets:
         if args.datasets is None or dataset.name in args.datasets:
-            status = max(status, run_dataset(dataset, config, args))
+            status = max(status, guard_stage(functools.partial(run_dataset, dataset, config, args)))
     return status
 
 

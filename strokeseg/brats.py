@@ -17,10 +17,10 @@ import numpy as np
 
 from .datasets import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_label_map, resample_to_shape, zscore
-from .io import CaseError, check_same_grid, load_nifti, save_npz
+from .io import CaseError, check_same_grid, load_image, load_nifti, save_npz
 from .runner import CaseResult
 
-__all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "preprocess_brats_case"]
+__all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "patient_id", "preprocess_brats_case"]
 
 BRATS_KEYS = ("image", "mask")
 SEG_LABELS = (0, 1, 2, 3, 4)
@@ -45,8 +45,16 @@ def _find_files(case_dir: Path, suffix: str) -> list[Path]:
     return sorted(p for p in case_dir.iterdir() if p.is_file() and p.name.lower() in wanted)
 
 
+def patient_id(case_id: str) -> str:
+    """The 5-digit patient of a ``BraTS-GLI-PPPPP-VVV`` case id; :class:`CaseError` for another name."""
+    match = _CASE_DIR.match(case_id)
+    if not match:
+        raise CaseError(f"{case_id}: not a BraTS-GLI-PPPPP-VVV case id")
+    return match.group(1)
+
+
 def _case_from_dir(case_dir: Path) -> BratsCase:
-    patient = _CASE_DIR.match(case_dir.name).group(1)
+    patient = patient_id(case_dir.name)
     t2f, seg = _find_files(case_dir, "t2f"), _find_files(case_dir, "seg")
     problem = ""
     for kind, hits in (("t2f", t2f), ("seg", seg)):
@@ -100,11 +108,9 @@ def preprocess_brats_case(
         raise CaseError(f"{case.case_id}: no T2-FLAIR file ({case.case_id}-t2f.nii.gz)")
     if case.seg is None:
         raise CaseError(f"{case.case_id}: no segmentation file ({case.case_id}-seg.nii.gz)")
-    flair = load_nifti(case.t2f)
+    flair = load_image(case.t2f)
     seg = load_nifti(case.seg)
     check_same_grid(flair, "T2-FLAIR", (seg,))
-    if not flair.data.any():
-        raise CaseError(f"{flair.path}: empty image (no non-zero voxel)")
     tumour = (as_label_map(seg.data, SEG_LABELS, seg.path) > 0).astype(np.uint8)
     mask = resample_to_shape(tumour, target_shape, is_label=True)
     image = zscore(resample_to_shape(flair.data, target_shape, is_label=False))

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import AugmentConfig, augment_sample
-from .io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap
+from .io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap, npz_shapes
 from .patches import extract_patch, lesion_centers, random_centers, tissue_centers
 
 __all__ = [
@@ -364,11 +364,20 @@ class TrainingSet(Dataset):
 
     def sample_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of one sample: image (C, P, P, P) and mask (P, P, P), or the first case's
-        whole-volume shapes when the patch covers it."""
+        whole-volume shapes when the patch covers it. Raises :class:`CaseError` naming both
+        files when another case's samples would have another shape (volumes of mixed shapes
+        not larger than the patch cannot share a batch)."""
         case = self.cases[0]
         arrays = open_npz(case.path, case.keys)
         shape = _check_shapes(case, arrays)
         spatial = sample_shape(self.patch_size, shape)
+        for other in self.cases[1:]:
+            other_shape = npz_shapes(other.path, (other.mask_key,))[other.mask_key]
+            if sample_shape(self.patch_size, other_shape) != spatial:
+                raise CaseError(
+                    f"{other.path}: volume shape {other_shape} differs from {shape} of {case.path}, and the patch "
+                    f"{self.patch_size} covers one of them whole: preprocess every case to one --target-shape"
+                )
         return (len(case.image_keys), *spatial), spatial
 
     def _case_pools(self, case_index: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -532,10 +541,10 @@ class BatchLoader:
     def __init__(self, dataset: TrainingSet, sampler: EpochSampler, workers: int):
         batch_size = sampler.batch_size
         self.buffers: SharedBatches | None = None
+        image_shape, mask_shape = dataset.sample_shapes()  # checks that every case gives this shape
         if workers == 0:
             self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
             return
-        image_shape, mask_shape = dataset.sample_shapes()
         self.buffers = SharedBatches(workers, batch_size, image_shape, mask_shape)
         self.loader = DataLoader(
             _SlotFiller(dataset, self.buffers),

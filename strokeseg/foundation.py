@@ -31,7 +31,7 @@ from .geometry import (
     zscore,
 )
 from .datasets import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
-from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_nifti, load_npz, read_json, save_npz, write_json
+from .io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
 from .runner import CaseResult
 
 __all__ = [
@@ -280,15 +280,9 @@ class FoundationItem:
     problem: str = ""
 
 
-def _glob_files(root: Path, pattern: str) -> list[Path]:
-    # names starting with "." are temporary files of atomic writes, not inputs; "" matches nothing
-    if not pattern:
-        return []
-    return sorted(p for p in root.glob(pattern) if p.is_file() and not p.name.startswith("."))
-
-
 def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True) -> dict[str, FoundationItem]:
-    """Pair the files matching the image and mask patterns (recursive ``**``) by case id.
+    """Pair the files matching the image and mask patterns (recursive ``**``, following symbolic
+    links to folders, each folder once; an empty pattern matches nothing) by case id.
 
     A file matching both patterns counts as a mask. An image without a mask (unless not
     ``require_masks``), a mask without an image, or two files of one kind for a case give an
@@ -298,9 +292,9 @@ def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True
     root = dataset.data_dir
     if not root.is_dir():
         raise CaseError(f"{dataset.name}: data_dir {root} not found")
-    masks = _glob_files(root, dataset.mask_pattern)
+    masks = glob_files(root, dataset.mask_pattern)
     mask_set = set(masks)
-    images = [p for p in _glob_files(root, dataset.image_pattern) if p not in mask_set]
+    images = [p for p in glob_files(root, dataset.image_pattern) if p not in mask_set]
     if not images and not masks:
         raise CaseError(f"{dataset.name}: no file under {root} matches {dataset.image_pattern!r} or {dataset.mask_pattern!r}")
     found: dict[str, dict[str, list[Path]]] = {}
@@ -477,7 +471,7 @@ def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tup
     image and the mask uint8 (X, Y, Z) or None. Raises :class:`CaseError` naming the file."""
     if item.problem:
         raise CaseError(item.problem)
-    image = load_nifti(item.image)
+    image = load_image(item.image)
     if item.mask is None and not require_mask:
         return image, None
     mask = load_nifti(item.mask, dtype=None)  # mask labels checked in their own type
@@ -499,6 +493,17 @@ def normalise_foundation_case(
     return NormalisedT1(normalised, brain, lesion, affine, spacing, bounds)
 
 
+def _finished(npz_path: Path, meta_path: Path) -> bool:
+    """Both outputs of a case exist and agree: the metadata (written second) records the CRC-32
+    of each member of this very .npz, so a crash between the two writes of a rerun is redone."""
+    if not (npz_path.exists() and meta_path.exists()):
+        return False
+    try:
+        return read_json(meta_path).get("npz_crc32") == npz_member_crcs(npz_path)
+    except (CaseError, AttributeError):
+        return False
+
+
 def preprocess_foundation_case(
     item: FoundationItem, output_dir: Path, settings: PreprocessingConfig, overwrite: bool
 ) -> CaseResult:
@@ -513,12 +518,13 @@ def preprocess_foundation_case(
     ``.npz`` keys, all (X, Y, Z): ``image`` float32, ``lesion_mask`` uint8 {0,1}, ``brain_mask``
     uint8 {0,1}. The metadata holds ids, source paths, shape, spacing (mm), affine (4x4), their
     originals, lesion volume (voxels and ml, output and native grid), ``has_lesion`` and the
-    settings. Skipped when both outputs exist and not ``overwrite``.
+    settings and ``npz_crc32`` (member -> CRC-32 of the .npz). Skipped when both outputs exist
+    and agree, and not ``overwrite``.
     """
     if item.problem:
         raise CaseError(item.problem)
     npz_path, meta_path = output_dir / f"{item.case_id}.npz", output_dir / f"{item.case_id}_metadata.json"
-    if npz_path.exists() and meta_path.exists() and not overwrite:
+    if not overwrite and _finished(npz_path, meta_path):
         return CaseResult(item.case_id, "skipped", reason="output exists (use --overwrite)")
     image, native_lesion = read_foundation_case(item)
     device = compute_device(settings.use_gpu)
@@ -549,6 +555,7 @@ def preprocess_foundation_case(
         "brain_voxels": int(case.brain.sum()),
         "clip_bounds": list(case.clip_bounds),
         "preprocessing": {**asdict(settings), "device": str(device or "cpu"), "brain_mask": "image > brain_threshold, holes filled"},
+        "npz_crc32": npz_member_crcs(npz_path),  # ties this metadata to this very .npz (see _finished)
     }
     write_json(meta_path, metadata)
     info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape)}

@@ -9,6 +9,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import struct
 import tempfile
 import zipfile
@@ -33,6 +34,12 @@ __all__ = [
     "write_text",
     "read_json",
     "load_nifti",
+    "load_image",
+    "check_image_content",
+    "npz_shapes",
+    "npz_member_crcs",
+    "walk_files",
+    "glob_files",
     "save_nifti",
     "affines_match",
     "check_same_grid",
@@ -60,16 +67,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     glob. Writers must therefore not infer the format from the name (pass it explicitly).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as err:
+        raise _write_error(err, path) from err
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from a shared group
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from a shared group
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except OSError as err:  # full disk, quota, read-only folder: name the output, not the temporary
+            raise _write_error(err, path) from err
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    """``err`` as an OSError of the same errno (so ``PermissionError`` stays one) naming ``path``."""
+    if err.errno is None:
+        return OSError(f"cannot write {path}: {one_line(err)}")
+    return OSError(err.errno, f"cannot write {path}: {err.strerror or one_line(err)}")
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress: bool = True) -> None:
@@ -144,6 +164,45 @@ def _verify_member(path: str | os.PathLike, key: str, info: zipfile.ZipInfo, dat
     _VERIFIED.add(stamp)
 
 
+def _read_npy_header(stream: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy array starting at ``stream``'s position."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+def npz_shapes(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Shapes of members of an .npz, read from the array headers only (cheap even when compressed).
+
+    Raises :class:`CaseError` naming the file when it is unreadable or a key is missing.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            shapes = {}
+            for key in keys:
+                if f"{key}.npy" not in archive.namelist():
+                    raise CaseError(f"{path}: missing key {key!r}")
+                with archive.open(f"{key}.npy") as member:
+                    shape, _, _ = _read_npy_header(member)
+                shapes[key] = tuple(int(n) for n in shape)
+            return shapes
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        if isinstance(err, CaseError):
+            raise
+        raise CaseError(f"{path}: unreadable .npz ({one_line(err)})") from err
+
+
+def npz_member_crcs(path: str | os.PathLike) -> dict[str, int]:
+    """CRC-32 of every member of an .npz, read from its zip directory (no data is read): a cheap
+    fingerprint of its content. Raises :class:`CaseError` naming the file when it is unreadable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {info.filename: info.CRC for info in archive.infolist()}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise CaseError(f"{path}: unreadable .npz ({one_line(err)})") from err
+
+
 def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.memmap]:
     """Memory-map members of an uncompressed .npz (written with ``compress=False``).
 
@@ -168,11 +227,7 @@ def load_npz_mmap(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, n
                 name_len, extra_len = struct.unpack("<HH", raw.read(4))
                 data_offset = info.header_offset + 30 + name_len + extra_len
                 raw.seek(data_offset)
-                version = np.lib.format.read_magic(raw)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(raw)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(raw)
+                shape, fortran, dtype = _read_npy_header(raw)
                 if dtype.hasobject:
                     raise CaseError(f"{path}: member {key!r} holds objects (pickle), refused")
                 order = "F" if fortran else "C"
@@ -257,12 +312,84 @@ def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> Nift
         data = data[..., 0]
     if data.ndim != 3:
         raise CaseError(f"{path}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    if min(data.shape) < 2:
+        raise CaseError(f"{path}: shape {tuple(data.shape)} is not a volume (fewer than 2 voxels along an axis)")
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        kind = "RGB" if data.dtype.fields is not None else "complex" if data.dtype.kind == "c" else "non-numeric"
+        raise CaseError(f"{path}: {kind} voxel type {data.dtype}; expected one scalar intensity per voxel")
     data = np.asarray(data, dtype=dtype)
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = int(np.size(data) - np.isfinite(data).sum())
         raise CaseError(f"{path}: {bad} NaN/Inf voxel(s)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), zooms=zooms, path=path)
+
+
+# An image whose non-zero voxels are fewer than this fraction of the volume holds no usable anatomy.
+MIN_IMAGE_FOREGROUND = 0.001
+
+
+def check_image_content(volume: NiftiVolume) -> NiftiVolume:
+    """Refuse an intensity image without content: constant (all zero included) or with fewer
+    non-zero voxels than ``MIN_IMAGE_FOREGROUND`` of the volume. Returns ``volume``; raises
+    :class:`CaseError` naming the file."""
+    data = volume.data
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise CaseError(f"{volume.path}: constant image (every voxel is {low:g}): no image content")
+    nonzero = int(np.count_nonzero(data))
+    if nonzero < MIN_IMAGE_FOREGROUND * data.size:
+        raise CaseError(f"{volume.path}: near-empty image ({nonzero} non-zero of {data.size} voxels)")
+    return volume
+
+
+def load_image(path: str | os.PathLike) -> NiftiVolume:
+    """:func:`load_nifti` as float32, then :func:`check_image_content` (for intensity images,
+    never masks: a lesion mask may be empty)."""
+    return check_image_content(load_nifti(path))
+
+
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """Every regular file under ``root``, following symbolic links to folders (each real folder
+    is visited once, so a link loop ends), sorted; names starting with "." are skipped (the
+    temporary files of atomic writes, hidden files)."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found.extend(Path(folder, name) for name in files if not name.startswith(".") and os.path.isfile(os.path.join(folder, name)))
+    return sorted(found)
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob pattern (``**/`` any folders, ``*`` and ``?`` within one name, ``[...]`` sets) as a
+    regular expression matching a whole relative POSIX path."""
+    parts = re.split(r"(\*\*/|\*\*|\*|\?|\[[^\]]+\])", pattern)
+    return re.compile("".join(_glob_token(part) for part in parts) + r"\Z")
+
+
+def _glob_token(part: str) -> str:
+    tokens = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+    if part in tokens:
+        return tokens[part]
+    if part.startswith("[") and part.endswith("]") and len(part) > 2:
+        body = part[1:-1]
+        return "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+    return re.escape(part)
+
+
+def glob_files(root: str | os.PathLike, pattern: str) -> list[Path]:
+    """Files under ``root`` whose path relative to it matches the glob ``pattern`` (``**``
+    spans folders), like ``Path.glob`` but following symbolic links to folders (see
+    :func:`walk_files`)."""
+    regex = _glob_regex(pattern)
+    root = Path(root)
+    return [p for p in walk_files(root) if regex.match(p.relative_to(root).as_posix())]
 
 
 def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None = None) -> None:
@@ -311,6 +438,18 @@ def _umask() -> int:
     return mask
 
 
+_WORKER_TRACEBACK = re.compile(r"^Caught \w+ in (DataLoader worker process \d+)\.\s*\nOriginal Traceback", re.MULTILINE)
+
+
 def one_line(err: BaseException) -> str:
-    """An exception's message on one line (whitespace collapsed), or its type name if empty."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """An exception's message on one line (whitespace collapsed), or its type name if empty.
+
+    An error re-raised from a DataLoader worker carries the worker's whole traceback in its
+    message; only the original error's last line is kept, with the worker named.
+    """
+    text = str(err)
+    worker = _WORKER_TRACEBACK.match(text)
+    if worker:
+        last = text.strip().splitlines()[-1]
+        text = f"{last.split(': ', 1)[-1]} (in {worker.group(1)})"
+    return " ".join(text.split()) or type(err).__name__

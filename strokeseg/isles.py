@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,9 +18,11 @@ import numpy as np
 
 from .datasets import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
 from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_nifti, load_npz, save_npz
-from .runner import CaseResult, add_run_arguments, finish, get_logger, run_cases, write_run_args
-from .splits import write_stage_splits
+from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
+from .runner import (
+    CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
+)
+from .splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
 
 __all__ = [
     "IslesCase",
@@ -46,12 +48,20 @@ _FILE = re.compile(r"^(sub-[^_]+)_(ses-[^_]+)_(dwi|adc|msk)\.nii(\.gz)?$", re.IG
 
 @dataclass(frozen=True)
 class IslesCase:
-    """Paths of one ISLES case; a missing modality is None (reported when the case is processed)."""
+    """Paths of one ISLES case. A missing modality is None and a discovery problem (two files of
+    one kind) is a one-line ``problem``; both are reported when the case is read. ``root`` and
+    ``stem`` (``sub-X_ses-Y``) say where discovery looked, for that report."""
 
     case_id: str
     dwi: Path | None
     adc: Path | None
     mask: Path | None
+    problem: str = ""
+    root: Path | None = None
+    stem: str = ""
+
+
+_KIND_NAMES = {"dwi": "DWI", "adc": "ADC", "msk": "mask"}
 
 
 def _dataset_root(isles_dir: Path) -> Path:
@@ -60,47 +70,67 @@ def _dataset_root(isles_dir: Path) -> Path:
     return isles_dir.parent if isles_dir.name.lower() == "derivatives" else isles_dir
 
 
+def _find_isles_files(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]]:
+    """(subject, session) in lower case -> kind (dwi/adc/msk) -> files, following symbolic links.
+    Masks count only under a ``derivatives`` folder, images only outside it."""
+    found: dict[tuple[str, str], dict[str, list[Path]]] = {}
+    for path in walk_files(root):
+        match = _FILE.match(path.name)
+        if not match:
+            continue
+        kind = match.group(3).lower()
+        in_derivatives = any(part.lower() == "derivatives" for part in path.relative_to(root).parts)
+        if (kind == "msk") == in_derivatives:
+            key = (match.group(1).lower(), match.group(2).lower())  # letter case never splits a case
+            found.setdefault(key, {}).setdefault(kind, []).append(path)
+    return found
+
+
+def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) -> IslesCase:
+    """The case of one subject/session; its id is spelled as in its first image file."""
+    first = next(files[kind][0] for kind in ("dwi", "adc", "msk") if kind in files)
+    match = _FILE.match(first.name)
+    case_id = f"{match.group(1)}_{match.group(2)}" if with_session else match.group(1)
+    problem = ""
+    for kind in ("dwi", "adc", "msk"):
+        paths = files.get(kind, [])
+        if len(paths) > 1:
+            problem = problem or f"{case_id}: {len(paths)} {_KIND_NAMES[kind]} files: {', '.join(str(p) for p in paths)}"
+    single = {kind: files[kind][0] if files.get(kind) else None for kind in ("dwi", "adc", "msk")}
+    stem = f"{match.group(1)}_{match.group(2)}"
+    return IslesCase(case_id, single["dwi"], single["adc"], single["msk"], problem, root, stem)
+
+
 def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
     """Find every subject with any of DWI, ADC or mask under the dataset root, in either layout.
 
     Returns cases sorted by id (``sub-strokecaseNNNN``; the session is added only when a
-    subject has several). Raises :class:`CaseError` when nothing ISLES-like is found.
+    subject has several). Folders reached through symbolic links are searched (each once).
+    A missing or duplicated file (``X_dwi.nii`` beside ``X_dwi.nii.gz``) becomes the case's
+    ``problem``. Raises :class:`CaseError` when the folder is missing or nothing ISLES-like is found.
     """
     root = _dataset_root(Path(isles_dir))
-    found: dict[tuple[str, str], dict[str, Path]] = {}
-    for path in sorted(root.rglob("*")):
-        match = _FILE.match(path.name)
-        if not match or not path.is_file():
-            continue
-        sub, ses, kind = match.group(1), match.group(2), match.group(3).lower()
-        in_derivatives = any(part.lower() == "derivatives" for part in path.relative_to(root).parts)
-        if (kind == "msk") != in_derivatives:
-            continue  # masks live in derivatives/, images outside it
-        slot = found.setdefault((sub, ses), {})
-        if kind in slot:
-            raise CaseError(f"{path}: second {kind} file for {sub}/{ses} (first: {slot[kind]})")
-        slot[kind] = path
+    found = _find_isles_files(root)
     if not found:
         raise CaseError(f"{root}: no ISLES 2022 files (*_dwi/_adc/_msk.nii.gz) found")
     sessions_per_sub: dict[str, int] = {}
     for sub, _ in found:
         sessions_per_sub[sub] = sessions_per_sub.get(sub, 0) + 1
-    cases = [
-        IslesCase(
-            case_id=sub if sessions_per_sub[sub] == 1 else f"{sub}_{ses}",
-            dwi=files.get("dwi"),
-            adc=files.get("adc"),
-            mask=files.get("msk"),
-        )
-        for (sub, ses), files in found.items()
-    ]
+    cases = [_isles_case(root, files, sessions_per_sub[sub] > 1) for (sub, _), files in found.items()]
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _require(path: Path | None, what: str, case_id: str) -> Path:
-    if path is None:
-        raise CaseError(f"{case_id}: no {what} file found")
-    return path
+def _require(case: IslesCase, kind: str) -> Path:
+    """The case's file of ``kind`` (dwi, adc, msk); :class:`CaseError` saying where discovery
+    looked when there is none."""
+    path = {"dwi": case.dwi, "adc": case.adc, "msk": case.mask}[kind]
+    if path is not None:
+        return path
+    where = ""
+    if case.root is not None:
+        folder = f"{case.root / 'derivatives'}" if kind == "msk" else f"{case.root} outside derivatives/"
+        where = f" (looked for {case.stem}_{kind}.nii[.gz] under {folder})"
+    raise CaseError(f"{case.case_id}: no {_KIND_NAMES[kind]} file found{where}")
 
 
 @dataclass(frozen=True)
@@ -116,13 +146,15 @@ class IslesVolumes:
 def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
     """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case.
 
-    Raises :class:`CaseError` naming the file for a missing modality, an unreadable, non-3-D or
-    non-finite volume, a shape or affine (1e-3) differing from the DWI's, or mask values
-    other than 0/1.
+    Raises :class:`CaseError` naming the file for a missing or duplicated modality, an
+    unreadable, non-3-D or non-finite volume, a constant or near-empty DWI or ADC
+    (:func:`strokeseg.io.check_image_content`), a shape or affine (1e-3) differing from the
+    DWI's, or mask values other than 0/1.
     """
-    dwi = load_nifti(_require(case.dwi, "DWI", case.case_id))
-    adc = load_nifti(_require(case.adc, "ADC", case.case_id))
-    msk = load_nifti(_require(case.mask, "mask", case.case_id)) if require_mask or case.mask is not None else None
+    if case.problem:
+        raise CaseError(case.problem)
+    dwi, adc = load_image(_require(case, "dwi")), load_image(_require(case, "adc"))
+    msk = load_nifti(_require(case, "msk")) if require_mask or case.mask is not None else None
     check_same_grid(dwi, "DWI", (adc, msk) if msk is not None else (adc,))
     return IslesVolumes(dwi, adc, as_binary_mask(msk.data, msk.path) if msk is not None else None)
 
@@ -168,6 +200,8 @@ def preprocess_isles_case(
     ``original_shape``/``cropped_shape`` int64 (3,), ``original_affine`` float64 (4, 4),
     ``original_mask`` uint8 native grid, ``spacing`` float64 (3,) mm.
     """
+    if case.problem:
+        raise CaseError(case.problem)
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
@@ -192,6 +226,7 @@ def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=int, default=4, help="voxels kept around the DWI brain bounding box (default 4)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of cases held out as the fixed test set (default 0.2: 50 of 250)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the splits (default 42)")
+    add_rebuild_splits_argument(parser)
     add_run_arguments(parser)
 
 
@@ -207,20 +242,49 @@ class IslesSettings:
     test_fraction: float = 0.2
     seed: int = 42
 
+    def recorded(self, isles_dir: Path) -> dict[str, Any]:
+        """What shapes an output folder (see :func:`strokeseg.runner.check_settings`): these
+        settings and the resolved dataset root (so ``ROOT`` and ``ROOT/derivatives`` agree)."""
+        root = _dataset_root(Path(isles_dir)).resolve()
+        return {"isles_dir": str(root), **asdict(self), "target_shape": list(self.target_shape)}
+
 
 def preprocess_isles(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any]
+    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
+    rebuild_splits: bool = False,
 ) -> int:
-    """Discover and preprocess every case into ``output_dir``; write ``run_args.json`` (``run_args``:
-    the script's arguments), ``preprocessing_summary.json`` and ``isles2022_splits_5fold.json``
-    (stratified by the native lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages
-    write the same file for the same cases and seed; an existing file is kept unless
-    ``overwrite``). Returns the exit
-    status: 1 when any case failed or no splits could be written."""
+    """Discover and preprocess every case into ``output_dir`` (:func:`_preprocess_cases`), then
+    write ``isles2022_splits_5fold.json`` over the cases with output (stratified by the native
+    lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages write the same file for the
+    same cases and seed; an existing file is kept unless ``overwrite``). With ``rebuild_splits``
+    nothing is preprocessed: the folds are dealt again from every case on disk (the folder's
+    recorded settings must match, except the splits' own). Returns the exit status: 1 when any
+    case failed or no splits could be written. Raises :class:`CaseError` for a missing or empty
+    ``isles_dir``, an unusable output folder, or a folder made with other settings."""
+    if rebuild_splits:
+        check_settings(output_dir, settings.recorded(isles_dir), overwrite=False, may_change=SPLIT_SETTINGS)
+        case_ids, status = cases_on_disk(output_dir), 0
+    else:
+        case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args)
+    volume = lambda case_id: lesion_volumes_ml(output_dir, [case_id])[case_id]  # noqa: E731
+    # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
+    splits = write_stage_splits(
+        output_dir / ISLES2022.splits_name, case_ids, volume, ISLES2022.name, settings.test_fraction, settings.seed,
+        overwrite or rebuild_splits, required=not settings.with_bbox,
+    )
+    return max(status, splits)
+
+
+def _preprocess_cases(
+    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any]
+) -> tuple[list[str], int]:
+    """Every case into ``output_dir`` after the folder's settings check; writes ``run_args.json``
+    and ``preprocessing_summary.json``. Returns the ids with output and the exit status."""
     log = get_logger()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_run_args(output_dir, dict(run_args))
     cases = {case.case_id: case for case in discover_isles_cases(isles_dir)}
+    prepare_output_dir(output_dir)
+    check_settings(output_dir, settings.recorded(isles_dir), overwrite)
+    write_run_args(output_dir, dict(run_args))
     log.info(f"{len(cases)} ISLES cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
     process = functools.partial(
         preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
@@ -229,13 +293,7 @@ def preprocess_isles(
     report = run_cases(cases, process, workers=workers, desc="ISLES")
     keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
     status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
-    volume = lambda r: lesion_volumes_ml(output_dir, [r.case_id])[r.case_id]  # noqa: E731
-    # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
-    splits = write_stage_splits(
-        output_dir / ISLES2022.splits_name, report, volume, ISLES2022.name, settings.test_fraction, settings.seed, overwrite,
-        required=not settings.with_bbox,
-    )
-    return max(status, splits)
+    return report.with_output(), status
 
 
 def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]:

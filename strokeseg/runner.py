@@ -8,11 +8,15 @@ run in worker processes, then calls :func:`run_cases` and :func:`finish`.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import logging
+import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -21,7 +25,7 @@ import torch
 
 from tqdm import tqdm
 
-from .io import CaseError, one_line, write_json
+from .io import CaseError, one_line, read_json, write_json
 
 __all__ = [
     "CaseResult",
@@ -32,6 +36,10 @@ __all__ = [
     "write_run_args",
     "finish",
     "add_run_arguments",
+    "SETTINGS_NAME",
+    "check_settings",
+    "prepare_output_dir",
+    "guard_stage",
 ]
 
 LOG = logging.getLogger("strokeseg")
@@ -83,6 +91,10 @@ class RunReport:
     def n_failed(self) -> int:
         return len(self.by_status("failed"))
 
+    def with_output(self) -> list[str]:
+        """Ids of the cases whose output is on disk (done, or skipped because it exists)."""
+        return [r.case_id for r in self.results if r.status in ("done", "skipped")]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "n_cases": len(self.results),
@@ -120,6 +132,9 @@ def _single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
+WORKER_DIED = "worker process died on this case (out-of-memory killer or kill -9?); rerun to retry it, or use fewer --workers"
+
+
 def run_cases(
     cases: Mapping[str, Any],
     process: Callable[[Any], CaseResult],
@@ -130,23 +145,72 @@ def run_cases(
 
     With ``workers`` > 1 the cases run in that many spawned processes (spawn, not fork, so
     OpenMP/BLAS thread pools of the parent cannot deadlock a child). Exceptions become
-    ``failed`` results with a one-line reason; ``process`` may itself return ``skipped``.
+    ``failed`` results with a one-line reason; ``process`` may itself return ``skipped``. A
+    worker that dies (out-of-memory killer, ``kill -9``) breaks its pool: the cases it left
+    unfinished run again in a new pool, except the one it died on, which fails (see
+    :func:`_run_in_pools`).
     """
     log = get_logger()
     results: list[CaseResult] = []
     total = len(cases)
+
+    def record(result: CaseResult) -> None:
+        results.append(result)
+        _log_result(log, len(results), total, result)
+
     if workers <= 1 or total <= 1:
         for case_id, item in progress(cases.items(), total=total, desc=desc):
-            results.append(_run_one(process, case_id, item))
-            _log_result(log, len(results), total, results[-1])
-        return RunReport(results)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_threaded_worker) as pool:
-        futures = [pool.submit(_run_one, process, case_id, item) for case_id, item in cases.items()]
-        for future in progress(as_completed(futures), total=total, desc=desc):
-            results.append(future.result())
-            _log_result(log, len(results), total, results[-1])
+            record(_run_one(process, case_id, item))
+    else:
+        _run_in_pools(cases, process, workers, record, desc)
     return RunReport(results)
+
+
+def _run_in_pools(
+    cases: Mapping[str, Any], process: Callable[[Any], CaseResult], workers: int, record: Callable[[CaseResult], None], desc: str
+) -> None:
+    """Run every case in pools of ``workers`` processes until each has a result.
+
+    Each worker notes the case it starts in a file named by its pid, so after a worker died the
+    cases that were in flight are known; each is rerun alone in a one-process pool, where a
+    second death pins it down (failed, :data:`WORKER_DIED`). The other unfinished cases go back
+    to a full pool. Every round finishes at least one case, so this ends.
+    """
+    pending = list(cases)
+    with tempfile.TemporaryDirectory(prefix="strokeseg-cases-") as marks:
+        while pending:
+            left = _run_pool({c: cases[c] for c in pending}, process, workers, record, Path(marks), desc)
+            started = {p.read_text() for p in Path(marks).iterdir()}
+            suspects = [c for c in left if c in started] or left[:1]
+            for case_id in suspects:
+                if _run_pool({case_id: cases[case_id]}, process, 1, record, Path(marks), case_id):
+                    record(CaseResult(case_id, "failed", reason=WORKER_DIED))
+            pending = [c for c in left if c not in suspects]
+
+
+def _run_pool(
+    cases: Mapping[str, Any], process: Callable[[Any], CaseResult], workers: int,
+    record: Callable[[CaseResult], None], marks: Path, desc: str,
+) -> list[str]:
+    """One pool over ``cases``; returns the ids left without a result because a worker died."""
+    for old in marks.iterdir():
+        old.unlink()
+    context = multiprocessing.get_context("spawn")
+    left = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_threaded_worker) as pool:
+        futures = {pool.submit(_run_marked, process, case_id, item, marks): case_id for case_id, item in cases.items()}
+        for future in progress(as_completed(futures), total=len(futures), desc=desc):
+            try:
+                record(future.result())
+            except BrokenProcessPool:
+                left.append(futures[future])
+    return sorted(left, key=list(cases).index)
+
+
+def _run_marked(process: Callable[[Any], CaseResult], case_id: str, item: Any, marks: Path) -> CaseResult:
+    """:func:`_run_one` in a worker, after noting ``case_id`` in ``marks/<pid>``."""
+    (marks / str(os.getpid())).write_text(case_id)
+    return _run_one(process, case_id, item)
 
 
 def write_run_args(out_dir: str | Path, args: argparse.Namespace | dict, name: str = "run_args.json") -> None:
@@ -171,7 +235,69 @@ def finish(summary_path: str | Path, report: RunReport, extra: dict[str, Any] | 
     return 1 if report.n_failed else 0
 
 
+SETTINGS_NAME = "stage_settings.json"
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_settings(out_dir: Path, settings: Mapping[str, Any], overwrite: bool, may_change: tuple[str, ...] = ()) -> None:
+    """Make sure every output in ``out_dir`` comes from the same ``settings``.
+
+    ``settings``: the values that shape the outputs (input folder, target shape, margin,
+    config...), never those that do not (workers, output folder). The first run records them in
+    ``out_dir/stage_settings.json`` (atomically, before its first case); a later run must pass
+    the same ones. With ``overwrite`` the new settings replace the record (every case is then
+    redone); keys in ``may_change`` (the splits' seed when only the splits are rebuilt) may
+    differ and are updated. Raises :class:`CaseError` naming the folder and each differing setting.
+    """
+    path = Path(out_dir) / SETTINGS_NAME
+    wanted = _jsonable(dict(settings))
+    if path.exists() and not overwrite:
+        recorded = read_json(path)
+        differing = [
+            f"{key}: {json.dumps(recorded.get(key))} there, {json.dumps(wanted.get(key))} now"
+            for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key) and key not in may_change
+        ]
+        if differing:
+            raise CaseError(
+                f"{out_dir}: holds outputs made with other settings ({'; '.join(differing)}); "
+                "pass --overwrite to redo every case with the new ones, or choose another output folder"
+            )
+        if recorded == wanted:
+            return
+    write_json(path, wanted)
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` (and parents); :class:`CaseError` naming it when it is a file or not
+    writable. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CaseError(f"{out_dir}: output path exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaseError(f"{out_dir}: cannot create the output folder ({err.strerror or one_line(err)})") from err
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise CaseError(f"{out_dir}: output folder is not writable")
+    return out_dir
+
+
+def guard_stage(body: Callable[[], int]) -> int:
+    """Run a stage's ``body``; bad input (:class:`CaseError`) and failed reads or writes
+    (OSError: a full disk, a read-only folder, each naming its path) become one ``ERROR`` line
+    and exit status 1 instead of a traceback."""
+    try:
+        return body()
+    except (CaseError, OSError) as err:
+        get_logger().info(f"ERROR {one_line(err)}")
+        return 1
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every per-case stage shares: ``--workers`` and ``--overwrite``."""
     parser.add_argument("--workers", type=int, default=1, help="cases processed in parallel processes (default 1)")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists (default: skip them)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists (default: skip them); needed to rerun into a folder made with other settings")

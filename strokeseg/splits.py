@@ -9,6 +9,7 @@ similar volume) and optionally grouped (all visits of one patient go to the same
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -16,9 +17,26 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .io import CaseError, read_json, write_json
-from .runner import CaseResult, RunReport, get_logger
+from .runner import get_logger
 
-__all__ = ["Split", "make_splits", "load_split", "validate_splits", "write_splits_once", "write_stage_splits"]
+__all__ = [
+    "Split",
+    "make_splits",
+    "load_split",
+    "validate_splits",
+    "write_splits_once",
+    "write_stage_splits",
+    "SPLIT_SETTINGS",
+    "add_rebuild_splits_argument",
+    "cases_on_disk",
+]
+
+# Stage settings that shape only the splits file: --rebuild-splits may change them.
+SPLIT_SETTINGS = ("test_fraction", "seed")
+REBUILD_HINT = (
+    "rerun the same command with --rebuild-splits to deal the folds again from every preprocessed case "
+    "(nothing is preprocessed again; the folds change, so retrain every fold)"
+)
 
 
 @dataclass(frozen=True)
@@ -189,12 +207,15 @@ def write_splits_once(
         existing = read_json(path)
         validate_splits(existing, source=path, groups=groups)
         listed = {c for per_ds in existing.values() for parts in per_ds.values() for ids in parts.values() for c in ids}
-        if listed != set(lesion_volumes):
+        unlisted, gone = sorted(set(lesion_volumes) - listed), sorted(listed - set(lesion_volumes))
+        if unlisted:
             log.info(
-                f"WARNING {path}: kept existing splits, but they list {len(listed)} cases and "
-                f"{len(lesion_volumes)} are preprocessed; pass --overwrite to rebuild them"
+                f"WARNING {path}: kept the existing folds; {len(unlisted)} preprocessed case(s) are in no fold, so no "
+                f"training, validation or test uses them: {unlisted[:10]}. To add them, {REBUILD_HINT}"
             )
-        else:
+        if gone:
+            log.info(f"WARNING {path}: {len(gone)} case(s) in the folds have no preprocessed output: {gone[:10]}")
+        if not unlisted and not gone:
             log.info(f"kept existing splits {path}")
         return existing
     splits = make_splits(lesion_volumes, dataset, test_fraction=test_fraction, seed=seed, groups=groups)
@@ -206,8 +227,8 @@ def write_splits_once(
 
 def write_stage_splits(
     path: Path,
-    report: RunReport,
-    lesion_volume: Callable[[CaseResult], float],
+    case_ids: Sequence[str],
+    lesion_volume: Callable[[str], float],
     dataset: str,
     test_fraction: float,
     seed: int,
@@ -215,20 +236,20 @@ def write_stage_splits(
     groups: Mapping[str, str] | None = None,
     required: bool = True,
 ) -> int:
-    """The last step of every preprocessing stage: :func:`write_splits_once` over the cases the
-    stage has output for (done, or skipped because the output exists).
+    """The last step of every preprocessing stage: :func:`write_splits_once` over ``case_ids``,
+    the cases with output in the stage's folder (done or skipped by this run, or every case on
+    disk with ``--rebuild-splits``, which passes ``overwrite``).
 
-    lesion_volume: a case's lesion volume (any fixed unit; it only orders the cases for
-    stratification) from its :class:`CaseResult`; groups: case id -> patient id (optional).
+    lesion_volume: a case id's lesion volume (any fixed unit; it only orders the cases for
+    stratification); groups: case id -> patient id (optional).
     Returns 0, or 1 after logging why: no case has output, or the splits cannot be made (with
     ``required`` False a NOTE is logged instead and 0 returned).
     """
     log = get_logger()
-    written = [r for r in report.results if r.status in ("done", "skipped")]
-    if not written:
+    if not case_ids:
         log.info(f"ERROR no case was preprocessed; {path} not written")
         return 1
-    volumes = {r.case_id: float(lesion_volume(r)) for r in written}
+    volumes = {case_id: float(lesion_volume(case_id)) for case_id in case_ids}
     try:
         write_splits_once(
             path, volumes, dataset=dataset, test_fraction=test_fraction, seed=seed,
@@ -238,3 +259,18 @@ def write_stage_splits(
         log.info(f"{'ERROR' if required else 'NOTE'} {dataset}: cannot write splits: {err}")
         return int(required)
     return 0
+
+
+def add_rebuild_splits_argument(parser: argparse.ArgumentParser) -> None:
+    """``--rebuild-splits``: the flag of every stage that writes a splits file."""
+    parser.add_argument(
+        "--rebuild-splits", action="store_true",
+        help="only deal the folds again from every case already preprocessed in the output folder (after a fixed "
+        "case was added), with the same other arguments; the folds change, so retrain every fold",
+    )
+
+
+def cases_on_disk(folder: Path, suffix: str = ".npz") -> list[str]:
+    """Case ids of the finished outputs ``<case><suffix>`` in ``folder`` (hidden temporary files
+    of atomic writes excluded), sorted."""
+    return sorted(p.name[: -len(suffix)] for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))

@@ -277,7 +277,7 @@ def _bad_dataset(source: Path, root: Path) -> dict[str, str]:
         "AFFINE": ((data, affine), (mask, shifted), "affine differs"),
         "NAN": ((nan_image, affine), (mask, affine), "NaN/Inf"),
         "LABELS": ((data, affine), (bad_labels, affine), "mask values must be 0/1"),
-        "EMPTY": ((np.zeros_like(data), affine), (mask, affine), "empty brain mask"),
+        "EMPTY": ((np.zeros_like(data), affine), (mask, affine), "constant image"),
         "GOOD2": ((data, affine), (mask, affine), ""),
     }
     for case_id, (img, msk, _) in variants.items():

@@ -173,7 +173,7 @@ def _bad_dataset(sample_dir: Path, root: Path) -> dict[str, str]:
         "nan": ({"dwi": (nan_dwi, affine)}, "NaN/Inf"),
         "fourd": ({"dwi": (np.stack([dwi, dwi], axis=-1), affine)}, "expected a 3-D volume"),
         "labels": ({"msk": (bad_mask, affine)}, "mask values must be 0/1"),
-        "empty": ({"dwi": (np.zeros_like(dwi), affine)}, "empty brain"),
+        "empty": ({"dwi": (np.zeros_like(dwi), affine)}, "constant image"),
         "good2": ({}, ""),
     }
     expected = {}

@@ -165,7 +165,8 @@ def bad_isles_missing_adc(request: pytest.FixtureRequest, tmp: Path) -> BadRun:
     (raw / "rawdata" / "sub-strokecase0004" / "ses-0001" / "sub-strokecase0004_ses-0001_adc.nii.gz").unlink()
     out = tmp / "out"
     return BadRun(preprocess_isles_WITH_BBOX.main, ["--isles-dir", str(raw / "derivatives"), "--output-dir", str(out), "--target-shape", *GRID],
-                  "^sub-strokecase0004: no ADC file found$", out / "preprocessing_summary.json",
+                  "^sub-strokecase0004: no ADC file found " + re.escape(f"(looked for sub-strokecase0004_ses-0001_adc.nii[.gz] under {raw} outside derivatives/)") + "$",
+                  out / "preprocessing_summary.json",
                   [out / "sub-strokecase0003.npz", out / "sub-strokecase0005.npz"], [out / "sub-strokecase0004.npz"])
 
 
