@@ -269,7 +269,7 @@ def test_same_patches_alone_in_a_batch_and_with_two_workers(patch_out: Path, fou
     _same_outputs(patch_out, workers / f"ATLAS_patches_{P}", cases)
 
 
-def test_centers_only_writes_what_training_reads(patch_out: Path, foundation_root: Path, tmp_path: Path) -> None:
+def test_centers_only_writes_what_training_reads(patch_out: Path, foundation_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "centres"
     assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--centers-only"]) == 0
     folder = out / f"ATLAS_patches_{P}"
@@ -287,12 +287,12 @@ def test_centers_only_writes_what_training_reads(patch_out: Path, foundation_roo
     summary = read_json(folder / f"ATLAS_{P}_summary.json")
     assert summary["centers_only"] is True and summary["keys"] == list(CENTERS_ONLY_KEYS)
     assert summary["lesion_free"] == [EMPTY_CASE] and summary["fallback"] == read_json(patch_out / f"ATLAS_{P}_summary.json")["fallback"]
-    # Another setting: a re-run without --centers-only fails every case (files kept) until --overwrite
+    # Another setting: a re-run without --centers-only is refused before any case (files kept) until --overwrite
     stamp = (folder / f"{cases[0]}.npz").stat().st_mtime_ns
+    capsys.readouterr()
     assert extract_patches_96x96x96.main(_args(foundation_root, out)) == 1
-    failed = {f["case_id"]: f["reason"] for f in read_json(folder / f"ATLAS_{P}_summary.json")["failed"]}
-    assert sorted(failed) == cases and (folder / f"{cases[0]}.npz").stat().st_mtime_ns == stamp
-    assert re.fullmatch(rf"{re.escape(str(folder / cases[0]))}\.npz: holds .*--centers-only differs.*use --overwrite to replace it", failed[cases[0]])
+    assert f"ERROR {folder}: holds outputs made with other settings (centers_only: true there, false now)" in capsys.readouterr().out
+    assert (folder / f"{cases[0]}.npz").stat().st_mtime_ns == stamp
     assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--overwrite"]) == 0
     assert set(load_npz(folder / f"{cases[0]}.npz")) == set(PATCH_KEYS)
     assert extract_patches_96x96x96.main(_args(foundation_root, out) + ["--centers-only"]) == 1  # and the reverse
