@@ -86,7 +86,8 @@ def test_item4_worker_killed_fails_its_case_and_the_others_finish(synthetic_isle
     splits = read_json(out / SPLITS)["fold_0"]["ISLES2022"]
     assert sorted(splits["train"] + splits["val"]) == [c for c in CASES if c != _stage_faults.DOOMED]
     summary = read_json(out / "preprocessing_summary.json")
-    assert (summary["n_done"], summary["n_failed"]) == (5, 1)
+    # a case the other worker finished while the pool broke is written; the new pool skips it
+    assert (summary["n_done"] + summary["n_skipped"], summary["n_failed"]) == (5, 1)
 
 
 # --------------------------------------------------------------------------- item 5
