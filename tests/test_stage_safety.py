@@ -324,7 +324,7 @@ def test_item15_mixed_volume_shapes_name_both_files(isles_train: Path, tmp_path:
     data = _copy(isles_train, tmp_path / "data")
     small = data / "sub-strokecase0005.npz"
     arrays = load_npz(small)
-    save_npz(small, {k: v[:12, :12, :12] for k, v in arrays.items()})
+    save_npz(small, {k: v[:12, :12, :12] if v.ndim == 3 else v for k, v in arrays.items()})
     capsys.readouterr()
     assert train_isles_resnet18.main(_train(data, tmp_path / "run", "--workers", "0")) == 2
     line = _one_error_line(capsys)
