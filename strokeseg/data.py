@@ -435,6 +435,7 @@ class EpochSampler(Sampler):
     def __init__(self, dataset: TrainingSet, batch_size: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.case_ids = [case.case_id for case in dataset.cases]
         self.n_cases = len(dataset.cases)
         self.per_case = dataset.samples_per_case
         self.chunk_cases = dataset.chunk_cases
@@ -452,10 +453,18 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return max(self.per_rank() - self.skip, 0)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def _rank_order(self) -> np.ndarray:
         order = epoch_order(self.n_cases, self.per_case, self.seed, self.epoch, self.chunk_cases)
-        for sample_id in rank_slice(order, self.rank, self.world_size, self.batch_size)[self.skip :]:
+        return rank_slice(order, self.rank, self.world_size, self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for sample_id in self._rank_order()[self.skip :]:
             yield (self.epoch, int(sample_id))
+
+    def batch_case_ids(self, step: int) -> list[str]:
+        """Case ids (sorted, each once) of this rank's batch ``step`` (0-based) of the current epoch."""
+        batch = self._rank_order()[step * self.batch_size : (step + 1) * self.batch_size]
+        return sorted({self.case_ids[int(sample_id) // self.per_case] for sample_id in batch})
 
 
 def _worker_init(worker_id: int) -> None:

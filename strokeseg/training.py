@@ -56,7 +56,7 @@ import socket
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -965,17 +965,31 @@ def _step(run: _Run, images: torch.Tensor, masks: torch.Tensor, stop: _StopFlag)
     loss = train_step(run.train_model, images, masks, run.optimizer, run.scaler, run.loss_fn, run.amp_dtype, s.grad_clip)
     n = images.shape[0]
     loss_sum, count, signalled = _all_sum([float(loss) * n, n, 1.0 if stop.signal_name else 0.0], run.ctx)
+    if not math.isfinite(loss_sum):  # on every rank at once (a sum): none waits for another
+        _diverged(run, float(loss))
     state.loss_sum += loss_sum
     state.loss_count += count
     state.step += 1
     return signalled > 0
 
 
+def _diverged(run: _Run, loss: float) -> NoReturn:
+    """Raise FloatingPointError naming the step and the cases of the batch whose ``loss`` (this
+    rank's) was not finite. The inputs were checked finite when their volumes were read, so the
+    training diverged."""
+    state = run.state
+    batch = f"cases {', '.join(run.sampler.batch_case_ids(state.step))}" if not math.isfinite(loss) else "a batch of another rank"
+    raise FloatingPointError(
+        f"training diverged: the loss became {loss if not math.isfinite(loss) else 'not finite'} at step {state.step + 1} "
+        f"of epoch {state.epoch + 1} ({batch}; inputs are finite): lower --lr or --grad-clip"
+    )
+
+
 def _train_epoch(run: _Run, stop: _StopFlag) -> bool:
     """Phase 2, one epoch: the steps of epoch ``run.state.epoch`` not yet done (a resumed epoch
     skips exactly the batches already trained on). False when a preemption signal arrived (the
-    state then stands after the last completed step); RuntimeError when the loader ends early
-    or the loss is not finite."""
+    state then stands after the last completed step); RuntimeError when the loader ends early,
+    FloatingPointError naming the batch's cases when the loss is not finite."""
     state = run.state
     run.epoch_started = time.perf_counter() - state.seconds
     run.train_model.train()
@@ -994,8 +1008,6 @@ def _train_epoch(run: _Run, stop: _StopFlag) -> bool:
         if stop.signal_name:  # a DataLoader worker died with the signal: end here
             return False
         raise RuntimeError(f"the data loader ended after {state.step} of {run.steps} steps")
-    if not math.isfinite(state.loss_sum):
-        raise RuntimeError(f"training loss became {state.loss_sum} in epoch {state.epoch + 1}; lower --lr or check the data")
     return True
 
 
@@ -1144,13 +1156,14 @@ def fit(
 
 def run_guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``run(args)``, turning bad-input errors (CaseError, ValueError, FileNotFoundError: a
-    missing or mismatched checkpoint, a bad split file) into one logged line and exit status 2;
-    the process group is torn down in any case."""
+    missing or mismatched checkpoint, a bad split file) and a diverged training
+    (FloatingPointError) into one logged line and exit status 2; the process group is torn
+    down in any case."""
     if int(os.environ.get("RANK", "0")) != 0:
         get_logger().setLevel("WARNING")  # only rank 0 logs, from the first line on
     try:
         return run(args)
-    except (CaseError, ValueError, FileNotFoundError) as err:
+    except (CaseError, ValueError, FileNotFoundError, FloatingPointError) as err:
         get_logger().error(f"ERROR: {one_line(err)}")
         return 2
     finally:

@@ -98,6 +98,19 @@ def test_sampler_skip_resumes_exactly(volumes):
     assert all(key[0] == 4 for key in full)
 
 
+
+def test_sampler_names_the_cases_of_each_batch(volumes):
+    """batch_case_ids(step) are the cases of the keys the sampler yields at that step, resumed or not."""
+    dataset = TrainingSet(_cases(volumes), 16, SampleMix(lesion=1, stored=1, random=1), None, seed=3)
+    sampler = EpochSampler(dataset, batch_size=2, rank=1, world_size=2)
+    sampler.set_epoch(2, skip=2)
+    keys = list(sampler)
+    for step in range(1, len(keys) // 2 + 1):
+        batch = keys[(step - 1) * 2 : step * 2]
+        expected = sorted({dataset.cases[sample_id // dataset.samples_per_case].case_id for _, sample_id in batch})
+        assert sampler.batch_case_ids(step) == expected
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -19,7 +19,7 @@ import models
 import preprocess_stroke_foundation
 import preprocess_v2_isles
 import train_isles_resnet18
-from strokeseg import isles, runner
+from strokeseg import isles, runner, training
 from strokeseg.io import load_npz, read_json, save_npz, write_json
 
 GRID = ["16", "16", "16"]
@@ -331,6 +331,26 @@ def test_item15_mixed_volume_shapes_name_both_files(isles_train: Path, tmp_path:
     line = _one_error_line(capsys)
     assert f"{small}: volume shape (12, 12, 12) differs from (16, 16, 16) of {first}" in line, line
     assert not (tmp_path / "run" / "fold_0" / "last.pth").exists()
+
+
+def test_item15_diverged_training_names_the_step_and_the_batch_cases(isles_train: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A loss that is not finite (here from step 2 on) ends training with one line naming the
+    step and the cases of that batch, which are training cases of the fold."""
+    real_step, steps = training.train_step, []
+
+    def diverging_step(*args, **kwargs) -> torch.Tensor:
+        steps.append(real_step(*args, **kwargs))
+        return steps[-1] if len(steps) < 2 else torch.tensor(float("nan"))
+
+    monkeypatch.setattr(training, "train_step", diverging_step)
+    capsys.readouterr()
+    assert train_isles_resnet18.main(_train(isles_train, tmp_path / "run", "--workers", "0")) == 2
+    line = _one_error_line(capsys)
+    match = re.search(r"ERROR: training diverged: the loss became nan at step 2 of epoch 1 \(cases ([^;]+); inputs are finite\): lower --lr", line)
+    assert match, line
+    named = match.group(1).split(", ")
+    assert 1 <= len(named) <= 2 and set(named) <= set(read_json(isles_train / SPLITS)["fold_0"]["ISLES2022"]["train"]), named
+    assert len(steps) == 2 and not (tmp_path / "run" / "fold_0" / "best_model.pth").exists()
 
 
 def _checkpoint(path: Path) -> Path:
