@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The benchmarked network in eval mode on ``device``, contiguous (as trained), seeded weights."""
     torch.manual_seed(0)
+    if args.checkpoint is not None:
+        return models.model_from_checkpoint(args.checkpoint, map_location=device)[0].eval()
     if args.model == "pointwise":
         return torch.nn.Sigmoid()
     if args.model == "conv":
@@ -94,8 +96,6 @@ def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Mo
             torch.nn.Conv3d(args.width, 1, 1),
             torch.nn.Sigmoid(),
         ).to(device).eval()
-    if args.checkpoint is not None:
-        return models.model_from_checkpoint(args.checkpoint, map_location=device)[0].eval()
     config = {"arch": "resnet18", "variant": "single", "in_channels": args.channels, "width": args.width}
     return models.build_model(config).to(device).eval()
 
