@@ -166,12 +166,25 @@ def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[d
     return comparisons
 
 
+def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
+    """Fingerprints (:func:`strokeseg.evaluation.file_fingerprints`) of every file the
+    evaluation reads: the checkpoints, the splits file and the data folder's ``.npz`` files."""
+    spec = dataset_spec(args.dataset)
+    case_dir = spec.case_dir(args.data_dir)
+    if args.checkpoints:
+        checkpoints = list(args.checkpoints)
+    else:
+        checkpoints = [path for dirs in args.runs.values() for d in dirs for path in ev.discover_checkpoints(d, args.folds, args.checkpoint_name).values()]
+    return ev.file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
     arguments = {key: value for key, value in vars(args).items() if key not in RESULT_FREE}
     try:
-        reuse = not args.overwrite and ev.reusable_evaluation(args.output_dir, arguments, RESULT_FREE)
+        inputs = evaluation_inputs(args)
+        reuse = not args.overwrite and ev.reusable_evaluation(args.output_dir, arguments, RESULT_FREE, inputs)
     except CaseError as err:
         log.info(f"ERROR {err}")
         return 1
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": summaries,
         "compare": comparisons,
         "arguments": arguments,
+        "inputs": inputs,
     }
     return max(status, finish(args.output_dir / "summary.json", RunReport(results), extra))
 

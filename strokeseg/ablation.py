@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import models
+from .evaluation import changed_inputs, evaluation_problems, file_fingerprints
 from .io import CaseError, read_json, write_text
 from .runner import get_logger
 
@@ -62,8 +63,9 @@ class Stage:
     stage that runs once; needs: stages whose every task must finish first; needs_fold: per-fold
     stages whose task of the same fold must finish first. done: how completeness is read from
     the stage's own outputs (see :data:`DONE_RULES`): ``"summaries"`` (every file of outputs,
-    ``{fold}`` replaced, is a summary JSON with ``n_failed`` 0) or ``"training"`` (outputs[0] is the run folder;
-    ``fold_<k>/best_model.pth`` exists and ``fold_<k>/last.pth`` finished ``epochs`` epochs).
+    ``{fold}`` replaced, is a summary JSON with ``n_failed`` 0), ``"training"`` (outputs[0] is the run folder;
+    ``fold_<k>/best_model.pth`` exists and ``fold_<k>/last.pth`` finished ``epochs`` epochs) or
+    ``"evaluation"`` (outputs[0] is evaluate.py's summary.json, successful, of the inputs as they are now).
     """
 
     name: str
@@ -156,12 +158,25 @@ def _training_done(stage: Stage, fold: int | None) -> bool:
     return last.get("epoch", -1) >= stage.epochs
 
 
-DONE_RULES: dict[str, Callable[[Stage, int | None], bool]] = {"summaries": _summaries_done, "training": _training_done}
+def _evaluation_done(stage: Stage, fold: int | None) -> bool:
+    """evaluate.py's summary.json without problems, whose recorded inputs (checkpoints, splits
+    file, data) are unchanged since: a fold trained again makes the evaluation stale."""
+    try:
+        summary = read_json(stage.outputs[0])
+    except CaseError:
+        return False
+    if not isinstance(summary, dict) or evaluation_problems(summary) or not isinstance(summary.get("inputs"), dict):
+        return False
+    return not changed_inputs(summary["inputs"], file_fingerprints(summary["inputs"]))
+
+
+DONE_RULES: dict[str, Callable[[Stage, int | None], bool]] = {"summaries": _summaries_done, "training": _training_done, "evaluation": _evaluation_done}
 
 
 def is_complete(task: Task) -> bool:
-    """Whether the task's outputs say it finished: per-case stages and evaluation a summary JSON
-    with no failed case, training a best model and a ``last.pth`` of the final epoch."""
+    """Whether the task's outputs say it finished: per-case stages a summary JSON with no failed
+    case, training a best model and a ``last.pth`` of the final epoch, evaluation a successful
+    summary of the checkpoints and data as they are now."""
     return DONE_RULES[task.stage.done](task.stage, task.fold)
 
 
@@ -309,7 +324,7 @@ def _evaluation(config: Mapping[str, Any], work: Path, dataset: str, runs: Mappi
     compare_args = [arg for pair in config.get("compare", {}).get(dataset, []) for arg in ("--compare", *pair)]
     args = ["--dataset", dataset, *data_args, *run_args, *compare_args, *_extra(config, "evaluate"), "--output-dir", str(out)]
     needs = (data_stage, *(stage.name for stage in runs.values()))
-    return Stage(f"evaluate_{dataset}", "evaluate.py", tuple(args), _resources(config, "evaluate"), "summaries", (str(out / "summary.json"),), needs=needs)
+    return Stage(f"evaluate_{dataset}", "evaluate.py", tuple(args), _resources(config, "evaluate"), "evaluation", (str(out / "summary.json"),), needs=needs)
 
 
 def build_plan(config: Mapping[str, Any], base: Path, config_path: Path) -> Plan:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +64,8 @@ __all__ = [
     "compare_runs",
     "preset_record",
     "evaluation_problems",
+    "file_fingerprints",
+    "changed_inputs",
     "reusable_evaluation",
     "unfinished_notes",
 ]
@@ -585,15 +588,40 @@ def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any]
     return [f"--{key.replace('_', '-')} (was {short(old.get(key, '(absent)'))}, now {short(new.get(key, '(absent)'))})" for key in keys]
 
 
-def reusable_evaluation(output_dir: Path, arguments: Mapping[str, Any], result_free: Collection[str]) -> bool:
+def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int] | None]:
+    """str(path) -> [size in bytes, modification time in ns], None for a missing file: what
+    identifies the files an evaluation read (a retrained fold, a re-preprocessed case or a
+    rebuilt splits file changes them)."""
+    fingerprints: dict[str, list[int] | None] = {}
+    for path in sorted({str(p) for p in paths}):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            fingerprints[path] = None
+            continue
+        fingerprints[path] = [stat.st_size, stat.st_mtime_ns]
+    return fingerprints
+
+
+def changed_inputs(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The paths added, removed or changed between two :func:`file_fingerprints`, sorted."""
+    return sorted(path for path in set(recorded) | set(current) if recorded.get(path) != current.get(path))
+
+
+def reusable_evaluation(
+    output_dir: Path, arguments: Mapping[str, Any], result_free: Collection[str], inputs: Mapping[str, Any]
+) -> bool:
     """True when ``output_dir`` holds a finished, successful evaluation with these ``arguments``
-    (argument name -> value; paths are compared as strings), to be reported instead of redone.
+    (argument name -> value; paths are compared as strings) of these ``inputs``
+    (:func:`file_fingerprints` of the checkpoints, splits file and data), to be reported
+    instead of redone.
 
     A finished evaluation (summary.json and results.md) must have been run with ``arguments``,
     outside ``result_free`` (settings that do not change the results), as its summary.json
     records them (older ones: its run_args.json); otherwise :class:`CaseError` names the folder
-    and every differing argument. One with :func:`evaluation_problems` is logged and gives False
-    (evaluate again), as does a folder without a finished evaluation.
+    and every differing argument. One with :func:`evaluation_problems`, or whose recorded inputs
+    differ from ``inputs`` (or are not recorded), is logged and gives False (evaluate again), as
+    does a folder without a finished evaluation.
     """
     summary_path, args_path = output_dir / "summary.json", output_dir / "run_args.json"
     if not (summary_path.is_file() and (output_dir / "results.md").is_file()):
@@ -610,4 +638,9 @@ def reusable_evaluation(output_dir: Path, arguments: Mapping[str, Any], result_f
     problems = evaluation_problems(summary)
     if problems:
         get_logger().info(f"{output_dir}: the evaluation there did not succeed ({'; '.join(problems[:3])}): evaluating again")
-    return not problems
+        return False
+    changed = changed_inputs(summary.get("inputs") or {}, inputs)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        get_logger().info(f"{output_dir}: checkpoints or data changed since the evaluation there ({', '.join(changed[:3])}{more}): evaluating again")
+    return not changed

@@ -13,6 +13,7 @@ import pytest
 import models
 from strokeseg import ablation, demo
 from strokeseg.ablation import FOLD, Plan, Resources, Stage, Task
+from strokeseg.evaluation import file_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH_PATCH = {"resnet18": 96, "uctransnet3d": 64}
@@ -236,6 +237,26 @@ def test_training_complete_only_after_the_last_epoch(tmp_path):
     assert ablation.is_complete(Task(stage, 0))
     (fold / "best_model.pth").unlink()
     assert not ablation.is_complete(Task(stage, 0))
+
+
+def test_evaluation_complete_only_while_its_inputs_are_unchanged(tmp_path):
+    """A fold trained again after the evaluation makes the evaluation stale: not complete."""
+    summary = tmp_path / "results" / "summary.json"
+    stage = Stage("evaluate_x", "evaluate.py", (), Resources(), "evaluation", (str(summary),))
+    checkpoint = tmp_path / "run" / "fold_0" / "best_model.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    assert not ablation.is_complete(Task(stage, None))  # not evaluated yet
+    summary.parent.mkdir()
+    record = {"n_failed": 0, "runs": {}, "inputs": file_fingerprints([checkpoint])}
+    summary.write_text(json.dumps(record))
+    assert ablation.is_complete(Task(stage, None))
+    checkpoint.write_bytes(b"weights of a new training")
+    assert not ablation.is_complete(Task(stage, None))
+    summary.write_text(json.dumps({**record, "inputs": file_fingerprints([checkpoint]), "n_failed": 1}))
+    assert not ablation.is_complete(Task(stage, None))  # a failed case
+    summary.write_text(json.dumps({"n_failed": 0, "runs": {}}))
+    assert not ablation.is_complete(Task(stage, None))  # an older evaluation that records no inputs
 
 
 @pytest.mark.parametrize("script, env, expected", [

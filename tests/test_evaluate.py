@@ -343,6 +343,29 @@ def test_finished_evaluation_is_reused_only_with_the_same_arguments(isles_eval: 
     assert read_json(out / "summary.json")["arguments"]["tta"] is True
 
 
+def test_finished_evaluation_is_redone_when_a_fold_was_trained_again(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same arguments, but the checkpoint (or the data) changed since: evaluated again, never the stale tables."""
+    cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
+    splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
+    run, other = _isles_run(tmp_path / "run", "dwi_only", (0,), seed=0), _isles_run(tmp_path / "other", "dwi_only", (0,), seed=1)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(isles_eval), "--splits-file", str(splits), "--run", f"a={run}",
+            "--output-dir", str(out), "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main(argv) == 0
+    checkpoint = run / "fold_0" / "best_model.pth"
+    first = read_json(out / "summary.json")
+    assert first["inputs"][str(checkpoint)] == [checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns]
+    assert str(splits) in first["inputs"] and all(str(isles_eval / f"{c}.npz") in first["inputs"] for c in cases)
+    shutil.copyfile(other / "fold_0" / "best_model.pth", checkpoint)  # fold 0 trained again into the same folder
+    capsys.readouterr()
+    assert evaluate.main(argv) == 0
+    output = capsys.readouterr().out
+    assert f"{out}: checkpoints or data changed since the evaluation there ({checkpoint}): evaluating again" in output
+    assert "already holds this evaluation" not in output
+    again = read_json(out / "summary.json")
+    assert again["inputs"][str(checkpoint)] == [checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns]
+
+
 def test_fold_whose_training_stopped_early_is_marked_and_fails_unless_allowed(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cases = sorted(p.stem for p in isles_eval.glob("*.npz"))[:2]
     splits = _splits(tmp_path / "splits.json", "ISLES2022", cases)
