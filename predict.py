@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from strokeseg import prediction as pr
-from strokeseg.evaluation import InferenceSettings
+from strokeseg.evaluation import InferenceSettings, file_fingerprints
 from strokeseg.foundation import load_config
 from strokeseg.inference import PRECISIONS
 from strokeseg.io import CaseError, one_line
-from strokeseg.runner import add_run_arguments, finish, get_logger, write_run_args
+from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
@@ -82,6 +82,17 @@ def input_spec(args: argparse.Namespace, dataset: str) -> pr.InputSpec:
     return pr.InputSpec(args.input, args.dwi, args.adc, args.image, args.mask, image_pattern, mask_pattern)
 
 
+def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop: bool) -> dict:
+    """What shapes the masks in ``--output-dir`` (see :func:`strokeseg.runner.check_settings`):
+    each checkpoint (path, size, modification time: a model trained again counts as another),
+    TTA, precision, brain crop, probability maps. Not the input: one folder may collect cases
+    predicted one call at a time."""
+    return {
+        "checkpoints": file_fingerprints(fm.path.resolve() for fm in model_set.fold_models), "tta": args.tta,
+        "precision": args.precision, "brain_crop": brain_crop, "save_probabilities": args.save_probabilities,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
@@ -94,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     brain_crop = model_set.spec.whole_brain and not args.no_brain_crop
     settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_output_dir(args.output_dir)
+        check_settings(args.output_dir, output_settings(args, model_set, brain_crop), args.overwrite)
+    except CaseError as err:
+        log.info(f"ERROR {one_line(err)}")
+        return 2
     write_run_args(args.output_dir, args)
     if bids:
         pr.write_dataset_description(args.output_dir, model_set)

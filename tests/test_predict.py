@@ -202,6 +202,30 @@ def test_single_files_flat_output_scored_with_mask_and_rerun_skips(synthetic_isl
     assert read_json(out / "prediction_summary.json")["n_done"] == 1 and mask_path.stat().st_mtime_ns != first[0]
 
 
+def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder's masks all come from one set of models and settings: another run, a model
+    trained again or --tta is refused before any case (their masks would be skipped as finished);
+    a second patient into the same folder is fine."""
+    folder = synthetic_isles_b / "rawdata"
+    def case_argv(subject: str) -> list[str]:
+        stem = folder / subject / "ses-0001" / f"{subject}_ses-0001"
+        return ["--dwi", f"{stem}_dwi.nii.gz", "--adc", f"{stem}_adc.nii.gz", "--run", str(run), "--output-dir", str(out)]
+    run, out = shutil.copytree(isles_run, tmp_path / "run"), tmp_path / "out"
+    assert predict.main(case_argv("sub-strokecase0002")) == 0
+    assert predict.main(case_argv("sub-strokecase0003")) == 0  # another patient, same models: collected in one folder
+    masks = {p.name: p.read_bytes() for p in out.glob("*_mask.nii.gz")}
+    assert len(masks) == 2
+    _run_dir(run, "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}, folds=(0,))  # fold 0 trained again
+    capsys.readouterr()
+    for extra, named in (([], f"checkpoints: "), (["--tta"], "tta: false there, true now")):
+        assert predict.main([*case_argv("sub-strokecase0002"), *extra]) == 2
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
+        assert f"ERROR {out}: holds outputs made with other settings (" in line and named in line and "--overwrite" in line, line
+        assert {p.name: p.read_bytes() for p in out.glob("*_mask.nii.gz")} == masks  # nothing touched
+    assert predict.main([*case_argv("sub-strokecase0002"), "--overwrite"]) == 0
+    assert read_json(out / "prediction_summary.json")["n_done"] == 1
+
+
 def test_t1w_image_on_another_grid_is_mapped_back_to_it(synthetic_uoa: Path, tmp_path: Path) -> None:
     run = _run_dir(tmp_path / "uoa_run", "UOA_Private", ["image"], ATLAS_WINDOW, FOUNDATION_SETTINGS, folds=(0,))
     image = synthetic_uoa / "UOA004" / "UOA004_T1_FNIRT_MNI.nii.gz"  # 1.25 x 1.5 x 2 mm: resampled to 1 mm for the network
