@@ -20,7 +20,7 @@ from pathlib import Path
 from strokeseg.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
 from strokeseg.io import load_npz
 from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
+from strokeseg.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         "test_fraction": args.test_fraction, "seed": args.seed,
     }
     if args.rebuild_splits:
-        check_settings(args.output_dir, settings, overwrite=False, may_change=SPLIT_SETTINGS)
-        case_ids, status, voxels = cases_on_disk(args.output_dir), 0, {}
+        case_ids, status, voxels = cases_to_rebuild(args.output_dir, settings), 0, {}
     else:
         cases = {case.case_id: case for case in discover_brats_cases(args.brats_dir)}
         prepare_output_dir(args.output_dir)

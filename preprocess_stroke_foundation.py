@@ -29,7 +29,7 @@ from strokeseg.foundation import (
 )
 from strokeseg.io import CaseError, read_json
 from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
+from strokeseg.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
 def _name_path(text: str) -> tuple[str, str]:
@@ -67,8 +67,7 @@ def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse
     returns its exit status. Raises :class:`CaseError` for a run-level problem."""
     out_dir = config.output_base_dir / dataset.name
     if args.rebuild_splits:
-        check_settings(out_dir, dataset_settings(dataset, config, args), overwrite=False, may_change=SPLIT_SETTINGS)
-        case_ids, status = cases_on_disk(out_dir, "_metadata.json"), 0
+        case_ids, status = cases_to_rebuild(out_dir, dataset_settings(dataset, config, args), "_metadata.json"), 0
     else:
         cases = discover_foundation_cases(dataset)
         prepare_output_dir(out_dir)

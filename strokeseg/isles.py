@@ -22,7 +22,7 @@ from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_imag
 from .runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
-from .splits import SPLIT_SETTINGS, add_rebuild_splits_argument, cases_on_disk, write_stage_splits
+from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 __all__ = [
     "IslesCase",
@@ -262,8 +262,7 @@ def preprocess_isles(
     case failed or no splits could be written. Raises :class:`CaseError` for a missing or empty
     ``isles_dir``, an unusable output folder, or a folder made with other settings."""
     if rebuild_splits:
-        check_settings(output_dir, settings.recorded(isles_dir), overwrite=False, may_change=SPLIT_SETTINGS)
-        case_ids, status = cases_on_disk(output_dir), 0
+        case_ids, status = cases_to_rebuild(output_dir, settings.recorded(isles_dir)), 0
     else:
         case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args)
     volume = lambda case_id: lesion_volumes_ml(output_dir, [case_id])[case_id]  # noqa: E731

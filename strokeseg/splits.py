@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .io import CaseError, read_json, write_json
-from .runner import get_logger
+from .runner import check_settings, get_logger
 
 __all__ = [
     "Split",
@@ -28,6 +28,7 @@ __all__ = [
     "write_stage_splits",
     "SPLIT_SETTINGS",
     "add_rebuild_splits_argument",
+    "cases_to_rebuild",
     "cases_on_disk",
 ]
 
@@ -268,6 +269,17 @@ def add_rebuild_splits_argument(parser: argparse.ArgumentParser) -> None:
         help="only deal the folds again from every case already preprocessed in the output folder (after a fixed "
         "case was added), with the same other arguments; the folds change, so retrain every fold",
     )
+
+
+def cases_to_rebuild(folder: Path, settings: Mapping[str, Any], suffix: str = ".npz") -> list[str]:
+    """``--rebuild-splits``' door check and its cases: ``folder`` must exist and hold outputs of
+    these ``settings`` (:func:`strokeseg.runner.check_settings`; the splits' own,
+    :data:`SPLIT_SETTINGS`, may change). Returns :func:`cases_on_disk`; raises
+    :class:`CaseError` naming the folder."""
+    if not Path(folder).is_dir():
+        raise CaseError(f"{folder}: no such folder; --rebuild-splits deals the folds of the cases already preprocessed there")
+    check_settings(folder, settings, overwrite=False, may_change=SPLIT_SETTINGS)
+    return cases_on_disk(folder, suffix)
 
 
 def cases_on_disk(folder: Path, suffix: str = ".npz") -> list[str]:

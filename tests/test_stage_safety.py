@@ -156,6 +156,10 @@ def test_item7_fixed_case_is_added_to_the_folds_by_rebuild_splits(synthetic_isle
         assert sorted(fold["ISLES2022"]["train"] + fold["ISLES2022"]["val"]) == CASES
     assert {c: (out / f"{c}.npz").stat().st_mtime_ns for c in CASES} == stamps  # nothing preprocessed again
     assert preprocess_v2_isles.main(_isles_argv(raw, out, "--rebuild-splits", "--margin", "1")) == 1  # other settings: refused
+    capsys.readouterr()
+    assert preprocess_v2_isles.main(_isles_argv(raw, tmp_path / "typo", "--rebuild-splits")) == 1
+    assert f"ERROR {tmp_path / 'typo'}: no such folder; --rebuild-splits" in capsys.readouterr().out
+    assert not (tmp_path / "typo").exists()  # nothing created
 
 
 # --------------------------------------------------------------------------- item 8
