@@ -181,7 +181,9 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
-    arguments = {key: value for key, value in vars(args).items() if key not in RESULT_FREE}
+    # Paths absolute (a run or data folder spelled another way is the same evaluation); --run as LABEL=/abs/dir.
+    run = [f"{label}={run_dir.resolve()}" for label, dirs in args.runs.items() for run_dir in dirs]
+    arguments = ev.absolute_paths({**{key: value for key, value in vars(args).items() if key not in RESULT_FREE}, "run": run})
     try:
         inputs = evaluation_inputs(args)
         reuse = not args.overwrite and ev.reusable_evaluation(args.output_dir, arguments, RESULT_FREE, inputs)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
     try:
         prepare_output_dir(args.output_dir)
-        check_settings(args.output_dir, output_settings(args, model_set, brain_crop), args.overwrite)
+        same_models = check_settings(args.output_dir, output_settings(args, model_set, brain_crop), args.overwrite)
     except CaseError as err:
         log.info(f"ERROR {one_line(err)}")
         return 2
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite)
     report = pr.predict_cases(cases, model_set, options, args.workers)
-    tables = pr.write_tables(args.output_dir, report)
+    tables = pr.write_tables(args.output_dir, report, keep_earlier=same_models)
     if tables["n_scored"]:
-        log.info(f"{tables['n_scored']} labelled case(s) scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
+        log.info(f"{tables['n_scored']} labelled case(s) in {args.output_dir} scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
     extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}
     return finish(args.output_dir / "prediction_summary.json", report, extra)
 

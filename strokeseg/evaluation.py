@@ -65,6 +65,7 @@ __all__ = [
     "preset_record",
     "evaluation_problems",
     "file_fingerprints",
+    "absolute_paths",
     "changed_inputs",
     "reusable_evaluation",
     "unfinished_notes",
@@ -589,11 +590,12 @@ def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any]
 
 
 def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int] | None]:
-    """str(path) -> [size in bytes, modification time in ns], None for a missing file: what
+    """Absolute path (links resolved, so ``runs/a`` and ``./runs/a/`` are one file) -> [size
+    in bytes, modification time in ns], None for a missing file: what
     identifies the files an evaluation read (a retrained fold, a re-preprocessed case or a
     rebuilt splits file changes them)."""
     fingerprints: dict[str, list[int] | None] = {}
-    for path in sorted({str(p) for p in paths}):
+    for path in sorted({str(Path(p).resolve()) for p in paths}):
         try:
             stat = os.stat(path)
         except FileNotFoundError:
@@ -601,6 +603,18 @@ def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]
             continue
         fingerprints[path] = [stat.st_size, stat.st_mtime_ns]
     return fingerprints
+
+
+def absolute_paths(value: Any) -> Any:
+    """``value`` (arguments: dicts, lists, scalars) with every :class:`~pathlib.Path` made
+    absolute with links resolved, as a string: one folder spelled two ways compares equal."""
+    if isinstance(value, Path):
+        return str(value.resolve())
+    if isinstance(value, Mapping):
+        return {key: absolute_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [absolute_paths(item) for item in value]
+    return value
 
 
 def changed_inputs(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ thresholded there.
 """
 from __future__ import annotations
 
+import csv
 import functools
 import subprocess
 from dataclasses import dataclass
@@ -457,16 +458,33 @@ def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options
     return run_cases(cases, process, workers=workers, desc="cases")
 
 
-def write_tables(output_dir: Path, report: RunReport) -> dict:
+def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False) -> dict:
     """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
-    rows of the done and skipped cases, sorted by case id. Returns {"n_scored", "mean_dice"}."""
-    results = sorted((r for r in report.results if r.status in ("done", "skipped") and r.info), key=lambda r: r.case_id)
-    write_csv(output_dir / "lesion_volumes.csv", [r.info["volume"] for r in results], VOLUME_COLUMNS)
-    write_csv(output_dir / "lesions.csv", [row for r in results for row in r.info["lesions"]], LESION_COLUMNS)
-    scores = [r.info["scores"] for r in results if r.info["scores"] is not None]
+    rows of the done and skipped cases, sorted by case id. With ``keep_earlier`` (the folder's
+    earlier outputs come from the same models and settings) the rows of cases predicted by
+    earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
+    every row of scores.csv."""
+    current = {r.case_id for r in report.results}
+    results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
+
+    def rows(name: str, new: list[dict]) -> list[dict]:
+        earlier = _csv_rows(output_dir / name) if keep_earlier else []
+        return sorted([row for row in earlier if row.get("case_id") not in current] + new, key=lambda row: row["case_id"])
+
+    write_csv(output_dir / "lesion_volumes.csv", rows("lesion_volumes.csv", [r.info["volume"] for r in results]), VOLUME_COLUMNS)
+    write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
+    scores = rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])
     if scores:
         write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
-    return {"n_scored": len(scores), "mean_dice": float(np.mean([s["dice"] for s in scores])) if scores else None}
+    return {"n_scored": len(scores), "mean_dice": float(np.mean([float(s["dice"]) for s in scores])) if scores else None}
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """The rows of the CSV table ``path`` (none when it does not exist)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def write_dataset_description(output_dir: Path, model_set: ModelSet) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "finish",
     "add_run_arguments",
     "SETTINGS_NAME",
+    "OVERWRITE_ADVICE",
     "check_settings",
     "prepare_output_dir",
     "guard_stage",
@@ -243,7 +244,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def check_settings(out_dir: Path, settings: Mapping[str, Any], overwrite: bool, may_change: tuple[str, ...] = ()) -> None:
+OVERWRITE_ADVICE = "pass --overwrite to redo every case with the new ones, or choose another output folder"
+
+
+def check_settings(
+    out_dir: Path, settings: Mapping[str, Any], overwrite: bool, may_change: tuple[str, ...] = (), advice: str = OVERWRITE_ADVICE,
+) -> bool:
     """Make sure every output in ``out_dir`` comes from the same ``settings``.
 
     ``settings``: the values that shape the outputs (input folder, target shape, margin,
@@ -251,24 +257,42 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any], overwrite: bool, 
     ``out_dir/stage_settings.json`` (atomically, before its first case); a later run must pass
     the same ones. With ``overwrite`` the new settings replace the record (every case is then
     redone); keys in ``may_change`` (the splits' seed when only the splits are rebuilt) may
-    differ and are updated. Raises :class:`CaseError` naming the folder and each differing setting.
+    differ and are updated. A folder with a stage's ``run_args.json`` but no record was made by
+    an older version with unknown settings: refused unless ``overwrite``. Raises
+    :class:`CaseError` naming the folder (each differing setting, then ``advice``) or the file.
+    Returns True when the folder's earlier outputs were made with these settings (as recorded).
     """
     path = Path(out_dir) / SETTINGS_NAME
     wanted = _jsonable(dict(settings))
-    if path.exists() and not overwrite:
-        recorded = read_json(path)
-        differing = [
-            f"{key}: {json.dumps(recorded.get(key))} there, {json.dumps(wanted.get(key))} now"
-            for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key) and key not in may_change
-        ]
-        if differing:
-            raise CaseError(
-                f"{out_dir}: holds outputs made with other settings ({'; '.join(differing)}); "
-                "pass --overwrite to redo every case with the new ones, or choose another output folder"
-            )
-        if recorded == wanted:
-            return
-    write_json(path, wanted)
+    if overwrite:
+        same = path.is_file() and _recorded_or_none(path) == wanted
+        write_json(path, wanted)
+        return same
+    if not path.exists():
+        if (Path(out_dir) / "run_args.json").exists():
+            raise CaseError(f"{out_dir}: holds outputs of an older version (run_args.json, no {SETTINGS_NAME}): their settings are unknown; {advice}")
+        write_json(path, wanted)
+        return False
+    recorded = read_json(path)
+    if not isinstance(recorded, dict):
+        raise CaseError(f"{path}: not a settings record (a JSON object expected, {type(recorded).__name__} found); {advice}")
+    differing = [
+        f"{key}: {json.dumps(recorded.get(key))} there, {json.dumps(wanted.get(key))} now"
+        for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key) and key not in may_change
+    ]
+    if differing:
+        raise CaseError(f"{out_dir}: holds outputs made with other settings ({'; '.join(differing)}); {advice}")
+    if recorded != wanted:
+        write_json(path, wanted)
+    return True
+
+
+def _recorded_or_none(path: Path) -> Any:
+    """The settings record at ``path``, or None when it is unreadable (about to be replaced)."""
+    try:
+        return read_json(path)
+    except CaseError:
+        return None
 
 
 def prepare_output_dir(out_dir: Path) -> Path:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .io import CaseError, read_json, write_json
-from .runner import check_settings, get_logger
+from .runner import SETTINGS_NAME, check_settings, get_logger
 
 __all__ = [
     "Split",
@@ -271,14 +271,26 @@ def add_rebuild_splits_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+REBUILD_ADVICE = (
+    "--rebuild-splits keeps the cases, so pass the settings they were made with "
+    "(or run without --rebuild-splits, with --overwrite, to redo every case)"
+)
+
+
 def cases_to_rebuild(folder: Path, settings: Mapping[str, Any], suffix: str = ".npz") -> list[str]:
-    """``--rebuild-splits``' door check and its cases: ``folder`` must exist and hold outputs of
-    these ``settings`` (:func:`strokeseg.runner.check_settings`; the splits' own,
-    :data:`SPLIT_SETTINGS`, may change). Returns :func:`cases_on_disk`; raises
-    :class:`CaseError` naming the folder."""
+    """``--rebuild-splits``' door check and its cases: ``folder`` must be a stage's output
+    folder (with its ``stage_settings.json``) made with these ``settings``
+    (:func:`strokeseg.runner.check_settings`; the splits' own, :data:`SPLIT_SETTINGS`, may
+    change). Returns :func:`cases_on_disk`; raises :class:`CaseError` naming the folder, before
+    anything is written."""
     if not Path(folder).is_dir():
-        raise CaseError(f"{folder}: no such folder; --rebuild-splits deals the folds of the cases already preprocessed there")
-    check_settings(folder, settings, overwrite=False, may_change=SPLIT_SETTINGS)
+        raise CaseError(f"{folder}: {'not a' if Path(folder).exists() else 'no such'} folder; --rebuild-splits deals the folds of the cases already preprocessed there")
+    if not (Path(folder) / SETTINGS_NAME).is_file():
+        raise CaseError(
+            f"{folder}: no {SETTINGS_NAME} (not preprocessed by this version of the stage): the settings of its cases are "
+            "unknown; run the stage without --rebuild-splits (with --overwrite for an older folder)"
+        )
+    check_settings(folder, settings, overwrite=False, may_change=SPLIT_SETTINGS, advice=REBUILD_ADVICE)
     return cases_on_disk(folder, suffix)
 
 

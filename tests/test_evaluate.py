@@ -338,6 +338,11 @@ def test_finished_evaluation_is_reused_only_with_the_same_arguments(isles_eval: 
     # Settings that do not change results (device, windows per batch) reuse it: tables printed, nothing rewritten.
     assert evaluate.main([*argv, "--device", "cpu", "--sw-batch-size", "1"]) == 0
     assert "already holds this evaluation, finished" in capsys.readouterr().out
+    # The same folders spelled otherwise (trailing slash, "..", a symbolic link) are the same evaluation.
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    respelled = [*argv[:3], f"{isles_eval}/", *argv[4:7], f"a={tmp_path / 'link' / 'fold_0' / '..'}", *argv[8:]]
+    assert evaluate.main(respelled) == 0
+    assert "already holds this evaluation, finished" in capsys.readouterr().out
     for changed, named in (([*argv, "--tta"], "--tta (was false, now true)"),
                            ([*argv[:7], f"a={other}", *argv[8:]], f"--run (was [\"a={run}\"], now [\"a={other}\"])"),
                            ([*argv, "--split", "val", "--data-dir", str(tmp_path)], "--data-dir (was"),

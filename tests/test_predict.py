@@ -215,6 +215,9 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
     assert predict.main(case_argv("sub-strokecase0003")) == 0  # another patient, same models: collected in one folder
     masks = {p.name: p.read_bytes() for p in out.glob("*_mask.nii.gz")}
     assert len(masks) == 2
+    volumes = _csv(out / "lesion_volumes.csv")  # the tables list every patient of the folder, not the last one
+    assert [row["case_id"][:18] for row in volumes] == ["sub-strokecase0002", "sub-strokecase0003"]
+    assert {row["case_id"] for row in _csv(out / "lesions.csv")} <= {row["case_id"] for row in volumes}
     _run_dir(run, "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}, folds=(0,))  # fold 0 trained again
     capsys.readouterr()
     for extra, named in (([], f"checkpoints: "), (["--tta"], "tta: false there, true now")):
@@ -224,6 +227,7 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
         assert {p.name: p.read_bytes() for p in out.glob("*_mask.nii.gz")} == masks  # nothing touched
     assert predict.main([*case_argv("sub-strokecase0002"), "--overwrite"]) == 0
     assert read_json(out / "prediction_summary.json")["n_done"] == 1
+    assert [row["case_id"][:18] for row in _csv(out / "lesion_volumes.csv")] == ["sub-strokecase0002"]  # other models' rows dropped
 
 
 def test_t1w_image_on_another_grid_is_mapped_back_to_it(synthetic_uoa: Path, tmp_path: Path) -> None:

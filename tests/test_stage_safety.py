@@ -115,6 +115,39 @@ def test_item5_rerun_with_other_settings_is_refused_naming_them(synthetic_isles_
     assert preprocess_v2_isles.main(other + ["--workers", "1"]) == 0  # workers do not shape outputs
 
 
+def test_item5_folder_without_a_usable_settings_record_is_refused(synthetic_isles_a: Path, isles_train: Path, tmp_path: Path, capsys) -> None:
+    """A folder of an older version (run_args.json, no stage_settings.json) is never adopted by a
+    rerun with other settings nor by --rebuild-splits; an empty folder gets no splits nor record;
+    a hand-edited record that is not an object, or a --rebuild-splits --overwrite at another shape,
+    is one line naming the file or folder and what to do. Nothing changes on disk."""
+    out = _copy(isles_train, tmp_path / "old")
+    (out / runner.SETTINGS_NAME).unlink()
+    argv = ["--isles-dir", str(synthetic_isles_a), "--output-dir", str(out), "--target-shape", "20", "20", "20"]
+    before = _snapshot(out)
+    capsys.readouterr()
+    for extra, message in (([], f"ERROR {out}: holds outputs of an older version (run_args.json, no stage_settings.json)"),
+                           (["--rebuild-splits"], f"ERROR {out}: no stage_settings.json (not preprocessed by this version")):
+        assert preprocess_v2_isles.main([*argv, *extra]) == 1
+        (line,) = capsys.readouterr().out.strip().splitlines()
+        assert line.split(" ", 1)[1].startswith(message) and "--overwrite" in line, line
+        assert _snapshot(out) == before
+    (tmp_path / "empty").mkdir()
+    assert preprocess_v2_isles.main(_isles_argv(synthetic_isles_a, tmp_path / "empty", "--rebuild-splits")) == 1
+    assert f"ERROR {tmp_path / 'empty'}: no stage_settings.json" in capsys.readouterr().out
+    assert not list((tmp_path / "empty").iterdir())
+    (out / runner.SETTINGS_NAME).write_text("[16, 16, 16]")
+    assert preprocess_v2_isles.main(argv) == 1
+    assert f"ERROR {out / runner.SETTINGS_NAME}: not a settings record (a JSON object expected, list found)" in capsys.readouterr().out
+    assert preprocess_v2_isles.main([*argv, "--overwrite"]) == 0  # an older folder redone at the new shape
+    assert read_json(out / runner.SETTINGS_NAME)["target_shape"] == [20, 20, 20]
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert preprocess_v2_isles.main([*argv[:-3], *GRID, "--rebuild-splits", "--overwrite"]) == 1
+    line = capsys.readouterr().out.strip()
+    assert f"ERROR {out}: holds outputs made with other settings (target_shape: [20, 20, 20] there, [16, 16, 16] now); --rebuild-splits keeps the cases" in line, line
+    assert _snapshot(out) == before
+
+
 def test_item5_foundation_npz_and_metadata_never_disagree(synthetic_atlas: Path, tmp_path: Path) -> None:
     """A rerun killed between the .npz and the _metadata.json of a case (simulated: a new .npz
     beside the old metadata) redoes that case instead of skipping it."""
