@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     brain_crop = model_set.spec.whole_brain and not args.no_brain_crop
     settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
+    recorded = output_settings(args, model_set, brain_crop)
     try:
         prepare_output_dir(args.output_dir)
-        same_models = check_settings(args.output_dir, output_settings(args, model_set, brain_crop), args.overwrite)
+        same_models = check_settings(args.output_dir, recorded, args.overwrite)
     except CaseError as err:
         log.info(f"ERROR {one_line(err)}")
         return 2
@@ -119,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(model_set.members)}); device {device}, precision {args.precision}, brain crop {'on' if brain_crop else 'off'}, "
         f"TTA {'on' if args.tta else 'off'}; output {'BIDS derivatives' if bids else 'flat'} in {args.output_dir}"
     )
-    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite)
+    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded))
     report = pr.predict_cases(cases, model_set, options, args.workers)
     tables = pr.write_tables(args.output_dir, report, keep_earlier=same_models)
+    stale = pr.stale_masks(args.output_dir, options.settings_id)
+    if stale:
+        log.info(f"WARNING {len(stale)} mask(s) in {args.output_dir} come from other models or settings (not in the tables): "
+                 f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; run predict.py on those patients again")
     if tables["n_scored"]:
         log.info(f"{tables['n_scored']} labelled case(s) in {args.output_dir} scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
     extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}

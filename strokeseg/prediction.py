@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from .foundation import (
     read_foundation_case,
 )
 from .geometry import as_binary_mask, uncrop_to_native
-from .io import CaseError, NiftiVolume, load_nifti, one_line, save_nifti, write_json
+from .io import CaseError, NiftiVolume, load_nifti, one_line, read_json, save_nifti, write_json
 from .isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
 from .metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
 from .report import axial_slice_index, save_case_figure, write_csv
@@ -52,11 +54,14 @@ __all__ = [
     "SCORE_COLUMNS",
     "MASK_SUFFIX",
     "PROB_SUFFIX",
+    "SIDECAR_SUFFIX",
     "ModelSet",
     "InputSpec",
     "PredictCase",
     "PreparedCase",
     "PredictOptions",
+    "settings_id",
+    "stale_masks",
     "code_version",
     "stored_contract",
     "shared_contract",
@@ -78,6 +83,7 @@ LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm"
 SCORE_COLUMNS = ("case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
 MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
 PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
+SIDECAR_SUFFIX = "_desc-lesion_mask.json"  # the mask's BIDS sidecar: its source, model and settings
 
 
 def code_version() -> str:
@@ -406,6 +412,30 @@ class PredictOptions:
     settings: InferenceSettings
     save_probabilities: bool = False
     overwrite: bool = False
+    settings_id: str = ""  # :func:`settings_id` of the models and settings the folder records
+
+
+def settings_id(settings: Mapping[str, Any]) -> str:
+    """A short stable digest (16 hex digits) of the settings that shape a mask (the models'
+    fingerprints, TTA, precision, ...), stored in each mask's sidecar."""
+    canonical = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _made_with(sidecar: Path, wanted: str) -> bool:
+    """Whether the mask of ``sidecar`` was made with the settings of digest ``wanted``."""
+    try:
+        return read_json(sidecar).get("SettingsId") == wanted
+    except (CaseError, AttributeError):
+        return False
+
+
+def stale_masks(output_dir: Path, wanted: str) -> list[str]:
+    """Masks in ``output_dir`` (any depth) not made with the settings of digest ``wanted``: made
+    before an ``--overwrite`` with other models or settings and not predicted again since (or
+    without a sidecar). Relative paths, sorted."""
+    masks = sorted(output_dir.rglob(f"*{MASK_SUFFIX}"))
+    return [str(m.relative_to(output_dir)) for m in masks if not _made_with(m.with_name(m.name.replace(MASK_SUFFIX, SIDECAR_SUFFIX)), wanted)]
 
 
 def _save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None, title: str) -> None:
@@ -430,10 +460,12 @@ def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet) -> C
 def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions) -> CaseResult:
     """Preprocess, predict and write one case: ``<out_stem>_desc-lesion_mask.nii.gz`` (uint8
     {0,1}, the source image's grid, affine and header geometry; written last, so its presence
-    marks the case finished), ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities`` and
-    ``overlays/<case_id>.png``. Returns a :class:`CaseResult` whose info holds its table rows."""
+    marks the case finished) after its sidecar ``_desc-lesion_mask.json`` (source, model, folds,
+    :func:`settings_id`: a mask whose sidecar names other settings is predicted again),
+    ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities`` and ``overlays/<case_id>.png``. Returns a :class:`CaseResult` whose info holds its table rows."""
     mask_path = options.output_dir / f"{case.out_stem}{MASK_SUFFIX}"
-    if mask_path.exists() and not options.overwrite:
+    sidecar = options.output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}"
+    if mask_path.exists() and not options.overwrite and _made_with(sidecar, options.settings_id):
         return _finished_case(case, mask_path, model_set)
     prepared = prepare_case(case, model_set.contract)
     probability = predict_native(prepared, model_set, options.settings)
@@ -447,6 +479,7 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
     if info["scores"] is not None:
         title += f", Dice {info['scores']['dice']:.3f}"
     _save_overlay(options.output_dir / "overlays" / f"{case.case_id}.png", source.data, mask, prepared.reference, title)
+    write_json(sidecar, {"Sources": [str(source.path)], "Model": model_set.label, "Folds": model_set.members, "SettingsId": options.settings_id})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 

@@ -228,6 +228,13 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
     assert predict.main([*case_argv("sub-strokecase0002"), "--overwrite"]) == 0
     assert read_json(out / "prediction_summary.json")["n_done"] == 1
     assert [row["case_id"][:18] for row in _csv(out / "lesion_volumes.csv")] == ["sub-strokecase0002"]  # other models' rows dropped
+    stale = "sub-strokecase0003_ses-0001_desc-lesion_mask.nii.gz"  # still the old models' mask, named as such
+    assert f"WARNING 1 mask(s) in {out} come from other models or settings (not in the tables): {stale}" in capsys.readouterr().out
+    assert read_json(out / "sub-strokecase0002_ses-0001_desc-lesion_mask.json")["Model"] == "run"
+    assert predict.main(case_argv("sub-strokecase0003")) == 0  # without --overwrite: predicted again, not skipped as finished
+    assert read_json(out / "prediction_summary.json")["n_done"] == 1
+    assert [row["case_id"][:18] for row in _csv(out / "lesion_volumes.csv")] == ["sub-strokecase0002", "sub-strokecase0003"]
+    assert "WARNING" not in capsys.readouterr().out
 
 
 def test_t1w_image_on_another_grid_is_mapped_back_to_it(synthetic_uoa: Path, tmp_path: Path) -> None:
