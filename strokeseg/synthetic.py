@@ -87,6 +87,7 @@ _CONTRASTS: dict[str, dict[Tissue, float]] = {
     },
 }
 _GLIOTIC_RIM_VOXELS = 2  # chronic lesions: a CSF-dark core inside a rim this thick (both lesion)
+_MNI_MIN_LESION_RADIUS = _GLIOTIC_RIM_VOXELS + 1.5  # voxels: room for a core inside the rim
 _HEAD = {Tissue.SCALP: 0.75, Tissue.SKULL: 0.08}  # T1 of a head that was not skull-stripped
 
 _DATASET_KEYS = {"isles": 1, "atlas": 2, "uoa": 3, "brats": 4}
@@ -261,14 +262,15 @@ def lesion_mask(
     allowed: np.ndarray,
     n_lesions: int,
     size_frac: tuple[float, float] = (0.04, 0.4),
+    min_radius: float = 1.0,
 ) -> np.ndarray:
     """Union of ``n_lesions`` irregular blobs inside ``allowed``, (X, Y, Z) bool.
 
     allowed: (X, Y, Z) bool, where lesions may lie (the parenchyma). Each blob is 1-3 warped
     ellipsoids around a centre drawn inside ``allowed``; its semi-axes are a log-uniform
-    fraction in ``size_frac`` of the allowed region's half-extent per axis (at least 1 voxel),
-    so sizes run from a few voxels to a large territory. Blobs may touch and merge.
-    ``n_lesions=0`` gives an empty mask.
+    fraction in ``size_frac`` of the allowed region's half-extent per axis (at least
+    ``min_radius`` voxels), so sizes run from a few voxels to a large territory. Blobs may touch
+    and merge. ``n_lesions=0`` gives an empty mask.
     """
     if n_lesions < 0:
         raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
@@ -279,7 +281,7 @@ def lesion_mask(
     for _ in range(n_lesions):
         centre = _draw_centre(rng, allowed, 0.75)
         frac = math.exp(rng.uniform(math.log(size_frac[0]), math.log(size_frac[1])))
-        radii = np.maximum(frac * half * rng.uniform(0.7, 1.3, 3), 1.0)
+        radii = np.maximum(frac * half * rng.uniform(0.7, 1.3, 3), min_radius)
         box, mask = _blob(rng, allowed.shape, centre, radii, n_lobes=int(rng.integers(1, 4)))
         lesion[box] |= mask & allowed[box]
     return lesion
@@ -341,7 +343,7 @@ def _parenchyma(labels: np.ndarray) -> np.ndarray:
 def _mni_case(rng: np.random.Generator, shape: Shape3, empty: bool, head: bool) -> tuple[np.ndarray, np.ndarray]:
     """T1 (float32, a.u.) and lesion (bool) of one MNI-space stroke case (ATLAS and UOA)."""
     labels = brain_phantom(rng, shape, np.asarray(_MNI_RADII) * rng.uniform(0.97, 1.03, 3))
-    lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.05, 0.4))
+    lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.05, 0.4), _MNI_MIN_LESION_RADIUS)
     labels[lesion] = Tissue.GLIOSIS  # the core alone would be as dark as CSF
     labels[ndimage.binary_erosion(lesion, iterations=_GLIOTIC_RIM_VOXELS)] = Tissue.STROKE
     contrast = {**_CONTRASTS["t1"], **_HEAD} if head else _CONTRASTS["t1"]

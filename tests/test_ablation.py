@@ -46,6 +46,12 @@ def _option(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """argv less the given one-value options."""
+    drop = {i + k for i, arg in enumerate(argv) if arg in flags for k in (0, 1)}
+    return [arg for i, arg in enumerate(argv) if i not in drop]
+
+
 def test_paper_plan_stages_and_every_dependency():
     plan = ablation.load_plan(REPO / "ablation.json")
     names = [stage.name for stage in plan.stages]
@@ -73,11 +79,17 @@ def test_demo_plan_is_the_paper_grid_at_demo_sizes(tmp_path):
     plan = ablation.load_plan(demo.write_grid(tmp_path, demo.SMALL))
     paper = ablation.load_plan(REPO / "ablation.json")
     assert [s.name.replace("_48", "_96").replace("_32", "_64") for s in plan.stages] == [s.name for s in paper.stages]
-    assert len(plan.tasks()) == 6 + 3 + 15 * 2
-    task = next(t for t in plan.tasks() if t.key == "train_atlas_uctransnet3d_transfer_fold1")
-    argv = task.stage.argv(1)
-    assert _option(argv, "--pretrain-ckpt") == str(tmp_path / "runs" / "brats_uctransnet3d" / "fold_1" / "best_model.pth")
-    assert [_option(argv, f) for f in ("--epochs", "--width", "--batch-size", "--lr", "--workers", "--patch-size")] == ["6", "8", "2", "3e-3", "0", "32"]
+    assert len(plan.tasks()) == 6 + 3 + 15  # one fold
+    task = next(t for t in plan.tasks() if t.key == "train_atlas_uctransnet3d_transfer_fold0")
+    argv = task.stage.argv(0)
+    assert _option(argv, "--pretrain-ckpt") == str(tmp_path / "runs" / "brats_uctransnet3d" / "fold_0" / "best_model.pth")
+    assert [_option(argv, f) for f in ("--epochs", "--width", "--batch-size", "--lr", "--workers", "--patch-size")] == ["20", "8", "2", "3e-3", "0", "32"]
+    scratch = next(t for t in plan.tasks() if t.key == "train_atlas_uctransnet3d_scratch_fold0").stage.argv(0)
+    assert _without(argv, "--pretrain-ckpt", "--output-dir") == _without(scratch, "--output-dir")  # the arms differ only in init
+    for stage in plan.stages:  # >= 6 test cases, so the paired comparisons run
+        if stage.script in ("preprocess_v2_isles.py", "preprocess_isles_WITH_BBOX.py", "preprocess_stroke_foundation.py"):
+            assert _option(list(stage.args), "--test-fraction") == "0.25"
+    assert all(any(a == "--compare" for a in stage.args) for stage in plan.stages if stage.script == "evaluate.py")
 
 
 def test_demo_emits_its_plan_for_slurm(tmp_path, monkeypatch):
@@ -86,7 +98,7 @@ def test_demo_emits_its_plan_for_slurm(tmp_path, monkeypatch):
     scripts = sorted(p.name for p in (tmp_path / "jobs").glob("*.sbatch"))
     assert len(scripts) == 24 and scripts[6] == "06_train_brats_resnet18.sbatch"
     text = (tmp_path / "jobs" / "06_train_brats_resnet18.sbatch").read_text()
-    assert "#SBATCH --array=0,1" in text and "--epochs 4" in text and '--fold "$FOLD"' in text
+    assert "#SBATCH --array=0\n" in text and "--epochs 10" in text and '--fold "$FOLD"' in text
     transfer = next((tmp_path / "jobs").glob("*_train_atlas_resnet18_transfer.sbatch")).read_text()
     assert f'--pretrain-ckpt {tmp_path}/out/runs/brats_resnet18/fold_"$FOLD"/best_model.pth' in transfer
     assert str(tmp_path / "out" / "ablation.json") in (tmp_path / "jobs" / "submit.sh").read_text()

@@ -125,6 +125,9 @@ def test_lesion_mask_stays_inside_and_varies_in_size():
         assert lesion.dtype == bool and lesion.any() and not (lesion & ~allowed).any()
         sizes.append(int(lesion.sum()))
     assert min(sizes) < 30 and max(sizes) > 20 * min(sizes)
+    # a tiny size fraction: the semi-axes are min_radius voxels, the surfaces warped by at most x0.3-1.5
+    small, bigger = ([synthetic.lesion_mask(np.random.default_rng(i), allowed, 1, (0.01, 0.01), min_radius=r).sum() for i in range(10)] for r in (1.0, 3.5))
+    assert max(small) < 4 / 3 * np.pi * 2.5**3 < 0.5 * 4 / 3 * np.pi * 3.5**3 < np.median(bigger)
     multi = synthetic.lesion_mask(np.random.default_rng(5), allowed, 4)
     assert ndimage.label(multi, np.ones((3, 3, 3)))[1] >= 2
     with pytest.raises(ValueError, match="n_lesions"):
