@@ -476,7 +476,8 @@ def make_atlas(
     name before ``_space-``, as SPEC.md defines the ATLAS case id).
 
     Files: root/Training/R001/sub-r001s001/ses-1/anat/sub-r001s001_ses-1_space-MNI152NLin2009aSym_
-    T1w.nii.gz (float32, head with skull, background 0, lesions: a CSF-dark core in a gliotic rim) and ..._label-L_desc-
+    T1w.nii.gz (float32, head with skull, background 0; lesions: a CSF-dark core in a 2-voxel
+    gliotic rim, semi-axes at least 3.5 voxels so that the core has room) and ..._label-L_desc-
     T1lesion_mask.nii.gz (uint8 {0,1}); 4 subjects per cohort folder R001, R002, ... 1 mm
     isotropic, axis-aligned MNI affine; ``shape`` in voxels. Every ``empty_every``-th case
     (0 = none) has an empty mask.
