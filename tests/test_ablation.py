@@ -90,6 +90,7 @@ def test_demo_plan_is_the_paper_grid_at_demo_sizes(tmp_path):
         if stage.script in ("preprocess_v2_isles.py", "preprocess_isles_WITH_BBOX.py", "preprocess_stroke_foundation.py"):
             assert _option(list(stage.args), "--test-fraction") == "0.25"
     assert all(any(a == "--compare" for a in stage.args) for stage in plan.stages if stage.script == "evaluate.py")
+    assert [_option(list(s.args), "--min_lesion_overlap") for s in plan.stages if s.name.startswith("extract_patches")] == ["0.01", "0.01"]
 
 
 def test_demo_emits_its_plan_for_slurm(tmp_path, monkeypatch):
