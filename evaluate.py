@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from strokeseg import evaluation as ev
-from strokeseg import report
-from strokeseg.contract import check_preprocessing
-from strokeseg.datasets import dataset_names, dataset_spec
-from strokeseg.inference import PRECISIONS
-from strokeseg.io import CaseError, write_text
-from strokeseg.metrics import PRESETS
-from strokeseg.runner import CaseResult, RunReport, finish, get_logger, write_run_args
+from strokeseg.core.contract import check_preprocessing
+from strokeseg.core.io import CaseError, write_text
+from strokeseg.core.runner import CaseResult, RunReport, finish, get_logger, write_run_args
+from strokeseg.datasets.registry import dataset_names, dataset_spec
+from strokeseg.evaluation import engine as ev
+from strokeseg.evaluation import report
+from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.inference.sliding_window import PRECISIONS
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 # Arguments that do not change an evaluation's results ("runs" is parsed from --run).
@@ -157,7 +157,7 @@ def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict],
 
 
 def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[dict]:
-    """The --compare pairs on every metric (:func:`strokeseg.evaluation.compare_runs`), one log line each."""
+    """The --compare pairs on every metric (:func:`strokeseg.evaluation.engine.compare_runs`), one log line each."""
     comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].table_metrics, args.bootstrap, args.seed)
     for comp in comparisons:
         dice = comp.get("metrics", {}).get("dice")
@@ -167,7 +167,7 @@ def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[d
 
 
 def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
-    """Fingerprints (:func:`strokeseg.evaluation.file_fingerprints`) of every file the
+    """Fingerprints (:func:`strokeseg.evaluation.engine.file_fingerprints`) of every file the
     evaluation reads: the checkpoints, the splits file and the data folder's ``.npz`` files."""
     spec = dataset_spec(args.dataset)
     case_dir = spec.case_dir(args.data_dir)

@@ -4,7 +4,7 @@
 Despite the file name, any ``--patch_size`` works. For each ``<input_dir>/<dataset>/<case>.npz``
 writes ``<output_dir>/<dataset>_patches_<size>/<case>.npz`` (``patches``, ``masks``, ``centers``,
 ``original_shape``, ``spacing``, ``lesion_volume``, ``patient_id``, ``patch_kind``; see
-strokeseg.patches.extract_case_patches), ``patient_ids.json`` and ``<dataset>_<size>_summary.json``.
+strokeseg.training.patches.extract_case_patches), ``patient_ids.json`` and ``<dataset>_<size>_summary.json``.
 Every patch has lesion fraction >= --min_lesion_overlap, except the single patch of a lesion
 too small for the rule: the window holding the most lesion voxels ("fallback" in the summary).
 Lesion-free cases are kept, with patches at brain voxels ("lesion_free"). Windows stay inside
@@ -25,10 +25,10 @@ import functools
 import sys
 from pathlib import Path
 
-from strokeseg.io import CaseError, write_json
-from strokeseg.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
-from strokeseg.runner import RunReport, add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.splits import load_split
+from strokeseg.core.io import CaseError, write_json
+from strokeseg.core.runner import RunReport, add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.datasets.splits import load_split
+from strokeseg.training.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

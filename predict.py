@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from strokeseg import prediction as pr
-from strokeseg.evaluation import InferenceSettings, file_fingerprints
-from strokeseg.foundation import load_config
-from strokeseg.inference import PRECISIONS
-from strokeseg.io import CaseError, one_line
-from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
+from strokeseg.core.io import CaseError, one_line
+from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
+from strokeseg.datasets.foundation import load_config
+from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints
+from strokeseg.inference import prediction as pr
+from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
@@ -83,7 +83,7 @@ def input_spec(args: argparse.Namespace, dataset: str) -> pr.InputSpec:
 
 
 def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop: bool) -> dict:
-    """What shapes the masks in ``--output-dir`` (see :func:`strokeseg.runner.check_settings`):
+    """What shapes the masks in ``--output-dir`` (see :func:`strokeseg.core.runner.check_settings`):
     each checkpoint (path, size, modification time: a model trained again counts as another),
     TTA, precision, brain crop, probability maps. Not the input: one folder may collect cases
     predicted one call at a time."""

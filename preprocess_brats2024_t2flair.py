@@ -17,10 +17,10 @@ import functools
 import sys
 from pathlib import Path
 
-from strokeseg.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
-from strokeseg.io import load_npz
-from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from strokeseg.core.io import load_npz
+from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.datasets.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
+from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from strokeseg.foundation import (
+from strokeseg.core.io import CaseError, read_json
+from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.datasets.foundation import (
     FOUNDATION_KEYS,
     DatasetConfig,
     FoundationConfig,
@@ -27,9 +29,7 @@ from strokeseg.foundation import (
     load_config,
     preprocess_foundation_case,
 )
-from strokeseg.io import CaseError, read_json
-from strokeseg.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
 def _name_path(text: str) -> tuple[str, str]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from strokeseg.isles import IslesSettings, add_isles_arguments, preprocess_isles
-from strokeseg.runner import guard_stage
+from strokeseg.core.runner import guard_stage
+from strokeseg.datasets.isles import IslesSettings, add_isles_arguments, preprocess_isles
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,14 +22,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from strokeseg import training
-from strokeseg.augment import augment_preset
-from strokeseg.brats import BRATS2024
-from strokeseg.contract import build_data_contract
-from strokeseg.datasets import dataset_spec
-from strokeseg.data import SampleMix, TrainingSet, find_case_files
-from strokeseg.runner import get_logger
-from strokeseg.splits import load_split
+from strokeseg.core.contract import build_data_contract
+from strokeseg.core.runner import get_logger
+from strokeseg.datasets.brats import BRATS2024
+from strokeseg.datasets.registry import dataset_spec
+from strokeseg.datasets.splits import load_split
+from strokeseg.training import engine as training
+from strokeseg.training.augment import augment_preset
+from strokeseg.training.data import SampleMix, TrainingSet, find_case_files
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
 DATASET = "ISLES2022"

@@ -4,7 +4,7 @@
 Writes ``--cases`` synthetic ATLAS-sized preprocessed volumes (197x233x189: ``image`` float32,
 ``lesion_mask`` and ``brain_mask`` uint8, as preprocess_stroke_foundation.py writes them) plus
 patch files holding the ``centers`` of 20 lesion patches each, then drives
-strokeseg.data.TrainingSet through the training DataLoader exactly as train_stroke.py does
+strokeseg.training.data.TrainingSet through the training DataLoader exactly as train_stroke.py does
 (70 % stored lesion patches, 30 % random brain patches, flips, ``--workers`` workers, batch 4),
 for volumes stored uncompressed (memory-mapped) and compressed (decoded once per chunk).
 Reports patches/s and the ratio to the target (150 patches/s of 96³ with 2 workers).
@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from strokeseg.augment import augment_preset  # noqa: E402
-from strokeseg.data import BatchLoader, EpochSampler, SampleMix, TrainingSet, find_case_files  # noqa: E402
-from strokeseg.io import save_npz  # noqa: E402
-from strokeseg.patches import lesion_centers  # noqa: E402
+from strokeseg.core.io import save_npz  # noqa: E402
+from strokeseg.training.augment import augment_preset  # noqa: E402
+from strokeseg.training.data import BatchLoader, EpochSampler, SampleMix, TrainingSet, find_case_files  # noqa: E402
+from strokeseg.training.patches import lesion_centers  # noqa: E402
 
 SHAPE = (197, 233, 189)  # ATLAS MNI grid, 1 mm
 TARGET = 150.0  # patches per second

@@ -48,11 +48,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg import synthetic  # noqa: E402
-from strokeseg.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
-from strokeseg.inference import PRECISIONS, amp_autocast, nonzero_box, sliding_window_inference  # noqa: E402
-from strokeseg.io import load_nifti  # noqa: E402
-from strokeseg.metrics import dice  # noqa: E402
+from strokeseg.core.io import load_nifti  # noqa: E402
+from strokeseg.datasets import synthetic  # noqa: E402
+from strokeseg.datasets.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
+from strokeseg.evaluation.metrics import dice  # noqa: E402
+from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, nonzero_box, sliding_window_inference  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ import torch
 
 import models
 from models import build_model, count_parameters
-from strokeseg.losses import DiceCELoss, multi_head_loss
+from strokeseg.training.losses import DiceCELoss, multi_head_loss
 
 CASES = (
     # (name, model config, cubic patch edge in voxels): full size

@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from strokeseg import synthetic  # noqa: E402
-from strokeseg.foundation import DatasetConfig, PreprocessingConfig, discover_foundation_cases, preprocess_foundation_case  # noqa: E402
-from strokeseg.io import load_npz, save_npz  # noqa: E402
-from strokeseg.patches import PatchItem, case_rng, extract_case_patches, lesion_centers  # noqa: E402
+from strokeseg.core.io import load_npz, save_npz  # noqa: E402
+from strokeseg.datasets import synthetic  # noqa: E402
+from strokeseg.datasets.foundation import DatasetConfig, PreprocessingConfig, discover_foundation_cases, preprocess_foundation_case  # noqa: E402
+from strokeseg.training.patches import PatchItem, case_rng, extract_case_patches, lesion_centers  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg import prediction as pr  # noqa: E402
-from strokeseg import synthetic  # noqa: E402
-from strokeseg.evaluation import InferenceSettings  # noqa: E402
+from strokeseg.datasets import synthetic  # noqa: E402
+from strokeseg.evaluation.engine import InferenceSettings  # noqa: E402
+from strokeseg.inference import prediction as pr  # noqa: E402
 
 _SETTINGS = {
     "atlas": ("ATLAS", ["image"], {"target_spacing": [1.0, 1.0, 1.0], "clip_percentile": 99.5, "brain_threshold": 0.0}),

@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from strokeseg import synthetic  # noqa: E402
-from strokeseg.foundation import DatasetConfig, PreprocessingConfig, discover_foundation_cases, preprocess_foundation_case  # noqa: E402
-from strokeseg.io import load_npz, save_npz  # noqa: E402
-from strokeseg.isles import discover_isles_cases, preprocess_isles_case  # noqa: E402
-from strokeseg.runner import CaseResult, run_cases  # noqa: E402
+from strokeseg.core.io import load_npz, save_npz  # noqa: E402
+from strokeseg.core.runner import CaseResult, run_cases  # noqa: E402
+from strokeseg.datasets import synthetic  # noqa: E402
+from strokeseg.datasets.foundation import DatasetConfig, PreprocessingConfig, discover_foundation_cases, preprocess_foundation_case  # noqa: E402
+from strokeseg.datasets.isles import discover_isles_cases, preprocess_isles_case  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Samples per second of a full training step (forward, loss, backward, AdamW step, clipping),
-the engine's own strokeseg.training.train_step, on random batches already on the device.
+the engine's own strokeseg.training.engine.train_step, on random batches already on the device.
 
 Both networks at the paper's size (ResNet-18 U-Net: width 64, 96³, batch 4; UCTransNet3D:
 width 64, 64³, batch 4), with automatic mixed precision on (bfloat16, or float16 + GradScaler
@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from strokeseg.losses import build_loss  # noqa: E402
-from strokeseg.inference import autocast_dtype, training_precision  # noqa: E402
-from strokeseg.training import make_grad_scaler, train_step  # noqa: E402
+from strokeseg.inference.sliding_window import autocast_dtype, training_precision  # noqa: E402
+from strokeseg.training.engine import make_grad_scaler, train_step  # noqa: E402
+from strokeseg.training.losses import build_loss  # noqa: E402
 
 FULL = {"resnet18": (64, 96, 4), "uctransnet3d": (64, 64, 4)}  # width, patch edge, batch
 QUICK = {"resnet18": (16, 32, 2), "uctransnet3d": (16, 32, 2)}

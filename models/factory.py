@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from strokeseg.io import atomic_path
+from strokeseg.core.io import atomic_path
 
 from .common import unwrap_model
 from .registry import ArchSpec, arch_names, arch_of_network, arch_spec, canonical_arch

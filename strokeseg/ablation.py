@@ -34,9 +34,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import models
-from .evaluation import changed_inputs, evaluation_problems, file_fingerprints
-from .io import CaseError, read_json, write_text
-from .runner import get_logger
+from .core.io import CaseError, read_json, write_text
+from .core.runner import get_logger
+from .evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
 
 __all__ = ["FOLD", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "is_complete", "command", "run_local", "emit_slurm"]
 

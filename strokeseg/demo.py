@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from .ablation import cpu_count, emit_slurm, load_plan, run_local
-from .io import read_json, write_json, write_text
-from .runner import get_logger, write_run_args
-from .synthetic import make_atlas, make_brats, make_isles, make_uoa
+from .core.io import read_json, write_json, write_text
+from .core.runner import get_logger, write_run_args
+from .datasets.synthetic import make_atlas, make_brats, make_isles, make_uoa
 
 REPO = Path(__file__).resolve().parents[1]
 

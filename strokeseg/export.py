@@ -20,11 +20,11 @@ from typing import Any, Mapping, Sequence
 
 import models
 
-from .contract import contract_from_checkpoint
-from .evaluation import discover_checkpoints
-from .io import CaseError, one_line, read_json, write_json
-from .prediction import code_version, shared_contract, stored_contract
-from .runner import get_logger
+from .core.contract import contract_from_checkpoint
+from .core.io import CaseError, one_line, read_json, write_json
+from .core.runner import get_logger
+from .evaluation.engine import discover_checkpoints
+from .inference.prediction import code_version, shared_contract, stored_contract
 
 __all__ = ["KEPT_KEYS", "export_checkpoint", "evaluation_record", "model_card", "export_run", "main"]
 
@@ -35,7 +35,7 @@ KEPT_KEYS = ("config", "init", "val_cases", "data_contract", "epoch", "best_scor
 def export_checkpoint(source: Path, target: Path) -> dict:
     """Rebuild ``source``'s network (strict) and write it to ``target`` with :data:`KEPT_KEYS`
     only. Returns the source checkpoint. Raises :class:`CaseError` for an unreadable checkpoint
-    or one without a data contract prediction can use (:func:`strokeseg.prediction.stored_contract`)."""
+    or one without a data contract prediction can use (:func:`strokeseg.inference.prediction.stored_contract`)."""
     try:
         model, checkpoint = models.model_from_checkpoint(source)
     except (FileNotFoundError, ValueError) as err:

@@ -1,12 +1,12 @@
 """Per-case functions that misbehave on purpose, importable by the spawned worker processes of
-``strokeseg.runner.run_cases`` (a test module's own functions would drag pytest into them)."""
+``strokeseg.core.runner.run_cases`` (a test module's own functions would drag pytest into them)."""
 from __future__ import annotations
 
 import os
 import signal
 
-from strokeseg.isles import IslesCase, preprocess_isles_case
-from strokeseg.runner import CaseResult
+from strokeseg.core.runner import CaseResult
+from strokeseg.datasets.isles import IslesCase, preprocess_isles_case
 
 DOOMED = "sub-strokecase0003"
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures: the real ISLES sample and tiny synthetic datasets (one per session).
 
-Synthetic datasets (all written by :mod:`strokeseg.synthetic`, seconds in total):
+Synthetic datasets (all written by :mod:`strokeseg.datasets.synthetic`, seconds in total):
 - ``synthetic_isles_a``: layout A, 6 cases sub-strokecase0001..0006, DWI grid about 40x40x24,
   sub-strokecase0006 has an empty mask.
 - ``synthetic_isles_b``: layout B, 6 cases, same sizes, seed 1, no empty mask.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from strokeseg import synthetic
+from strokeseg.datasets import synthetic
 
 ISLES_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isles22_sample"
 

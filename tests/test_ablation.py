@@ -13,7 +13,7 @@ import pytest
 import models
 from strokeseg import ablation, demo
 from strokeseg.ablation import FOLD, Plan, Resources, Stage, Task
-from strokeseg.evaluation import file_fingerprints
+from strokeseg.evaluation.engine import file_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH_PATCH = {"resnet18": 96, "uctransnet3d": 64}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import preprocess_brats2024_t2flair
-from strokeseg.brats import discover_brats_cases, preprocess_brats_case
-from strokeseg.geometry import resample_to_shape
-from strokeseg.io import CaseError, load_npz, read_json
+from strokeseg.core.geometry import resample_to_shape
+from strokeseg.core.io import CaseError, load_npz, read_json
+from strokeseg.datasets.brats import discover_brats_cases, preprocess_brats_case
 
 SHAPE = ("37", "41", "29")  # odd sizes, finer than the 32x32x24 input
 

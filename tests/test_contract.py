@@ -12,9 +12,9 @@ import models
 import preprocess_isles_WITH_BBOX
 import preprocess_v2_isles
 import train_isles_resnet18
-from strokeseg import synthetic
-from strokeseg.contract import THRESHOLD, DataContract, preprocessing_differences, read_contract
-from strokeseg.io import CaseError, read_json
+from strokeseg.core.contract import THRESHOLD, DataContract, preprocessing_differences, read_contract
+from strokeseg.core.io import CaseError, read_json
+from strokeseg.datasets import synthetic
 
 SHAPE = ["32", "32", "32"]
 

@@ -1,4 +1,4 @@
-"""Tests of strokeseg.data (sampling, sharding, loading) and strokeseg.augment."""
+"""Tests of strokeseg.training.data (sampling, sharding, loading) and strokeseg.training.augment."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.augment import AugmentConfig, augment_preset, augment_sample, random_affine
-from strokeseg.data import (
+from strokeseg.core.io import CaseError, save_npz
+from strokeseg.training.augment import AugmentConfig, augment_preset, augment_sample, random_affine
+from strokeseg.training.data import (
     BatchLoader,
     EpochSampler,
     SampleMix,
@@ -23,8 +24,7 @@ from strokeseg.data import (
     rank_slice,
     sample_shape,
 )
-from strokeseg.io import CaseError, save_npz
-from strokeseg.patches import extract_patch
+from strokeseg.training.patches import extract_patch
 
 SHAPE = (40, 36, 33)  # odd sizes on purpose
 

@@ -1,4 +1,4 @@
-"""evaluate.py and strokeseg.evaluation: native-space scoring on the real ISLES case, NIfTI
+"""evaluate.py and strokeseg.evaluation.engine: native-space scoring on the real ISLES case, NIfTI
 geometry, end-to-end runs on synthetic ISLES and ATLAS data with untrained tiny checkpoints,
 and every bad input named in one line."""
 from __future__ import annotations
@@ -19,13 +19,13 @@ import evaluate
 import models
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
-from strokeseg import evaluation as ev
-from strokeseg.contract import DataContract
-from strokeseg.evaluation import score_probability
-from strokeseg.isles import load_isles_case
-from strokeseg.io import load_npz, read_json, save_npz, write_json
-from strokeseg.metrics import PRESETS
-from strokeseg.statistics import holm
+from strokeseg.core.contract import DataContract
+from strokeseg.core.io import load_npz, read_json, save_npz, write_json
+from strokeseg.datasets.isles import load_isles_case
+from strokeseg.evaluation import engine as ev
+from strokeseg.evaluation.engine import score_probability
+from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.evaluation.statistics import holm
 
 SUB = "sub-strokecase0009"
 ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
@@ -247,7 +247,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, pattern: str) -> str:
 
 
 def test_resnet_sees_a_volume_its_window_covers_whole_and_uctransnet_keeps_its_size(tmp_path: Path) -> None:
-    from strokeseg.evaluation import load_fold_model
+    from strokeseg.evaluation.engine import load_fold_model
 
     resnet = _checkpoint(tmp_path / "r.pth", {"arch": "resnet18", "variant": "single", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 96})
     fold_model = load_fold_model(resnet, 0, "ATLAS", torch.device("cpu"), None)

@@ -12,16 +12,16 @@ import pytest
 from scipy import ndimage
 
 import preprocess_stroke_foundation
-from strokeseg import foundation
-from strokeseg.foundation import (
+from strokeseg.core.geometry import spacing_to_shape
+from strokeseg.core.io import load_npz, read_json
+from strokeseg.datasets import foundation
+from strokeseg.datasets.foundation import (
     FOUNDATION_KEYS,
     brain_mask_from_image,
     case_id_from_filename,
     load_config,
     parse_config,
 )
-from strokeseg.geometry import spacing_to_shape
-from strokeseg.io import load_npz, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 ATLAS_STEM = "space-MNI152NLin2009aSym"

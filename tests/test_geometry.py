@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.geometry import (
+from strokeseg.core.geometry import (
     c_order_view,
     as_binary_mask,
     as_label_map,
@@ -20,7 +20,7 @@ from strokeseg.geometry import (
     uncrop_to_native,
     zscore,
 )
-from strokeseg.io import CaseError
+from strokeseg.core.io import CaseError
 
 CPU = torch.device("cpu")  # selects the PyTorch path (the one CUDA runs) on the CPU
 

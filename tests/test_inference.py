@@ -1,4 +1,4 @@
-"""Tests of strokeseg.inference: stitching against a plain reference loop, padding, TTA, ensembles."""
+"""Tests of strokeseg.inference.sliding_window: stitching against a plain reference loop, padding, TTA, ensembles."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.inference import autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
+from strokeseg.inference.sliding_window import autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
 
 
 def _tiny_net(in_channels: int = 1, seed: int = 0) -> torch.nn.Module:
@@ -205,9 +205,9 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, None) is None and autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") == torch.bfloat16
-    monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("strokeseg.inference.sliding_window.cpu_supports_bf16", lambda: False)
     assert autocast_dtype(cpu, "auto") is None
-    monkeypatch.setattr("strokeseg.inference.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("strokeseg.inference.sliding_window.cpu_supports_bf16", lambda: True)
     assert autocast_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be one of"):
         sliding_window_inference(_volume((1, 8, 8, 8)), lambda x: x.sigmoid(), 8, precision="fp16")

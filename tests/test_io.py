@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from strokeseg.io import NotMemoryMappable, CaseError, atomic_path, load_nifti, load_npz, load_npz_mmap, read_json, save_nifti, save_npz, write_json
+from strokeseg.core.io import NotMemoryMappable, CaseError, atomic_path, load_nifti, load_npz, load_npz_mmap, read_json, save_nifti, save_npz, write_json
 
 
 def test_atomic_path_leaves_old_file_when_the_writer_fails(tmp_path: Path) -> None:

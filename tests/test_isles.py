@@ -11,10 +11,10 @@ import pytest
 
 import preprocess_isles_WITH_BBOX
 import preprocess_v2_isles
-import strokeseg.splits
-from strokeseg.geometry import uncrop_to_native
-from strokeseg.io import CaseError, load_npz, read_json
-from strokeseg.isles import BBOX_KEYS, discover_isles_cases
+import strokeseg.datasets.splits
+from strokeseg.core.geometry import uncrop_to_native
+from strokeseg.core.io import CaseError, load_npz, read_json
+from strokeseg.datasets.isles import BBOX_KEYS, discover_isles_cases
 
 SUB = "sub-strokecase0009"
 
@@ -118,8 +118,8 @@ def _native_ml(root: Path) -> dict[str, float]:
 def test_splits_file_from_synthetic_cases(synthetic_isles_b: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     stratified_on = {}
-    real = strokeseg.splits.write_splits_once
-    monkeypatch.setattr(strokeseg.splits, "write_splits_once", lambda path, volumes, **kw: stratified_on.update(volumes) or real(path, volumes, **kw))
+    real = strokeseg.datasets.splits.write_splits_once
+    monkeypatch.setattr(strokeseg.datasets.splits, "write_splits_once", lambda path, volumes, **kw: stratified_on.update(volumes) or real(path, volumes, **kw))
     assert preprocess_v2_isles.main(["--isles-dir", str(synthetic_isles_b), "--output-dir", str(out), "--target-shape", "24", "24", "16", "--workers", "2"]) == 0
     # Issue 13.4: the stratification keys are native lesion volumes in ml, not voxels of the 24x24x16 grid
     expected = _native_ml(synthetic_isles_b)

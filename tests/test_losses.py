@@ -1,4 +1,4 @@
-"""Tests for strokeseg/losses.py: hand-computed values, perfect and empty cases, batch Dice, errors."""
+"""Tests for strokeseg/training/losses.py: hand-computed values, perfect and empty cases, batch Dice, errors."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from strokeseg.losses import DiceCELoss, GeneralizedDiceLoss, build_loss, multi_head_loss
+from strokeseg.training.losses import DiceCELoss, GeneralizedDiceLoss, build_loss, multi_head_loss
 
 # Four voxels along X, reference [1, 0, 0, 0]; lesion probabilities [3/4, 1/4, 1/2, 1/2].
 TARGET = torch.tensor([1, 0, 0, 0]).view(1, 1, 4, 1, 1)

@@ -24,7 +24,7 @@ from models import (
     save_checkpoint,
 )
 from models.uctransnet3d import SqueezeExcitation
-from strokeseg.losses import DiceCELoss, multi_head_loss
+from strokeseg.training.losses import DiceCELoss, multi_head_loss
 
 TINY_RESNET = {"arch": "resnet18", "width": 4}
 TINY_UCT = {"arch": "uctransnet3d", "width": 4, "patch_size": 32, "layers": 1, "heads": 2}

@@ -11,9 +11,9 @@ import pytest
 
 import extract_patches_96x96x96
 import preprocess_stroke_foundation
-from strokeseg.data import find_case_files, read_stored_centres
-from strokeseg.io import load_npz, read_json, write_json
-from strokeseg.patches import (
+from strokeseg.core.io import load_npz, read_json, write_json
+from strokeseg.training.data import find_case_files, read_stored_centres
+from strokeseg.training.patches import (
     CENTERS_ONLY_KEYS,
     PATCH_KEYS,
     best_window_center,

@@ -1,4 +1,4 @@
-"""predict.py and strokeseg.prediction: native-grid masks equal to evaluate.py's, geometry,
+"""predict.py and strokeseg.inference.prediction: native-grid masks equal to evaluate.py's, geometry,
 tables, BIDS derivatives, re-runs, the data contract, and bad input refused as the
 preprocessing stages refuse it. Models are untrained tiny networks built at run time."""
 from __future__ import annotations
@@ -19,9 +19,9 @@ import models
 import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
-from strokeseg.contract import DataContract
-from strokeseg.datasets import dataset_spec
-from strokeseg.io import read_json, write_json
+from strokeseg.core.contract import DataContract
+from strokeseg.core.io import read_json, write_json
+from strokeseg.datasets.registry import dataset_spec
 
 ISLES_SHAPE = 16  # contract target shape and window of the ISLES models (voxels per axis)
 ATLAS_WINDOW = 32  # smaller than the synthetic brains: several windows per volume
@@ -30,7 +30,7 @@ FOUNDATION_SETTINGS = {"target_spacing": [1.0, 1.0, 1.0], "normalization_method"
 
 
 def _contract(dataset: str, keys: list[str], window: int, preprocessing: dict, fold: int) -> dict:
-    """The contract as the trainer stores it (strokeseg.contract), with the given settings."""
+    """The contract as the trainer stores it (strokeseg.core.contract), with the given settings."""
     mask_key = dataset_spec(dataset).mask_key
     return DataContract(dataset, tuple(keys), mask_key, (window,) * 3, 0.5, preprocessing, fold, (), (f"val{fold}",)).as_dict()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from strokeseg.synthetic import make_atlas, make_brats, make_isles
+from strokeseg.datasets.synthetic import make_atlas, make_brats, make_isles
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

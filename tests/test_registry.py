@@ -16,12 +16,13 @@ import models
 import models.registry
 import preprocess_stroke_foundation
 import train_stroke
-import strokeseg.datasets
+import strokeseg.datasets.registry
 from models.common import ConvNormReLU
-from strokeseg import synthetic, training
-from strokeseg.datasets import dataset_spec, register_dataset
-from strokeseg.foundation import foundation_dataset
-from strokeseg.io import read_json, write_json
+from strokeseg.core.io import read_json, write_json
+from strokeseg.datasets import synthetic
+from strokeseg.datasets.foundation import foundation_dataset
+from strokeseg.datasets.registry import dataset_spec, register_dataset
+from strokeseg.training import engine as training
 
 PATCH = 16
 
@@ -64,11 +65,11 @@ def toy_arch(monkeypatch: pytest.MonkeyPatch) -> models.ArchSpec:
 
 
 @pytest.fixture
-def toy_dataset(monkeypatch: pytest.MonkeyPatch) -> strokeseg.datasets.DatasetSpec:
+def toy_dataset(monkeypatch: pytest.MonkeyPatch) -> strokeseg.datasets.registry.DatasetSpec:
     """'TOY' (a T1w cohort from the foundation stage, scored with the isles22 preset) in the
     dataset registry for this test only."""
-    strokeseg.datasets.dataset_names()  # built-ins registered before the registry is copied
-    monkeypatch.setattr(strokeseg.datasets, "_DATASETS", dict(strokeseg.datasets._DATASETS))
+    strokeseg.datasets.registry.dataset_names()  # built-ins registered before the registry is copied
+    monkeypatch.setattr(strokeseg.datasets.registry, "_DATASETS", dict(strokeseg.datasets.registry._DATASETS))
     return register_dataset(foundation_dataset("TOY", "Toy cohort", preset="isles22"))
 
 

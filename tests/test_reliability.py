@@ -40,10 +40,10 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg.contract import DataContract
-from strokeseg.io import load_npz, read_json, save_npz, write_json
-from strokeseg.splits import load_split
-from strokeseg.training import LOCK_NAME
+from strokeseg.core.contract import DataContract
+from strokeseg.core.io import load_npz, read_json, save_npz, write_json
+from strokeseg.datasets.splits import load_split
+from strokeseg.training.engine import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["16", "16", "16"]  # preprocessed grid of the tiny ISLES / BraTS volumes (voxels)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from strokeseg import report
-from strokeseg.evaluation import summarize_run
+from strokeseg.evaluation import report
+from strokeseg.evaluation.engine import summarize_run
 
 
 @pytest.mark.parametrize(
@@ -149,8 +149,8 @@ def test_write_figures_draws_selected_pngs(tmp_path: Path) -> None:
 
 
 def test_tables_and_csv_columns_derive_from_the_metrics_table() -> None:
-    from strokeseg.evaluation import CSV_COLUMNS
-    from strokeseg.metrics import METRICS, PRESETS
+    from strokeseg.evaluation.engine import CSV_COLUMNS
+    from strokeseg.evaluation.metrics import METRICS, PRESETS
 
     assert [c for c in CSV_COLUMNS if c in METRICS] == list(METRICS)
     assert PRESETS["isles22"].table_metrics == ("dice", "abs_volume_diff_ml", "lesion_f1", "abs_lesion_count_diff")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from strokeseg.io import CaseError, read_json
-from strokeseg.runner import CaseResult, finish, run_cases
+from strokeseg.core.io import CaseError, read_json
+from strokeseg.core.runner import CaseResult, finish, run_cases
 
 
 def _square(value: int, fail_on: int) -> CaseResult:

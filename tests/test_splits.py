@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from strokeseg.io import CaseError, write_json
-from strokeseg.splits import load_split, make_splits, validate_splits, write_splits_once
+from strokeseg.core.io import CaseError, write_json
+from strokeseg.datasets.splits import load_split, make_splits, validate_splits, write_splits_once
 
 
 def _volumes(n: int, seed: int = 0) -> dict[str, float]:

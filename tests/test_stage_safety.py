@@ -19,8 +19,10 @@ import models
 import preprocess_stroke_foundation
 import preprocess_v2_isles
 import train_isles_resnet18
-from strokeseg import isles, runner, training
-from strokeseg.io import load_npz, read_json, save_npz, write_json
+from strokeseg.core import runner
+from strokeseg.core.io import load_npz, read_json, save_npz, write_json
+from strokeseg.datasets import isles
+from strokeseg.training import engine as training
 
 GRID = ["16", "16", "16"]
 SPLITS = "isles2022_splits_5fold.json"
@@ -309,7 +311,7 @@ def test_item15_run_level_problems_are_one_line(synthetic_isles_b: Path, tmp_pat
     def refuse(*args, dir=None, **kwargs):  # what a read-only mount answers (root ignores chmod)
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("strokeseg.io.tempfile.mkstemp", refuse)
+    monkeypatch.setattr("strokeseg.core.io.tempfile.mkstemp", refuse)
     assert preprocess_v2_isles.main(_isles_argv(synthetic_isles_b, read_only)) == 1
     line = _one_error_line(capsys)
     assert f"cannot write {read_only / runner.SETTINGS_NAME}: Read-only file system" in line, line

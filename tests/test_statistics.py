@@ -1,4 +1,4 @@
-"""strokeseg.statistics: every statistic against hand-computed values, SciPy, a direct NumPy
+"""strokeseg.evaluation.statistics: every statistic against hand-computed values, SciPy, a direct NumPy
 resampling with the same seed, and the published ICC example of Shrout & Fleiss (1979)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from strokeseg import statistics as st
+from strokeseg.evaluation import statistics as st
 
 # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; their ICC(3,1) = 0.71
 # (mean squares BMS 11.24, EMS 1.02: (11.24 - 1.02) / (11.24 + 3 * 1.02) = 0.7147).

@@ -1,4 +1,4 @@
-"""Tests of strokeseg.synthetic: exact layouts, geometry, labels, contrast, determinism, CLI."""
+"""Tests of strokeseg.datasets.synthetic: exact layouts, geometry, labels, contrast, determinism, CLI."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from strokeseg import synthetic
-from strokeseg.io import affines_match, load_nifti
-from strokeseg.synthetic import Tissue
+from strokeseg.core.io import affines_match, load_nifti
+from strokeseg.datasets import synthetic
+from strokeseg.datasets.synthetic import Tissue
 
 ISLES_IDS = [f"sub-strokecase{i:04d}" for i in range(1, 7)]
 ATLAS_SUBJECTS = [("R001", "sub-r001s001"), ("R001", "sub-r001s002"), ("R001", "sub-r001s003"),

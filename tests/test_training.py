@@ -1,6 +1,6 @@
 """End-to-end tests of the training engine and the three training scripts (CPU, tiny networks).
 
-Inputs come from the real stages: strokeseg.synthetic data preprocessed by
+Inputs come from the real stages: strokeseg.datasets.synthetic data preprocessed by
 preprocess_v2_isles.py, preprocess_brats2024_t2flair.py, preprocess_stroke_foundation.py and
 extract_patches_96x96x96.py. Resume, preemption and torchrun run in subprocesses.
 """
@@ -29,11 +29,12 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg import synthetic, training
-from strokeseg.data import find_case_files, load_case_volume
-from strokeseg.metrics import dice as dice_score
-from strokeseg.io import read_json, save_npz, write_json
-from strokeseg.splits import make_splits
+from strokeseg.core.io import read_json, save_npz, write_json
+from strokeseg.datasets import synthetic
+from strokeseg.datasets.splits import make_splits
+from strokeseg.evaluation.metrics import dice as dice_score
+from strokeseg.training import engine as training
+from strokeseg.training.data import find_case_files, load_case_volume
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("best_model.pth", "last.pth", "history.csv", "curves.png", "run_args.json")

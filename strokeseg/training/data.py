@@ -14,7 +14,7 @@ Determinism (exact resume, any number of DataLoader workers or ranks):
   not on which worker computed it or what it computed before.
 
 Throughput: full volumes are memory-mapped when their .npz members are stored uncompressed
-(:func:`strokeseg.io.load_npz_mmap`: a 96³ patch touches only its own pages); compressed files
+(:func:`strokeseg.core.io.load_npz_mmap`: a 96³ patch touches only its own pages); compressed files
 are decompressed once and kept in a small per-worker LRU cache. The epoch order keeps the
 samples of ``chunk_cases`` cases together (shuffled among themselves), so a worker reuses a
 cached volume for several patches instead of decoding one file per patch. The pools cost one
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap, npz_shapes
 from .augment import AugmentConfig, augment_sample
-from .io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap, npz_shapes
 from .patches import extract_patch, lesion_centers, random_centers, tissue_centers
 
 __all__ = [
@@ -88,7 +88,7 @@ class CaseFiles:
 class SampleMix:
     """How each case's ``samples_per_case`` samples of an epoch are drawn.
 
-    lesion: centred on the lesion (:func:`strokeseg.patches.lesion_centers`; random when the
+    lesion: centred on the lesion (:func:`strokeseg.training.patches.lesion_centers`; random when the
     mask is empty); stored: one of the case's pre-extracted patches (random when it has none);
     random: anywhere in the brain mask (or the volume without one). When the patch covers the
     whole volume every sample is the whole volume and the split does not matter.
@@ -253,7 +253,7 @@ def centre_pools(case: CaseFiles, arrays: dict[str, np.ndarray], patch_size: int
     """A case's candidate patch centres, int64 (N, 3) voxel indices of windows inside the volume.
 
     'lesion': up to POOL_SIZE distinct windows centred on lesion voxels
-    (:func:`strokeseg.patches.lesion_centers`; empty for a lesion-free case); 'random': up to
+    (:func:`strokeseg.training.patches.lesion_centers`; empty for a lesion-free case); 'random': up to
     POOL_SIZE distinct windows centred on brain-mask voxels (:func:`tissue_centers`), or
     anywhere in the volume without a brain mask (:func:`random_centers`).
     """

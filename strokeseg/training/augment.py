@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import rotation_matrix
+from ..core.geometry import rotation_matrix
 
 __all__ = ["AugmentConfig", "AUGMENT_PRESETS", "augment_preset", "augment_sample", "random_affine"]
 

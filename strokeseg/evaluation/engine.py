@@ -27,16 +27,16 @@ from torch import nn
 
 import models
 
-from .contract import THRESHOLD, DataContract, contract_from_checkpoint
-from .data import sample_shape
-from .datasets import EvalCase, dataset_spec
-from .geometry import uncrop_to_native
-from .inference import nonzero_box, sliding_window_inference
-from .io import CaseError, one_line, read_json, save_nifti
+from ..core.contract import THRESHOLD, DataContract, contract_from_checkpoint
+from ..core.geometry import uncrop_to_native
+from ..core.io import CaseError, one_line, read_json, save_nifti
+from ..core.runner import CaseResult, RunReport, get_logger, run_cases
+from ..datasets.registry import EvalCase, dataset_spec
+from ..datasets.splits import load_split
+from ..inference.sliding_window import nonzero_box, sliding_window_inference
+from ..training.data import sample_shape
 from .metrics import METRIC_NAMES, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
-from .runner import CaseResult, RunReport, get_logger, run_cases
-from .splits import load_split
 from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
 
 __all__ = [
@@ -74,7 +74,7 @@ __all__ = [
 _ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
 _CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
 CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity")
-# lesions.csv: one row per reference lesion and scoring model (see strokeseg.metrics.case_metrics)
+# lesions.csv: one row per reference lesion and scoring model (see strokeseg.evaluation.metrics.case_metrics)
 LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
 
@@ -82,7 +82,7 @@ LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap
 class FoldModel:
     """A fold's network in eval mode on its device, with what evaluation needs to know about it.
 
-    contract: the checkpoint's data contract (:mod:`strokeseg.contract`: dataset, input keys,
+    contract: the checkpoint's data contract (:mod:`strokeseg.core.contract`: dataset, input keys,
     window, threshold, preprocessing, case ids); window: sliding-window size (voxels), the
     contract's unless ``--window`` overrides it (see :meth:`window_for`); run_config: the
     training run's arguments stored in the checkpoint ({} when absent); init: the checkpoint's
@@ -113,7 +113,7 @@ class FoldModel:
     def window_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """The window for a volume of spatial ``shape``: a fixed-input-size architecture (e.g.
         UCTransNet3D) always its training size; others what they saw in training
-        (:func:`strokeseg.data.sample_shape`: the whole volume when the window covers it, else
+        (:func:`strokeseg.training.data.sample_shape`: the whole volume when the window covers it, else
         the window)."""
         if models.arch_spec(self.model_config["arch"]).fixed_input_size:
             return self.window
@@ -134,9 +134,9 @@ class FoldModel:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window_inference`);
+    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window.sliding_window_inference`);
     brain_crop: run the windows over the box of the input's non-zero (brain) voxels only, the
-    rest is background (:func:`strokeseg.inference.nonzero_box`)."""
+    rest is background (:func:`strokeseg.inference.sliding_window.nonzero_box`)."""
 
     overlap: float = 0.5
     mode: str = "gaussian"
@@ -230,8 +230,8 @@ def score_probability(probability: np.ndarray, case: EvalCase, preset: str, thre
 
     probability: float (X, Y, Z) on the inference grid (ISLES: the 96³ crop). It is mapped to
     the scoring grid first (:func:`to_scoring_grid`, trilinear on probabilities), then voxels
-    >= ``threshold`` (the checkpoint contract's, :data:`strokeseg.contract.THRESHOLD`) are lesion. Returns (prediction bool on the scoring grid, metrics dict
-    from :func:`strokeseg.metrics.case_metrics` plus "ref_voxels" and "pred_voxels").
+    >= ``threshold`` (the checkpoint contract's, :data:`strokeseg.core.contract.THRESHOLD`) are lesion. Returns (prediction bool on the scoring grid, metrics dict
+    from :func:`strokeseg.evaluation.metrics.case_metrics` plus "ref_voxels" and "pred_voxels").
     """
     prediction = to_scoring_grid(np.asarray(probability, dtype=np.float32), case) >= threshold
     metrics = case_metrics(prediction, case.reference, case.voxel_volume_ml, preset)
@@ -313,7 +313,7 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     """Rebuild a checkpoint's network on ``device`` in eval mode, channels-last, and check it fits ``dataset``.
 
     Everything about the data comes from the checkpoint's data contract
-    (:func:`strokeseg.contract.contract_from_checkpoint`; older checkpoints: derived from the run
+    (:func:`strokeseg.core.contract.contract_from_checkpoint`; older checkpoints: derived from the run
     config, with a note). fold: the fold the file was found under (None: the contract's).
     ``window``: overrides the contract's (--window). Raises :class:`CaseError` for a missing or
     unreadable file, a contract naming another dataset or fold, input keys the dataset does not
@@ -471,7 +471,7 @@ def evaluate_run(
 
 def describe_run(label: str, seeds: Sequence[Sequence[FoldModel]], dataset: str, n_cases: int) -> dict:
     """What an arm is: label, paper strategy and init (from the first fold's run config and model
-    config; see :func:`strokeseg.report.paper_strategy`), folds, listed case count, n_seeds
+    config; see :func:`strokeseg.evaluation.report.paper_strategy`), folds, listed case count, n_seeds
     (training runs given this label) and checkpoints ("fold_<k>"; "seed_<s>/fold_<k>" with
     several seeds)."""
     models = [(s, fm) for s, fold_models in enumerate(seeds) for fm in fold_models]
@@ -500,13 +500,13 @@ def lesion_rows(rows: Sequence[Mapping]) -> list[dict]:
 def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     """Aggregate one arm's per-case rows (every seed; from :func:`evaluate_case`).
 
-    Returns "fold_summary" (:func:`strokeseg.statistics.summarize` over the fold models' rows),
+    Returns "fold_summary" (:func:`strokeseg.evaluation.statistics.summarize` over the fold models' rows),
     "ensemble_summary" (the same over the ensemble rows, or None); over distinct cases, from the
     ensemble rows when present, else the mean over fold models and seeds ("per_case_source"):
     "per_case" (metric -> case id -> value, for paired tests), "volumes_ml" ({"pred", "ref"}:
-    case id -> lesion volume), "volume_agreement" (:func:`strokeseg.statistics.volume_agreement`
+    case id -> lesion volume), "volume_agreement" (:func:`strokeseg.evaluation.statistics.volume_agreement`
     of the two) and "detection"
-    (:func:`strokeseg.statistics.detection`; lesions pooled over the scoring models).
+    (:func:`strokeseg.evaluation.statistics.detection`; lesions pooled over the scoring models).
     Raises ValueError without fold rows.
     """
     fold_rows = [row for row in rows if row["fold"] != "ensemble"]
@@ -529,7 +529,7 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
 def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], metrics: Sequence[str], n_bootstrap: int, seed: int) -> list[dict]:
     """Paired comparisons of run summaries (from :func:`summarize_run`), one per (a, b) pair:
     for every metric of ``metrics`` (the preset's table metrics: one volume unit, not both)
-    :func:`strokeseg.statistics.paired_difference` of a - b over the cases both scored, plus
+    :func:`strokeseg.evaluation.statistics.paired_difference` of a - b over the cases both scored, plus
     "p_holm": Holm-adjusted over every (pair, metric) p-value of this call.
     A pair that cannot be tested gets {"a", "b", "error"}."""
     out = []

@@ -5,11 +5,11 @@ random fields), :func:`brain_phantom` (a tissue label map: head, CSF, grey and w
 :func:`lesion_mask` (irregular blobs inside the parenchyma), :func:`render` (tissue contrast,
 bias field, noise) and :func:`oblique_affine` (voxel-to-world matrix). Case ``i`` is drawn from
 its own generator (:func:`synthetic_rng`), so its content depends on ``seed`` and ``i`` only, never
-on how many cases are generated. Files are written with :func:`strokeseg.io.save_nifti`.
+on how many cases are generated. Files are written with :func:`strokeseg.core.io.save_nifti`.
 
 Example (tiny test-sized ISLES data, every 3rd case lesion-free)::
 
-    python -m strokeseg.synthetic --dataset isles --out /tmp/isles --n-cases 6 --seed 0 \\
+    python -m strokeseg.datasets.synthetic --dataset isles --out /tmp/isles --n-cases 6 --seed 0 \\
         --layout B --shape 40 40 24 --empty-every 3
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .geometry import rotation_matrix
-from .io import save_nifti
-from .runner import progress, write_run_args
+from ..core.geometry import rotation_matrix
+from ..core.io import save_nifti
+from ..core.runner import progress, write_run_args
 
 __all__ = [
     "Tissue",
@@ -607,7 +607,7 @@ _FILES_PER_CASE = {"isles": 4, "atlas": 2, "uoa": 2, "brats": 5}
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m strokeseg.synthetic",
+        prog="python -m strokeseg.datasets.synthetic",
         description="Write a synthetic dataset in the on-disk layout of ISLES 2022, ATLAS v2.0, UOA or BraTS 2024.",
     )
     add = parser.add_argument

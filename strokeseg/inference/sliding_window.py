@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import foreground_bbox
+from ..core.geometry import foreground_bbox
 
 __all__ = [
     "Predictor",

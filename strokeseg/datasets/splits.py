@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .io import CaseError, read_json, write_json
-from .runner import SETTINGS_NAME, check_settings, get_logger
+from ..core.io import CaseError, read_json, write_json
+from ..core.runner import SETTINGS_NAME, check_settings, get_logger
 
 __all__ = [
     "Split",
@@ -280,7 +280,7 @@ REBUILD_ADVICE = (
 def cases_to_rebuild(folder: Path, settings: Mapping[str, Any], suffix: str = ".npz") -> list[str]:
     """``--rebuild-splits``' door check and its cases: ``folder`` must be a stage's output
     folder (with its ``stage_settings.json``) made with these ``settings``
-    (:func:`strokeseg.runner.check_settings`; the splits' own, :data:`SPLIT_SETTINGS`, may
+    (:func:`strokeseg.core.runner.check_settings`; the splits' own, :data:`SPLIT_SETTINGS`, may
     change). Returns :func:`cases_on_disk`; raises :class:`CaseError` naming the folder, before
     anything is written."""
     if not Path(folder).is_dir():

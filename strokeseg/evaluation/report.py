@@ -1,11 +1,11 @@
 """Evaluation outputs: per-case CSV, Markdown tables in the paper's layout, PNG figures.
 
-Tables take run summaries as built by :func:`strokeseg.evaluation.describe_run` plus
-:func:`strokeseg.evaluation.summarize_run` ("label", "strategy", "init", "folds", "n_test_cases",
-"fold_summary"/"ensemble_summary" from :func:`strokeseg.statistics.summarize`, "volume_agreement",
+Tables take run summaries as built by :func:`strokeseg.evaluation.engine.describe_run` plus
+:func:`strokeseg.evaluation.engine.summarize_run` ("label", "strategy", "init", "folds", "n_test_cases",
+"fold_summary"/"ensemble_summary" from :func:`strokeseg.evaluation.statistics.summarize`, "volume_agreement",
 "detection"). Paper-layout cells are "mean ± std" with the sample std (ddof=1) across the per-fold
 means, the paper's convention; "n/a" when undefined (one fold). Columns, headers and decimals
-come from :data:`strokeseg.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
+come from :data:`strokeseg.evaluation.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .datasets import dataset_spec
-from .io import atomic_path
+from ..core.io import atomic_path
+from ..datasets.registry import dataset_spec
 from .metrics import METRICS, PRESETS
 
 __all__ = [
@@ -254,8 +254,8 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
     """The whole ``results.md``: the paper-layout table with failed cases under it, details,
     distributions, volume agreement, lesion detection, comparisons; each with its definition.
 
-    preset: :func:`strokeseg.evaluation.preset_record`; comparisons: from
-    :func:`strokeseg.evaluation.compare_runs`.
+    preset: :func:`strokeseg.evaluation.engine.preset_record`; comparisons: from
+    :func:`strokeseg.evaluation.engine.compare_runs`.
     """
     spec = dataset_spec(dataset)
     name = spec.display_name
@@ -357,7 +357,7 @@ def write_figures(out_dir: Path, rows: Sequence[Mapping], slices: Mapping[tuple[
     among the ensemble rows (when present) or the fold rows of one run.
 
     slices: (fold, case_id) -> an object with ``image``, ``reference``, ``prediction`` (2-D) and
-    ``z`` (see :class:`strokeseg.evaluation.FigureSlices`). Returns the paths written.
+    ``z`` (see :class:`strokeseg.evaluation.engine.FigureSlices`). Returns the paths written.
     """
     ensemble = [row for row in rows if row["fold"] == "ensemble"]
     written = []
@@ -371,7 +371,7 @@ def write_figures(out_dir: Path, rows: Sequence[Mapping], slices: Mapping[tuple[
 
 
 def save_bland_altman(path: str | Path, run: Mapping, label: str) -> None:
-    """Bland-Altman PNG of a run summary (from :func:`strokeseg.evaluation.summarize_run`):
+    """Bland-Altman PNG of a run summary (from :func:`strokeseg.evaluation.engine.summarize_run`):
     per case the mean of predicted and reference volume (ml) against their difference, with
     the bias and 95 % limits of agreement as lines. Written atomically."""
     cases = sorted(set(run["volumes_ml"]["pred"]) & set(run["volumes_ml"]["ref"]))

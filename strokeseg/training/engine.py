@@ -6,7 +6,7 @@ validation Dice), ``last.pth`` (everything needed to resume), ``history.csv``, `
 and ``run_args.json``; every file is written atomically.
 
 Exact resume. The data order and every sample are pure functions of (seed, epoch, sample id)
-(:mod:`strokeseg.data`), and the torch generator is reseeded from (seed, epoch, step, rank)
+(:mod:`strokeseg.training.data`), and the torch generator is reseeded from (seed, epoch, step, rank)
 before every step (dropout), so replaying from a checkpoint gives the same batches and random
 numbers. ``last.pth`` holds the model, optimiser, schedule position, GradScaler, the epoch and
 the number of steps of it already done, the running loss sums, best score, history and RNG
@@ -65,14 +65,14 @@ from torch import nn
 
 import models
 
+from ..core.contract import THRESHOLD, check_pretrained
+from ..core.io import CaseError, atomic_path, one_line
+from ..core.runner import get_logger, progress, write_run_args
+from ..evaluation.metrics import dice
+from ..inference.sliding_window import AMP_MODES, autocast_dtype, sliding_window_inference, training_precision
 from .augment import AUGMENT_PRESETS
-from .contract import THRESHOLD, check_pretrained
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
-from .inference import AMP_MODES, autocast_dtype, sliding_window_inference, training_precision
-from .io import CaseError, atomic_path, one_line
 from .losses import LOSS_NAMES, build_loss, multi_head_loss
-from .metrics import dice
-from .runner import get_logger, progress, write_run_args
 
 __all__ = [
     "EXIT_PREEMPTED",
@@ -173,7 +173,7 @@ class InitSpec:
     pretrained start the checkpoint, the scope copied ('encoder' | 'all'), the dataset it must
     have been trained on (source_dataset, a registry name; None: any) and this fold's test case
     ids, which, like its validation cases, it must not have seen
-    (:func:`strokeseg.contract.check_pretrained`, before anything is written)."""
+    (:func:`strokeseg.core.contract.check_pretrained`, before anything is written)."""
 
     label: str = "scratch"
     checkpoint: Path | None = None

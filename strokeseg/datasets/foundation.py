@@ -19,7 +19,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .geometry import (
+from ..core.geometry import (
     as_binary_mask,
     c_order_view,
     clip_between,
@@ -30,9 +30,9 @@ from .geometry import (
     spacing_to_shape,
     zscore,
 )
-from .datasets import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
-from .io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
-from .runner import CaseResult
+from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
+from ..core.runner import CaseResult
+from .registry import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
 
 __all__ = [
     "PreprocessingConfig",
@@ -606,7 +606,7 @@ def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") ->
     """The spec of a dataset preprocessed by ``preprocess_stroke_foundation.py`` (a config.json
     entry called ``name``): T1w ``image``, ``lesion_mask``, ``brain_mask``, whole-volume scoring,
     the settings recorded in the stage's run_args.json. Register it with
-    :func:`strokeseg.datasets.register_dataset` to train and evaluate a new cohort."""
+    :func:`strokeseg.datasets.registry.register_dataset` to train and evaluate a new cohort."""
     return DatasetSpec(
         name=name,
         display_name=display_name,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .geometry import as_binary_mask, crop, foreground_bbox
-from .io import CaseError, load_npz, read_json, save_npz
-from .runner import CaseResult
+from ..core.geometry import as_binary_mask, crop, foreground_bbox
+from ..core.io import CaseError, load_npz, read_json, save_npz
+from ..core.runner import CaseResult
 
 __all__ = [
     "PATCH_KEYS",
@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 PATCH_KEYS = ("patches", "masks", "centers", "original_shape", "spacing", "lesion_volume", "patient_id", "patch_kind")
-# --centers-only: what training reads (strokeseg.data.read_stored_centres), plus the kind for the stage's summary
+# --centers-only: what training reads (strokeseg.training.data.read_stored_centres), plus the kind for the stage's summary
 CENTERS_ONLY_KEYS = ("centers", "original_shape", "patch_kind")
 _CHUNK = 4096  # candidate centres scored per vectorised step
 
@@ -351,7 +351,7 @@ def extract_case_patches(
     unicode scalars. ``centers_only`` writes :data:`CENTERS_ONLY_KEYS` (what training reads, plus
     ``patch_kind``): the same centres in a few hundred bytes instead of ~55 MB per case at 96³.
     ``compress=False`` writes a stored .npz: about 1.5x the disk space, about 10x faster to
-    write, and its members can be memory-mapped (:func:`strokeseg.io.load_npz_mmap`).
+    write, and its members can be memory-mapped (:func:`strokeseg.core.io.load_npz_mmap`).
     """
     out_path = output_dir / f"{item.case_id}.npz"
     keys = CENTERS_ONLY_KEYS if centers_only else PATCH_KEYS

@@ -1,9 +1,9 @@
 """The checkpoint data contract: what a model was trained on, stored in every checkpoint.
 
-``strokeseg.training.fit(..., data_contract=...)`` stores the dict built by
+``strokeseg.training.engine.fit(..., data_contract=...)`` stores the dict built by
 :func:`build_data_contract` under ``"data_contract"`` in ``last.pth`` and ``best_model.pth``::
 
-    {"dataset": "ISLES2022",              # a registry name (strokeseg.datasets)
+    {"dataset": "ISLES2022",              # a registry name (strokeseg.datasets.registry)
      "input_keys": ["dwi", "adc"],        # npz keys stacked as input channels, in order
      "mask_key": "mask",                  # npz key of the training label
      "window": [96, 96, 96],              # training patch / sliding-window size (voxels)
@@ -26,7 +26,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import models
 
-from .datasets import DatasetSpec, dataset_names, dataset_spec, spec_named_like
+from ..datasets.registry import DatasetSpec, dataset_names, dataset_spec, spec_named_like
 from .io import CaseError
 from .runner import get_logger
 

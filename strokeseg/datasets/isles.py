@@ -16,12 +16,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .datasets import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
-from .geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from .io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
-from .runner import (
+from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
+from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
+from ..core.runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
+from .registry import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
 from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 __all__ = [
@@ -148,7 +148,7 @@ def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
 
     Raises :class:`CaseError` naming the file for a missing or duplicated modality, an
     unreadable, non-3-D or non-finite volume, a constant or near-empty DWI or ADC
-    (:func:`strokeseg.io.check_image_content`), a shape or affine (1e-3) differing from the
+    (:func:`strokeseg.core.io.check_image_content`), a shape or affine (1e-3) differing from the
     DWI's, or mask values other than 0/1.
     """
     if case.problem:
@@ -243,7 +243,7 @@ class IslesSettings:
     seed: int = 42
 
     def recorded(self, isles_dir: Path) -> dict[str, Any]:
-        """What shapes an output folder (see :func:`strokeseg.runner.check_settings`): these
+        """What shapes an output folder (see :func:`strokeseg.core.runner.check_settings`): these
         settings and the resolved dataset root (so ``ROOT`` and ``ROOT/derivatives`` agree)."""
         root = _dataset_root(Path(isles_dir)).resolve()
         return {"isles_dir": str(root), **asdict(self), "target_shape": list(self.target_shape)}

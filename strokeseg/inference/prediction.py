@@ -5,10 +5,10 @@ A *model set* is the fold checkpoints of one or more training runs (or model fol
 by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
 training data, the input keys in channel order, the threshold and the preprocessing settings.
 Each case is preprocessed by the functions the preprocessing stage runs
-(:func:`strokeseg.isles.isles_arrays`, :func:`strokeseg.foundation.normalise_foundation_case`)
+(:func:`strokeseg.datasets.isles.isles_arrays`, :func:`strokeseg.datasets.foundation.normalise_foundation_case`)
 with the contract's settings, predicted with the mean probability of the fold models
-(:func:`strokeseg.evaluation.predict_probability`, as ``evaluate.py`` does), mapped back to the
-native grid (:func:`strokeseg.geometry.uncrop_to_native`, trilinear on probabilities) and
+(:func:`strokeseg.evaluation.engine.predict_probability`, as ``evaluate.py`` does), mapped back to the
+native grid (:func:`strokeseg.core.geometry.uncrop_to_native`, trilinear on probabilities) and
 thresholded there.
 """
 from __future__ import annotations
@@ -29,10 +29,11 @@ from scipy import ndimage
 
 import models
 
-from .contract import DataContract, contract_from_checkpoint, preprocessing_differences
-from .datasets import DatasetSpec, dataset_spec
-from .evaluation import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
-from .foundation import (
+from ..core.contract import DataContract, contract_from_checkpoint, preprocessing_differences
+from ..core.geometry import as_binary_mask, uncrop_to_native
+from ..core.io import CaseError, NiftiVolume, load_nifti, one_line, read_json, save_nifti, write_json
+from ..core.runner import CaseResult, RunReport, run_cases
+from ..datasets.foundation import (
     DatasetConfig,
     FoundationItem,
     case_id_from_filename,
@@ -41,12 +42,11 @@ from .foundation import (
     preprocessing_from_dict,
     read_foundation_case,
 )
-from .geometry import as_binary_mask, uncrop_to_native
-from .io import CaseError, NiftiVolume, load_nifti, one_line, read_json, save_nifti, write_json
-from .isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
-from .metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
-from .report import axial_slice_index, save_case_figure, write_csv
-from .runner import CaseResult, RunReport, run_cases
+from ..datasets.isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
+from ..datasets.registry import DatasetSpec, dataset_spec
+from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
+from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
+from ..evaluation.report import axial_slice_index, save_case_figure, write_csv
 
 __all__ = [
     "VOLUME_COLUMNS",
@@ -88,7 +88,7 @@ SIDECAR_SUFFIX = "_desc-lesion_mask.json"  # the mask's BIDS sidecar: its source
 
 def code_version() -> str:
     """``git describe --always --dirty`` of this checkout, or "unknown" outside a git clone."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -110,7 +110,7 @@ def _isles_settings(block: Mapping[str, Any], source: str | Path) -> tuple[tuple
 
 
 def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
-    """The data contract stored in a loaded checkpoint (:func:`strokeseg.contract.contract_from_checkpoint`),
+    """The data contract stored in a loaded checkpoint (:func:`strokeseg.core.contract.contract_from_checkpoint`),
     checked to hold preprocessing settings prediction can apply.
 
     Raises :class:`CaseError` naming ``path`` when there is none (a checkpoint written before
@@ -163,7 +163,7 @@ def shared_contract(contract: DataContract) -> dict:
 
 def _contract_differences(a: DataContract, b: DataContract) -> list[str]:
     """What differs between two contracts beyond window, fold and case lists: key names, and
-    for preprocessing each differing setting (:func:`strokeseg.contract.preprocessing_differences`)."""
+    for preprocessing each differing setting (:func:`strokeseg.core.contract.preprocessing_differences`)."""
     shared_a, shared_b = shared_contract(a), shared_contract(b)
     keys = [key for key in shared_a if key != "preprocessing" and shared_a[key] != shared_b.get(key)]
     return keys + preprocessing_differences(a.preprocessing, b.preprocessing)

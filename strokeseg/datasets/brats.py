@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DatasetSpec, register_dataset, same_folder, settings_from_run_args
-from .geometry import as_label_map, resample_to_shape, zscore
-from .io import CaseError, check_same_grid, load_image, load_nifti, save_npz
-from .runner import CaseResult
+from ..core.geometry import as_label_map, resample_to_shape, zscore
+from ..core.io import CaseError, check_same_grid, load_image, load_nifti, save_npz
+from ..core.runner import CaseResult
+from .registry import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 
 __all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "patient_id", "preprocess_brats_case"]
 

@@ -296,7 +296,7 @@ def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> Nift
 
     A trailing singleton 4th axis is dropped; a real 4-D series is an error. The data is cast
     to ``dtype`` (float32 for images); ``None`` keeps the stored type (after nibabel's scaling),
-    cheapest for masks, whose labels :func:`strokeseg.geometry.as_binary_mask` then checks.
+    cheapest for masks, whose labels :func:`strokeseg.core.geometry.as_binary_mask` then checks.
     The array is in nibabel's memory order (Fortran for most files). Raises :class:`CaseError`
     naming the file.
     """

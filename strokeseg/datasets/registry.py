@@ -1,8 +1,8 @@
 """The dataset registry: one :class:`DatasetSpec` per dataset, looked up by its name.
 
 Each spec is defined beside its dataset's preprocessing code (ISLES 2022 in
-:mod:`strokeseg.isles`, ATLAS and UOA in :mod:`strokeseg.foundation`, BraTS 2024 in
-:mod:`strokeseg.brats`) and registered there; the training scripts, evaluation, reports and
+:mod:`strokeseg.datasets.isles`, ATLAS and UOA in :mod:`strokeseg.datasets.foundation`, BraTS 2024 in
+:mod:`strokeseg.datasets.brats`) and registered there; the training scripts, evaluation, reports and
 the checkpoint data contract read every dataset fact from it and never compare dataset names.
 Add a dataset with :func:`register_dataset` (see README "Extending").
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .io import CaseError, read_json
+from ..core.io import CaseError, read_json
 
 __all__ = [
     "EvalCase",
@@ -36,7 +36,7 @@ __all__ = [
 RUN_ARGS_NAME = "run_args.json"  # what every stage writes into its output folder
 # Modules whose import registers the built-in datasets (imported on the first look-up, so the
 # registry module itself imports no dataset code).
-_BUILTIN_MODULES = ("strokeseg.isles", "strokeseg.foundation", "strokeseg.brats")
+_BUILTIN_MODULES = ("strokeseg.datasets.isles", "strokeseg.datasets.foundation", "strokeseg.datasets.brats")
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class DatasetSpec:
     e.g. DWI only); mask_key: npz key of the training label; brain_key: npz key of a brain mask
     (None: no brain mask; random training patches then come from the whole volume).
     splits_name: the splits file the preprocessing stage writes into the case folder.
-    preset: metrics preset (:data:`strokeseg.metrics.PRESETS`); table_layout: the paper table
-    of :func:`strokeseg.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
+    preset: metrics preset (:data:`strokeseg.evaluation.metrics.PRESETS`); table_layout: the paper table
+    of :func:`strokeseg.evaluation.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
     "dataset": the ATLAS/UOA table); pretrained_label: a pretrained start in that table
     ("BraTS", "Transfer"). whole_brain: volumes hold the whole head or brain (not cropped to it),
     so inference may first crop to the brain. stage: the preprocessing stage that makes the
@@ -161,7 +161,7 @@ def same_folder(data_dir: Path, name: str) -> Path:
 
 def settings_from_run_args(case_dir: Path, keys: Sequence[str], within: Sequence[str] = ()) -> dict[str, Any]:
     """``{"source": <case_dir>/run_args.json, key: value}`` for ``keys`` of the stage's recorded
-    arguments (:func:`strokeseg.runner.write_run_args`: its "args"), looked up inside the nested
+    arguments (:func:`strokeseg.core.runner.write_run_args`: its "args"), looked up inside the nested
     objects ``within`` (e.g. ("resolved_config",
     "preprocessing")); {} when the folder has no run_args.json. A listed key missing from the
     file is recorded as None (the stage did not have that setting)."""
