@@ -18,7 +18,9 @@ pointwise run show what the window loops themselves cost.
 foundation stage does (z-scored, 0 outside the brain). ``--brain-crop`` (implies --brain) runs
 ours over the brain's bounding box only, as evaluate.py/predict.py do for whole-volume datasets,
 against MONAI over the whole volume (target <= 0.35 at width 16), and prints the Dice between
-ours cropped and uncropped (target >= 0.995; meaningful for a trained network: --checkpoint).
+ours cropped and uncropped (target >= 0.995; meaningful for a trained network: --checkpoint, on
+a case it was made for: ``--case``, a ``.npz`` of the foundation stage, whose input channels (the
+checkpoint's data contract) replace the synthetic brain; its mask, when present, scores both).
 ``--precision bf16`` (or auto) also times ours in bfloat16 autocast against float32, same crop,
 and prints their speed ratio (target >= 1.7) and Dice (target >= 0.995).
 
@@ -28,6 +30,8 @@ and prints their speed ratio (target >= 1.7) and Dice (target >= 0.995).
     python benchmarks/bench_inference.py --device cuda --model resnet18 --width 32 --repeats 5
     python benchmarks/bench_inference.py --model resnet18 --width 16 --brain-crop --precision bf16
     python benchmarks/bench_inference.py --brain-crop --precision bf16 --checkpoint runs/atlas/fold_0/best_model.pth
+    python benchmarks/bench_inference.py --brain-crop --checkpoint runs/atlas/fold_0/best_model.pth \
+        --case preprocessed_stroke_foundation/ATLAS/sub-r001s001_ses-1.npz
 
 MONAI is needed only here: ``.venv/bin/pip install --no-deps monai`` (torch and numpy are its
 only hard dependencies, --no-deps keeps the pinned versions).
@@ -48,18 +52,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg.core.io import load_nifti  # noqa: E402
+from strokeseg.core.contract import read_contract  # noqa: E402
+from strokeseg.core.io import load_nifti, load_npz  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
 from strokeseg.evaluation.metrics import dice  # noqa: E402
-from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, nonzero_box, sliding_window_inference  # noqa: E402
+from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, crop_alignment, nonzero_box, sliding_window_inference  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=[197, 233, 189], help="volume size X Y Z in voxels")
     p.add_argument("--channels", type=int, default=1, help="input channels C")
-    p.add_argument("--window", type=int, default=96, help="cubic window size in voxels")
+    p.add_argument("--window", type=int, help="cubic window size in voxels (default: the --checkpoint's training window, else 96)")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per predictor call")
     p.add_argument("--model", default="conv", choices=["conv", "pointwise", "resnet18"],
@@ -76,10 +81,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--brain-crop", action="store_true", help="ours runs over the brain's box only (implies --brain); prints Dice cropped vs uncropped")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16/auto: also time ours in that precision against fp32 (default fp32: no)")
     p.add_argument("--checkpoint", type=Path, help="a trained checkpoint of this pipeline to run instead of --model (its config sets width and channels)")
+    p.add_argument("--case", type=Path, help="a preprocessed whole-volume case (.npz of the foundation stage) instead of the synthetic brain (implies --brain)")
     p.add_argument("--memory-of", choices=["ours", "monai"], help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
-    args.brain = args.brain or args.brain_crop
+    args.brain = args.brain or args.brain_crop or args.case is not None
+    args.input_keys, args.mask_key = ("image",), None
+    arch = args.model if args.model == "resnet18" else None
+    if args.checkpoint is not None:
+        contract = read_contract(args.checkpoint)
+        args.input_keys, args.channels, args.mask_key = contract.input_keys, len(contract.input_keys), contract.mask_key
+        args.window = args.window or contract.window[0]
+        arch = models.load_checkpoint(args.checkpoint)["model_config"]["arch"]
+    args.window = args.window or 96
+    # the crop's box on the network's grid, as evaluate.py/predict.py place it
+    args.align = crop_alignment(args.window, args.overlap, models.arch_spec(arch).downsampling if arch else 1)
     return args
+
+
+def case_volume(path: Path, input_keys: tuple[str, ...], mask_key: str | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The case's inputs stacked in ``input_keys`` order, float32 (C, X, Y, Z), and its
+    ``mask_key`` array as bool (X, Y, Z) (None when not given or not in the file)."""
+    arrays = load_npz(path)
+    missing = [key for key in input_keys if key not in arrays]
+    if missing:
+        raise SystemExit(f"{path}: no array {missing} (holds {sorted(arrays)})")
+    mask = arrays[mask_key] > 0 if mask_key in arrays else None
+    return torch.from_numpy(np.stack([arrays[key].astype(np.float32) for key in input_keys])), mask
 
 
 def build_network(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -178,7 +205,7 @@ def run_once(name: str, volume: torch.Tensor, predictor: Callable, args, device,
     start = time.perf_counter()
     with torch.inference_mode():
         if name == "ours":
-            box = nonzero_box(volume.cpu().numpy()) if crop else None
+            box = nonzero_box(volume.cpu().numpy(), args.align) if crop else None
             region = volume if box is None else volume[(slice(None), *box)]
             out = sliding_window_inference(region, timed, args.window, overlap=args.overlap, mode="gaussian",
                                            sw_batch_size=args.sw_batch_size, device=device, precision=precision)
@@ -208,9 +235,11 @@ def best_of(name: str, volume: torch.Tensor, predictor: Callable, args, device, 
     return min(runs, key=lambda run: run[1]["total"])
 
 
-def crop_and_precision_report(volume: torch.Tensor, predictor: Callable, cropped: tuple[np.ndarray, dict], args, device) -> None:
+def crop_and_precision_report(volume: torch.Tensor, predictor: Callable, cropped: tuple[np.ndarray, dict], args, device,
+                              reference: np.ndarray | None = None) -> None:
     """Print ours cropped vs uncropped (time, Dice) and, unless --precision fp32, that precision
-    vs fp32 (speed ratio, Dice), all at threshold 0.5."""
+    vs fp32 (speed ratio, Dice), all at threshold 0.5; with a ``reference`` mask (bool (X, Y, Z))
+    also each prediction's Dice against it."""
     lesion = int(np.count_nonzero(cropped[0] >= 0.5))
     note = "" if args.checkpoint else "; an untrained network: the Dice figures need a trained one (--checkpoint)"
     print(f"voxels predicted lesion (p >= 0.5): {lesion} of {cropped[0].size}{note}")
@@ -220,6 +249,9 @@ def crop_and_precision_report(volume: torch.Tensor, predictor: Callable, cropped
         score = dice(cropped[0] >= 0.5, whole[0] >= 0.5)
         print(f"brain crop: {whole[1]['total']:.3f} s uncropped -> {cropped[1]['total']:.3f} s cropped ({speed:.2f}x faster); "
               f"Dice cropped vs uncropped {score:.4f} (target >= 0.995)")
+        if reference is not None:
+            print(f"Dice against the case's mask ({int(reference.sum())} voxels): cropped {dice(cropped[0] >= 0.5, reference):.4f}, "
+                  f"uncropped {dice(whole[0] >= 0.5, reference):.4f}")
     if args.precision != "fp32":
         low = best_of("ours", volume, predictor, args, device, args.brain_crop, args.precision)
         speed = cropped[1]["total"] / low[1]["total"]
@@ -238,7 +270,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.brain:
+    reference = None
+    if args.case is not None:
+        volume, reference = case_volume(args.case, args.input_keys, args.mask_key)
+        volume = volume.to(device)
+    elif args.brain:
         volume = brain_volume(tuple(args.shape), args.channels).to(device)
     else:
         volume = torch.from_numpy(np.random.default_rng(0).standard_normal((args.channels, *args.shape), dtype=np.float32)).to(device)
@@ -262,8 +298,9 @@ def main(argv=None) -> int:
             outputs[name], stats = run_once(name, volume, predictors[name], args, device, crop=args.brain_crop and name == "ours")
             runs[name].append(stats)
     if args.brain:
-        box = nonzero_box(volume.cpu().numpy())
-        print(f"brain box {tuple(b.stop - b.start for b in box)} of {tuple(args.shape)}; ours {'cropped to it' if args.brain_crop else 'whole volume'}, MONAI whole volume")
+        box = nonzero_box(volume.cpu().numpy(), args.align if args.brain_crop else 1)
+        aligned = f" (grown to multiples of {args.align[0]} voxels: the network grid)" if args.brain_crop and max(args.align) > 1 else ""
+        print(f"brain box {tuple(b.stop - b.start for b in box)}{aligned} of {tuple(volume.shape[1:])}; ours {'cropped to it' if args.brain_crop else 'whole volume'}, MONAI whole volume")
 
     best = {name: min(stats, key=lambda s: s["total"]) for name, stats in runs.items()}
     child_argv = sys.argv[1:] if argv is None else list(argv)
@@ -279,7 +316,7 @@ def main(argv=None) -> int:
     print(f"time ratio ours/MONAI: {ratio:.3f} (target <= {target}); outside the predictor: {rest_ratio:.3f}")
     if args.brain_crop:
         ours_best = (outputs["ours"], best["ours"])
-        crop_and_precision_report(volume, predictors["ours"], ours_best, args, device)
+        crop_and_precision_report(volume, predictors["ours"], ours_best, args, device, reference)
         return 0
     print(f"max |ours - MONAI|: {diff:.2e} (target <= 1e-4) -> {'OK' if diff <= 1e-4 else 'MISMATCH'}")
     if args.precision != "fp32":

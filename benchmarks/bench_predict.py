@@ -9,6 +9,7 @@ Prints per case: wall time, forward time, their ratio (target <= 1.25), and the 
     python benchmarks/bench_predict.py                                    # ATLAS-size, width 16
     python benchmarks/bench_predict.py --dataset isles --shape 112 112 73 --width 32
     python benchmarks/bench_predict.py --shape 98 116 94 --window 48 --width 8 --cases 2   # quick
+    python benchmarks/bench_predict.py --run runs/atlas_resnet18_scratch   # a trained ATLAS model
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
+from strokeseg.core.contract import THRESHOLD, DataContract  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
+from strokeseg.datasets.registry import dataset_spec  # noqa: E402
 from strokeseg.evaluation.engine import InferenceSettings  # noqa: E402
 from strokeseg.inference import prediction as pr  # noqa: E402
 
@@ -44,21 +47,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=96, help="training patch / window in voxels (default 96)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32", help="network arithmetic (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--run", type=Path, help="a trained run or model folder of the --dataset to time instead of an untrained network "
+                   "(whose masks call most of the volume lesion: one lesion of thousands of ml, whose centroid the lesion tables take seconds to find)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p.parse_args(argv)
 
 
 def make_inputs(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
-    """Synthetic cases under ``root / 'data'`` and a run folder ``root / 'run'`` (untrained)."""
+    """Synthetic cases under ``root / 'data'`` and a run folder: ``--run``, else ``root / 'run'``
+    (untrained)."""
     dataset, keys, preprocessing = _SETTINGS[args.dataset]
     if args.dataset == "atlas":
         synthetic.make_atlas(root / "data", args.cases, seed=0, shape=args.shape or (197, 233, 189))
     else:
         synthetic.make_isles(root / "data", args.cases, layout="A", seed=0, shape=args.shape or (112, 112, 73))
+    if args.run is not None:
+        return args.run, keys
     config = {"arch": "resnet18_unet", "variant": "shared" if len(keys) == 2 else "single", "width": args.width, "in_channels": len(keys)}
     for fold in range(args.folds):
         torch.manual_seed(fold)
-        contract = {"dataset": dataset, "input_keys": keys, "window": [args.window] * 3, "threshold": 0.5, "preprocessing": preprocessing, "fold": fold}
+        contract = DataContract(dataset, tuple(keys), dataset_spec(dataset).mask_key, (args.window,) * 3, THRESHOLD, preprocessing, fold, (), ()).as_dict()
         run_config = {"dataset": dataset, "fold": fold, "patch_size": args.window}
         models.save_checkpoint(root / "run" / f"fold_{fold}" / "best_model.pth", models.build_model(config), config, config=run_config, data_contract=contract)
     return root / "run", keys
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
         pr.predict_cases(first, model_set, pr.PredictOptions(root / "warm", settings))  # warm-up: allocator, oneDNN kernels
         print(f"{args.dataset}: {len(cases)} case(s), native shape {args.shape or 'default'}, {args.folds} fold model(s), ResNet-18 U-Net width {args.width}, "
               f"window {args.window}, precision {args.precision}, brain crop {spec.whole_brain}, device {device}, {torch.get_num_threads()} threads")
-        print(f"{'case':24}{'wall s':>9}{'forward s':>11}{'ratio':>8}")
+        print(f"{'case':24}{'wall s':>9}{'forward s':>11}{'ratio':>8}{'lesions':>9}{'ml':>8}")
         wall_total, forward_total = 0.0, 0.0
         for case_id, case in cases.items():
             spent[0] = 0.0
@@ -112,7 +120,8 @@ def main(argv=None) -> int:
                 print(f"{case_id}: failed: {report.results[0].reason}")
                 return 1
             wall_total, forward_total = wall_total + wall, forward_total + spent[0]
-            print(f"{case_id:24}{wall:9.2f}{spent[0]:11.2f}{wall / spent[0]:8.3f}")
+            volume = report.results[0].info["volume"]
+            print(f"{case_id:24}{wall:9.2f}{spent[0]:11.2f}{wall / spent[0]:8.3f}{volume['lesion_count']:9d}{volume['lesion_volume_ml']:8.1f}")
         print(f"predict wall time / sum of forward passes: {wall_total / forward_total:.3f} (target <= 1.25)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -51,6 +51,9 @@ class ArchSpec:
     ``patch_size`` field, which is then also the training patch and the inference window, and
     pretrained weights transfer only between equal patch sizes. transfer_scope: what a pretrained
     checkpoint of it gives by default ("encoder": the encoder(s) only; "all": every tensor).
+    downsampling: how many input voxels per axis make one voxel of the network's coarsest
+    feature grid (1: none or unknown); the brain crop aligns its windows to this grid's phase
+    (:func:`strokeseg.inference.sliding_window.crop_alignment`).
     """
 
     name: str
@@ -59,12 +62,15 @@ class ArchSpec:
     default_patch: int
     fixed_input_size: bool = False
     transfer_scope: str = "encoder"
+    downsampling: int = 1
 
     def __post_init__(self) -> None:
         names = {f.name for f in fields(self.config_cls)}
         missing = sorted({"in_channels", "norm"} - names)
         if missing:
             raise ValueError(f"architecture {self.name!r}: config {self.config_cls.__name__} lacks field(s) {missing}")
+        if not (isinstance(self.downsampling, int) and self.downsampling >= 1):
+            raise ValueError(f"architecture {self.name!r}: downsampling must be an int >= 1, got {self.downsampling!r}")
         if self.fixed_input_size and "patch_size" not in names:
             raise ValueError(f"architecture {self.name!r} has a fixed input size but its config has no 'patch_size' field")
 
@@ -118,6 +124,6 @@ def arch_of_network(net: nn.Module) -> ArchSpec:
     raise ValueError(f"{type(net).__name__} is not a registered architecture's network ({', '.join(arch_names())})")
 
 
-register_arch(ArchSpec("resnet18", ResNetUNetConfig, ResNetUNet, default_patch=96))
+register_arch(ArchSpec("resnet18", ResNetUNetConfig, ResNetUNet, default_patch=96, downsampling=32))
 # The paper's code transfers the whole UCTransNet3D (CNN encoder, channel transformer, decoder, head).
-register_arch(ArchSpec("uctransnet3d", UCTransNet3DConfig, UCTransNet3D, default_patch=64, fixed_input_size=True, transfer_scope="all"))
+register_arch(ArchSpec("uctransnet3d", UCTransNet3DConfig, UCTransNet3D, default_patch=64, fixed_input_size=True, transfer_scope="all", downsampling=16))

@@ -451,15 +451,16 @@ def test_argument_errors(tmp_path: Path) -> None:
     assert args.compare == [["b", "c"], ["a", "b"], ["a", "c"]]
 
 
-def test_brain_crop_predicts_the_box_of_nonzero_voxels_and_zero_outside() -> None:
+def test_brain_crop_predicts_the_box_of_nonzero_voxels_on_the_network_grid_and_zero_outside() -> None:
     torch.manual_seed(0)
     config = {"arch": "resnet18_unet", "variant": "single", "width": 4, "in_channels": 1}
     contract = DataContract("ATLAS", ("image",), "lesion_mask", (16, 16, 16), 0.5, {}, 0, None, None)
     fold_model = ev.FoldModel(0, Path("m.pth"), models.build_model(config).eval(), models.resolve_model_config(config), {}, contract, (16, 16, 16))
-    image = np.zeros((30, 26, 22), dtype=np.float32)
-    image[4:25, 3:21, 5:19] = np.random.default_rng(0).standard_normal((21, 18, 14))
+    image = np.zeros((44, 42, 38), dtype=np.float32)
+    image[12:37, 3:21, 5:35] = np.random.default_rng(0).standard_normal((25, 18, 30))
     cropped = ev.predict_probability({"image": image}, fold_model, ev.InferenceSettings(brain_crop=True))
-    box = (slice(4, 25), slice(3, 21), slice(5, 19))
+    # window 16, step 8, the ResNet's grid 32: starts and distances from the end grow to multiples of 8
+    box = (slice(8, 44), slice(0, 26), slice(0, 38))
     alone = ev.predict_probability({"image": image[box]}, fold_model, ev.InferenceSettings())
     np.testing.assert_array_equal(cropped[box], alone)
     cropped[box] = 0

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from strokeseg.inference.sliding_window import autocast_dtype, ensemble_predictors, importance_map, nonzero_box, sliding_window_inference
+from strokeseg.inference.sliding_window import (
+    autocast_dtype,
+    crop_alignment,
+    ensemble_predictors,
+    importance_map,
+    nonzero_box,
+    sliding_window_inference,
+)
 
 
 def _tiny_net(in_channels: int = 1, seed: int = 0) -> torch.nn.Module:
@@ -229,3 +236,34 @@ def test_nonzero_box_spans_every_channel() -> None:
     volume[1, 6, 8, 5] = -2.0
     assert nonzero_box(volume) == (slice(2, 7), slice(3, 9), slice(4, 6))
     assert nonzero_box(np.zeros((1, 4, 4, 4))) is None
+
+
+def test_nonzero_box_grows_to_starts_and_distances_from_the_end_that_are_multiples_of_the_alignment() -> None:
+    volume = np.zeros((1, 30, 26, 21), dtype=np.float32)
+    volume[0, 5:19, 9:17, 3:20] = 1.0
+    assert nonzero_box(volume, 8) == (slice(0, 22), slice(8, 18), slice(0, 21))  # 30 - 22 = 8, 26 - 18 = 8
+    assert nonzero_box(volume, (2, 4, 1)) == (slice(4, 20), slice(8, 18), slice(3, 20))
+    assert nonzero_box(volume, 1) == nonzero_box(volume) == (slice(5, 19), slice(9, 17), slice(3, 20))
+
+
+def test_crop_alignment_is_the_common_divisor_of_window_step_and_network_grid() -> None:
+    assert crop_alignment(96, 0.5, 32) == (16, 16, 16)  # step 48
+    assert crop_alignment(48, 0.5, 32) == (8, 8, 8)  # step 24
+    assert crop_alignment((64, 64, 48), 0.5, 16) == (16, 16, 8)
+    assert crop_alignment(96, 0.25, 32) == (8, 8, 8)  # step 72
+    assert crop_alignment(96, 0.5, 1) == (1, 1, 1)
+    with pytest.raises(ValueError, match="downsampling"):
+        crop_alignment(96, 0.5, 0)
+
+
+def test_an_aligned_crop_predicts_what_the_whole_volume_does() -> None:
+    # A network that sees its input on a 2-voxel grid (block mean, then back to full size): its
+    # answer at a voxel depends on whether its window starts at an even or an odd voxel.
+    grid_net = torch.nn.Sequential(torch.nn.AvgPool3d(2), torch.nn.Upsample(scale_factor=2), torch.nn.Sigmoid())
+    volume = np.zeros((1, 24, 20, 16), dtype=np.float32)
+    volume[0, 3:21, 5:17, 3:13] = np.random.default_rng(0).standard_normal((18, 12, 10))
+    whole = sliding_window_inference(volume, grid_net, 8)  # windows at even starts only (step 4, last at 16)
+    for align, exact in ((crop_alignment(8, 0.5, 2), True), (1, False)):
+        box = nonzero_box(volume, align)
+        cropped = sliding_window_inference(volume[(slice(None), *box)], grid_net, 8)
+        assert np.allclose(cropped, whole[box], atol=1e-6) is exact, align

@@ -119,6 +119,21 @@ def test_full_width_parameter_counts_match_paper():
     assert abs(uct - 93e6) / 93e6 < 0.05, uct
 
 
+@pytest.mark.parametrize("config", [{"arch": "resnet18", "variant": "single", "width": 4}, {"arch": "uctransnet3d", "width": 4, "patch_size": 32}])
+def test_registered_downsampling_is_the_coarsest_feature_grid(config):
+    net, edges = build_model(config).eval(), []
+
+    def record(module, inputs, out):
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        edges.extend(t.shape[-1] for t in outputs if isinstance(t, torch.Tensor) and t.ndim == 5)
+
+    for module in net.modules():
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 32, 32, 32))
+    assert 32 // min(edges) == models.arch_spec(config["arch"]).downsampling
+
+
 def test_group_norm_divides_any_width():
     for channels, groups in [(64, 8), (12, 4), (6, 2), (3, 1), (1, 1)]:
         norm = make_norm("group", channels)

@@ -33,7 +33,7 @@ from ..core.io import CaseError, one_line, read_json, save_nifti
 from ..core.runner import CaseResult, RunReport, get_logger, run_cases
 from ..datasets.registry import EvalCase, dataset_spec
 from ..datasets.splits import load_split
-from ..inference.sliding_window import nonzero_box, sliding_window_inference
+from ..inference.sliding_window import crop_alignment, nonzero_box, sliding_window_inference
 from ..training.data import sample_shape
 from .metrics import METRIC_NAMES, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
@@ -104,6 +104,11 @@ class FoldModel:
     def channels(self) -> tuple[str, ...]:
         """npz keys stacked as the input channels, in order."""
         return self.contract.input_keys
+
+    @property
+    def downsampling(self) -> int:
+        """Input voxels per voxel of the network's coarsest grid (the architecture's spec)."""
+        return models.arch_spec(self.model_config["arch"]).downsampling
 
     @property
     def val_cases(self) -> tuple[str, ...] | None:
@@ -375,9 +380,11 @@ def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel,
     """Foreground probability float32 (X, Y, Z) on the inference grid of ``inputs`` (npz key ->
     float32 (X, Y, Z), e.g. :attr:`EvalCase.inputs`), by sliding windows of the model's window
     size over the whole input (one whole-volume pass when the window covers it), or over the box
-    of its non-zero voxels with ``settings.brain_crop`` (0 outside the box)."""
+    of its non-zero voxels with ``settings.brain_crop`` (0 outside the box), grown to the
+    network's grid (:func:`strokeseg.inference.sliding_window.crop_alignment`)."""
     volume = np.stack([inputs[key] for key in fold_model.channels])
-    box = nonzero_box(volume) if settings.brain_crop else None
+    align = crop_alignment(fold_model.window, settings.overlap, fold_model.downsampling)
+    box = nonzero_box(volume, align) if settings.brain_crop else None
     region = volume if box is None else volume[(slice(None), *box)]
     probability = sliding_window_inference(
         region,
