@@ -52,8 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg.core.contract import read_contract  # noqa: E402
-from strokeseg.core.io import load_nifti, load_npz  # noqa: E402
+from strokeseg.core.contract import contract_from_checkpoint  # noqa: E402
+from strokeseg.core.io import load_nifti, load_npz, one_line  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
 from strokeseg.evaluation.metrics import dice  # noqa: E402
@@ -88,10 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.input_keys, args.mask_key = ("image",), None
     arch = args.model if args.model == "resnet18" else None
     if args.checkpoint is not None:
-        contract = read_contract(args.checkpoint)
+        checkpoint = models.load_checkpoint(args.checkpoint)
+        contract = contract_from_checkpoint(checkpoint, args.checkpoint)
         args.input_keys, args.channels, args.mask_key = contract.input_keys, len(contract.input_keys), contract.mask_key
         args.window = args.window or contract.window[0]
-        arch = models.load_checkpoint(args.checkpoint)["model_config"]["arch"]
+        arch = checkpoint["model_config"]["arch"]
     args.window = args.window or 96
     # the crop's box on the network's grid, as evaluate.py/predict.py place it
     args.align = crop_alignment(args.window, args.overlap, models.arch_spec(arch).downsampling if arch else 1)
@@ -101,7 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def case_volume(path: Path, input_keys: tuple[str, ...], mask_key: str | None) -> tuple[torch.Tensor, np.ndarray | None]:
     """The case's inputs stacked in ``input_keys`` order, float32 (C, X, Y, Z), and its
     ``mask_key`` array as bool (X, Y, Z) (None when not given or not in the file)."""
-    arrays = load_npz(path)
+    try:
+        arrays = load_npz(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(one_line(err)) from err
     missing = [key for key in input_keys if key not in arrays]
     if missing:
         raise SystemExit(f"{path}: no array {missing} (holds {sorted(arrays)})")
