@@ -22,6 +22,7 @@ import preprocess_stroke_foundation
 from strokeseg.core.contract import DataContract
 from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets.registry import dataset_spec
+from strokeseg.inference.prediction import lesion_table
 
 ISLES_SHAPE = 16  # contract target shape and window of the ISLES models (voxels per axis)
 ATLAS_WINDOW = 32  # smaller than the synthetic brains: several windows per volume
@@ -171,6 +172,27 @@ def test_real_case_mask_has_the_source_grid_header_and_agrees_with_the_tables(sa
     assert (sample_prediction / "overlays" / "sub-strokecase0009.png").stat().st_size > 1000
     assert _csv(sample_prediction / "scores.csv")[0]["case_id"] == "sub-strokecase0009"
     assert read_json(sample_prediction / "run_args.json")["args"]["precision"] == "auto"
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_lesion_table_agrees_with_scipy_labelling_and_centroids(connectivity: int) -> None:
+    mask = np.zeros((30, 28, 26), dtype=bool)
+    mask[3:7, 4:9, 5:8] = True
+    mask[7, 9, 8] = True  # touches the first lesion by a corner: one lesion at 26, two at 6
+    mask[20:27, 15:17, 2:25] = True
+    mask[12, 25, 20] = True
+    affine = np.array([[0.0, 0.0, 2.0, -10.0], [1.5, 0.0, 0.0, 4.0], [0.0, -1.0, 0.0, 7.0], [0, 0, 0, 1]])
+    rows = lesion_table(mask, affine, voxel_ml=0.003, connectivity=connectivity)
+    structure = ndimage.generate_binary_structure(3, 1 if connectivity == 6 else 3)
+    labels, count = ndimage.label(mask, structure=structure)
+    assert len(rows) == count == (4 if connectivity == 6 else 3)
+    for i, row in enumerate(rows, start=1):
+        voxels = int((labels == i).sum())
+        centroid = np.array(ndimage.center_of_mass(mask, labels, i))
+        assert row["lesion_id"] == i and row["voxels"] == voxels and row["volume_ml"] == pytest.approx(voxels * 0.003)
+        world = affine[:3, :3] @ centroid + affine[:3, 3]
+        np.testing.assert_allclose([row["centroid_x_mm"], row["centroid_y_mm"], row["centroid_z_mm"]], world, atol=1e-9)
+    assert lesion_table(np.zeros((4, 4, 4), dtype=bool), affine, 0.001, connectivity) == []
 
 
 def test_bids_input_gives_a_derivatives_tree(sample_prediction: Path) -> None:

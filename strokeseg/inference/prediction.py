@@ -25,12 +25,11 @@ from typing import Any, Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 
 import models
 
 from ..core.contract import DataContract, contract_from_checkpoint, preprocessing_differences
-from ..core.geometry import as_binary_mask, uncrop_to_native
+from ..core.geometry import as_binary_mask, foreground_bbox, uncrop_to_native
 from ..core.io import CaseError, NiftiVolume, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import (
@@ -364,11 +363,16 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connecti
     """One dict per connected lesion of ``mask`` (bool (X, Y, Z)): lesion_id (1-based, in
     labelling order), voxels, volume_ml, centroid in world mm (``affine`` applied to the voxel
     centroid: centroid_x_mm, centroid_y_mm, centroid_z_mm)."""
-    labels, count = label_components(mask, connectivity)
-    if count == 0:
+    if not mask.any():
         return []
-    voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    centroids = np.asarray(ndimage.center_of_mass(mask, labels, range(1, count + 1)), dtype=np.float64)
+    # Labelled inside the mask's box: the same components in the same order, work for its voxels only.
+    box = tuple(slice(int(a), int(b)) for a, b in foreground_bbox(mask, margin=0))
+    labels, count = label_components(mask[box], connectivity)
+    coordinates = np.nonzero(labels)
+    ids = labels[coordinates]
+    voxels = np.bincount(ids, minlength=count + 1)[1:]
+    sums = [np.bincount(ids, weights=c.astype(np.float64) + s.start, minlength=count + 1)[1:] for c, s in zip(coordinates, box)]
+    centroids = np.stack(sums, axis=1) / voxels[:, None]
     world = centroids @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
     return [
         {"lesion_id": i + 1, "voxels": int(voxels[i]), "volume_ml": float(voxels[i]) * voxel_ml,
