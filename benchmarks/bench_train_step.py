@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: CPU, {torch.get_num_threads()} threads; AMP is off on CPU, so both columns are float32")
     sizes = QUICK if args.quick else FULL
     steps = args.steps or (20 if device.type == "cuda" else 3)
-    print(f"samples/s (contiguous | channels-last); AMP/fp32 and channels-last/contiguous are speed-ups")
+    print("samples/s (contiguous | channels-last); AMP/fp32 and channels-last/contiguous are speed-ups")
     print(f"{'network':<14}{'width':>6}{'patch':>7}{'batch':>6}{'fp32':>16}{'AMP':>16}{'AMP/fp32':>10}{'cl/contig':>10}")
     for arch, (width, patch, batch) in sizes.items():
         rate = {

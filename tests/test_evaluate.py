@@ -309,7 +309,7 @@ def test_case_missing_from_data_folder_fails_alone(isles_eval: Path, tmp_path: P
     assert summary["runs"]["a"]["fold_summary"]["n_cases"] == 2
     assert summary["runs"]["a"]["failed"] == [{"case_id": "a/sub-strokecase9999", "reason": failed["reason"]}]
     results = (out / "results.md").read_text()
-    assert f"| a | f0 | 2/3 |" in results and f"- a/sub-strokecase9999: {failed['reason']}" in results
+    assert "| a | f0 | 2/3 |" in results and f"- a/sub-strokecase9999: {failed['reason']}" in results
     assert "FAILED a/sub-strokecase9999" in capsys.readouterr().out
     # A failed evaluation is not reused: once the splits file is fixed, a plain re-run evaluates again.
     _splits(splits, "ISLES2022", cases)

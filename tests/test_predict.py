@@ -242,7 +242,7 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
     assert {row["case_id"] for row in _csv(out / "lesions.csv")} <= {row["case_id"] for row in volumes}
     _run_dir(run, "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}, folds=(0,))  # fold 0 trained again
     capsys.readouterr()
-    for extra, named in (([], f"checkpoints: "), (["--tta"], "tta: false there, true now")):
+    for extra, named in (([], "checkpoints: "), (["--tta"], "tta: false there, true now")):
         assert predict.main([*case_argv("sub-strokecase0002"), *extra]) == 2
         (line,) = [line for line in capsys.readouterr().out.splitlines() if "ERROR" in line]
         assert f"ERROR {out}: holds outputs made with other settings (" in line and named in line and "--overwrite" in line, line
