@@ -259,6 +259,40 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
     assert "WARNING" not in capsys.readouterr().out
 
 
+def test_same_case_id_from_another_patient_never_reuses_the_first_patients_mask(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Generic file names give two patients one case id ("dwi"): the second call must not be
+    "skipped" with the first patient's mask. Identity is the images' content, not their path."""
+    def patient(name: str, subject: str) -> list[str]:
+        source = synthetic_isles_b / "rawdata" / subject / "ses-0001" / f"{subject}_ses-0001"
+        folder = tmp_path / name
+        folder.mkdir()
+        for kind in ("dwi", "adc"):
+            shutil.copy(f"{source}_{kind}.nii.gz", folder / f"{kind}.nii.gz")
+        return ["--dwi", str(folder / "dwi.nii.gz"), "--adc", str(folder / "adc.nii.gz"), "--run", str(isles_run), "--output-dir", str(out)]
+    out = tmp_path / "out"
+    p1, p2 = patient("p1", "sub-strokecase0002"), patient("p2", "sub-strokecase0003")
+    shutil.copytree(tmp_path / "p1", tmp_path / "p1_copy")
+    assert predict.main(p1) == 0
+    mask_path, sidecar = out / "dwi_desc-lesion_mask.nii.gz", out / "dwi_desc-lesion_mask.json"
+    first = (mask_path.read_bytes(), _csv(out / "lesion_volumes.csv"))
+    assert set(read_json(sidecar)["SourceDigests"]) == {"dwi", "adc"}
+    capsys.readouterr()
+    assert predict.main(p2) == 1  # refused, naming the mask and both patients' files
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "FAILED" in line or "ERROR" in line]
+    assert str(mask_path) in line and str(tmp_path / "p1" / "dwi.nii.gz") in line and str(tmp_path / "p2" / "dwi.nii.gz") in line, line
+    summary = read_json(out / "prediction_summary.json")
+    assert summary["n_failed"] == 1 and "another patient" in summary["failed"][0]["reason"]
+    assert (mask_path.read_bytes(), _csv(out / "lesion_volumes.csv")) == first  # patient 1's mask and rows kept
+    same_content = [arg.replace(f"{tmp_path / 'p1'}", f"{tmp_path / 'p1_copy'}") for arg in p1]
+    assert predict.main(same_content) == 0 and read_json(out / "prediction_summary.json")["n_skipped"] == 1
+    assert predict.main([*p2, "--overwrite"]) == 0
+    assert read_json(sidecar)["Sources"] == [str(tmp_path / "p2" / "dwi.nii.gz"), str(tmp_path / "p2" / "adc.nii.gz")]
+    legacy = read_json(sidecar)
+    del legacy["SourceDigests"]  # a mask made before sources were recorded cannot be matched: refused, not reused
+    write_json(sidecar, legacy)
+    assert predict.main(p2) == 1 and "records no digest" in read_json(out / "prediction_summary.json")["failed"][0]["reason"]
+
+
 def test_t1w_image_on_another_grid_is_mapped_back_to_it(synthetic_uoa: Path, tmp_path: Path) -> None:
     run = _run_dir(tmp_path / "uoa_run", "UOA_Private", ["image"], ATLAS_WINDOW, FOUNDATION_SETTINGS, folds=(0,))
     image = synthetic_uoa / "UOA004" / "UOA004_T1_FNIRT_MNI.nii.gz"  # 1.25 x 1.5 x 2 mm: resampled to 1 mm for the network

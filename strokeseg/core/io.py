@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -44,6 +45,7 @@ __all__ = [
     "affines_match",
     "check_same_grid",
     "one_line",
+    "file_digest",
 ]
 
 
@@ -453,3 +455,16 @@ def one_line(err: BaseException) -> str:
         last = text.strip().splitlines()[-1]
         text = f"{last.split(': ', 1)[-1]} (in {worker.group(1)})"
     return " ".join(text.split()) or type(err).__name__
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes (64 hex digits): what identifies an input whatever its name,
+    place or modification time. Raises CaseError naming ``path`` when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise CaseError(f"{path}: cannot read ({err.strerror or one_line(err)})") from err
+    return digest.hexdigest()

@@ -30,7 +30,7 @@ import models
 
 from ..core.contract import DataContract, contract_from_checkpoint, preprocessing_differences
 from ..core.geometry import as_binary_mask, foreground_bbox, uncrop_to_native
-from ..core.io import CaseError, NiftiVolume, load_nifti, one_line, read_json, save_nifti, write_json
+from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import (
     DatasetConfig,
@@ -61,6 +61,7 @@ __all__ = [
     "PredictOptions",
     "settings_id",
     "stale_masks",
+    "source_images",
     "code_version",
     "stored_contract",
     "shared_contract",
@@ -324,11 +325,12 @@ class _RawInput:
     items: Callable[[InputSpec, str], Mapping[str, Any]]
     source: Callable[[Any], Path | None]
     prepare: Callable[[Any, DataContract], PreparedCase]
+    images: Callable[[Any], Mapping[str, Path | None]]  # modality -> the image file the network reads
 
 
 _RAW_INPUTS = {
-    "isles": _RawInput(_isles_settings, _isles_items, lambda item: item.dwi, _prepare_isles),
-    "foundation": _RawInput(preprocessing_from_dict, _foundation_items, lambda item: item.image, _prepare_foundation),
+    "isles": _RawInput(_isles_settings, _isles_items, lambda item: item.dwi, _prepare_isles, lambda item: {"dwi": item.dwi, "adc": item.adc}),
+    "foundation": _RawInput(preprocessing_from_dict, _foundation_items, lambda item: item.image, _prepare_foundation, lambda item: {"image": item.image}),
 }
 
 
@@ -426,12 +428,39 @@ def settings_id(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _read_sidecar(sidecar: Path) -> dict:
+    """A mask's sidecar as a dict; empty when it is missing or unreadable."""
+    try:
+        recorded = read_json(sidecar)
+    except CaseError:
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _made_with(sidecar: Path, wanted: str) -> bool:
     """Whether the mask of ``sidecar`` was made with the settings of digest ``wanted``."""
-    try:
-        return read_json(sidecar).get("SettingsId") == wanted
-    except (CaseError, AttributeError):
-        return False
+    return _read_sidecar(sidecar).get("SettingsId") == wanted
+
+
+def source_images(case: PredictCase, dataset: str) -> dict[str, Path]:
+    """Modality -> the image file of ``case`` the network reads (missing ones left out)."""
+    images = _raw_input(dataset_spec(dataset), case.case_id).images(case.item)
+    return {key: path for key, path in images.items() if path is not None}
+
+
+def _check_same_source(mask_path: Path, recorded: Mapping[str, Any], images: Mapping[str, Path], digests: Mapping[str, str]) -> None:
+    """Refuse (:class:`CaseError` naming both files) to treat an existing mask as this case's
+    unless its sidecar records the same image contents: two patients whose files give one case
+    id (``p1/dwi.nii.gz``, ``p2/dwi.nii.gz``) must never share a mask."""
+    made_from = recorded.get("SourceDigests")
+    if not isinstance(made_from, dict):
+        raise CaseError(f"{mask_path} exists but records no digest of its source images (made by an older version), so it cannot be "
+                        f"matched to {', '.join(map(str, images.values()))}: use another --output-dir, or --overwrite to predict it again")
+    for key, path in images.items():
+        if made_from.get(key) != digests[key]:
+            sources = recorded.get("Sources") or ["other images"]
+            raise CaseError(f"{mask_path} was made from {', '.join(map(str, sources))}, not from {path} ({key} content differs): another patient "
+                            f"with the same case id? Use another --output-dir, or --overwrite if {path} replaces that image")
 
 
 def stale_masks(output_dir: Path, wanted: str) -> list[str]:
@@ -464,13 +493,20 @@ def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet) -> C
 def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions) -> CaseResult:
     """Preprocess, predict and write one case: ``<out_stem>_desc-lesion_mask.nii.gz`` (uint8
     {0,1}, the source image's grid, affine and header geometry; written last, so its presence
-    marks the case finished) after its sidecar ``_desc-lesion_mask.json`` (source, model, folds,
-    :func:`settings_id`: a mask whose sidecar names other settings is predicted again),
+    marks the case finished) after its sidecar ``_desc-lesion_mask.json`` (source images and their
+    SHA-256, model, folds, :func:`settings_id`). An existing mask is kept only when its sidecar
+    records the same image contents (else the case fails, naming both files: another patient
+    with the same case id) and settings (else it is predicted again),
     ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities`` and ``overlays/<case_id>.png``. Returns a :class:`CaseResult` whose info holds its table rows."""
     mask_path = options.output_dir / f"{case.out_stem}{MASK_SUFFIX}"
     sidecar = options.output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}"
-    if mask_path.exists() and not options.overwrite and _made_with(sidecar, options.settings_id):
-        return _finished_case(case, mask_path, model_set)
+    images = source_images(case, model_set.contract.dataset)
+    digests = {key: file_digest(path) for key, path in images.items()}
+    if mask_path.exists() and not options.overwrite:
+        recorded = _read_sidecar(sidecar)
+        _check_same_source(mask_path, recorded, images, digests)
+        if recorded.get("SettingsId") == options.settings_id:
+            return _finished_case(case, mask_path, model_set)
     prepared = prepare_case(case, model_set.contract)
     probability = predict_native(prepared, model_set, options.settings)
     mask = probability >= model_set.contract.threshold
@@ -483,7 +519,8 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
     if info["scores"] is not None:
         title += f", Dice {info['scores']['dice']:.3f}"
     _save_overlay(options.output_dir / "overlays" / f"{case.case_id}.png", source.data, mask, prepared.reference, title)
-    write_json(sidecar, {"Sources": [str(source.path)], "Model": model_set.label, "Folds": model_set.members, "SettingsId": options.settings_id})
+    write_json(sidecar, {"Sources": [str(path) for path in images.values()], "SourceDigests": digests, "Model": model_set.label,
+                         "Folds": model_set.members, "SettingsId": options.settings_id})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 
@@ -501,8 +538,8 @@ def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False
     earlier outputs come from the same models and settings) the rows of cases predicted by
     earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
     every row of scores.csv."""
-    current = {r.case_id for r in report.results}
     results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
+    current = {r.case_id for r in results}  # a failed case keeps its earlier rows: its mask on disk is unchanged
 
     def rows(name: str, new: list[dict]) -> list[dict]:
         earlier = _csv_rows(output_dir / name) if keep_earlier else []
