@@ -13,7 +13,8 @@ thresholded. A case with a reference mask is also scored.
 
 Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS derivatives tree
 ``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
-lesions.csv, scores.csv (labelled cases), overlays/<case>.png, prediction_summary.json,
+lesions.csv, scores.csv (labelled cases), overlays/<case>.png, report.html (every case of the
+folder, self-contained), prediction_summary.json (every case of the folder, last status),
 run_args.json. Exit status 0, 1 when any case failed, 2 when nothing could run.
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from strokeseg.core.runner import add_run_arguments, check_settings, finish, get
 from strokeseg.datasets.foundation import load_config
 from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints
 from strokeseg.inference import prediction as pr
+from strokeseg.inference import qc
+from strokeseg.inference.html_report import write_html_report
 from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume T1w models: only over the brain's box, the rest is background)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write the probability map (float32 NIfTI, native grid)")
+    parser.add_argument("--save-uncertainty", action="store_true", help="also write the per-voxel standard deviation of the fold probabilities (<case>_desc-lesion_stddev.nii.gz, float32, native grid)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     single = [name for name in ("dwi", "adc", "image") if getattr(args, name) is not None]
@@ -90,6 +94,7 @@ def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop
     return {
         "checkpoints": file_fingerprints(fm.path.resolve() for fm in model_set.fold_models), "tta": args.tta,
         "precision": args.precision, "brain_crop": brain_crop, "save_probabilities": args.save_probabilities,
+        **({"save_uncertainty": True} if args.save_uncertainty else {}),  # absent when off: folders of older versions stay valid
     }
 
 
@@ -120,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(model_set.members)}); device {device}, precision {args.precision}, brain crop {'on' if brain_crop else 'off'}, "
         f"TTA {'on' if args.tta else 'off'}; output {'BIDS derivatives' if bids else 'flat'} in {args.output_dir}"
     )
-    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded))
+    note = qc.fingerprint_note(model_set.contract, model_set.label)
+    if note:
+        log.info(note)
+    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded), save_uncertainty=args.save_uncertainty)
     report = pr.predict_cases(cases, model_set, options, args.workers)
     tables = pr.write_tables(args.output_dir, report, keep_earlier=same_models)
     stale = pr.stale_masks(args.output_dir, options.settings_id)
@@ -129,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; run predict.py on those patients again")
     if tables["n_scored"]:
         log.info(f"{tables['n_scored']} labelled case(s) in {args.output_dir} scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
+    log.info(f"report: {write_html_report(args.output_dir, f'Stroke lesion segmentation: {model_set.label}')}")
     extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}
-    return finish(args.output_dir / "prediction_summary.json", report, extra)
+    extra["this_call"] = {key: value for key, value in report.as_dict().items() if key.startswith("n_")}
+    summary_path = args.output_dir / "prediction_summary.json"
+    finish(summary_path, qc.accumulate_report(summary_path, report, keep_earlier=same_models), extra)  # every case of the folder
+    return 1 if report.n_failed else 0  # this call's cases
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from strokeseg.datasets.foundation import (
     load_config,
     preprocess_foundation_case,
 )
+from strokeseg.datasets.fingerprint import write_dataset_fingerprint
 from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
@@ -78,6 +79,7 @@ def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse
         report = run_cases(cases, process, workers=args.workers, desc=dataset.name)
         extra = {"dataset": dataset.name, "keys": list(FOUNDATION_KEYS), "preprocessing": config.as_dict()["preprocessing"]}
         status = finish(out_dir / f"{dataset.name}_summary.json", report, extra)
+        write_dataset_fingerprint(out_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
         case_ids = report.with_output()
     volume = lambda case_id: read_json(out_dir / f"{case_id}_metadata.json")["lesion_ml"]  # noqa: E731
     splits = out_dir / foundation_splits_name(dataset.name)

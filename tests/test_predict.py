@@ -254,7 +254,8 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
     assert f"WARNING 1 mask(s) in {out} come from other models or settings (not in the tables): {stale}" in capsys.readouterr().out
     assert read_json(out / "sub-strokecase0002_ses-0001_desc-lesion_mask.json")["Model"] == "run"
     assert predict.main(case_argv("sub-strokecase0003")) == 0  # without --overwrite: predicted again, not skipped as finished
-    assert read_json(out / "prediction_summary.json")["n_done"] == 1
+    summary = read_json(out / "prediction_summary.json")  # the folder's cases; this call's counts apart
+    assert summary["this_call"]["n_done"] == 1 and summary["n_done"] == 2
     assert [row["case_id"][:18] for row in _csv(out / "lesion_volumes.csv")] == ["sub-strokecase0002", "sub-strokecase0003"]
     assert "WARNING" not in capsys.readouterr().out
 
@@ -355,8 +356,9 @@ def test_bad_isles_input_refused_as_the_preprocessing_stage_refuses_it(isles_sam
     failed = _stage_reasons(out / "prediction_summary.json")
     assert failed == {case_id: reason for case_id, reason in stage.items() if "no mask file" not in reason}
     assert len(failed) == len([p for p in expected.values() if p]) - 1  # a missing mask is no error here
-    done = [row["case_id"] for row in _csv(out / "lesion_volumes.csv")]
-    assert done == ["sub-strokecasegood1", "sub-strokecasegood2", "sub-strokecasenomask"]
+    rows = _csv(out / "lesion_volumes.csv")  # every failed case keeps a row with its reason
+    assert [row["case_id"] for row in rows if row["status"] == "done"] == ["sub-strokecasegood1", "sub-strokecasegood2", "sub-strokecasenomask"]
+    assert {row["case_id"]: row["reason"] for row in rows if row["status"] == "failed"} == failed
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
 
@@ -371,7 +373,9 @@ def test_bad_t1w_input_refused_as_the_preprocessing_stage_refuses_it(synthetic_u
     assert predict.main(["--input", str(tmp_path / "bad"), "--run", str(run), "--output-dir", str(out)]) == 1
     failed = _stage_reasons(out / "prediction_summary.json")
     assert failed == {case_id: reason for case_id, reason in stage.items() if case_id != "NOMASK"}
-    assert [row["case_id"] for row in _csv(out / "lesion_volumes.csv")] == ["GOOD1", "GOOD2", "NOMASK"]
+    rows = _csv(out / "lesion_volumes.csv")
+    assert [row["case_id"] for row in rows if row["status"] == "done"] == ["GOOD1", "GOOD2", "NOMASK"]
+    assert {row["case_id"]: row["reason"] for row in rows if row["status"] == "failed"} == failed
     assert {row["case_id"] for row in _csv(out / "scores.csv")} == {"GOOD1", "GOOD2"}
 
 

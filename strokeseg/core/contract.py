@@ -9,7 +9,9 @@
      "window": [96, 96, 96],              # training patch / sliding-window size (voxels)
      "threshold": 0.5,                    # probability >= threshold is lesion
      "preprocessing": {"source": ".../run_args.json", "target_shape": [96, 96, 96], "margin": 4},
-     "fold": 0, "train_cases": [...], "val_cases": [...]}
+     "fold": 0, "train_cases": [...], "val_cases": [...],
+     "fingerprint": {...}}                # the training data's dataset fingerprint, or None
+                                          # (strokeseg.datasets.fingerprint; older checkpoints: none)
 
 Evaluation and prediction read it with :func:`read_contract` instead of guessing, and
 :func:`check_preprocessing` refuses data preprocessed with other settings. Checkpoints written
@@ -26,6 +28,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 import models
 
+from ..datasets.fingerprint import read_dataset_fingerprint
 from ..datasets.registry import DatasetSpec, dataset_names, dataset_spec, spec_named_like
 from .io import CaseError
 from .runner import get_logger
@@ -42,6 +45,8 @@ class DataContract:
     window: (X, Y, Z) voxels. preprocessing: {"source": file, setting: value} ({}: unknown).
     train_cases / val_cases: case ids (None: not recorded). derived: True when the checkpoint
     holds no contract and this one was derived from its run config (older checkpoints).
+    fingerprint: the summary of the training folder's ``dataset_fingerprint.json``
+    (:mod:`strokeseg.datasets.fingerprint`); None when it had none (older checkpoints).
     """
 
     dataset: str
@@ -54,6 +59,7 @@ class DataContract:
     train_cases: tuple[str, ...] | None
     val_cases: tuple[str, ...] | None
     derived: bool = False
+    fingerprint: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able form stored in checkpoints."""
@@ -67,6 +73,7 @@ class DataContract:
             "fold": self.fold,
             "train_cases": None if self.train_cases is None else list(self.train_cases),
             "val_cases": None if self.val_cases is None else list(self.val_cases),
+            "fingerprint": self.fingerprint,
         }
 
 
@@ -89,8 +96,10 @@ def build_data_contract(
     """The contract of a training run on ``case_dir`` (the folder of ``<case>.npz``), as stored.
 
     Preprocessing settings are read with the dataset spec's ``read_preprocessing`` (the stage's
-    run_args.json); a folder that records none gives {} and a logged note. ``input_keys`` must be
-    keys the dataset provides. Raises ValueError for an unknown dataset or key.
+    run_args.json); a folder that records none gives {} and a logged note. The folder's dataset
+    fingerprint (:func:`strokeseg.datasets.fingerprint.read_dataset_fingerprint`) goes along when
+    it has one. ``input_keys`` must be keys the dataset provides. Raises ValueError for an unknown
+    dataset or key.
     """
     spec = dataset_spec(dataset)
     unknown = [key for key in input_keys if key not in spec.input_keys]
@@ -101,7 +110,7 @@ def build_data_contract(
         get_logger().info(f"NOTE {case_dir}: no run_args.json of a preprocessing stage; the checkpoint records no preprocessing settings")
     contract = DataContract(
         spec.name, tuple(input_keys), spec.mask_key, _cube(window), THRESHOLD, preprocessing, int(fold),
-        tuple(train_cases), tuple(val_cases),
+        tuple(train_cases), tuple(val_cases), fingerprint=read_dataset_fingerprint(case_dir),
     )
     return contract.as_dict()
 
@@ -118,9 +127,16 @@ def _from_stored(raw: Mapping[str, Any], where: str) -> DataContract:
             fold=None if raw.get("fold") is None else int(raw["fold"]),
             train_cases=None if raw.get("train_cases") is None else tuple(raw["train_cases"]),
             val_cases=None if raw.get("val_cases") is None else tuple(raw["val_cases"]),
+            fingerprint=_fingerprint(raw.get("fingerprint")),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CaseError(f"{where}: invalid data_contract ({type(err).__name__}: {err})") from err
+
+
+def _fingerprint(raw: Any) -> dict[str, Any] | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise TypeError(f"fingerprint must be an object or null, got {type(raw).__name__}")
+    return raw
 
 
 def _former_dataset(run_config: Mapping[str, Any], where: str) -> DatasetSpec:

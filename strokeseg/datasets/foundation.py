@@ -32,6 +32,7 @@ from ..core.geometry import (
 )
 from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
 from ..core.runner import CaseResult
+from .fingerprint import case_fingerprint
 from .registry import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
 
 __all__ = [
@@ -558,7 +559,8 @@ def preprocess_foundation_case(
         "npz_crc32": npz_member_crcs(npz_path),  # ties this metadata to this very .npz (see _finished)
     }
     write_json(meta_path, metadata)
-    info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape)}
+    fingerprint = case_fingerprint({"image": image.data}, image.data > settings.brain_threshold, image.zooms, metadata["original_lesion_ml"])
+    info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape), "fingerprint": fingerprint}
     return CaseResult(item.case_id, "done", info=info)
 
 

@@ -21,6 +21,7 @@ from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, loa
 from ..core.runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
+from .fingerprint import case_fingerprint, write_dataset_fingerprint
 from .registry import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
 from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
@@ -214,6 +215,8 @@ def preprocess_isles_case(
         "lesion_ml": float(arrays["lesion_ml"]),
         "original_shape": list(dwi.data.shape),
         "spacing_mm": list(dwi.zooms),
+        # the brain is the DWI's non-zero voxels, as its crop box
+        "fingerprint": case_fingerprint({"dwi": dwi.data, "adc": volumes.adc.data}, dwi.data != 0, dwi.zooms, float(arrays["lesion_ml"])),
     }
     return CaseResult(case.case_id, "done", info=info)
 
@@ -292,6 +295,7 @@ def _preprocess_cases(
     report = run_cases(cases, process, workers=workers, desc="ISLES")
     keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
     status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
+    write_dataset_fingerprint(output_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
     return report.with_output(), status
 
 

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +29,7 @@ import torch
 import models
 
 from ..core.contract import DataContract, contract_from_checkpoint, preprocessing_differences
-from ..core.geometry import as_binary_mask, foreground_bbox, uncrop_to_native
+from ..core.geometry import as_binary_mask, uncrop_to_native
 from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import (
@@ -43,9 +43,12 @@ from ..datasets.foundation import (
 )
 from ..datasets.isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
 from ..datasets.registry import DatasetSpec, dataset_spec
-from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
-from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
-from ..evaluation.report import axial_slice_index, save_case_figure, write_csv
+from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
+from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics
+from ..evaluation.report import write_csv
+from . import qc
+from .html_report import save_case_overview
+from .uncertainty import STDDEV_SUFFIX, ensemble_mean, fold_probabilities, fold_review, lesion_labels
 
 __all__ = [
     "VOLUME_COLUMNS",
@@ -77,9 +80,9 @@ __all__ = [
 ]
 
 # Contract keys that may differ between the members of one model set.
-_PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases")
-VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds")
-LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+_PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases", "fingerprint")
+VOLUME_COLUMNS = ("case_id", "status", "reason", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "qc_flags", "model", "folds")
+LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability", "fold_detection")
 SCORE_COLUMNS = ("case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
 MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
 PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
@@ -287,13 +290,15 @@ class PreparedCase:
     """A case ready for the network. inputs: npz key -> float32 (X, Y, Z) on the network grid;
     bbox (3, 2) [start, stop) and cropped_shape: the native region that grid covers (the whole
     volume for T1w data); source: the native image (grid, affine, zooms); reference: the lesion
-    mask, bool on the native grid, or None."""
+    mask, bool on the native grid, or None; images: modality -> the native input (X, Y, Z) on
+    the source's grid, for the overview figure (empty: the source's data)."""
 
     inputs: dict[str, np.ndarray]
     bbox: np.ndarray
     cropped_shape: tuple[int, int, int]
     source: NiftiVolume
     reference: np.ndarray | None
+    images: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def _prepare_isles(item: IslesCase, contract: DataContract) -> PreparedCase:
@@ -302,7 +307,8 @@ def _prepare_isles(item: IslesCase, contract: DataContract) -> PreparedCase:
     arrays = isles_arrays(volumes, target_shape, margin)
     reference = None if volumes.mask is None else volumes.mask.astype(bool)
     inputs = {key: arrays[key] for key in contract.input_keys}
-    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference)  # type: ignore[arg-type]
+    images = {"dwi": volumes.dwi.data, "adc": volumes.adc.data}
+    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference, images)  # type: ignore[arg-type]
 
 
 def _prepare_foundation(item: FoundationItem, contract: DataContract) -> PreparedCase:
@@ -353,23 +359,22 @@ def predict_native(prepared: PreparedCase, model_set: ModelSet, settings: Infere
     The fold probabilities are summed and divided on the network grid as ``evaluate.py
     --ensemble`` does, then mapped to the native grid (trilinear), so thresholding gives
     evaluation's masks voxel for voxel."""
-    total = None
-    for fold_model in model_set.fold_models:
-        probability = predict_probability(prepared.inputs, fold_model, settings)
-        total = probability if total is None else total + probability
-    mean = np.asarray(total / len(model_set.fold_models), dtype=np.float32)
-    return uncrop_to_native(mean, prepared.bbox, prepared.cropped_shape, prepared.source.data.shape, is_label=False)
+    return _to_native(prepared, ensemble_mean(fold_probabilities(prepared.inputs, model_set.fold_models, settings)))
+
+
+def _to_native(prepared: PreparedCase, probability: np.ndarray) -> np.ndarray:
+    """A network-grid probability of ``prepared`` on its native grid (trilinear)."""
+    return uncrop_to_native(probability, prepared.bbox, prepared.cropped_shape, prepared.source.data.shape, is_label=False)
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connectivity: int) -> list[dict]:
     """One dict per connected lesion of ``mask`` (bool (X, Y, Z)): lesion_id (1-based, in
     labelling order), voxels, volume_ml, centroid in world mm (``affine`` applied to the voxel
     centroid: centroid_x_mm, centroid_y_mm, centroid_z_mm)."""
-    if not mask.any():
-        return []
     # Labelled inside the mask's box: the same components in the same order, work for its voxels only.
-    box = tuple(slice(int(a), int(b)) for a, b in foreground_bbox(mask, margin=0))
-    labels, count = label_components(mask[box], connectivity)
+    labels, count, box = lesion_labels(mask, connectivity)
+    if count == 0:
+        return []
     coordinates = np.nonzero(labels)
     ids = labels[coordinates]
     voxels = np.bincount(ids, minlength=count + 1)[1:]
@@ -419,6 +424,7 @@ class PredictOptions:
     save_probabilities: bool = False
     overwrite: bool = False
     settings_id: str = ""  # :func:`settings_id` of the models and settings the folder records
+    save_uncertainty: bool = False  # also write the std of the fold probabilities (STDDEV_SUFFIX)
 
 
 def settings_id(settings: Mapping[str, Any]) -> str:
@@ -471,15 +477,9 @@ def stale_masks(output_dir: Path, wanted: str) -> list[str]:
     return [str(m.relative_to(output_dir)) for m in masks if not _made_with(m.with_name(m.name.replace(MASK_SUFFIX, SIDECAR_SUFFIX)), wanted)]
 
 
-def _save_overlay(path: Path, image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None, title: str) -> None:
-    """PNG of the axial slice through the most reference (else predicted) lesion."""
-    z = axial_slice_index(reference if reference is not None else mask, mask)
-    slab = None if reference is None else reference[:, :, z]
-    save_case_figure(path, image[:, :, z], slab, mask[:, :, z], f"{title} (axial slice z = {z})")
-
-
-def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet) -> CaseResult:
-    """A case whose mask exists: its rows are read back from that mask (and its reference)."""
+def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet, recorded: Mapping[str, Any]) -> CaseResult:
+    """A case whose mask exists: its rows are read back from that mask (and its reference), its
+    quality flags and lesion uncertainty from its sidecar ``recorded``."""
     saved = load_nifti(mask_path, dtype=None)
     mask = saved.data.astype(bool)
     reference = None
@@ -487,6 +487,7 @@ def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet) -> C
         stored = load_nifti(case.item.mask, dtype=None)
         reference = as_binary_mask(stored.data, stored.path).astype(bool)
     info = _case_info(case.case_id, mask, saved.affine, saved.zooms, reference, model_set)
+    qc.annotate_rows(info, recorded)
     return CaseResult(case.case_id, "skipped", reason=f"{mask_path} exists (use --overwrite)", info=info)
 
 
@@ -497,7 +498,11 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
     SHA-256, model, folds, :func:`settings_id`). An existing mask is kept only when its sidecar
     records the same image contents (else the case fails, naming both files: another patient
     with the same case id) and settings (else it is predicted again),
-    ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities`` and ``overlays/<case_id>.png``. Returns a :class:`CaseResult` whose info holds its table rows."""
+    ``_desc-lesion_probseg.nii.gz`` with ``save_probabilities``, ``_desc-lesion_stddev.nii.gz`` (float32:
+    std of the fold probabilities) with ``save_uncertainty`` and ``overlays/<case_id>.png``
+    (:func:`strokeseg.inference.html_report.save_case_overview`). The quality flags and per-lesion
+    uncertainty (:mod:`strokeseg.inference.qc`, :mod:`strokeseg.inference.uncertainty`) go into
+    the rows and the sidecar. Returns a :class:`CaseResult` whose info holds its table rows."""
     mask_path = options.output_dir / f"{case.out_stem}{MASK_SUFFIX}"
     sidecar = options.output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}"
     images = source_images(case, model_set.contract.dataset)
@@ -506,21 +511,28 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         recorded = _read_sidecar(sidecar)
         _check_same_source(mask_path, recorded, images, digests)
         if recorded.get("SettingsId") == options.settings_id:
-            return _finished_case(case, mask_path, model_set)
+            return _finished_case(case, mask_path, model_set, recorded)
     prepared = prepare_case(case, model_set.contract)
-    probability = predict_native(prepared, model_set, options.settings)
+    folds = fold_probabilities(prepared.inputs, model_set.fold_models, options.settings)
+    probability = _to_native(prepared, ensemble_mean(folds))
     mask = probability >= model_set.contract.threshold
     source = prepared.source
     info = _case_info(case.case_id, mask, source.affine, source.zooms, prepared.reference, model_set)
     header = nib.load(str(source.path)).header
+    connectivity = PRESETS[model_set.spec.preset].connectivity
+    lesions, stddev = fold_review(folds, functools.partial(_to_native, prepared), mask, probability, model_set.contract.threshold, connectivity, options.save_uncertainty)
+    review = {"QcFlags": qc.case_flags(mask, source, header.get_zooms()[:3], model_set.contract), "LesionUncertainty": lesions}
+    qc.annotate_rows(info, review)
     if options.save_probabilities:
         save_nifti(options.output_dir / f"{case.out_stem}{PROB_SUFFIX}", probability.astype(np.float32), source.affine, header)
+    if stddev is not None:
+        save_nifti(options.output_dir / f"{case.out_stem}{STDDEV_SUFFIX}", stddev, source.affine, header)
     title = f"{case.case_id}: {info['volume']['lesion_volume_ml']:.2f} ml in {info['volume']['lesion_count']} lesion(s)"
     if info["scores"] is not None:
         title += f", Dice {info['scores']['dice']:.3f}"
-    _save_overlay(options.output_dir / "overlays" / f"{case.case_id}.png", source.data, mask, prepared.reference, title)
+    save_case_overview(options.output_dir / "overlays" / f"{case.case_id}.png", prepared.images or {"image": source.data}, source.affine, mask, prepared.reference, title)
     write_json(sidecar, {"Sources": [str(path) for path in images.values()], "SourceDigests": digests, "Model": model_set.label,
-                         "Folds": model_set.members, "SettingsId": options.settings_id})
+                         "Folds": model_set.members, "SettingsId": options.settings_id, **review})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 
@@ -534,9 +546,10 @@ def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options
 
 def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False) -> dict:
     """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
-    rows of the done and skipped cases, sorted by case id. With ``keep_earlier`` (the folder's
-    earlier outputs come from the same models and settings) the rows of cases predicted by
-    earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
+    rows of the done and skipped cases, sorted by case id; lesion_volumes.csv also gets a row per
+    failed case (status "failed", reason: :func:`strokeseg.inference.qc.merge_volume_rows`). With
+    ``keep_earlier`` (the folder's earlier outputs come from the same models and settings) the
+    rows of cases predicted by earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
     every row of scores.csv."""
     results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
     current = {r.case_id for r in results}  # a failed case keeps its earlier rows: its mask on disk is unchanged
@@ -545,7 +558,9 @@ def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False
         earlier = _csv_rows(output_dir / name) if keep_earlier else []
         return sorted([row for row in earlier if row.get("case_id") not in current] + new, key=lambda row: row["case_id"])
 
-    write_csv(output_dir / "lesion_volumes.csv", rows("lesion_volumes.csv", [r.info["volume"] for r in results]), VOLUME_COLUMNS)
+    earlier_volumes = _csv_rows(output_dir / "lesion_volumes.csv") if keep_earlier else []
+    volumes = qc.merge_volume_rows(earlier_volumes, [r.info["volume"] for r in results], qc.failed_rows(report))
+    write_csv(output_dir / "lesion_volumes.csv", volumes, VOLUME_COLUMNS)
     write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
     scores = rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])
     if scores:
