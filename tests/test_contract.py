@@ -52,6 +52,7 @@ def test_every_checkpoint_holds_the_contract(isles: Path) -> None:
         "dataset": "ISLES2022", "input_keys": ["dwi"], "mask_key": "mask", "window": [32, 32, 32], "threshold": THRESHOLD,
         "preprocessing": {"source": str(isles / "train" / "run_args.json"), "target_shape": [32, 32, 32], "margin": 4},
         "fold": 0, "train_cases": splits["train"], "val_cases": splits["val"],
+        "fingerprint": read_json(isles / "train" / "dataset_fingerprint.json")["summary"],  # the stage's, copied by the trainer
     }
     for name in ("best_model.pth", "last.pth"):
         assert models.load_checkpoint(isles / "run" / "fold_0" / name)["data_contract"] == expected

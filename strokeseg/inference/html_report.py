@@ -71,7 +71,14 @@ def display_planes(volume_ras: np.ndarray, point: Sequence[int]) -> dict[str, np
 
 
 def _aspect(zooms: Sequence[float], axis: int) -> float:
+    """Height / width of one displayed pixel of the slice across ``axis``."""
     rows, cols = [z for i, z in enumerate(zooms) if i != axis][::-1]
+    return rows / cols
+
+
+def _extent_ratio(shape: Sequence[int], zooms: Sequence[float], axis: int) -> float:
+    """Height / width in mm of the slice across ``axis`` as displayed."""
+    cols, rows = [n * z for i, (n, z) in enumerate(zip(shape, zooms)) if i != axis]
     return rows / cols
 
 
@@ -83,9 +90,11 @@ def save_case_overview(path: Path, images: Mapping[str, np.ndarray], affine: np.
     mask_ras = to_ras(mask, affine)[0] > 0.5
     ref_ras = None if reference is None else to_ras(reference, affine)[0] > 0.5
     point = focus_point((mask_ras, ref_ras), first)
-    fig = Figure(figsize=(_PANEL_INCHES * len(ras), _PANEL_INCHES * len(ORIENTATIONS) + 0.5), dpi=72)
+    first_zooms = next(iter(ras.values()))[1]
+    ratios = [_extent_ratio(first.shape, first_zooms, axis) + 0.12 for _, axis, _ in ORIENTATIONS]  # + panel title
+    fig = Figure(figsize=(_PANEL_INCHES * len(ras), _PANEL_INCHES * sum(ratios) + 0.45), dpi=80)
     FigureCanvasAgg(fig)
-    axes = np.asarray(fig.subplots(len(ORIENTATIONS), len(ras), squeeze=False))
+    axes = np.asarray(fig.subplots(len(ORIENTATIONS), len(ras), squeeze=False, gridspec_kw={"height_ratios": ratios}))
     outlines = [(display_planes(mask_ras.astype(np.float32), point), "#ff2020", "solid")]
     if ref_ras is not None:
         outlines.append((display_planes(ref_ras.astype(np.float32), point), "#20d0ff", "dashed"))
@@ -102,7 +111,7 @@ def save_case_overview(path: Path, images: Mapping[str, np.ndarray], affine: np.
             ax.set_title(f"{name} {orientation} {('x', 'y', 'z')[axis]}={point[axis]}", fontsize=7)
             ax.set_axis_off()
     fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / fig.get_figheight(), wspace=0.04, hspace=0.12)  # tight_layout: seconds
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / fig.get_figheight(), wspace=0.04, hspace=0.12)  # tight_layout: seconds
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
 
@@ -113,9 +122,10 @@ _STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1100px
 section{border:1px solid #bbb;border-radius:6px;padding:0.8em 1.2em;margin:1em 0}
 section.failed{border-color:#c00;background:#fff4f4}
 table{border-collapse:collapse;margin:0.5em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
-th{background:#f0f0f0}.flag{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}"""
+th{background:#f0f0f0}.flag{color:#b00;font-weight:bold}.ok{color:#070}img{max-width:100%}
+.case{display:flex;flex-wrap:wrap;gap:1.2em;align-items:flex-start}"""
 _LESION_HEADERS = (("lesion_id", "lesion"), ("volume_ml", "volume (ml)"), ("centroid_x_mm", "x (mm)"), ("centroid_y_mm", "y (mm)"),
-                   ("centroid_z_mm", "z (mm)"), ("mean_probability", "mean probability"), ("fold_detection", "folds detecting"))
+                   ("centroid_z_mm", "z (mm)"), ("mean_probability", "mean probability"), ("fold_detection", "fraction of folds detecting"))
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -142,18 +152,18 @@ def _case_section(row: Mapping[str, str], lesions: Sequence[Mapping[str, str]], 
     case = html.escape(row["case_id"])
     if row.get("status") == "failed":
         return f'<section class="failed" id="case-{case}"><h2>{case}: failed</h2><p>{html.escape(row.get("reason") or "")}</p></section>'
-    parts = [f'<section id="case-{case}"><h2>{case}</h2>']
+    flags = [f for f in (row.get("qc_flags") or "").split("; ") if f]
+    items = "".join(f'<li class="flag">{html.escape(f)}</li>' for f in flags) or '<li class="ok">no quality flags</li>'
+    parts = [f'<section id="case-{case}"><h2>{case}</h2><h3>Quality flags</h3><ul>{items}</ul><div class="case">']
     if figure.is_file():
         encoded = base64.b64encode(figure.read_bytes()).decode("ascii")
         parts.append(f'<img alt="{case}: inputs with the lesion outline" src="data:image/png;base64,{encoded}">')
-    parts.append(_table(("lesion volume (ml)", "lesions", "largest lesion (ml)", "model", "folds"),
+    parts.append("<div>" + _table(("lesion volume (ml)", "lesions", "largest lesion (ml)", "model", "folds"),
                         [(_number(row.get("lesion_volume_ml"), 2), html.escape(row.get("lesion_count") or ""), _number(row.get("largest_lesion_ml"), 2),
                           html.escape(row.get("model") or ""), html.escape(row.get("folds") or ""))]))
     if lesions:
         parts.append(_table([h for _, h in _LESION_HEADERS], [[_number(les.get(k), 0 if k == "lesion_id" else 2) for k, _ in _LESION_HEADERS] for les in lesions]))
-    flags = [f for f in (row.get("qc_flags") or "").split("; ") if f]
-    items = "".join(f'<li class="flag">{html.escape(f)}</li>' for f in flags) or '<li class="ok">no quality flags</li>'
-    parts.append(f"<h3>Quality flags</h3><ul>{items}</ul></section>")
+    parts.append("</div></div></section>")
     return "".join(parts)
 
 
