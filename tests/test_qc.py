@@ -13,8 +13,9 @@ import pytest
 import models
 import predict
 import preprocess_isles_WITH_BBOX
+import preprocess_stroke_foundation
 from strokeseg.core.contract import DataContract, build_data_contract, contract_from_checkpoint
-from strokeseg.core.io import NiftiVolume, load_npz, read_json
+from strokeseg.core.io import NiftiVolume, load_npz, read_json, write_json
 from strokeseg.core.runner import CaseResult, RunReport
 from strokeseg.datasets.fingerprint import FINGERPRINT_NAME, case_fingerprint
 from strokeseg.inference import qc
@@ -80,6 +81,25 @@ def test_preprocessing_writes_the_fingerprint_and_the_contract_carries_it(synthe
     assert contract_from_checkpoint({"data_contract": contract}, "ckpt").fingerprint == summary
     old = {key: value for key, value in contract.items() if key != "fingerprint"}  # a checkpoint of an older version
     assert contract_from_checkpoint({"data_contract": old}, "old.pth").fingerprint is None
+
+
+def test_foundation_stage_writes_the_fingerprint_of_the_native_t1w(synthetic_uoa: Path, tmp_path: Path) -> None:
+    from test_predict import FOUNDATION_SETTINGS
+
+    config = {"output_base_dir": str(tmp_path / "out"), "preprocessing": FOUNDATION_SETTINGS,
+              "datasets": [{"name": "UOA_Private", "data_dir": str(synthetic_uoa), "image_pattern": "**/*_T1_FNIRT_MNI.nii.gz", "mask_pattern": "**/*_lesion.nii.gz"}]}
+    write_json(tmp_path / "config.json", config)
+    assert preprocess_stroke_foundation.main(["--config", str(tmp_path / "config.json")]) in (0, 1)  # 4 cases: too few for splits
+    data = tmp_path / "out" / "UOA_Private"
+    recorded = read_json(data / FINGERPRINT_NAME)
+    metadata = {case_id: read_json(data / f"{case_id}_metadata.json") for case_id in recorded["cases"]}
+    assert len(metadata) == 4
+    for case_id, meta in metadata.items():  # native grid, not the resampled one (UOA004 is 1.25 x 1.5 x 2 mm)
+        entry = recorded["cases"][case_id]
+        assert entry["spacing_mm"] == pytest.approx(meta["original_spacing"]) and entry["shape"] == meta["original_shape"]
+        assert entry["lesion_ml"] == pytest.approx(meta["original_lesion_ml"]) and set(entry["intensity"]) == {"image"}
+    assert recorded["summary"]["spacing_mm"]["max"] == pytest.approx([1.25, 1.5, 2.0])
+    assert build_data_contract("UOA_Private", data, ["image"], 32, 0, [], [])["fingerprint"] == recorded["summary"]
 
 
 # --------------------------------------------------------------------------- flags
