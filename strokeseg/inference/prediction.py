@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,20 +32,14 @@ from ..core.contract import DataContract, contract_from_checkpoint, preprocessin
 from ..core.geometry import as_binary_mask, foreground_bbox, uncrop_to_native
 from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
-from ..datasets.foundation import (
-    DatasetConfig,
-    FoundationItem,
-    case_id_from_filename,
-    discover_foundation_cases,
-    normalise_foundation_case,
-    preprocessing_from_dict,
-    read_foundation_case,
-)
-from ..datasets.isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
+from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
+from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
 from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
 from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
 from ..evaluation.report import axial_slice_index, save_case_figure, write_csv
+from .diffusion import DiffusionItem, log_record, read_diffusion_case
+from .inputs import diffusion_items, t1w_items
 
 __all__ = [
     "VOLUME_COLUMNS",
@@ -195,8 +189,11 @@ def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device
 @dataclass(frozen=True)
 class InputSpec:
     """Where the cases are: a folder (``input_dir``; T1w data also needs ``image_pattern``, a
-    glob relative to it, and optionally ``mask_pattern``), or single files (``dwi`` + ``adc``,
-    or ``image``), each with an optional reference ``mask``."""
+    glob relative to it, and optionally ``mask_pattern``), or single files (``dwi`` with an
+    optional ``adc``, or ``image``), each with an optional reference ``mask``. input_keys: the
+    model's (empty: its dataset's); modalities: ``--modality`` (key, glob) pairs; case_id: the
+    single files' case id (None: from the file name); dwi_volume: the volume of a 4-D DWI (None:
+    by b-value). See :mod:`strokeseg.inference.inputs`."""
 
     input_dir: Path | None = None
     dwi: Path | None = None
@@ -205,6 +202,10 @@ class InputSpec:
     mask: Path | None = None
     image_pattern: str | None = None
     mask_pattern: str = ""
+    input_keys: tuple[str, ...] = ()
+    modalities: tuple[tuple[str, str], ...] = ()
+    case_id: str | None = None
+    dwi_volume: int | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class PredictCase:
     the output path without suffix, relative to the output folder."""
 
     case_id: str
-    item: IslesCase | FoundationItem
+    item: DiffusionItem | FoundationItem
     source: Path | None
     out_stem: Path
 
@@ -224,28 +225,6 @@ def _strip_nii(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _isles_items(inputs: InputSpec, dataset: str) -> dict[str, IslesCase]:
-    if inputs.input_dir is not None:
-        return {case.case_id: case for case in discover_isles_cases(inputs.input_dir)}
-    if inputs.dwi is None or inputs.adc is None:
-        raise CaseError("this model reads DWI and ADC: give --input DIR or --dwi FILE --adc FILE")
-    stem = _strip_nii(inputs.dwi.name)
-    case_id = stem[:-4] if stem.lower().endswith("_dwi") and len(stem) > 4 else stem
-    return {case_id: IslesCase(case_id, inputs.dwi, inputs.adc, inputs.mask)}
-
-
-def _foundation_items(inputs: InputSpec, dataset: str) -> dict[str, FoundationItem]:
-    if inputs.input_dir is not None:
-        if not inputs.image_pattern:
-            raise CaseError(f"{inputs.input_dir}: no image pattern for {dataset}; pass --pattern GLOB (e.g. '**/*_T1w.nii.gz') or a --config naming {dataset}")
-        config = DatasetConfig(dataset, inputs.input_dir, inputs.image_pattern, inputs.mask_pattern)
-        return discover_foundation_cases(config, require_masks=False)
-    if inputs.image is None:
-        raise CaseError(f"this model reads one T1w image ({dataset}): give --input DIR or --image FILE")
-    case_id = case_id_from_filename(inputs.image.name)
-    return {case_id: FoundationItem(case_id, dataset, inputs.image, inputs.mask)}
 
 
 def _bids_folder(source: Path) -> Path | None:
@@ -287,22 +266,25 @@ class PreparedCase:
     """A case ready for the network. inputs: npz key -> float32 (X, Y, Z) on the network grid;
     bbox (3, 2) [start, stop) and cropped_shape: the native region that grid covers (the whole
     volume for T1w data); source: the native image (grid, affine, zooms); reference: the lesion
-    mask, bool on the native grid, or None."""
+    mask, bool on the native grid, or None; record: how the inputs were made (4-D DWI volumes,
+    computed or converted ADC; :mod:`strokeseg.inference.diffusion`), for the mask's sidecar."""
 
     inputs: dict[str, np.ndarray]
     bbox: np.ndarray
     cropped_shape: tuple[int, int, int]
     source: NiftiVolume
     reference: np.ndarray | None
+    record: dict = field(default_factory=dict)
 
 
-def _prepare_isles(item: IslesCase, contract: DataContract) -> PreparedCase:
+def _prepare_isles(item: DiffusionItem, contract: DataContract) -> PreparedCase:
     target_shape, margin = _isles_settings(contract.preprocessing, "data contract")
-    volumes = read_isles_case(item, require_mask=False)
+    volumes, record = read_diffusion_case(item, "adc" in contract.input_keys, contract.acquisition or dict(dataset_spec(contract.dataset).acquisition))
+    log_record(item.case_id, record)
     arrays = isles_arrays(volumes, target_shape, margin)
     reference = None if volumes.mask is None else volumes.mask.astype(bool)
     inputs = {key: arrays[key] for key in contract.input_keys}
-    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference)  # type: ignore[arg-type]
+    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference, record)  # type: ignore[arg-type]
 
 
 def _prepare_foundation(item: FoundationItem, contract: DataContract) -> PreparedCase:
@@ -329,8 +311,10 @@ class _RawInput:
 
 
 _RAW_INPUTS = {
-    "isles": _RawInput(_isles_settings, _isles_items, lambda item: item.dwi, _prepare_isles, lambda item: {"dwi": item.dwi, "adc": item.adc}),
-    "foundation": _RawInput(preprocessing_from_dict, _foundation_items, lambda item: item.image, _prepare_foundation, lambda item: {"image": item.image}),
+    "isles": _RawInput(_isles_settings, lambda inputs, dataset: diffusion_items(inputs, dataset_spec(dataset)), lambda item: item.dwi, _prepare_isles,
+                       lambda item: {"dwi": item.dwi, "adc": item.adc}),
+    "foundation": _RawInput(preprocessing_from_dict, lambda inputs, dataset: t1w_items(inputs, dataset_spec(dataset)), lambda item: item.image,
+                            _prepare_foundation, lambda item: {"image": item.image}),
 }
 
 
@@ -520,7 +504,7 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         title += f", Dice {info['scores']['dice']:.3f}"
     _save_overlay(options.output_dir / "overlays" / f"{case.case_id}.png", source.data, mask, prepared.reference, title)
     write_json(sidecar, {"Sources": [str(path) for path in images.values()], "SourceDigests": digests, "Model": model_set.label,
-                         "Folds": model_set.members, "SettingsId": options.settings_id})
+                         "Folds": model_set.members, "SettingsId": options.settings_id, **prepared.record})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 
