@@ -83,12 +83,15 @@ def parse_modalities(values: Sequence[str], keys: Sequence[str]) -> dict[str, st
 
 
 def _named_suffixes() -> dict[str, str]:
-    """Every modality suffix (lower case) -> what it names ("ISLES2022 dwi", "flair")."""
-    named = {suffix: suffix for suffix in OTHER_SUFFIXES}
+    """Every modality suffix (lower case) -> what it names ("dwi of ISLES2022", "image of
+    ATLAS, UOA_Private", "flair")."""
+    users: dict[str, dict[str, list[str]]] = {}
     for name in dataset_names():
         for key, suffixes in dataset_spec(name).bids_suffixes:
-            if key != "mask":
-                named.update({suffix: f"{name} {key}" for suffix in suffixes})
+            for suffix in suffixes if key != "mask" else ():
+                users.setdefault(suffix, {}).setdefault(key, []).append(name)
+    named = {suffix: suffix for suffix in OTHER_SUFFIXES}
+    named.update({suffix: "; ".join(f"{key} of {', '.join(names)}" for key, names in keys.items()) for suffix, keys in users.items()})
     return named
 
 

@@ -435,7 +435,7 @@ def source_images(case: PredictCase, dataset: str) -> dict[str, Path]:
 def _check_same_source(mask_path: Path, recorded: Mapping[str, Any], images: Mapping[str, Path], digests: Mapping[str, str]) -> None:
     """Refuse (:class:`CaseError` naming both files) to treat an existing mask as this case's
     unless its sidecar records the same image contents: two patients whose files give one case
-    id (``p1/dwi.nii.gz``, ``p2/dwi.nii.gz``) must never share a mask."""
+    id (``p1/case_dwi.nii.gz``, ``p2/case_dwi.nii.gz``) must never share a mask."""
     made_from = recorded.get("SourceDigests")
     if not isinstance(made_from, dict):
         raise CaseError(f"{mask_path} exists but records no digest of its source images (made by an older version), so it cannot be "
