@@ -114,8 +114,9 @@ def select_dwi(series: np.ndarray, b_values: np.ndarray | None, b_target: float,
     n = series.shape[3]
     if b_values is not None and b_values.size != n:
         raise CaseError(f"{path}: {n} volumes but {b_values.size} b-values beside it")
-    b0 = None if b_values is None or not (b_values <= B0_MAX).any() else series[..., b_values <= B0_MAX].mean(axis=3, dtype=np.float64)
-    b0 = None if b0 is None else b0.astype(np.float32)
+    b0 = None
+    if b_values is not None and (b_values <= B0_MAX).any():
+        b0 = series[..., b_values <= B0_MAX].mean(axis=3, dtype=np.float64).astype(np.float32)
     if volume is not None:
         if not 0 <= volume < n:
             raise CaseError(f"{path}: --dwi-volume {volume} but the DWI has {n} volumes (0 to {n - 1})")
@@ -196,7 +197,7 @@ def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tup
 
 def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
     """A 3-D or 4-D DWI as float32 (X, Y, Z[, N]) and a NiftiVolume of its grid (first volume)."""
-    if len(nib.load(str(path)).shape) == 3:
+    if not _is_series(path):  # 3-D (or one volume): read and checked as every stage reads it
         volume = load_nifti(path)
         return volume.data, volume
     try:
@@ -204,17 +205,21 @@ def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
         series = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise CaseError(f"{path}: unreadable NIfTI ({one_line(err)})") from err
-    if series.ndim != 4 or not np.isfinite(series).all():
-        raise CaseError(f"{path}: expected a 3-D or 4-D finite DWI, got shape {series.shape}")
+    if series.ndim != 4:
+        raise CaseError(f"{path}: expected a 3-D or 4-D DWI, got shape {series.shape}")
+    if not np.isfinite(series).all():
+        raise CaseError(f"{path}: {int(series.size - np.isfinite(series).sum())} NaN/Inf voxel(s)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return series, NiftiVolume(series[..., 0], np.asarray(img.affine, dtype=np.float64), zooms, path)
 
 
 def _is_series(path: Path | None) -> bool:
+    """Whether ``path`` is a 4-D NIfTI with several volumes (header only; unreadable: False, the reader reports it)."""
     try:
-        return path is not None and len(nib.load(str(path)).shape) == 4 and nib.load(str(path)).shape[3] > 1
-    except Exception:  # unreadable: reported by the reader
+        shape = nib.load(str(path)).shape if path is not None else ()
+    except Exception:  # nibabel raises many types for corrupt files
         return False
+    return len(shape) == 4 and shape[3] > 1
 
 
 def _read_dwi(item: DiffusionItem, acquisition: Mapping[str, float]) -> tuple[NiftiVolume, np.ndarray | None, float | None, dict]:
