@@ -81,6 +81,7 @@ def test_bids_with_and_without_sessions_and_acquisition_entities(tmp_path: Path)
         "sub-01/dwi/sub-01_run-2_DWI.nii.gz", "sub-01/anat/sub-01_FLAIR.nii.gz",
         "sub-02/ses-1/dwi/sub-02_ses-1_rec-trace_dwi.nii.gz", "sub-02/ses-2/dwi/sub-02_ses-2_dwi.nii.gz",
         "derivatives/sub-01/sub-01_acq-b1000_msk.nii.gz", "derivatives/sub-01/sub-01_acq-b1000_dwi.nii.gz",
+        "derivatives/out/sub-01/dwi/sub-01_run-2_desc-lesion_mask.nii.gz",  # predict.py's output, not a reference
     )
     found, standard = bids_cases(root, ISLES, ("dwi", "adc"))
     assert _cases(found) == {

@@ -152,8 +152,10 @@ def bids_cases(root: Path, spec: DatasetSpec, keys: Sequence[str]) -> tuple[Foun
         in_derivatives = any(part.lower() == "derivatives" for part in path.relative_to(root).parts)
         if key is None or (key != "mask" and in_derivatives):
             continue
-        entities = dict(pair.split("-", 1) for pair in match.group(1).split("_"))  # type: ignore[union-attr]
-        files.append(({k.lower(): v for k, v in entities.items()}, key, path))
+        entities = {k.lower(): v for k, v in (pair.split("-", 1) for pair in match.group(1).split("_"))}  # type: ignore[union-attr]
+        if entities.get("desc", "").lower() == "lesion":  # predict.py's own masks (an output folder inside the input) are no reference
+            continue
+        files.append((entities, key, path))
     sessions: dict[str, set[str]] = {}
     for entities, _, _ in files:
         sessions.setdefault(entities["sub"].lower(), set()).add(entities.get("ses", "").lower())
