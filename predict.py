@@ -10,6 +10,8 @@ thresholded. A case with a reference mask is also scored.
     python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run models/isles --output-dir out/one
     python predict.py --input /data/ATLAS_2 --run runs/atlas_resnet18_transfer --output-dir out/atlas
     python predict.py --image P001_T1.nii.gz --run runs/atlas_resnet18_transfer --output-dir out/p001
+    python predict.py --input /data/hospital --modality dwi='*_DWI.nii.gz' --modality adc='*_ADC.nii.gz' --run models/isles --output-dir out/h
+    python predict.py --dwi patient07/dwi_4d.nii.gz --case-id patient07 --run models/isles --output-dir out/p07   # 4-D DWI + .bval
 
 Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS derivatives tree
 ``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from strokeseg.core.contract import DataContract
 from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config
@@ -32,6 +35,7 @@ from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints
 from strokeseg.inference import prediction as pr
 from strokeseg.inference import qc
 from strokeseg.inference.html_report import write_html_report
+from strokeseg.inference.inputs import parse_modalities
 from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
@@ -40,10 +44,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("input (a folder, or single files)")
-    source.add_argument("--input", type=Path, help="dataset folder: ISLES 2022 layout A or B (masks optional) or a T1w tree found by the config's patterns or --pattern")
-    source.add_argument("--dwi", type=Path, help="one DWI NIfTI (with --adc)")
-    source.add_argument("--adc", type=Path, help="its ADC NIfTI (same grid)")
+    source.add_argument("--input", type=Path, help="dataset folder: ISLES 2022 layout A or B (masks optional), any BIDS naming (with or without ses-, acq-/run-/rec-), "
+                        "nnU-Net CASE_0000.nii.gz channels, files named by --modality, or a T1w tree found by the config's patterns or --pattern")
+    source.add_argument("--modality", action="append", default=[], metavar="KEY=GLOB",
+                        help="with --input: the files of one input (KEY: the model's dwi, adc or image, or mask for reference masks), a glob relative to "
+                             "--input, letter case ignored; case id = what its * matched, or the file's folder (repeatable: --modality dwi='*_DWI.nii.gz')")
+    source.add_argument("--dwi", type=Path, help="one DWI NIfTI: 3-D, or 4-D with a .bval or BIDS JSON beside it (the model's b-value is used)")
+    source.add_argument("--adc", type=Path, help="its ADC NIfTI (same grid; unit 10^-3 or 10^-6 mm^2/s told from the brain median). Optional: "
+                        "computed from a 4-D DWI's b=0, and not read by DWI-only models")
     source.add_argument("--image", type=Path, help="one T1w NIfTI")
+    source.add_argument("--case-id", help="case id of the single files (default: the file name without _dwi/.nii.gz, or its folder for a generic name like DWI.nii.gz)")
+    source.add_argument("--dwi-volume", type=int, metavar="K", help="volume K (0-based) of a 4-D DWI instead of the b-value's trace (needed without b-values)")
     source.add_argument("--mask", type=Path, help="reference lesion mask of the single case (optional: then it is scored)")
     source.add_argument("--pattern", help="T1w images under --input, a glob relative to it (default: the config's image_pattern of the model's dataset)")
     source.add_argument("--mask-pattern", help="reference masks under --input (default: the config's mask_pattern with no --pattern, else none)")
@@ -63,8 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     single = [name for name in ("dwi", "adc", "image") if getattr(args, name) is not None]
     if (args.input is None) == (not single):
         parser.error("give either --input DIR or single files (--dwi F --adc F, or --image F)")
-    if single and sorted(single) not in (["adc", "dwi"], ["image"]):
-        parser.error("single files: --dwi F --adc F (ISLES models) or --image F (T1w models)")
+    if single and sorted(single) not in (["adc", "dwi"], ["dwi"], ["image"]):
+        parser.error("single files: --dwi F [--adc F] (DWI models) or --image F (T1w models)")
+    if args.case_id is not None and not single:
+        parser.error("--case-id goes with single files; in a folder case ids come from the file names")
+    if args.modality and not args.input:
+        parser.error("--modality goes with --input DIR")
+    if args.dwi_volume is not None and args.dwi_volume < 0:
+        parser.error("--dwi-volume must be >= 0")
     if args.mask is not None and not single:
         parser.error("--mask goes with single files; in a folder masks are found beside the images")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -76,14 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def input_spec(args: argparse.Namespace, dataset: str) -> pr.InputSpec:
-    """Where the cases are; T1w folder patterns from --pattern / --mask-pattern or the config."""
+def input_spec(args: argparse.Namespace, contract: DataContract) -> pr.InputSpec:
+    """Where the cases are; T1w folder patterns from --pattern / --mask-pattern or the config;
+    --modality globs checked against the contract's inputs."""
     image_pattern, mask_pattern = args.pattern, args.mask_pattern or ""
     if args.input is not None and args.pattern is None and args.config.is_file():
-        entry = {d.name: d for d in load_config(args.config).datasets}.get(dataset)
+        entry = {d.name: d for d in load_config(args.config).datasets}.get(contract.dataset)
         if entry is not None:
             image_pattern, mask_pattern = entry.image_pattern, args.mask_pattern or entry.mask_pattern
-    return pr.InputSpec(args.input, args.dwi, args.adc, args.image, args.mask, image_pattern, mask_pattern)
+    modalities = tuple(parse_modalities(args.modality, contract.input_keys).items())
+    return pr.InputSpec(args.input, args.dwi, args.adc, args.image, args.mask, image_pattern, mask_pattern,
+                        contract.input_keys, modalities, args.case_id, args.dwi_volume)
 
 
 def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop: bool) -> dict:
@@ -95,6 +115,7 @@ def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop
         "checkpoints": file_fingerprints(fm.path.resolve() for fm in model_set.fold_models), "tta": args.tta,
         "precision": args.precision, "brain_crop": brain_crop, "save_probabilities": args.save_probabilities,
         **({"save_uncertainty": True} if args.save_uncertainty else {}),  # absent when off: folders of older versions stay valid
+        **({"dwi_volume": args.dwi_volume} if args.dwi_volume is not None else {}),
     }
 
 
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         model_set = pr.load_model_set(args.run, args.folds, device)
-        cases, bids = pr.discover_cases(input_spec(args, model_set.contract.dataset), model_set.spec)
+        cases, bids = pr.discover_cases(input_spec(args, model_set.contract), model_set.spec)
     except (CaseError, ValueError) as err:
         log.info(f"ERROR {one_line(err)}")
         return 2

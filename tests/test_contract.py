@@ -51,6 +51,7 @@ def test_every_checkpoint_holds_the_contract(isles: Path) -> None:
     expected = {
         "dataset": "ISLES2022", "input_keys": ["dwi"], "mask_key": "mask", "window": [32, 32, 32], "threshold": THRESHOLD,
         "preprocessing": {"source": str(isles / "train" / "run_args.json"), "target_shape": [32, 32, 32], "margin": 4},
+        "acquisition": {"dwi_b_value": 1000.0, "adc_unit": 1e-3},  # the ISLES 2022 spec's
         "fold": 0, "train_cases": splits["train"], "val_cases": splits["val"],
         "fingerprint": read_json(isles / "train" / "dataset_fingerprint.json")["summary"],  # the stage's, copied by the trainer
     }

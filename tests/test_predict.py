@@ -261,33 +261,33 @@ def test_rerun_with_other_models_or_settings_is_refused_naming_them(synthetic_is
 
 
 def test_same_case_id_from_another_patient_never_reuses_the_first_patients_mask(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Generic file names give two patients one case id ("dwi"): the second call must not be
+    """File names give two patients one case id ("case"): the second call must not be
     "skipped" with the first patient's mask. Identity is the images' content, not their path."""
     def patient(name: str, subject: str) -> list[str]:
         source = synthetic_isles_b / "rawdata" / subject / "ses-0001" / f"{subject}_ses-0001"
         folder = tmp_path / name
         folder.mkdir()
         for kind in ("dwi", "adc"):
-            shutil.copy(f"{source}_{kind}.nii.gz", folder / f"{kind}.nii.gz")
-        return ["--dwi", str(folder / "dwi.nii.gz"), "--adc", str(folder / "adc.nii.gz"), "--run", str(isles_run), "--output-dir", str(out)]
+            shutil.copy(f"{source}_{kind}.nii.gz", folder / f"case_{kind}.nii.gz")
+        return ["--dwi", str(folder / "case_dwi.nii.gz"), "--adc", str(folder / "case_adc.nii.gz"), "--run", str(isles_run), "--output-dir", str(out)]
     out = tmp_path / "out"
     p1, p2 = patient("p1", "sub-strokecase0002"), patient("p2", "sub-strokecase0003")
     shutil.copytree(tmp_path / "p1", tmp_path / "p1_copy")
     assert predict.main(p1) == 0
-    mask_path, sidecar = out / "dwi_desc-lesion_mask.nii.gz", out / "dwi_desc-lesion_mask.json"
+    mask_path, sidecar = out / "case_desc-lesion_mask.nii.gz", out / "case_desc-lesion_mask.json"
     first = (mask_path.read_bytes(), _csv(out / "lesion_volumes.csv"))
     assert set(read_json(sidecar)["SourceDigests"]) == {"dwi", "adc"}
     capsys.readouterr()
     assert predict.main(p2) == 1  # refused, naming the mask and both patients' files
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "FAILED" in line or "ERROR" in line]
-    assert str(mask_path) in line and str(tmp_path / "p1" / "dwi.nii.gz") in line and str(tmp_path / "p2" / "dwi.nii.gz") in line, line
+    assert str(mask_path) in line and str(tmp_path / "p1" / "case_dwi.nii.gz") in line and str(tmp_path / "p2" / "case_dwi.nii.gz") in line, line
     summary = read_json(out / "prediction_summary.json")
     assert summary["n_failed"] == 1 and "another patient" in summary["failed"][0]["reason"]
     assert (mask_path.read_bytes(), _csv(out / "lesion_volumes.csv")) == first  # patient 1's mask and rows kept
     same_content = [arg.replace(f"{tmp_path / 'p1'}", f"{tmp_path / 'p1_copy'}") for arg in p1]
     assert predict.main(same_content) == 0 and read_json(out / "prediction_summary.json")["n_skipped"] == 1
     assert predict.main([*p2, "--overwrite"]) == 0
-    assert read_json(sidecar)["Sources"] == [str(tmp_path / "p2" / "dwi.nii.gz"), str(tmp_path / "p2" / "adc.nii.gz")]
+    assert read_json(sidecar)["Sources"] == [str(tmp_path / "p2" / "case_dwi.nii.gz"), str(tmp_path / "p2" / "case_adc.nii.gz")]
     legacy = read_json(sidecar)
     del legacy["SourceDigests"]  # a mask made before sources were recorded cannot be matched: refused, not reused
     write_json(sidecar, legacy)
@@ -354,11 +354,13 @@ def test_bad_isles_input_refused_as_the_preprocessing_stage_refuses_it(isles_sam
     out = tmp_path / "out"
     assert predict.main(["--input", str(tmp_path / "bad"), "--run", str(isles_run), "--folds", "0", "--output-dir", str(out)]) == 1
     failed = _stage_reasons(out / "prediction_summary.json")
+    four_d = failed.pop("sub-strokecasefourd")
+    assert "without b-values" in four_d and "3-D" in stage.pop("sub-strokecasefourd")  # predict reads 4-D DWIs (--dwi-volume)
     assert failed == {case_id: reason for case_id, reason in stage.items() if "no mask file" not in reason}
-    assert len(failed) == len([p for p in expected.values() if p]) - 1  # a missing mask is no error here
+    assert len(failed) == len([p for p in expected.values() if p]) - 2  # a missing mask is no error here
     rows = _csv(out / "lesion_volumes.csv")  # every failed case keeps a row with its reason
     assert [row["case_id"] for row in rows if row["status"] == "done"] == ["sub-strokecasegood1", "sub-strokecasegood2", "sub-strokecasenomask"]
-    assert {row["case_id"]: row["reason"] for row in rows if row["status"] == "failed"} == failed
+    assert {row["case_id"]: row["reason"] for row in rows if row["status"] == "failed"} == {**failed, "sub-strokecasefourd": four_d}
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
 
 
@@ -383,7 +385,9 @@ def test_argument_errors(tmp_path: Path) -> None:
     for argv in (
         ["--run", "r", "--output-dir", "o"],
         ["--input", "d", "--image", "i", "--run", "r", "--output-dir", "o"],
-        ["--dwi", "d", "--run", "r", "--output-dir", "o"],
+        ["--adc", "a", "--run", "r", "--output-dir", "o"],
+        ["--input", "d", "--case-id", "c", "--run", "r", "--output-dir", "o"],
+        ["--dwi", "d", "--modality", "dwi=*", "--run", "r", "--output-dir", "o"],
         ["--input", "d", "--mask", "m", "--run", "r", "--output-dir", "o"],
         ["--image", "i", "--output-dir", "o"],
     ):

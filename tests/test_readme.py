@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from strokeseg.datasets.synthetic import make_atlas, make_brats, make_isles
@@ -29,10 +31,34 @@ from strokeseg.datasets.synthetic import make_atlas, make_brats, make_isles
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MNI_SHAPE = (64, 72, 60)
+
+
+def _hospital_exports(root: Path) -> None:
+    """Synthetic ISLES cases named as hospitals export them: ``hospital/patientNN/{DWI,ADC}.nii.gz``,
+    ``hospital_flat/PNNN_DWI.nii.gz`` + ``pNNN_adc.nii.gz``, and ``dwi_4d/patient07/DWI.nii.gz``
+    (b=0, b=1000) with ``DWI.bval`` and no ADC map."""
+    source = root / "isles"
+    make_isles(source, 3, layout="A", seed=5, shape=(32, 32, 32))
+    stems = sorted(source.glob("sub-*/ses-0001/dwi/*_dwi.nii.gz"))
+    for k, dwi in enumerate(stems, start=1):
+        adc = dwi.with_name(dwi.name.replace("_dwi", "_adc"))
+        for target, names in ((root / "hospital" / f"patient{k:02d}", ("DWI.nii.gz", "ADC.nii.gz")), (root / "hospital_flat", (f"P{k:03d}_DWI.nii.gz", f"p{k:03d}_adc.nii.gz"))):
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(dwi, target / names[0])
+            shutil.copy(adc, target / names[1])
+    image = nib.load(str(stems[0]))
+    b1000 = np.asarray(image.dataobj, dtype=np.float32)
+    (root / "dwi_4d" / "patient07").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.stack([b1000 * 2.2, b1000], axis=3), image.affine), str(root / "dwi_4d" / "patient07" / "DWI.nii.gz"))
+    (root / "dwi_4d" / "patient07" / "DWI.bval").write_text("0 1000\n")
+    shutil.rmtree(source)
+
+
 DATASETS = {  # path under /data -> writer of the synthetic dataset in that release's layout
     "ISLES-2022": lambda root: make_isles(root, 30, layout="A", seed=3, shape=(32, 32, 32), empty_every=8),
     "BraTS2024/training_data": lambda root: make_brats(root, 8, seed=3, shape=MNI_SHAPE),
     "ATLAS_2": lambda root: make_atlas(root, 40, seed=3, shape=MNI_SHAPE),
+    ".": _hospital_exports,  # hospital/, hospital_flat/, dwi_4d/
 }
 SHRINK = (  # (pattern, replacement): sizes of the paper's commands -> the test's tiny sizes
     (r"--target-shape 96 96 96", "--target-shape 32 32 32"),

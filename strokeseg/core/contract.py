@@ -9,6 +9,7 @@
      "window": [96, 96, 96],              # training patch / sliding-window size (voxels)
      "threshold": 0.5,                    # probability >= threshold is lesion
      "preprocessing": {"source": ".../run_args.json", "target_shape": [96, 96, 96], "margin": 4},
+     "acquisition": {"dwi_b_value": 1000.0, "adc_unit": 0.001},  # the dataset spec's acquisition
      "fold": 0, "train_cases": [...], "val_cases": [...],
      "fingerprint": {...}}                # the training data's dataset fingerprint, or None
                                           # (strokeseg.datasets.fingerprint; older checkpoints: none)
@@ -22,7 +23,7 @@ evaluation data cannot be checked against them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
@@ -47,6 +48,9 @@ class DataContract:
     holds no contract and this one was derived from its run config (older checkpoints).
     fingerprint: the summary of the training folder's ``dataset_fingerprint.json``
     (:mod:`strokeseg.datasets.fingerprint`); None when it had none (older checkpoints).
+    acquisition: facts about the training images prediction reproduces (DatasetSpec.acquisition:
+    ``dwi_b_value`` s/mm², ``adc_unit`` mm²/s); contracts stored before it was recorded, and
+    derived ones, take the dataset spec's.
     """
 
     dataset: str
@@ -60,6 +64,7 @@ class DataContract:
     val_cases: tuple[str, ...] | None
     derived: bool = False
     fingerprint: dict[str, Any] | None = None
+    acquisition: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able form stored in checkpoints."""
@@ -70,6 +75,7 @@ class DataContract:
             "window": list(self.window),
             "threshold": self.threshold,
             "preprocessing": dict(self.preprocessing),
+            "acquisition": dict(self.acquisition),
             "fold": self.fold,
             "train_cases": None if self.train_cases is None else list(self.train_cases),
             "val_cases": None if self.val_cases is None else list(self.val_cases),
@@ -110,7 +116,7 @@ def build_data_contract(
         get_logger().info(f"NOTE {case_dir}: no run_args.json of a preprocessing stage; the checkpoint records no preprocessing settings")
     contract = DataContract(
         spec.name, tuple(input_keys), spec.mask_key, _cube(window), THRESHOLD, preprocessing, int(fold),
-        tuple(train_cases), tuple(val_cases), fingerprint=read_dataset_fingerprint(case_dir),
+        tuple(train_cases), tuple(val_cases), fingerprint=read_dataset_fingerprint(case_dir), acquisition=dict(spec.acquisition),
     )
     return contract.as_dict()
 
@@ -128,6 +134,7 @@ def _from_stored(raw: Mapping[str, Any], where: str) -> DataContract:
             train_cases=None if raw.get("train_cases") is None else tuple(raw["train_cases"]),
             val_cases=None if raw.get("val_cases") is None else tuple(raw["val_cases"]),
             fingerprint=_fingerprint(raw.get("fingerprint")),
+            acquisition=dict(raw["acquisition"]) if raw.get("acquisition") is not None else _spec_acquisition(str(raw["dataset"])),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CaseError(f"{where}: invalid data_contract ({type(err).__name__}: {err})") from err
@@ -137,6 +144,11 @@ def _fingerprint(raw: Any) -> dict[str, Any] | None:
     if raw is not None and not isinstance(raw, dict):
         raise TypeError(f"fingerprint must be an object or null, got {type(raw).__name__}")
     return raw
+
+
+def _spec_acquisition(dataset: str) -> dict[str, float]:
+    """The registered spec's acquisition facts ({} for a dataset not registered)."""
+    return dict(dataset_spec(dataset).acquisition) if dataset in dataset_names() else {}
 
 
 def _former_dataset(run_config: Mapping[str, Any], where: str) -> DatasetSpec:
@@ -177,7 +189,7 @@ def _derived(checkpoint: Mapping[str, Any], where: str) -> DataContract:
     fold = run_config.get("fold")
     return DataContract(
         spec.name, spec.input_keys[:n], spec.mask_key, window, THRESHOLD, {}, None if fold is None else int(fold),
-        None, tuple(val_cases) if isinstance(val_cases, (list, tuple)) else None, derived=True,
+        None, tuple(val_cases) if isinstance(val_cases, (list, tuple)) else None, derived=True, acquisition=dict(spec.acquisition),
     )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "npz_shapes",
     "npz_member_crcs",
     "walk_files",
+    "glob_regex",
     "glob_files",
     "save_nifti",
     "affines_match",
@@ -368,11 +369,13 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
+def glob_regex(pattern: str, capture: bool = False, ignore_case: bool = False) -> re.Pattern[str]:
     """A glob pattern (``**/`` any folders, ``*`` and ``?`` within one name, ``[...]`` sets) as a
-    regular expression matching a whole relative POSIX path."""
+    regular expression matching a whole relative POSIX path; with ``capture`` each ``*`` is a
+    group (what it matched), with ``ignore_case`` letter case is ignored."""
     parts = re.split(r"(\*\*/|\*\*|\*|\?|\[[^\]]+\])", pattern)
-    return re.compile("".join(_glob_token(part) for part in parts) + r"\Z")
+    body = "".join("([^/]*)" if capture and part == "*" else _glob_token(part) for part in parts)
+    return re.compile(body + r"\Z", re.IGNORECASE if ignore_case else 0)
 
 
 def _glob_token(part: str) -> str:
@@ -389,7 +392,7 @@ def glob_files(root: str | os.PathLike, pattern: str) -> list[Path]:
     """Files under ``root`` whose path relative to it matches the glob ``pattern`` (``**``
     spans folders), like ``Path.glob`` but following symbolic links to folders (see
     :func:`walk_files`)."""
-    regex = _glob_regex(pattern)
+    regex = glob_regex(pattern)
     root = Path(root)
     return [p for p in walk_files(root) if regex.match(p.relative_to(root).as_posix())]
 

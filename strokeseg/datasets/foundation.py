@@ -627,6 +627,7 @@ def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") ->
             within=("resolved_config", "preprocessing"),
         ),
         load_eval_case=load_foundation_case,
+        bids_suffixes=(("image", ("t1w",)), ("mask", ("mask",))),
     )
 
 

@@ -137,10 +137,11 @@ def _require(case: IslesCase, kind: str) -> Path:
 @dataclass(frozen=True)
 class IslesVolumes:
     """One case read and checked at the door: DWI and ADC on one grid, the lesion mask uint8
-    {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input)."""
+    {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input). ADC is None
+    only for prediction with a model that reads the DWI alone."""
 
     dwi: NiftiVolume
-    adc: NiftiVolume
+    adc: NiftiVolume | None
     mask: np.ndarray | None
 
 
@@ -166,14 +167,13 @@ def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], marg
 
     The volume is cropped to the DWI's non-zero box grown by ``margin`` voxels, resampled to
     ``target_shape`` (images trilinear, mask nearest) and DWI/ADC are z-scored on their non-zero
-    voxels. Raises :class:`CaseError` for an empty DWI.
+    voxels (no ``adc`` key when the case has no ADC). Raises :class:`CaseError` for an empty DWI.
     """
     dwi, adc, mask = volumes.dwi, volumes.adc, volumes.mask
     bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
-    arrays = {
-        "dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False)),
-        "adc": zscore(resample_to_shape(crop(adc.data, bbox), target_shape, is_label=False)),
-    }
+    arrays = {"dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False))}
+    if adc is not None:
+        arrays["adc"] = zscore(resample_to_shape(crop(adc.data, bbox), target_shape, is_label=False))
     if mask is not None:
         arrays["mask"] = resample_to_shape(crop(mask, bbox), target_shape, is_label=True)
         arrays["lesion_ml"] = np.float64(float(mask.sum()) * dwi.voxel_volume_ml)  # native grid
@@ -355,4 +355,8 @@ ISLES2022 = register_dataset(DatasetSpec(
     load_eval_case=load_isles_case,
     pretrained_label="BraTS",
     run_config_key="isles_dir",
+    bids_suffixes=(("dwi", ("dwi",)), ("adc", ("adc",)), ("mask", ("msk", "mask"))),
+    # The challenge's DWI is the b=1000 trace image; its ADC maps hold 10^-3 mm²/s-like values
+    # (brain median about 0.8-0.9).
+    acquisition=(("dwi_b_value", 1000.0), ("adc_unit", 1e-3)),
 ))

@@ -84,7 +84,13 @@ class DatasetSpec:
     ({} when the folder records none). load_eval_case(case_dir, case_id, input_keys): an
     :class:`EvalCase` (None: the dataset is not evaluated by ``evaluate.py``). run_config_key: the
     training script's data-folder argument that identifies the dataset in checkpoints written
-    before data contracts (None: such checkpoints name it as "dataset").
+    before data contracts (None: such checkpoints name it as "dataset"). bids_suffixes:
+    (modality key, BIDS file suffixes in lower case) pairs that name the raw files of each input
+    key and of the reference ("mask"), e.g. ("dwi", ("dwi",)): how prediction finds them and
+    tells a wrong modality. acquisition: facts about the training images that prediction
+    reproduces, recorded in every data contract (:func:`strokeseg.core.contract.build_data_contract`):
+    ``dwi_b_value`` (s/mm², the b-value of the DWI the network was trained on) and ``adc_unit``
+    (mm²/s per stored ADC unit, e.g. 1e-3).
     """
 
     name: str
@@ -102,6 +108,8 @@ class DatasetSpec:
     brain_key: str | None = None
     pretrained_label: str = "Transfer"
     run_config_key: str | None = None
+    bids_suffixes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    acquisition: tuple[tuple[str, float], ...] = ()
 
     def case_dir(self, data_dir: str | Path) -> Path:
         """The folder holding this dataset's ``<case>.npz`` under ``data_dir`` (checked to exist)."""

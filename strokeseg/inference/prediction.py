@@ -32,16 +32,8 @@ from ..core.contract import DataContract, contract_from_checkpoint, preprocessin
 from ..core.geometry import as_binary_mask, uncrop_to_native
 from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
-from ..datasets.foundation import (
-    DatasetConfig,
-    FoundationItem,
-    case_id_from_filename,
-    discover_foundation_cases,
-    normalise_foundation_case,
-    preprocessing_from_dict,
-    read_foundation_case,
-)
-from ..datasets.isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
+from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
+from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
 from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
 from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics
@@ -49,6 +41,8 @@ from ..evaluation.report import write_csv
 from . import qc
 from .html_report import save_case_overview
 from .uncertainty import STDDEV_SUFFIX, ensemble_mean, fold_probabilities, fold_review, lesion_labels
+from .diffusion import DiffusionItem, log_record, read_diffusion_case
+from .inputs import diffusion_items, t1w_items
 
 __all__ = [
     "VOLUME_COLUMNS",
@@ -71,7 +65,6 @@ __all__ = [
     "load_model_set",
     "discover_cases",
     "prepare_case",
-    "predict_native",
     "lesion_table",
     "predict_case",
     "predict_cases",
@@ -198,8 +191,11 @@ def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device
 @dataclass(frozen=True)
 class InputSpec:
     """Where the cases are: a folder (``input_dir``; T1w data also needs ``image_pattern``, a
-    glob relative to it, and optionally ``mask_pattern``), or single files (``dwi`` + ``adc``,
-    or ``image``), each with an optional reference ``mask``."""
+    glob relative to it, and optionally ``mask_pattern``), or single files (``dwi`` with an
+    optional ``adc``, or ``image``), each with an optional reference ``mask``. input_keys: the
+    model's (empty: its dataset's); modalities: ``--modality`` (key, glob) pairs; case_id: the
+    single files' case id (None: from the file name); dwi_volume: the volume of a 4-D DWI (None:
+    by b-value). See :mod:`strokeseg.inference.inputs`."""
 
     input_dir: Path | None = None
     dwi: Path | None = None
@@ -208,6 +204,10 @@ class InputSpec:
     mask: Path | None = None
     image_pattern: str | None = None
     mask_pattern: str = ""
+    input_keys: tuple[str, ...] = ()
+    modalities: tuple[tuple[str, str], ...] = ()
+    case_id: str | None = None
+    dwi_volume: int | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class PredictCase:
     the output path without suffix, relative to the output folder."""
 
     case_id: str
-    item: IslesCase | FoundationItem
+    item: DiffusionItem | FoundationItem
     source: Path | None
     out_stem: Path
 
@@ -227,28 +227,6 @@ def _strip_nii(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _isles_items(inputs: InputSpec, dataset: str) -> dict[str, IslesCase]:
-    if inputs.input_dir is not None:
-        return {case.case_id: case for case in discover_isles_cases(inputs.input_dir)}
-    if inputs.dwi is None or inputs.adc is None:
-        raise CaseError("this model reads DWI and ADC: give --input DIR or --dwi FILE --adc FILE")
-    stem = _strip_nii(inputs.dwi.name)
-    case_id = stem[:-4] if stem.lower().endswith("_dwi") and len(stem) > 4 else stem
-    return {case_id: IslesCase(case_id, inputs.dwi, inputs.adc, inputs.mask)}
-
-
-def _foundation_items(inputs: InputSpec, dataset: str) -> dict[str, FoundationItem]:
-    if inputs.input_dir is not None:
-        if not inputs.image_pattern:
-            raise CaseError(f"{inputs.input_dir}: no image pattern for {dataset}; pass --pattern GLOB (e.g. '**/*_T1w.nii.gz') or a --config naming {dataset}")
-        config = DatasetConfig(dataset, inputs.input_dir, inputs.image_pattern, inputs.mask_pattern)
-        return discover_foundation_cases(config, require_masks=False)
-    if inputs.image is None:
-        raise CaseError(f"this model reads one T1w image ({dataset}): give --input DIR or --image FILE")
-    case_id = case_id_from_filename(inputs.image.name)
-    return {case_id: FoundationItem(case_id, dataset, inputs.image, inputs.mask)}
 
 
 def _bids_folder(source: Path) -> Path | None:
@@ -291,7 +269,9 @@ class PreparedCase:
     bbox (3, 2) [start, stop) and cropped_shape: the native region that grid covers (the whole
     volume for T1w data); source: the native image (grid, affine, zooms); reference: the lesion
     mask, bool on the native grid, or None; images: modality -> the native input (X, Y, Z) on
-    the source's grid, for the overview figure (empty: the source's data)."""
+    the source's grid, for the overview figure (empty: the source's data); record: how the inputs
+    were made (4-D DWI volumes, computed or converted ADC; :mod:`strokeseg.inference.diffusion`),
+    for the mask's sidecar."""
 
     inputs: dict[str, np.ndarray]
     bbox: np.ndarray
@@ -299,16 +279,18 @@ class PreparedCase:
     source: NiftiVolume
     reference: np.ndarray | None
     images: Mapping[str, np.ndarray] = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
 
 
-def _prepare_isles(item: IslesCase, contract: DataContract) -> PreparedCase:
+def _prepare_isles(item: DiffusionItem, contract: DataContract) -> PreparedCase:
     target_shape, margin = _isles_settings(contract.preprocessing, "data contract")
-    volumes = read_isles_case(item, require_mask=False)
+    volumes, record = read_diffusion_case(item, "adc" in contract.input_keys, contract.acquisition or dict(dataset_spec(contract.dataset).acquisition))
+    log_record(item.case_id, record)
     arrays = isles_arrays(volumes, target_shape, margin)
     reference = None if volumes.mask is None else volumes.mask.astype(bool)
     inputs = {key: arrays[key] for key in contract.input_keys}
-    images = {"dwi": volumes.dwi.data, "adc": volumes.adc.data}
-    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference, images)  # type: ignore[arg-type]
+    images = {"dwi": volumes.dwi.data, **({} if volumes.adc is None else {"adc": volumes.adc.data})}
+    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference, images, record)  # type: ignore[arg-type]
 
 
 def _prepare_foundation(item: FoundationItem, contract: DataContract) -> PreparedCase:
@@ -335,8 +317,10 @@ class _RawInput:
 
 
 _RAW_INPUTS = {
-    "isles": _RawInput(_isles_settings, _isles_items, lambda item: item.dwi, _prepare_isles, lambda item: {"dwi": item.dwi, "adc": item.adc}),
-    "foundation": _RawInput(preprocessing_from_dict, _foundation_items, lambda item: item.image, _prepare_foundation, lambda item: {"image": item.image}),
+    "isles": _RawInput(_isles_settings, lambda inputs, dataset: diffusion_items(inputs, dataset_spec(dataset)), lambda item: item.dwi, _prepare_isles,
+                       lambda item: {"dwi": item.dwi, "adc": item.adc}),
+    "foundation": _RawInput(preprocessing_from_dict, lambda inputs, dataset: t1w_items(inputs, dataset_spec(dataset)), lambda item: item.image,
+                            _prepare_foundation, lambda item: {"image": item.image}),
 }
 
 
@@ -351,15 +335,6 @@ def prepare_case(case: PredictCase, contract: DataContract) -> PreparedCase:
     """Read and preprocess one case exactly as the contract's preprocessing stage does; bad input
     raises the stage's :class:`CaseError` (one line naming the file)."""
     return _raw_input(dataset_spec(contract.dataset), case.case_id).prepare(case.item, contract)
-
-
-def predict_native(prepared: PreparedCase, model_set: ModelSet, settings: InferenceSettings) -> np.ndarray:
-    """Mean foreground probability of the model set, float32 on the native grid (X, Y, Z).
-
-    The fold probabilities are summed and divided on the network grid as ``evaluate.py
-    --ensemble`` does, then mapped to the native grid (trilinear), so thresholding gives
-    evaluation's masks voxel for voxel."""
-    return _to_native(prepared, ensemble_mean(fold_probabilities(prepared.inputs, model_set.fold_models, settings)))
 
 
 def _to_native(prepared: PreparedCase, probability: np.ndarray) -> np.ndarray:
@@ -457,7 +432,7 @@ def source_images(case: PredictCase, dataset: str) -> dict[str, Path]:
 def _check_same_source(mask_path: Path, recorded: Mapping[str, Any], images: Mapping[str, Path], digests: Mapping[str, str]) -> None:
     """Refuse (:class:`CaseError` naming both files) to treat an existing mask as this case's
     unless its sidecar records the same image contents: two patients whose files give one case
-    id (``p1/dwi.nii.gz``, ``p2/dwi.nii.gz``) must never share a mask."""
+    id (``p1/case_dwi.nii.gz``, ``p2/case_dwi.nii.gz``) must never share a mask."""
     made_from = recorded.get("SourceDigests")
     if not isinstance(made_from, dict):
         raise CaseError(f"{mask_path} exists but records no digest of its source images (made by an older version), so it cannot be "
@@ -532,7 +507,7 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         title += f", Dice {info['scores']['dice']:.3f}"
     save_case_overview(options.output_dir / "overlays" / f"{case.case_id}.png", prepared.images or {"image": source.data}, source.affine, mask, prepared.reference, title)
     write_json(sidecar, {"Sources": [str(path) for path in images.values()], "SourceDigests": digests, "Model": model_set.label,
-                         "Folds": model_set.members, "SettingsId": options.settings_id, **review})
+                         "Folds": model_set.members, "SettingsId": options.settings_id, **prepared.record, **review})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 
