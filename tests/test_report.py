@@ -97,10 +97,11 @@ def test_results_markdown_names_preset_sections_failures_and_comparisons() -> No
     # 2 of 3 listed cases scored; case c0 = mean(0.4, 0.6), c1 = mean(0.6, 0.8): distinct-case std 0.1414
     assert "| a | f0–1 | 2/3 | 0.6000 ± 0.1414 |" in details and "Vol Diff (voxels)" in details
     assert "| a | DSC | 0.6000 ± 0.1414 | 0.6000 ± 0.1414 |" in text.split("## Distributions over cases")[1]
-    # volumes 2 + c + d per case over 2.0 + c: bias = mean Dice over cases 0.6, sd 0.1414
-    assert "| a | 2 | 0.60 | [0.32, 0.88] |" in text.split("## Volume agreement")[1]
-    # c0 (2 ml, detected under neither fold... Dice 0.4 and 0.6) and c1 (3 ml, 0.6 and 0.8): 3 of 4 detections
-    assert "| a | n/a (0/0) | 0.750 (3/4) | n/a (0/0) | 0.50 |" in text.split("## Lesion detection")[1]
+    # volumes 2 + c + d per case over 2.0 + c: bias = mean Dice over cases 0.6; 2 cases: no limits, ICC, r
+    assert "| a | 2 | 0.60 | n/a (n < 5) | n/a (n < 5) | n/a (n < 5) | n/a (n < 5) |" in text.split("## Volume agreement")[1]
+    # c0 (2 ml; Dice 0.4 and 0.6: detected by 1 of 2 folds, share 0.5) and c1 (3 ml; 0.6 and 0.8: share 1):
+    # 1.5 of 2 lesions; resampling the 2 cases gives 0.5, 0.75 or 1
+    assert "| a | n/a [n/a, n/a] (0/0) | 0.750 [0.500, 1.000] (1.5/2) | n/a [n/a, n/a] (0/0) | 0.50 |" in text.split("## Lesion detection")[1]
 
 
 def test_write_csv_round_trip(tmp_path: Path) -> None:

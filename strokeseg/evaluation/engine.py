@@ -513,7 +513,8 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     "per_case" (metric -> case id -> value, for paired tests), "volumes_ml" ({"pred", "ref"}:
     case id -> lesion volume), "volume_agreement" (:func:`strokeseg.evaluation.statistics.volume_agreement`
     of the two) and "detection"
-    (:func:`strokeseg.evaluation.statistics.detection`; lesions pooled over the scoring models).
+    (:func:`strokeseg.evaluation.statistics.detection`: each lesion once, with the share of the
+    scoring models detecting it; bootstrap CI over cases).
     Raises ValueError without fold rows.
     """
     fold_rows = [row for row in rows if row["fold"] != "ensemble"]
@@ -529,7 +530,7 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
         "per_case_source": "ensemble" if ensemble_rows else "mean over fold models",
         "volumes_ml": volumes,
         "volume_agreement": volume_agreement(volumes["pred"], volumes["ref"]),
-        "detection": detection(lesion_rows(source), case_values(source, "fp_lesions")),
+        "detection": detection(lesion_rows(source), case_values(source, "fp_lesions"), n_bootstrap, seed),
     }
 
 

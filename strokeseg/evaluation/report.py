@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from ..core.io import atomic_path
 from ..datasets.registry import dataset_spec
 from .metrics import METRICS, PRESETS
+from .statistics import DETECTION_RULE, MIN_CASES
 
 __all__ = [
     "PNG_MODES",
@@ -203,23 +204,28 @@ def distribution_table(runs: Sequence[Mapping], metrics: Sequence[str]) -> str:
 
 def agreement_table(runs: Sequence[Mapping]) -> str:
     """Per run: predicted vs reference lesion volume (ml) over distinct cases: Bland-Altman bias
-    and 95 % limits of agreement, ICC(3,1), Pearson and Spearman r."""
+    and 95 % limits of agreement, ICC(3,1), Pearson and Spearman r; the last four read
+    "n/a (n < 5)" below :data:`strokeseg.evaluation.statistics.MIN_CASES` cases."""
     header = ["Run", "Cases", "Bias (ml)", "95 % LoA (ml)", "ICC(3,1)", "Pearson r", "Spearman r"]
     rows = []
     for run in runs:
         a = run["volume_agreement"]
+        if a["n"] < MIN_CASES:
+            rows.append([run["label"], str(a["n"]), _num(a["bias_ml"], 2), *[f"n/a (n < {MIN_CASES})"] * 4])
+            continue
         rows.append([run["label"], str(a["n"]), _num(a["bias_ml"], 2), _pair(a["loa_ml"], 2), _num(a["icc_3_1"], 3), _num(a["pearson_r"], 3), _num(a["spearman_r"], 3)])
     return markdown_table(header, rows)
 
 
 def detection_table(runs: Sequence[Mapping]) -> str:
-    """Per run: detection sensitivity per reference-lesion volume bin ("sensitivity (detected/n)")
-    and false-positive lesions per case."""
+    """Per run: detection sensitivity per reference-lesion volume bin ("sensitivity [95 % CI]
+    (detected/n lesions)", detected a sum of per-lesion shares over the scoring models) and
+    false-positive lesions per case."""
     names = [b["bin"] for b in runs[0]["detection"]["bins"]] if runs else []
     rows = []
     for run in runs:
         found = run["detection"]
-        cells = [f"{_num(b['sensitivity'], 3)} ({b['detected']}/{b['n']})" for b in found["bins"]]
+        cells = [f"{_num(b['sensitivity'], 3)} {_pair(b['ci95'], 3)} ({b['detected']:.4g}/{b['n']})" for b in found["bins"]]
         rows.append([run["label"], *cells, _num(found["fp_lesions_per_case"], 2)])
     return markdown_table(["Run", *(f"Sensitivity {n}" for n in names), "FP lesions / case"], rows)
 
@@ -282,12 +288,13 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         agreement_table(runs),
         "Per distinct case (the ensemble's volume, else the mean over fold models). Bias: mean of "
         "predicted − reference; LoA: bias ± 1.96 sample std of the differences; ICC(3,1): two-way "
-        "mixed, consistency, single rater (Shrout & Fleiss 1979). Bland-Altman plots: figures/bland_altman/<run>.png.",
+        f"mixed, consistency, single rater (Shrout & Fleiss 1979); LoA, ICC and correlations need at least {MIN_CASES} cases. "
+        "Bland-Altman plots: figures/bland_altman/<run>.png.",
         "## Lesion detection",
         detection_table(runs),
-        "Reference lesions binned by volume, pooled over the scoring models (the ensemble when "
-        "present); FP lesions: predicted components not matched to a reference lesion, mean per case. "
-        "Per lesion: lesions.csv.",
+        f"Reference lesions binned by volume, each lesion once; the scoring models are the ensemble when present, "
+        f"else the fold models (and seeds): {DETECTION_RULE}. (detected/n): the sum of the shares / the lesions. "
+        "FP lesions: predicted components not matched to a reference lesion, mean per case. Per lesion and model: lesions.csv.",
     ]
     if comparisons:
         parts += ["## Paired comparisons", comparison_table(comparisons),
