@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ensemble", action="store_true", help="also score the fold ensemble (mean of the fold models' probabilities per case; test split only)")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired comparison of two runs on every metric of the preset's tables over the cases both scored (per case: the ensemble with --ensemble, else the mean over fold models and seeds): mean difference A - B with bootstrap 95%% CI, Wilcoxon signed-rank p, Holm-adjusted p over all comparisons; repeatable")
     parser.add_argument("--compare-all", action="store_true", help="compare every pair of runs (in --run order)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="metrics preset (default: the dataset's; isles24: lesions count only when matched one-to-one at IoU >= 0.5)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=f"metrics preset (default: the dataset's); isles24: the ISLES'24 organisers' current evaluation, a lesion counts only when matched one-to-one at IoU >= {PRESETS['isles24'].match_iou} (their rule since 2025-12-16); isles24_2024: their 2024 rule, IoU >= {PRESETS['isles24_2024'].match_iou}")
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
     parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"ERROR {err}")
         return 1
     preset = ev.preset_record(args.preset)
-    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
+    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity, lesion match {'IoU >= ' + str(preset['match_iou']) if preset['match_iou'] else 'any overlap'}); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
 
     results, rows, summaries = [], [], {}
     for label, seeds in runs.items():

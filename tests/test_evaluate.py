@@ -475,9 +475,10 @@ def test_seeds_of_one_arm_and_the_isles24_preset(isles_eval: Path, tmp_path: Pat
     assert evaluate.main(argv) == 0
     rows = _csv(out / "per_case.csv")
     assert sorted({(r["seed"], r["fold"]) for r in rows}) == [("0", "fold_0"), ("0", "fold_1"), ("1", "fold_0"), ("1", "fold_1")]
-    assert {r["preset"] for r in rows} == {"isles24"}
+    assert {(r["preset"], r["match_iou"]) for r in rows} == {("isles24", "0.2")}  # the organisers' rule since 2025-12-16
     summary = read_json(out / "summary.json")
-    assert summary["preset"]["match_iou"] == 0.5
+    assert summary["preset"]["match_iou"] == 0.2
+    assert "matched one-to-one at IoU >= 0.2" in (out / "results.md").read_text()
     run = summary["runs"]["arm"]
     assert run["n_seeds"] == 2 and sorted(run["checkpoints"]) == ["seed_0/fold_0", "seed_0/fold_1", "seed_1/fold_0", "seed_1/fold_1"]
     dice = run["fold_summary"]["metrics"]["dice"]
