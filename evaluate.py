@@ -31,7 +31,7 @@ from strokeseg.inference.sliding_window import PRECISIONS
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 # Arguments that do not change an evaluation's results ("runs" is parsed from --run).
-RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs")
+RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs", "no_brain_crop")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--precision", choices=PRECISIONS, help="network arithmetic: fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU runs it natively); default fp32 on the CPU (reproducible), auto on CUDA")
-    parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume datasets, ATLAS/UOA: only over the box of the brain's non-zero voxels, the rest is background)")
+    crop = parser.add_mutually_exclusive_group()
+    crop.add_argument("--brain-crop", action="store_true", help="whole-volume datasets (ATLAS/UOA): run the windows only over the box of the brain's non-zero voxels, the rest predicted background, so false positives outside the box are never counted (faster; predict.py's default). Default: the whole volume, every voxel scored")
+    crop.add_argument("--no-brain-crop", action="store_true", help="accepted for old commands and does nothing: the whole volume is the default")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it when its arguments match, else stop with an error; a failed one is redone)")
@@ -85,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--window takes 1 or 3 positive sizes in voxels, got {args.window}")
     if not 0 <= args.overlap < 1 or args.sw_batch_size < 1 or args.bootstrap < 1:
         parser.error("need 0 <= --overlap < 1, --sw-batch-size >= 1 and --bootstrap >= 1")
+    if args.brain_crop and not dataset_spec(args.dataset).whole_brain:
+        parser.error(f"--brain-crop: {args.dataset} is not a whole-volume dataset (its network input is the preprocessing crop already)")
     if args.ensemble and args.split != "test":
         parser.error("--ensemble needs --split test (each validation case belongs to one fold)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     spec = dataset_spec(args.dataset)
-    brain_crop = spec.whole_brain and not args.no_brain_crop
+    brain_crop = spec.whole_brain and args.brain_crop
     settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
     args.preset = args.preset or spec.preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
     report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
-    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
+    scoring = report.scoring_record(spec.whole_brain, brain_crop)
+    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"
     text += ev.unfinished_notes(summaries)
     write_text(args.output_dir / "results.md", text)
     print(text, flush=True)
@@ -234,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": args.split,
         "splits_file": str(splits_file),
         "preset": preset,
+        "scoring": scoring,
         "table_values": "mean ± sample std (ddof=1) across the per-fold means",
         "runs": summaries,
         "compare": comparisons,

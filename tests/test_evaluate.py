@@ -31,10 +31,15 @@ SUB = "sub-strokecase0009"
 ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
 
 
-def _checkpoint(path: Path, model_config: dict, run_config: dict | None, seed: int = 0, **extra: object) -> Path:
-    """An untrained checkpoint laid out as the trainer writes it (config = its run arguments)."""
+def _checkpoint(path: Path, model_config: dict, run_config: dict | None, seed: int = 0, head_bias: tuple[float, float] | None = None, **extra: object) -> Path:
+    """An untrained checkpoint laid out as the trainer writes it (config = its run arguments).
+    head_bias: (background, lesion) logits added by the output layer, so the foreground
+    probability leans (or, with head weights zeroed too, is fixed) as wanted."""
     torch.manual_seed(seed)
     model = models.build_model(model_config)
+    if head_bias is not None:
+        with torch.no_grad():
+            model.decoders[0].head.bias.copy_(torch.tensor(head_bias))
     models.save_checkpoint(path, model, model_config, **({"config": run_config} if run_config is not None else {}), **extra)
     return path
 
@@ -233,6 +238,52 @@ def test_val_split_scores_each_fold_on_its_own_cases(atlas_base: Path, tmp_path:
     rows = _csv(out / "per_case.csv")
     assert sorted(r["case_id"] for r in rows) == sorted(splits["fold_3"]["ATLAS"]["val"])
     assert {(r["run"], r["fold"]) for r in rows} == {("model", "fold_3")}
+
+
+def _padded_atlas(atlas_base: Path, out: Path, margin: int) -> Path:
+    """A copy of the preprocessed ATLAS folder whose volumes have ``margin`` zero voxels added on
+    every side: background outside the brain's box, as a skull-stripped T1w in its field of view."""
+    shutil.copytree(atlas_base / "ATLAS", out)
+    for npz in sorted(out.glob("*.npz")):
+        arrays = {key: np.pad(value, margin) for key, value in load_npz(npz).items()}
+        save_npz(npz, arrays)
+        meta = read_json(npz.with_name(f"{npz.stem}_metadata.json"))
+        write_json(npz.with_name(f"{npz.stem}_metadata.json"), {**meta, "shape": list(arrays["lesion_mask"].shape)})
+    return out
+
+
+def test_whole_volume_is_scored_by_default_and_the_brain_crop_is_opt_in(atlas_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _padded_atlas(atlas_base, tmp_path / "ATLAS", 32)
+    splits = read_json(data / "ATLAS_splits_5fold.json")
+    run = tmp_path / "run"
+    _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 32},
+                val_cases=splits["fold_0"]["ATLAS"]["val"])
+    # a network that calls every voxel it is shown lesion
+    monkeypatch.setattr(ev, "sliding_window_inference", lambda region, *a, **k: np.ones(region.shape[1:], np.float32))
+    base = ["--dataset", "ATLAS", "--data-dir", str(data), "--run", f"all={run}", "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "crop"), "--brain-crop"]) == 0
+    whole, crop = (_csv(tmp_path / name / "per_case.csv") for name in ("whole", "crop"))
+    assert whole and [row["case_id"] for row in whole] == [row["case_id"] for row in crop]
+    for row, cropped in zip(whole, crop):
+        mask = load_npz(data / f"{row['case_id']}.npz", keys=("lesion_mask",))["lesion_mask"]
+        ref, size = int(np.count_nonzero(mask)), mask.size
+        # every voxel predicted: the false positives outside the brain's box count (as in training's model selection)
+        assert int(row["pred_voxels"]) == size and float(row["dice"]) == pytest.approx(2 * ref / (size + ref), abs=1e-12)
+        assert int(cropped["pred_voxels"]) < size and (ref == 0 or float(cropped["dice"]) > float(row["dice"]))
+    assert "Whole-volume scoring: the network ran over the whole volume" in (tmp_path / "whole" / "results.md").read_text()
+    assert "Brain-box inference (--brain-crop)" in (tmp_path / "crop" / "results.md").read_text()
+    assert read_json(tmp_path / "whole" / "summary.json")["scoring"]["inference_region"] == "whole volume"
+    assert read_json(tmp_path / "crop" / "summary.json")["scoring"]["inference_region"] == "brain box"
+    written = sorted((tmp_path / "whole").rglob("*.json"))
+    # one fold: its std across folds is undefined (NaN in memory), written as null
+    assert read_json(tmp_path / "whole" / "summary.json")["runs"]["all"]["fold_summary"]["metrics"]["dice"]["fold_std"] is None
+    for path in written:  # strict JSON: no bare NaN/Infinity
+        json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path}: bare {name}"))
+    # --no-brain-crop (old commands) is accepted and changes nothing: the finished evaluation is reused
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "whole"), "--no-brain-crop"]) == 0
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*base, "--output-dir", str(tmp_path / "x"), "--brain-crop", "--no-brain-crop"])
 
 
 # --------------------------------------------------------------------------- bad input

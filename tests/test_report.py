@@ -87,8 +87,10 @@ def test_results_markdown_names_preset_sections_failures_and_comparisons() -> No
     test = {"n": 6, "mean_difference": 0.05, "ci95": [-0.01, 0.1], "median_difference": 0.04, "p_value": 0.03125, "p_holm": 0.0625}
     comparisons = [{"a": "a", "b": "b", "per_case": "ensemble", "metrics": {"dice": test}}, {"a": "a", "b": "c", "error": "too few cases"}]
     preset = {"name": "atlas22", "connectivity": 6, "volume_unit": "voxels", "match_iou": None}
-    text = report.results_markdown("ATLAS", [run], preset, comparisons, "test")
-    assert "6-connected components (preset atlas22" in text
+    text = report.results_markdown("ATLAS", [run], preset, comparisons, "test", report.scoring_record(True, False))
+    assert "6-connected components (preset atlas22" in text and "Whole-volume scoring: the network ran over the whole volume" in text
+    cropped = report.results_markdown("ATLAS", [run], preset, comparisons, "test", report.scoring_record(True, True))
+    assert "Whole-volume scoring" not in cropped and "Brain-box inference (--brain-crop)" in cropped
     table, rest = text.split("Failed cases (not scored):\n- a/c9: c9.npz does not exist\n")
     assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in table
     assert "| a − b | DSC (higher is better) | 6 | +0.05000 [-0.01000, 0.10000] | +0.04000 | 0.03125 | 0.0625 |" in text

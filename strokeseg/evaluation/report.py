@@ -38,6 +38,7 @@ __all__ = [
     "detection_table",
     "comparison_table",
     "save_bland_altman",
+    "scoring_record",
     "results_markdown",
     "write_csv",
     "select_for_figures",
@@ -256,12 +257,25 @@ def _p(value: float | None) -> str:
 _TABLE_LAYOUTS = {"strategy": lambda name, runs: isles_table(runs), "dataset": atlas_table}
 
 
-def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str) -> str:
+def scoring_record(whole_brain: bool, brain_crop: bool) -> dict:
+    """Where the network ran and what was scored, for summary.json and results.md:
+    {"inference_region": "whole volume" | "brain box" | "preprocessing crop", "note": a sentence}.
+    whole_brain: the dataset spec's (whole-volume inputs, ATLAS/UOA); brain_crop: evaluate.py's --brain-crop."""
+    if not whole_brain:
+        return {"inference_region": "preprocessing crop", "note": "The network ran on the preprocessing crop; its probabilities are "
+                "resampled onto the native grid, where the whole volume is scored (outside the crop: background)."}
+    if brain_crop:
+        return {"inference_region": "brain box", "note": "Brain-box inference (--brain-crop): the network ran only over the box of the "
+                "brain's non-zero voxels, the rest predicted background, so false positives outside the box cannot occur; the whole volume is scored."}
+    return {"inference_region": "whole volume", "note": "Whole-volume scoring: the network ran over the whole volume and every voxel is scored."}
+
+
+def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str, scoring: Mapping) -> str:
     """The whole ``results.md``: the paper-layout table with failed cases under it, details,
     distributions, volume agreement, lesion detection, comparisons; each with its definition.
 
     preset: :func:`strokeseg.evaluation.engine.preset_record`; comparisons: from
-    :func:`strokeseg.evaluation.engine.compare_runs`.
+    :func:`strokeseg.evaluation.engine.compare_runs`; scoring: :func:`scoring_record`.
     """
     spec = dataset_spec(dataset)
     name = spec.display_name
@@ -273,7 +287,7 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         table,
         failed_cases(runs),
         "Values: mean ± sample std (ddof=1) across the per-fold means (each fold's model scored on "
-        f"the {split} cases), the paper's convention. Whole-volume scoring; lesions are "
+        f"the {split} cases), the paper's convention. {scoring['note']} Lesions are "
         f"{preset['connectivity']}-connected components (preset {preset['name']}; a reference lesion counts as detected when {match}).",
         "## Details",
         details_table(runs, metrics),
