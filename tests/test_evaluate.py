@@ -286,6 +286,17 @@ def test_whole_volume_is_scored_by_default_and_the_brain_crop_is_opt_in(atlas_ba
         evaluate.parse_args([*base, "--output-dir", str(tmp_path / "x"), "--brain-crop", "--no-brain-crop"])
 
 
+def test_a_comparison_that_cannot_be_computed_is_a_warning_not_a_failure(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, out, argv = _isles_setup(isles_eval, tmp_path, 2, [("a", "dwi_only", 0), ("b", "dwi_only", 10)],
+                                "--compare", "a", "b", "--png", "none", "--bootstrap", "20")
+    assert evaluate.main(argv) == 0  # every table was written; only the comparison needs 5 cases
+    stdout = capsys.readouterr().out
+    assert "WARNING compare a vs b: not computed (a paired comparison needs at least 5 cases present in both, got 2" in stdout
+    assert "- WARNING a vs b: not computed (a paired comparison needs at least 5 cases" in (out / "results.md").read_text()
+    assert "error" in read_json(out / "summary.json")["compare"][0]
+    assert evaluate.main(argv) == 0 and "already holds this evaluation, finished" in capsys.readouterr().out  # not a failure to redo
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -94,7 +94,7 @@ def test_results_markdown_names_preset_sections_failures_and_comparisons() -> No
     table, rest = text.split("Failed cases (not scored):\n- a/c9: c9.npz does not exist\n")
     assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in table
     assert "| a − b | DSC (higher is better) | 6 | +0.05000 [-0.01000, 0.10000] | +0.04000 | 0.03125 | 0.0625 |" in text
-    assert "- a vs c: not computed (too few cases)" in text
+    assert "- WARNING a vs c: not computed (too few cases)" in text
     details = rest.split("## Details")[1]
     # 2 of 3 listed cases scored; case c0 = mean(0.4, 0.6), c1 = mean(0.6, 0.8): distinct-case std 0.1414
     assert "| a | f0–1 | 2/3 | 0.6000 ± 0.1414 |" in details and "Vol Diff (voxels)" in details

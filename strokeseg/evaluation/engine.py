@@ -574,11 +574,11 @@ def unfinished_notes(summaries: Mapping[str, Mapping]) -> str:
 
 def evaluation_problems(summary: Mapping) -> list[str]:
     """What makes a finished evaluation's summary.json a failure to redo: failed cases, runs
-    that could not be summarised, failed comparisons, folds scored before training finished."""
+    that could not be summarised, folds scored before training finished. (A comparison that
+    could not be computed is a warning: the same data gives the same answer.)"""
     runs = summary.get("runs", {})
     problems = [f"{summary['n_failed']} failed case(s)"] if summary.get("n_failed") else []
     problems += [f"run {label}: {run['error']}" for label, run in runs.items() if "error" in run]
-    problems += [f"compare {comp.get('a')} vs {comp.get('b')}: {comp['error']}" for comp in summary.get("compare", []) if "error" in comp]
     problems += [f"run {label} {fold}: {state}" for label, run in runs.items() for fold, state in run.get("unfinished", {}).items()]
     return problems
 

@@ -237,7 +237,7 @@ def comparison_table(comparisons: Sequence[Mapping]) -> str:
     rows, notes = [], []
     for comp in comparisons:
         if "error" in comp:
-            notes.append(f"- {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
+            notes.append(f"- WARNING {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
             continue
         for metric, test in comp["metrics"].items():
             d = METRICS[metric].decimals + 1
