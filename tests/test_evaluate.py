@@ -25,6 +25,7 @@ from strokeseg.datasets.isles import load_isles_case
 from strokeseg.evaluation import engine as ev
 from strokeseg.evaluation.engine import score_probability
 from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.evaluation.metrics import dice as metrics_dice
 from strokeseg.evaluation.statistics import holm
 
 SUB = "sub-strokecase0009"
@@ -295,6 +296,41 @@ def test_a_comparison_that_cannot_be_computed_is_a_warning_not_a_failure(isles_e
     assert "- WARNING a vs b: not computed (a paired comparison needs at least 5 cases" in (out / "results.md").read_text()
     assert "error" in read_json(out / "summary.json")["compare"][0]
     assert evaluate.main(argv) == 0 and "already holds this evaluation, finished" in capsys.readouterr().out  # not a failure to redo
+
+
+def test_the_ensemble_thresholds_the_mean_of_the_fold_models_probabilities(atlas_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = read_json(atlas_base / "ATLAS" / "ATLAS_splits_5fold.json")
+    run = tmp_path / "run"
+    for fold in (0, 1):  # the output bias tells the stand-in inference below which fold's network it runs
+        _checkpoint(run / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "ATLAS", "fold": fold, "patch_size": 32},
+                    head_bias=(0.0, float(fold)), val_cases=splits[f"fold_{fold}"]["ATLAS"]["val"])
+
+    def ramp(shape: tuple[int, ...], axis: int) -> np.ndarray:
+        """0 to 1 along ``axis``: fold 0's probability rises along X, fold 1's along Y."""
+        line = np.linspace(0.0, 1.0, shape[axis], dtype=np.float32)
+        return np.broadcast_to(np.expand_dims(line, [a for a in range(3) if a != axis]), shape).copy()
+
+    def fold_output(region: np.ndarray, predictor: object, *args: object, **kwargs: object) -> np.ndarray:
+        fold = int(predictor.args[0].decoders[0].head.bias[1].item())
+        return ramp(region.shape[1:], fold)
+
+    monkeypatch.setattr(ev, "sliding_window_inference", fold_output)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--run", f"r={run}", "--ensemble", "--save-nifti", "--png", "none",
+            "--bootstrap", "20", "--output-dir", str(out)]
+    assert evaluate.main(argv) == 0
+    rows = {(r["fold"], r["case_id"]): r for r in _csv(out / "per_case.csv")}
+    for case_id in splits["fold_0"]["ATLAS"]["test"]:
+        ref = load_npz(atlas_base / "ATLAS" / f"{case_id}.npz", keys=("lesion_mask",))["lesion_mask"].astype(bool)
+        folds = [ramp(ref.shape, 0), ramp(ref.shape, 1)]
+        expected = (folds[0] + folds[1]) / 2 >= 0.5  # by hand: x + y >= 1 in ramp units
+        assert not np.array_equal(expected, folds[0] >= 0.5) and not np.array_equal(expected, folds[1] >= 0.5)
+        saved = np.asarray(nib.load(str(out / "predictions" / "r" / "ensemble" / f"{case_id}.nii.gz")).dataobj).astype(bool)
+        np.testing.assert_array_equal(saved, expected)
+        row = rows[("ensemble", case_id)]
+        assert int(row["pred_voxels"]) == int(expected.sum())
+        assert float(row["dice"]) == pytest.approx(metrics_dice(expected, ref), abs=1e-12)
+        assert int(rows[("fold_0", case_id)]["pred_voxels"]) == int((folds[0] >= 0.5).sum())
 
 
 # --------------------------------------------------------------------------- bad input
