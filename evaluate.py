@@ -34,7 +34,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs", "no_brain_crop")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """evaluate.py's command line (checked further by :func:`parse_args`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluable = [name for name in dataset_names() if dataset_spec(name).load_eval_case is not None]
     parser.add_argument("--dataset", required=True, choices=evaluable, help="a registered dataset; it sets the metrics preset: ISLES2022 (isles22: 26-connectivity, ml), ATLAS or UOA_Private (atlas22: 6-connectivity, voxels); must be the checkpoints' (their data contract)")
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it when its arguments match, else stop with an error; a failed one is redone)")
     parser.add_argument("--allow-unfinished", action="store_true", help="exit 0 although a fold's training stopped before its last epoch (it is scored and marked 'unfinished (epoch k of N)' either way)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.checkpoints):
         parser.error("give either --run LABEL=RUN_DIR (repeatable) or --checkpoints PATH...")
@@ -187,6 +193,18 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
     return ev.file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
 
 
+def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:
+    """per_case.csv, lesions.csv and results.md (printed too) in ``--output-dir``; preset:
+    :func:`strokeseg.evaluation.engine.preset_record`; scoring: :func:`strokeseg.evaluation.report.scoring_record`."""
+    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
+    good = [summary for summary in summaries.values() if "error" not in summary]
+    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"
+    text += ev.unfinished_notes(summaries)
+    write_text(args.output_dir / "results.md", text)
+    print(text, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
@@ -230,14 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     status = max(report_unfinished(runs, args.allow_unfinished), int(any("error" in summary for summary in summaries.values())))
 
     comparisons = compare_arms(args, summaries)
-    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
-    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
-    good = [summary for summary in summaries.values() if "error" not in summary]
     scoring = report.scoring_record(spec.whole_brain, brain_crop)
-    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"
-    text += ev.unfinished_notes(summaries)
-    write_text(args.output_dir / "results.md", text)
-    print(text, flush=True)
+    write_tables(args, rows, summaries, preset, comparisons, scoring)
     extra = {
         "dataset": args.dataset,
         "split": args.split,
