@@ -31,10 +31,11 @@ from strokeseg.inference.sliding_window import PRECISIONS
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 # Arguments that do not change an evaluation's results ("runs" is parsed from --run).
-RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs")
+RESULT_FREE = ("output_dir", "device", "overwrite", "sw_batch_size", "allow_unfinished", "runs", "no_brain_crop")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """evaluate.py's command line (checked further by :func:`parse_args`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluable = [name for name in dataset_names() if dataset_spec(name).load_eval_case is not None]
     parser.add_argument("--dataset", required=True, choices=evaluable, help="a registered dataset; it sets the metrics preset: ISLES2022 (isles22: 26-connectivity, ml), ATLAS or UOA_Private (atlas22: 6-connectivity, voxels); must be the checkpoints' (their data contract)")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ensemble", action="store_true", help="also score the fold ensemble (mean of the fold models' probabilities per case; test split only)")
     parser.add_argument("--compare", nargs=2, action="append", default=[], metavar=("LABEL_A", "LABEL_B"), help="paired comparison of two runs on every metric of the preset's tables over the cases both scored (per case: the ensemble with --ensemble, else the mean over fold models and seeds): mean difference A - B with bootstrap 95%% CI, Wilcoxon signed-rank p, Holm-adjusted p over all comparisons; repeatable")
     parser.add_argument("--compare-all", action="store_true", help="compare every pair of runs (in --run order)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="metrics preset (default: the dataset's; isles24: lesions count only when matched one-to-one at IoU >= 0.5)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=f"metrics preset (default: the dataset's); isles24: the ISLES'24 organisers' current evaluation, a lesion counts only when matched one-to-one at IoU >= {PRESETS['isles24'].match_iou} (their rule since 2025-12-16); isles24_2024: their 2024 rule, IoU >= {PRESETS['isles24_2024'].match_iou}")
     parser.add_argument("--save-nifti", action="store_true", help="write every prediction as a uint8 NIfTI on the scoring grid (ISLES: native grid)")
     parser.add_argument("--png", choices=report.PNG_MODES, default="best-median-worst", help="axial-slice figures per run (default best-median-worst by Dice)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available); CUDA runs under autocast")
@@ -59,11 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--precision", choices=PRECISIONS, help="network arithmetic: fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU runs it natively); default fp32 on the CPU (reproducible), auto on CUDA")
-    parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume datasets, ATLAS/UOA: only over the box of the brain's non-zero voxels, the rest is background)")
+    crop = parser.add_mutually_exclusive_group()
+    crop.add_argument("--brain-crop", action="store_true", help="whole-volume datasets (ATLAS/UOA): run the windows only over the box of the brain's non-zero voxels, the rest predicted background, so false positives outside the box are never counted (faster; predict.py's default). Default: the whole volume, every voxel scored")
+    crop.add_argument("--no-brain-crop", action="store_true", help="accepted for old commands and does nothing: the whole volume is the default")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it when its arguments match, else stop with an error; a failed one is redone)")
     parser.add_argument("--allow-unfinished", action="store_true", help="exit 0 although a fold's training stopped before its last epoch (it is scored and marked 'unfinished (epoch k of N)' either way)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.run) == bool(args.checkpoints):
         parser.error("give either --run LABEL=RUN_DIR (repeatable) or --checkpoints PATH...")
@@ -85,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--window takes 1 or 3 positive sizes in voxels, got {args.window}")
     if not 0 <= args.overlap < 1 or args.sw_batch_size < 1 or args.bootstrap < 1:
         parser.error("need 0 <= --overlap < 1, --sw-batch-size >= 1 and --bootstrap >= 1")
+    if args.brain_crop and not dataset_spec(args.dataset).whole_brain:
+        parser.error(f"--brain-crop: {args.dataset} is not a whole-volume dataset (its network input is the preprocessing crop already)")
     if args.ensemble and args.split != "test":
         parser.error("--ensemble needs --split test (each validation case belongs to one fold)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -157,12 +167,17 @@ def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict],
 
 
 def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[dict]:
-    """The --compare pairs on every metric (:func:`strokeseg.evaluation.engine.compare_runs`), one log line each."""
+    """The --compare pairs on every metric (:func:`strokeseg.evaluation.engine.compare_runs`), one
+    log line each; one that cannot be computed (fewer than 5 paired cases, a run without scores)
+    is a WARNING, not a failure: results.md notes it."""
     comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].table_metrics, args.bootstrap, args.seed)
     for comp in comparisons:
-        dice = comp.get("metrics", {}).get("dice")
-        outcome = comp.get("error") or f"n = {dice['n']}, Dice difference {dice['mean_difference']:+.4f}, p = {dice['p_value']}, Holm p = {dice['p_holm']}"
-        get_logger().info(f"compare {comp['a']} vs {comp['b']} ({comp['per_case']}): {outcome}")
+        if "error" in comp:
+            get_logger().info(f"WARNING compare {comp['a']} vs {comp['b']}: not computed ({comp['error']}); noted in results.md")
+            continue
+        dice = comp["metrics"]["dice"]
+        get_logger().info(f"compare {comp['a']} vs {comp['b']} ({comp['per_case']}): n = {dice['n']}, Dice difference {dice['mean_difference']:+.4f}, "
+                          f"p = {dice['p_value']}, Holm p = {dice['p_holm']}")
     return comparisons
 
 
@@ -176,6 +191,18 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
     else:
         checkpoints = [path for dirs in args.runs.values() for d in dirs for path in ev.discover_checkpoints(d, args.folds, args.checkpoint_name).values()]
     return ev.file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
+
+
+def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:
+    """per_case.csv, lesions.csv and results.md (printed too) in ``--output-dir``; preset:
+    :func:`strokeseg.evaluation.engine.preset_record`; scoring: :func:`strokeseg.evaluation.report.scoring_record`."""
+    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
+    good = [summary for summary in summaries.values() if "error" not in summary]
+    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"
+    text += ev.unfinished_notes(summaries)
+    write_text(args.output_dir / "results.md", text)
+    print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     spec = dataset_spec(args.dataset)
-    brain_crop = spec.whole_brain and not args.no_brain_crop
+    brain_crop = spec.whole_brain and args.brain_crop
     settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
     args.preset = args.preset or spec.preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"ERROR {err}")
         return 1
     preset = ev.preset_record(args.preset)
-    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
+    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity, lesion match {'IoU >= ' + str(preset['match_iou']) if preset['match_iou'] else 'any overlap'}); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
 
     results, rows, summaries = [], [], {}
     for label, seeds in runs.items():
@@ -221,19 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     status = max(report_unfinished(runs, args.allow_unfinished), int(any("error" in summary for summary in summaries.values())))
 
     comparisons = compare_arms(args, summaries)
-    status = max(status, int(any("error" in comp for comp in comparisons)))
-    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
-    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
-    good = [summary for summary in summaries.values() if "error" not in summary]
-    text = report.results_markdown(args.dataset, good, preset, comparisons, args.split) if good else "no run could be summarised\n"
-    text += ev.unfinished_notes(summaries)
-    write_text(args.output_dir / "results.md", text)
-    print(text, flush=True)
+    scoring = report.scoring_record(spec.whole_brain, brain_crop)
+    write_tables(args, rows, summaries, preset, comparisons, scoring)
     extra = {
         "dataset": args.dataset,
         "split": args.split,
         "splits_file": str(splits_file),
         "preset": preset,
+        "scoring": scoring,
         "table_values": "mean ± sample std (ddof=1) across the per-fold means",
         "runs": summaries,
         "compare": comparisons,

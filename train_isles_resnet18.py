@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: ResNet-18 encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
     training.add_transfer_scope_argument(parser)
+    training.add_fold_mismatch_argument(parser)
     parser.add_argument("--patches-per-volume", type=int, default=1, help="samples per volume per epoch (default 1)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of lesion-centred samples when --patch-size < volume (default 0.67; rest random)")
     training.add_model_arguments(parser, "resnet18", ("resnet18",))
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
     model_config = training.model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})
-    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test)) if args.pretrain_ckpt else training.InitSpec(args.init)
+    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test), args.fold, args.allow_fold_mismatch) if args.pretrain_ckpt else training.InitSpec(args.init)
     contract = build_data_contract(spec.name, args.isles_dir, keys, args.patch_size, args.fold, split.train, split.val)
     return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 

@@ -25,16 +25,22 @@ from strokeseg.datasets.isles import load_isles_case
 from strokeseg.evaluation import engine as ev
 from strokeseg.evaluation.engine import score_probability
 from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.evaluation.metrics import dice as metrics_dice
 from strokeseg.evaluation.statistics import holm
 
 SUB = "sub-strokecase0009"
 ISLES_SHAPE = 24  # preprocessed synthetic ISLES grid (voxels per axis)
 
 
-def _checkpoint(path: Path, model_config: dict, run_config: dict | None, seed: int = 0, **extra: object) -> Path:
-    """An untrained checkpoint laid out as the trainer writes it (config = its run arguments)."""
+def _checkpoint(path: Path, model_config: dict, run_config: dict | None, seed: int = 0, head_bias: tuple[float, float] | None = None, **extra: object) -> Path:
+    """An untrained checkpoint laid out as the trainer writes it (config = its run arguments).
+    head_bias: (background, lesion) logits added by the output layer, so the foreground
+    probability leans (or, with head weights zeroed too, is fixed) as wanted."""
     torch.manual_seed(seed)
     model = models.build_model(model_config)
+    if head_bias is not None:
+        with torch.no_grad():
+            model.decoders[0].head.bias.copy_(torch.tensor(head_bias))
     models.save_checkpoint(path, model, model_config, **({"config": run_config} if run_config is not None else {}), **extra)
     return path
 
@@ -233,6 +239,98 @@ def test_val_split_scores_each_fold_on_its_own_cases(atlas_base: Path, tmp_path:
     rows = _csv(out / "per_case.csv")
     assert sorted(r["case_id"] for r in rows) == sorted(splits["fold_3"]["ATLAS"]["val"])
     assert {(r["run"], r["fold"]) for r in rows} == {("model", "fold_3")}
+
+
+def _padded_atlas(atlas_base: Path, out: Path, margin: int) -> Path:
+    """A copy of the preprocessed ATLAS folder whose volumes have ``margin`` zero voxels added on
+    every side: background outside the brain's box, as a skull-stripped T1w in its field of view."""
+    shutil.copytree(atlas_base / "ATLAS", out)
+    for npz in sorted(out.glob("*.npz")):
+        arrays = {key: np.pad(value, margin) for key, value in load_npz(npz).items()}
+        save_npz(npz, arrays)
+        meta = read_json(npz.with_name(f"{npz.stem}_metadata.json"))
+        write_json(npz.with_name(f"{npz.stem}_metadata.json"), {**meta, "shape": list(arrays["lesion_mask"].shape)})
+    return out
+
+
+def test_whole_volume_is_scored_by_default_and_the_brain_crop_is_opt_in(atlas_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _padded_atlas(atlas_base, tmp_path / "ATLAS", 32)
+    splits = read_json(data / "ATLAS_splits_5fold.json")
+    run = tmp_path / "run"
+    _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 32},
+                val_cases=splits["fold_0"]["ATLAS"]["val"])
+    # a network that calls every voxel it is shown lesion
+    monkeypatch.setattr(ev, "sliding_window_inference", lambda region, *a, **k: np.ones(region.shape[1:], np.float32))
+    base = ["--dataset", "ATLAS", "--data-dir", str(data), "--run", f"all={run}", "--png", "none", "--bootstrap", "20"]
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "whole")]) == 0
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "crop"), "--brain-crop"]) == 0
+    whole, crop = (_csv(tmp_path / name / "per_case.csv") for name in ("whole", "crop"))
+    assert whole and [row["case_id"] for row in whole] == [row["case_id"] for row in crop]
+    for row, cropped in zip(whole, crop):
+        mask = load_npz(data / f"{row['case_id']}.npz", keys=("lesion_mask",))["lesion_mask"]
+        ref, size = int(np.count_nonzero(mask)), mask.size
+        # every voxel predicted: the false positives outside the brain's box count (as in training's model selection)
+        assert int(row["pred_voxels"]) == size and float(row["dice"]) == pytest.approx(2 * ref / (size + ref), abs=1e-12)
+        assert int(cropped["pred_voxels"]) < size and (ref == 0 or float(cropped["dice"]) > float(row["dice"]))
+    assert "Whole-volume scoring: the network ran over the whole volume" in (tmp_path / "whole" / "results.md").read_text()
+    assert "Brain-box inference (--brain-crop)" in (tmp_path / "crop" / "results.md").read_text()
+    assert read_json(tmp_path / "whole" / "summary.json")["scoring"]["inference_region"] == "whole volume"
+    assert read_json(tmp_path / "crop" / "summary.json")["scoring"]["inference_region"] == "brain box"
+    written = sorted((tmp_path / "whole").rglob("*.json"))
+    # one fold: its std across folds is undefined (NaN in memory), written as null
+    assert read_json(tmp_path / "whole" / "summary.json")["runs"]["all"]["fold_summary"]["metrics"]["dice"]["fold_std"] is None
+    for path in written:  # strict JSON: no bare NaN/Infinity
+        json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path}: bare {name}"))
+    # --no-brain-crop (old commands) is accepted and changes nothing: the finished evaluation is reused
+    stamp = (tmp_path / "whole" / "summary.json").stat().st_mtime_ns
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "whole"), "--no-brain-crop"]) == 0
+    assert (tmp_path / "whole" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_comparison_that_cannot_be_computed_is_a_warning_not_a_failure(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, out, argv = _isles_setup(isles_eval, tmp_path, 2, [("a", "dwi_only", 0), ("b", "dwi_only", 10)],
+                                "--compare", "a", "b", "--png", "none", "--bootstrap", "20")
+    assert evaluate.main(argv) == 0  # every table was written; only the comparison needs 5 cases
+    stdout = capsys.readouterr().out
+    assert "WARNING compare a vs b: not computed (a paired comparison needs at least 5 cases present in both, got 2" in stdout
+    assert "- WARNING a vs b: not computed (a paired comparison needs at least 5 cases" in (out / "results.md").read_text()
+    assert "error" in read_json(out / "summary.json")["compare"][0]
+    assert evaluate.main(argv) == 0 and "already holds this evaluation, finished" in capsys.readouterr().out  # not a failure to redo
+
+
+def test_the_ensemble_thresholds_the_mean_of_the_fold_models_probabilities(atlas_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = read_json(atlas_base / "ATLAS" / "ATLAS_splits_5fold.json")
+    run = tmp_path / "run"
+    for fold in (0, 1):  # the output bias tells the stand-in inference below which fold's network it runs
+        _checkpoint(run / f"fold_{fold}" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "ATLAS", "fold": fold, "patch_size": 32},
+                    head_bias=(0.0, float(fold)), val_cases=splits[f"fold_{fold}"]["ATLAS"]["val"])
+
+    def ramp(shape: tuple[int, ...], axis: int) -> np.ndarray:
+        """0 to 1 along ``axis``: fold 0's probability rises along X, fold 1's along Y."""
+        line = np.linspace(0.0, 1.0, shape[axis], dtype=np.float32)
+        return np.broadcast_to(np.expand_dims(line, [a for a in range(3) if a != axis]), shape).copy()
+
+    def fold_output(region: np.ndarray, predictor: object, *args: object, **kwargs: object) -> np.ndarray:
+        fold = int(predictor.args[0].decoders[0].head.bias[1].item())
+        return ramp(region.shape[1:], fold)
+
+    monkeypatch.setattr(ev, "sliding_window_inference", fold_output)
+    out = tmp_path / "out"
+    argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--run", f"r={run}", "--ensemble", "--save-nifti", "--png", "none",
+            "--bootstrap", "20", "--output-dir", str(out)]
+    assert evaluate.main(argv) == 0
+    rows = {(r["fold"], r["case_id"]): r for r in _csv(out / "per_case.csv")}
+    for case_id in splits["fold_0"]["ATLAS"]["test"]:
+        ref = load_npz(atlas_base / "ATLAS" / f"{case_id}.npz", keys=("lesion_mask",))["lesion_mask"].astype(bool)
+        folds = [ramp(ref.shape, 0), ramp(ref.shape, 1)]
+        expected = (folds[0] + folds[1]) / 2 >= 0.5  # by hand: x + y >= 1 in ramp units
+        assert not np.array_equal(expected, folds[0] >= 0.5) and not np.array_equal(expected, folds[1] >= 0.5)
+        saved = np.asarray(nib.load(str(out / "predictions" / "r" / "ensemble" / f"{case_id}.nii.gz")).dataobj).astype(bool)
+        np.testing.assert_array_equal(saved, expected)
+        row = rows[("ensemble", case_id)]
+        assert int(row["pred_voxels"]) == int(expected.sum())
+        assert float(row["dice"]) == pytest.approx(metrics_dice(expected, ref), abs=1e-12)
+        assert int(rows[("fold_0", case_id)]["pred_voxels"]) == int((folds[0] >= 0.5).sum())
 
 
 # --------------------------------------------------------------------------- bad input
@@ -440,10 +538,12 @@ def test_argument_errors(tmp_path: Path) -> None:
     base = ["--dataset", "ATLAS", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")]
     for extra in ([], ["--run", "a=x", "--checkpoints", "y"], ["--run", "a b=x"], ["--run", "a=x", "--compare", "a", "b"],
                   ["--run", "a=x", "--ensemble", "--split", "val"], ["--run", "a=x", "--window", "32", "32"],
-                  ["--run", "a=x", "--run", "a=x"], ["--run", "a=x", "--preset", "brats"]):
+                  ["--run", "a=x", "--run", "a=x"], ["--run", "a=x", "--preset", "brats"], ["--run", "a=x", "--brain-crop", "--no-brain-crop"]):
         with pytest.raises(SystemExit) as info:
             evaluate.parse_args(base + extra)
         assert info.value.code == 2, extra
+    with pytest.raises(SystemExit):  # ISLES: the network input is the preprocessing crop already
+        evaluate.parse_args(["--dataset", "ISLES2022", *base[2:], "--run", "a=x", "--brain-crop"])
     args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--compare", "a", "b"])
     assert args.runs == {"a": [Path("x")], "b": [Path("y")]} and json.dumps(args.compare) == '[["a", "b"]]'
     args = evaluate.parse_args(base + ["--run", "a=x", "--run", "b=y", "--run", "a=z", "--run", "c=w", "--compare", "b", "c", "--compare-all"])
@@ -475,9 +575,10 @@ def test_seeds_of_one_arm_and_the_isles24_preset(isles_eval: Path, tmp_path: Pat
     assert evaluate.main(argv) == 0
     rows = _csv(out / "per_case.csv")
     assert sorted({(r["seed"], r["fold"]) for r in rows}) == [("0", "fold_0"), ("0", "fold_1"), ("1", "fold_0"), ("1", "fold_1")]
-    assert {r["preset"] for r in rows} == {"isles24"}
+    assert {(r["preset"], r["match_iou"]) for r in rows} == {("isles24", "0.2")}  # the organisers' rule since 2025-12-16
     summary = read_json(out / "summary.json")
-    assert summary["preset"]["match_iou"] == 0.5
+    assert summary["preset"]["match_iou"] == 0.2
+    assert "matched one-to-one at IoU >= 0.2" in (out / "results.md").read_text()
     run = summary["runs"]["arm"]
     assert run["n_seeds"] == 2 and sorted(run["checkpoints"]) == ["seed_0/fold_0", "seed_0/fold_1", "seed_1/fold_0", "seed_1/fold_1"]
     dice = run["fold_summary"]["metrics"]["dice"]

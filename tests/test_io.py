@@ -1,6 +1,7 @@
 """Atomic writes and pickle-free readers."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -122,3 +123,44 @@ def test_memory_mapped_members_are_checked_once_per_file_version(tmp_path: Path)
     save_npz(tmp_path / "n.npz", {"image": image}, compress=False)
     with pytest.raises(CaseError, match=r"n\.npz: member 'image' holds 3 NaN/Inf value\(s\)"):
         load_npz_mmap(tmp_path / "n.npz", ("image",))
+
+
+def _strict_loads(text: str) -> object:
+    """json.loads refusing the non-standard constants NaN, Infinity and -Infinity."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_nan_and_inf_become_null(tmp_path: Path) -> None:
+    summary = {"metrics": {"dice": {"fold_std": float("nan"), "ci95": [np.float32("nan"), np.inf]}, "n": np.int64(3)},
+               "icc": np.float64("-inf"), "values": np.array([1.5, np.nan]), "path": tmp_path, "ok": 0.25}
+    write_json(tmp_path / "summary.json", summary)
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = _strict_loads(text)
+    assert back == {"metrics": {"dice": {"fold_std": None, "ci95": [None, None]}, "n": 3}, "icc": None, "values": [1.5, None],
+                    "path": str(tmp_path), "ok": 0.25}
+    assert read_json(tmp_path / "summary.json") == back
+
+
+def test_a_rerun_removes_partial_files_a_killed_writer_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    # A writer killed (SIGKILL) between writing its temporary file and renaming it onto the output.
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, signal\n"
+        "from strokeseg.core.io import atomic_path\n"
+        f"with atomic_path({str(tmp_path / 'summary.json')!r}) as tmp:\n"
+        "    tmp.write_text('{half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")], cwd=Path(__file__).resolve().parents[1])
+    child.wait()
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].startswith(".summary.json.") and leftovers[0].endswith(".partial")
+    live = tmp_path / (leftovers[0].replace(f"-{child.pid}.", f"-{os.getpid()}."))  # a live writer's (this process)
+    live.write_text("in progress")
+    old = tmp_path / ".old.json.k3j2h1.partial"  # an older version's name, a day old
+    old.write_text("x")
+    os.utime(old, (0, 0))
+    write_json(tmp_path / "other.json", {"a": 1})  # the rerun's first write into the folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "other.json"])

@@ -111,6 +111,7 @@ def test_case_metrics_agree_with_single_metrics(preset):
         "abs_lesion_count_diff": lesion_count_difference(pred, ref, connectivity),
         "preset": preset,
         "connectivity": connectivity,
+        "match_iou": PRESETS[preset].match_iou,
         "ref_volume_ml": pytest.approx(ref.sum() * 0.002),
         "pred_volume_ml": pytest.approx(pred.sum() * 0.002),
         "n_ref_lesions": n_ref,
@@ -163,11 +164,14 @@ def test_lesion_rows_and_false_positives_by_hand():
     ]
     assert (out["fp_lesions"], out["n_ref_lesions"], out["n_pred_lesions"]) == (1, 2, 2)
     assert (out["ref_volume_ml"], out["pred_volume_ml"]) == (17.5, 1.5)
-    # isles24: lesion 1 has IoU 2 / 8 < 0.5 with its predicted component, so it is missed and
-    # that component is a false positive too
-    strict = case_metrics(pred, ref, 0.5, "isles24")
+    # isles24_2024: lesion 1 has IoU 2 / 8 < 0.5 with its predicted component, so it is missed
+    # and that component is a false positive too; isles24 (IoU >= 0.2 since 2025-12-16): matched
+    strict = case_metrics(pred, ref, 0.5, "isles24_2024")
     assert [lesion["detected"] for lesion in strict["lesions"]] == [False, False]
-    assert strict["fp_lesions"] == 2 and strict["lesion_f1"] == 0.0
+    assert strict["fp_lesions"] == 2 and strict["lesion_f1"] == 0.0 and strict["match_iou"] == 0.5
+    current = case_metrics(pred, ref, 0.5, "isles24")
+    assert [lesion["detected"] for lesion in current["lesions"]] == [True, False]
+    assert current["fp_lesions"] == 1 and current["lesion_f1"] == pytest.approx(0.5) and current["match_iou"] == 0.2
 
 
 def test_iou_matching_is_one_to_one():
@@ -186,14 +190,14 @@ def test_iou_matching_is_one_to_one():
     assert match.ref_detected.tolist() == [True, True] and match.pred_matched.tolist() == [True, True]
 
 
-def _panoptica_counts(pred, ref):
+def _panoptica_counts(pred, ref, threshold=0.5):
     from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
     from panoptica.utils.constants import CCABackend
 
     evaluator = Panoptica_Evaluator(
         expected_input=InputType.SEMANTIC,
         instance_approximator=ConnectedComponentsInstanceApproximator(cca_backend=CCABackend.cc3d),  # 26-connectivity
-        instance_matcher=NaiveThresholdMatching(matching_threshold=0.5),
+        instance_matcher=NaiveThresholdMatching(matching_threshold=threshold),
         verbose=False,
     )
     result = evaluator.evaluate(pred.astype(np.uint8), ref.astype(np.uint8), verbose=False)["ungrouped"]
@@ -219,8 +223,8 @@ def test_isles24_lesion_f1_equals_panoptica(name):
         pred = ndimage.binary_dilation(ref & (rng.random(ref.shape) > 0.3), iterations=1) | (rng.random(ref.shape) > 0.995)
     else:
         pred, ref = _edge_cases()[name]
-    tp, fp, fn, rq = _panoptica_counts(pred, ref)
-    out = case_metrics(pred, ref, 1.0, "isles24")
+    tp, fp, fn, rq = _panoptica_counts(pred, ref, 0.5)
+    out = case_metrics(pred, ref, 1.0, "isles24_2024")
     assert (sum(lesion["detected"] for lesion in out["lesions"]), out["fp_lesions"], out["n_ref_lesions"] - tp) == (tp, fp, fn)
     assert out["lesion_f1"] == pytest.approx(rq, abs=1e-12)
     if name.startswith("random"):
@@ -230,4 +234,48 @@ def test_isles24_lesion_f1_equals_panoptica(name):
 def test_isles24_both_empty_is_one_where_panoptica_is_undefined():
     tp, fp, fn, rq = _panoptica_counts(_empty(), _empty())
     assert (tp, fp, fn) == (0, 0, 0) and math.isnan(rq)
-    assert case_metrics(_empty(), _empty(), 1.0, "isles24")["lesion_f1"] == 1.0  # our empty rule
+    assert case_metrics(_empty(), _empty(), 1.0, "isles24")["lesion_f1"] == 1.0  # our empty rule (and the organisers')
+
+
+def _organisers_isles24(ground_truth: np.ndarray, prediction: np.ndarray, threshold: float) -> tuple[float, int, float]:
+    """(lesion F1, lesion count difference, Dice) by the ISLES'24 organisers' rules
+    (ezequieldlrosa/isles24 utils/eval_utils.py, compute_dice_f1_instance_difference): panoptica
+    with its default connected components and NaiveThresholdMatching at ``threshold``; F1 its
+    recognition quality, Dice its global binary Dice, both 1.0 when neither mask has a lesion."""
+    from panoptica import ConnectedComponentsInstanceApproximator, InputType, NaiveThresholdMatching, Panoptica_Evaluator
+
+    evaluator = Panoptica_Evaluator(expected_input=InputType.SEMANTIC, instance_approximator=ConnectedComponentsInstanceApproximator(),
+                                    instance_matcher=NaiveThresholdMatching(matching_threshold=threshold))
+    result = evaluator.evaluate(prediction.astype(int), ground_truth.astype(int), verbose=False)["ungrouped"]
+    result = result[0] if isinstance(result, tuple) else result  # older panoptica: (result, debug data)
+    n_ref, n_pred = result.n_ref_instances, result.n_pred_instances  # num_*_instances in their older panoptica
+    count = abs(n_ref - n_pred)
+    if n_ref == 0 and n_pred == 0:
+        return 1.0, count, 1.0
+    return result.rq, count, result.global_bin_dsc
+
+
+def _multi_lesion_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A reference with several blob lesions and a prediction that grows, shrinks, shifts, drops
+    and adds lesions, so IoUs spread over (0, 1) and both the 0.2 and 0.5 rules are exercised."""
+    shape = (18, 16, 14)
+    ref = ndimage.binary_dilation(rng.random(shape) > 0.992, iterations=int(rng.integers(1, 3)))
+    moved = np.roll(ref, tuple(rng.integers(-2, 3, 3)), axis=(0, 1, 2)) if rng.random() < 0.5 else ref
+    pred = ndimage.binary_dilation(moved & (rng.random(shape) > rng.uniform(0.2, 0.8)), iterations=int(rng.integers(0, 2)) or 1)
+    return pred | (rng.random(shape) > 0.997), ref
+
+
+@pytest.mark.parametrize("preset", ["isles24", "isles24_2024"])
+def test_isles24_presets_equal_the_organisers_evaluation_on_random_multi_lesion_pairs(preset):
+    threshold = PRESETS[preset].match_iou
+    assert threshold == {"isles24": 0.2, "isles24_2024": 0.5}[preset]
+    rng = np.random.default_rng(24)
+    differs_from_other_rule = 0
+    for _ in range(40):
+        pred, ref = _multi_lesion_pair(rng)
+        f1, count, dsc = _organisers_isles24(ref, pred, threshold)
+        out = case_metrics(pred, ref, 1.0, preset)
+        assert (out["lesion_f1"], out["abs_lesion_count_diff"], out["dice"]) == (pytest.approx(f1, abs=1e-12), count, pytest.approx(dsc, abs=1e-12))
+        other = "isles24_2024" if preset == "isles24" else "isles24"
+        differs_from_other_rule += case_metrics(pred, ref, 1.0, other)["lesion_f1"] != pytest.approx(f1, abs=1e-12)
+    assert differs_from_other_rule >= 5  # the pairs tell the two rules apart

@@ -121,7 +121,7 @@ def test_atlas_masks_equal_evaluate_with_brain_crop(synthetic_atlas: Path, atlas
     cases = ["sub-r001s001_ses-1", "sub-r001s002_ses-1"]
     splits = _splits(tmp_path / "splits.json", "ATLAS", cases)
     argv = ["--dataset", "ATLAS", "--data-dir", str(base), "--splits-file", str(splits), "--run", f"m={atlas_run}", "--folds", "0",
-            "--save-nifti", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]
+            "--save-nifti", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval"), "--brain-crop"]
     assert evaluate.main(argv) == 0
     out = tmp_path / "pred"
     assert predict.main(["--input", str(synthetic_atlas), "--pattern", "Training/R001/sub-r001s00[12]/**/*_T1w.nii.gz", "--run", str(atlas_run),

@@ -87,20 +87,23 @@ def test_results_markdown_names_preset_sections_failures_and_comparisons() -> No
     test = {"n": 6, "mean_difference": 0.05, "ci95": [-0.01, 0.1], "median_difference": 0.04, "p_value": 0.03125, "p_holm": 0.0625}
     comparisons = [{"a": "a", "b": "b", "per_case": "ensemble", "metrics": {"dice": test}}, {"a": "a", "b": "c", "error": "too few cases"}]
     preset = {"name": "atlas22", "connectivity": 6, "volume_unit": "voxels", "match_iou": None}
-    text = report.results_markdown("ATLAS", [run], preset, comparisons, "test")
-    assert "6-connected components (preset atlas22" in text
+    text = report.results_markdown("ATLAS", [run], preset, comparisons, "test", report.scoring_record(True, False))
+    assert "6-connected components (preset atlas22" in text and "Whole-volume scoring: the network ran over the whole volume" in text
+    cropped = report.results_markdown("ATLAS", [run], preset, comparisons, "test", report.scoring_record(True, True))
+    assert "Whole-volume scoring" not in cropped and "Brain-box inference (--brain-crop)" in cropped
     table, rest = text.split("Failed cases (not scored):\n- a/c9: c9.npz does not exist\n")
     assert "| ATLAS | Scratch | 0.6000 ± 0.1414 |" in table
     assert "| a − b | DSC (higher is better) | 6 | +0.05000 [-0.01000, 0.10000] | +0.04000 | 0.03125 | 0.0625 |" in text
-    assert "- a vs c: not computed (too few cases)" in text
+    assert "- WARNING a vs c: not computed (too few cases)" in text
     details = rest.split("## Details")[1]
     # 2 of 3 listed cases scored; case c0 = mean(0.4, 0.6), c1 = mean(0.6, 0.8): distinct-case std 0.1414
     assert "| a | f0–1 | 2/3 | 0.6000 ± 0.1414 |" in details and "Vol Diff (voxels)" in details
     assert "| a | DSC | 0.6000 ± 0.1414 | 0.6000 ± 0.1414 |" in text.split("## Distributions over cases")[1]
-    # volumes 2 + c + d per case over 2.0 + c: bias = mean Dice over cases 0.6, sd 0.1414
-    assert "| a | 2 | 0.60 | [0.32, 0.88] |" in text.split("## Volume agreement")[1]
-    # c0 (2 ml, detected under neither fold... Dice 0.4 and 0.6) and c1 (3 ml, 0.6 and 0.8): 3 of 4 detections
-    assert "| a | n/a (0/0) | 0.750 (3/4) | n/a (0/0) | 0.50 |" in text.split("## Lesion detection")[1]
+    # volumes 2 + c + d per case over 2.0 + c: bias = mean Dice over cases 0.6; 2 cases: no limits, ICC, r
+    assert "| a | 2 | 0.60 | n/a (n < 5) | n/a (n < 5) | n/a (n < 5) | n/a (n < 5) |" in text.split("## Volume agreement")[1]
+    # c0 (2 ml; Dice 0.4 and 0.6: detected by 1 of 2 folds, share 0.5) and c1 (3 ml; 0.6 and 0.8: share 1):
+    # 1.5 of 2 lesions; resampling the 2 cases gives 0.5, 0.75 or 1
+    assert "| a | n/a [n/a, n/a] (0/0) | 0.750 [0.500, 1.000] (1.5/2) | n/a [n/a, n/a] (0/0) | 0.50 |" in text.split("## Lesion detection")[1]
 
 
 def test_write_csv_round_trip(tmp_path: Path) -> None:

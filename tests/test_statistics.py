@@ -44,7 +44,7 @@ def test_bland_altman_and_volume_agreement_by_hand_and_against_scipy() -> None:
     # ranks 1 3 2 5 4 and 1 3 2 4 5: rho = 1 - 6 * (0 + 0 + 0 + 1 + 1) / (5 * 24) = 0.9
     assert got["spearman_r"] == pytest.approx(0.9) == sp.spearmanr(x, y).statistic
     assert got["icc_3_1"] == pytest.approx(st.icc_3_1(np.stack([x, y], axis=1)))
-    assert math.isnan(st.volume_agreement({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0})["pearson_r"])  # < 3 cases
+    assert math.isnan(st.volume_agreement({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0})["pearson_r"])  # < 5 cases
 
 
 def test_distribution_and_sample_std_by_hand() -> None:
@@ -125,9 +125,49 @@ def test_holm_by_hand() -> None:
 
 
 def test_detection_bins_by_hand() -> None:
-    lesions = [{"ref_volume_ml": v, "detected": d} for v, d in ((0.5, True), (0.99, False), (1.0, True), (9.9, True), (10.0, False), (25.0, False))]
-    out = st.detection(lesions, {"a": 2.0, "b": 0.0, "c": 1.0})
+    volumes = (0.5, 0.99, 1.0, 9.9, 10.0, 25.0)
+    hits = (True, False, True, True, False, False)
+    lesions = [{"case_id": case, "lesion_id": i + 1, "ref_volume_ml": v, "detected": d} for i, (case, v, d) in enumerate(zip("aabbcc", volumes, hits))]
+    out = st.detection(lesions, {"a": 2.0, "b": 0.0, "c": 1.0}, n_bootstrap=200)
     assert [(b["bin"], b["n"], b["detected"]) for b in out["bins"]] == [("<1 ml", 2, 1), ("1-10 ml", 2, 2), (">=10 ml", 2, 0)]
     assert [b["sensitivity"] for b in out["bins"]] == [0.5, 1.0, 0.0]
     assert out["fp_lesions_per_case"] == 1.0 and (out["n_lesions"], out["n_cases"]) == (6, 3)
+    assert out["bins"][1]["ci95"] == [1.0, 1.0] and out["bins"][2]["ci95"] == [0.0, 0.0]
     assert math.isnan(st.detection([], {})["bins"][0]["sensitivity"])
+
+
+def test_detection_counts_each_lesion_once_over_fold_models_with_a_case_bootstrap_ci() -> None:
+    # 5 fold models, 4 cases with one 2 ml lesion each: case i's lesion is found by i + 1 models
+    # (c3 by all 5). Pooling the 20 (model, lesion) rows would report (14/20); each lesion once
+    # with its share of models: (0.2 + 0.4 + 0.6 + 1.0) / 4 = 0.55 over n = 4 lesions.
+    lesions = [{"case_id": f"c{i}", "lesion_id": 1, "ref_volume_ml": 2.0, "detected": k <= i or i == 3} for i in range(4) for k in range(5)]
+    out = st.detection(lesions, {f"c{i}": 0.0 for i in range(4)}, n_bootstrap=400, seed=3)
+    middle = out["bins"][1]
+    assert (middle["n"], out["n_lesions"]) == (4, 4)
+    assert middle["detected"] == pytest.approx(2.2) and middle["sensitivity"] == pytest.approx(0.55)
+    shares = np.array([0.2, 0.4, 0.6, 1.0])
+    boot = shares[np.random.default_rng(3).integers(0, 4, size=(400, 4))].mean(axis=1)
+    np.testing.assert_allclose(middle["ci95"], np.percentile(boot, [2.5, 97.5]), atol=1e-12)
+    assert "share of the scoring models" in out["rule"]
+
+
+def test_agreement_statistics_need_five_cases() -> None:
+    pred = {c: v for c, v in zip("abcd", (1.0, 2.5, 2.0, 6.0))}
+    ref = {c: v for c, v in zip("abcd", (1.5, 2.0, 3.0, 5.0))}
+    four = st.volume_agreement(pred, ref)
+    assert four["n"] == 4 and four["bias_ml"] == pytest.approx(0.0) and "n < 5" in four["note"]
+    assert all(math.isnan(four[key]) for key in ("icc_3_1", "pearson_r", "spearman_r")) and all(math.isnan(v) for v in four["loa_ml"])
+    five = st.volume_agreement(pred | {"e": 9.0}, ref | {"e": 8.0})
+    assert "note" not in five and five["pearson_r"] == pytest.approx(sp.pearsonr([1, 2.5, 2, 6, 9], [1.5, 2, 3, 5, 8]).statistic)
+
+
+def test_wilcoxon_counts_float_noise_differences_as_ties() -> None:
+    # 0.1 + 0.2 and 0.3 differ by 5.6e-17: a tie, not a difference; the other five are real.
+    a = {"c0": 0.1 + 0.2, **{f"c{i}": 0.5 + 0.01 * i for i in range(1, 6)}}
+    b = {"c0": 0.3, **{f"c{i}": 0.4 for i in range(1, 6)}}
+    assert a["c0"] - b["c0"] != 0.0
+    out = st.paired_difference(a, b, n_bootstrap=50)
+    real = np.array([a[f"c{i}"] - b[f"c{i}"] for i in range(1, 6)])
+    assert out["p_value"] == pytest.approx(sp.wilcoxon(real).pvalue) and out["n"] == 6
+    noise = st.paired_difference({f"c{i}": 0.1 + 0.2 for i in range(5)}, {f"c{i}": 0.3 for i in range(5)}, n_bootstrap=50)
+    assert noise["p_value"] is None and "all paired differences are zero" in noise["note"]

@@ -257,6 +257,24 @@ def test_stroke_script_transfer_and_errors(data, tmp_path, capsys):
     assert "run extract_patches_96x96x96.py --patch_size 64" in capsys.readouterr().out
 
 
+def test_transfer_from_another_brats_fold_is_refused_unless_allowed(data, tmp_path, capsys):
+    pretrained = tmp_path / "brats_fold1.pth"
+    config = {"arch": "resnet18", "variant": "single", "width": 4, "norm": "batch"}
+    torch.manual_seed(0)
+    models.save_checkpoint(pretrained, models.build_model(config), config, config={"brats_dir": "/data/brats", "fold": 1})  # BraTS fold 1
+    common = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--arch", "resnet18", "--width", "4", "--patch-size", "32"]
+    common += ["--batch-size", "2", "--workers", "0", "--patches-per-volume", "1", "--epochs", "1", "--pretrain-ckpt", str(pretrained), "--fold", "0"]
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "refused")]) == 2
+    out = capsys.readouterr().out
+    assert f"{pretrained}: trained on fold 1 (its run config), this run is fold 0" in out and "--allow-fold-mismatch" in out
+    assert not (tmp_path / "refused" / "fold_0" / "last.pth").exists()
+    assert train_stroke.main(common + ["--output-dir", str(tmp_path / "allowed"), "--allow-fold-mismatch"]) == 0
+    assert models.load_checkpoint(tmp_path / "allowed" / "fold_0" / "last.pth")["init"]["source_fold"] == 1  # recorded
+    isles = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "isles"), "--init", "brats", "--pretrain-ckpt", str(pretrained)]
+    assert train_isles_resnet18.parse_args(isles + ["--allow-fold-mismatch"]).allow_fold_mismatch
+    assert not train_isles_resnet18.parse_args(isles).allow_fold_mismatch
+
+
 def test_uctransnet_transfer_takes_the_whole_network_by_default(data, tmp_path, capsys):
     config = {"arch": "uctransnet3d", "in_channels": 1, "width": 4, "norm": "group", "patch_size": 32, "layers": 1, "heads": 1}
     pretrained = tmp_path / "brats_uct.pth"

@@ -257,9 +257,11 @@ def check_preprocessing(contract: DataContract, case_dir: Path, checkpoint: str 
         )
 
 
-def check_pretrained(checkpoint: str | os.PathLike, label: str, source_dataset: str | None, val_cases: Collection[str], test_cases: Collection[str]) -> DataContract:
-    """Refuse a pretrained checkpoint that is not what the run's init ``label`` says, or that saw
-    cases this fold holds out; returns its contract.
+def check_pretrained(checkpoint: str | os.PathLike, label: str, source_dataset: str | None, val_cases: Collection[str], test_cases: Collection[str],
+                     fold: int | None = None, allow_fold_mismatch: bool = False) -> DataContract:
+    """Refuse a pretrained checkpoint that is not what the run's init ``label`` says, that saw
+    cases this fold holds out, or (``fold`` given, the run's) that was trained on another fold
+    (the paper pairs stroke fold k with BraTS fold k) unless ``allow_fold_mismatch``; returns its contract.
 
     Its recorded dataset (data contract; older checkpoints: run config, see
     :func:`contract_from_checkpoint`) must be ``source_dataset`` (a registry name; None: any).
@@ -269,9 +271,12 @@ def check_pretrained(checkpoint: str | os.PathLike, label: str, source_dataset: 
     the file; a checkpoint recording no training cases (older ones) is checked as far as it records.
     """
     contract = read_contract(checkpoint)
+    source = "run config" if contract.derived else "data contract"
     if source_dataset is not None and contract.dataset != source_dataset:
-        source = "run config" if contract.derived else "data contract"
         raise CaseError(f"{checkpoint}: trained on {contract.dataset} (its {source}), not {source_dataset}: refused as the {label!r} initialisation")
+    if fold is not None and contract.fold is not None and contract.fold != fold and not allow_fold_mismatch:
+        raise CaseError(f"{checkpoint}: trained on fold {contract.fold} (its {source}), this run is fold {fold}: refused as the {label!r} "
+                        f"initialisation (the paper pairs each fold with the same source fold); pass --allow-fold-mismatch to use it anyway")
     trained, selected = set(contract.train_cases or ()), set(contract.val_cases or ())
     leaked = sorted((trained & (set(val_cases) | set(test_cases))) | (selected & set(test_cases)))
     if leaked:

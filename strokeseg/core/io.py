@@ -10,9 +10,12 @@ import gzip
 import hashlib
 import json
 import os
+import math
 import re
+import socket
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -26,12 +29,14 @@ __all__ = [
     "CaseError",
     "NiftiVolume",
     "atomic_path",
+    "remove_stale_partials",
     "save_npz",
     "load_npz",
     "load_npz_mmap",
     "NotMemoryMappable",
     "check_finite",
     "write_json",
+    "strict_json",
     "write_text",
     "read_json",
     "load_nifti",
@@ -61,18 +66,29 @@ class NotMemoryMappable(CaseError):
     """An .npz member that :func:`load_npz_mmap` cannot map (stored compressed): decode it instead."""
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+# The middle of a temporary name: "<host>-<pid>.<mkstemp's random part>".
+_PARTIAL_OWNER = re.compile(r"^(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+$")
+STALE_PARTIAL_SECONDS = 24 * 3600  # a leftover of another host (or an older version) is stale after this
+_SWEPT: set[str] = set()  # folders this process has cleared of stale leftovers
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The temporary name is ``.<name>.<random>.partial``: hidden and without the output's suffix,
-    so a file left behind by ``kill -9`` never matches a later stage's ``*.npz`` or ``*.json``
-    glob. Writers must therefore not infer the format from the name (pass it explicitly).
+    The temporary name is ``.<name>.<host>-<pid>.<random>.partial``: hidden and without the
+    output's suffix, so a file left behind by ``kill -9`` never matches a later stage's ``*.npz``
+    or ``*.json`` glob, and naming its writer, so the first write of a later process into that
+    folder removes it (:func:`remove_stale_partials`). Writers must therefore not infer the
+    format from the name (pass it explicitly).
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        if str(path.parent.resolve()) not in _SWEPT:
+            remove_stale_partials(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".partial", dir=path.parent)
     except OSError as err:
         raise _write_error(err, path) from err
     os.close(fd)
@@ -86,6 +102,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise _write_error(err, path) from err
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` in ``folder`` whose writer is gone (a
+    ``kill -9`` between write and rename): those of a process of this host that no longer runs,
+    and any older than :data:`STALE_PARTIAL_SECONDS` (another host's, or an older version's
+    unnamed ones). A live writer's file is kept. Returns the paths removed, sorted."""
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".partial") and entry.is_file(follow_symlinks=False) and _stale(entry):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    _SWEPT.add(str(Path(folder).resolve()))
+    return sorted(removed)
+
+
+def _stale(entry: os.DirEntry) -> bool:
+    """Whether a ``.partial`` file's writer is gone (see :func:`remove_stale_partials`)."""
+    try:
+        if time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_PARTIAL_SECONDS:
+            return True
+    except FileNotFoundError:
+        return False  # renamed or removed meanwhile by its writer
+    middle = entry.name[:-len(".partial")].rsplit(".", 2)
+    owner = _PARTIAL_OWNER.match(".".join(middle[-2:])) if len(middle) == 3 else None
+    if owner is None or owner.group("host") != _HOST:
+        return False
+    try:
+        os.kill(int(owner.group("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def _write_error(err: OSError, path: Path) -> OSError:
@@ -253,10 +304,26 @@ def _to_jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` (dicts, lists, tuples, scalars, numpy values, paths) as strict-JSON-able values:
+    numpy values and paths converted, every NaN or ±Inf float made None (JSON ``null``), which
+    readers take as "undefined"."""
+    if isinstance(obj, Mapping):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(value) for value in obj]
+    if isinstance(obj, (np.ndarray, np.generic, Path)):
+        return strict_json(_to_jsonable(obj))
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically; numpy values and paths are converted."""
+    """Write ``obj`` as indented strict JSON (RFC 8259: no bare NaN or Infinity) atomically,
+    after :func:`strict_json` (NaN/Inf -> null; numpy values and paths converted)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_to_jsonable, allow_nan=True) + "\n")
+        tmp.write_text(json.dumps(strict_json(obj), indent=2, default=_to_jsonable, allow_nan=False) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

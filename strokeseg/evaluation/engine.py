@@ -73,7 +73,7 @@ __all__ = [
 
 _ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
 _CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
-CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity")
+CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity", "match_iou")
 # lesions.csv: one row per reference lesion and scoring model (see strokeseg.evaluation.metrics.case_metrics)
 LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
@@ -513,7 +513,8 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     "per_case" (metric -> case id -> value, for paired tests), "volumes_ml" ({"pred", "ref"}:
     case id -> lesion volume), "volume_agreement" (:func:`strokeseg.evaluation.statistics.volume_agreement`
     of the two) and "detection"
-    (:func:`strokeseg.evaluation.statistics.detection`; lesions pooled over the scoring models).
+    (:func:`strokeseg.evaluation.statistics.detection`: each lesion once, with the share of the
+    scoring models detecting it; bootstrap CI over cases).
     Raises ValueError without fold rows.
     """
     fold_rows = [row for row in rows if row["fold"] != "ensemble"]
@@ -529,7 +530,7 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
         "per_case_source": "ensemble" if ensemble_rows else "mean over fold models",
         "volumes_ml": volumes,
         "volume_agreement": volume_agreement(volumes["pred"], volumes["ref"]),
-        "detection": detection(lesion_rows(source), case_values(source, "fp_lesions")),
+        "detection": detection(lesion_rows(source), case_values(source, "fp_lesions"), n_bootstrap, seed),
     }
 
 
@@ -573,11 +574,11 @@ def unfinished_notes(summaries: Mapping[str, Mapping]) -> str:
 
 def evaluation_problems(summary: Mapping) -> list[str]:
     """What makes a finished evaluation's summary.json a failure to redo: failed cases, runs
-    that could not be summarised, failed comparisons, folds scored before training finished."""
+    that could not be summarised, folds scored before training finished. (A comparison that
+    could not be computed is a warning: the same data gives the same answer.)"""
     runs = summary.get("runs", {})
     problems = [f"{summary['n_failed']} failed case(s)"] if summary.get("n_failed") else []
     problems += [f"run {label}: {run['error']}" for label, run in runs.items() if "error" in run]
-    problems += [f"compare {comp.get('a')} vs {comp.get('b')}: {comp['error']}" for comp in summary.get("compare", []) if "error" in comp]
     problems += [f"run {label} {fold}: {state}" for label, run in runs.items() for fold, state in run.get("unfinished", {}).items()]
     return problems
 

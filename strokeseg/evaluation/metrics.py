@@ -41,7 +41,9 @@ class Preset:
     (:func:`case_metrics` returns both; this says which one to put in tables).
     match_iou: None: a reference lesion is detected when one of its voxels is predicted
     (ISLES'22, ATLAS'22); a number: only when matched one-to-one to a predicted component at
-    IoU >= match_iou (ISLES'24, panoptica's naive threshold matching).
+    IoU >= match_iou (ISLES'24, panoptica's ``NaiveThresholdMatching(matching_threshold=...)``
+    after ``ConnectedComponentsInstanceApproximator()``; lesion F1 is its recognition quality,
+    1 when both masks are empty, as the organisers' ``utils/eval_utils.py``).
     """
 
     connectivity: int
@@ -62,7 +64,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "isles22": Preset(connectivity=26, volume_unit="ml"),
     "atlas22": Preset(connectivity=6, volume_unit="voxels"),
-    "isles24": Preset(connectivity=26, volume_unit="ml", match_iou=0.5),
+    # The ISLES'24 organisers' current rule (ezequieldlrosa/isles24 utils/eval_utils.py since
+    # 2025-12-16: NaiveThresholdMatching(matching_threshold=0.2)) and their 2024 one (panoptica's default 0.5).
+    "isles24": Preset(connectivity=26, volume_unit="ml", match_iou=0.2),
+    "isles24_2024": Preset(connectivity=26, volume_unit="ml", match_iou=0.5),
 }
 
 
@@ -150,9 +155,12 @@ class LesionMatch:
 
 def _one_to_one(ref_ids: np.ndarray, pred_ids: np.ndarray, iou: np.ndarray, threshold: float, n_ref: int, n_pred: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy one-to-one matching of overlapping (ref, pred) pairs (1-based ids) by IoU,
-    highest first (ties: lower ref id, then lower pred id), pairs with IoU >= threshold only."""
+    highest first, pairs with IoU >= threshold only. Ties go to the lower pred id, then the
+    lower ref id: panoptica's order (a stable sort of its pairs listed by pred, then ref id), so
+    with components numbered alike (C-ordered arrays: SciPy's and cc3d's labels agree) the
+    matches are panoptica's."""
     ref_done, pred_done = np.zeros(n_ref + 1, bool), np.zeros(n_pred + 1, bool)
-    for k in np.lexsort((pred_ids, ref_ids, -iou)):
+    for k in np.lexsort((ref_ids, pred_ids, -iou)):
         if iou[k] >= threshold and not ref_done[ref_ids[k]] and not pred_done[pred_ids[k]]:
             ref_done[ref_ids[k]] = pred_done[pred_ids[k]] = True
     return ref_done[1:], pred_done[1:]
@@ -233,7 +241,8 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
 
     pred, ref: boolean (X, Y, Z); voxel_volume_ml: ml per voxel. Components of P and G are
     labelled once and shared by lesion F1, the count difference and detection. Returns a
-    JSON-able dict: the keys of :data:`METRIC_NAMES`; "preset", "connectivity";
+    JSON-able dict: the keys of :data:`METRIC_NAMES`; "preset", "connectivity", "match_iou"
+    (the preset's IoU for a lesion match, None: any overlap);
     "ref_volume_ml", "pred_volume_ml"; "n_ref_lesions", "n_pred_lesions"; "fp_lesions"
     (predicted components counted as false positives); "lesions": one dict per reference
     lesion ("lesion_id" 1.., "ref_volume_ml", "detected" by the preset's rule,
@@ -260,6 +269,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
         "abs_lesion_count_diff": abs(n_pred - n_ref),
         "preset": preset,
         "connectivity": connectivity,
+        "match_iou": PRESETS[preset].match_iou,
         "ref_volume_ml": n_ref_voxels * voxel_volume_ml,
         "pred_volume_ml": n_pred_voxels * voxel_volume_ml,
         "n_ref_lesions": n_ref,

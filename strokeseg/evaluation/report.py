@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from ..core.io import atomic_path
 from ..datasets.registry import dataset_spec
 from .metrics import METRICS, PRESETS
+from .statistics import DETECTION_RULE, MIN_CASES
 
 __all__ = [
     "PNG_MODES",
@@ -37,6 +38,7 @@ __all__ = [
     "detection_table",
     "comparison_table",
     "save_bland_altman",
+    "scoring_record",
     "results_markdown",
     "write_csv",
     "select_for_figures",
@@ -203,23 +205,28 @@ def distribution_table(runs: Sequence[Mapping], metrics: Sequence[str]) -> str:
 
 def agreement_table(runs: Sequence[Mapping]) -> str:
     """Per run: predicted vs reference lesion volume (ml) over distinct cases: Bland-Altman bias
-    and 95 % limits of agreement, ICC(3,1), Pearson and Spearman r."""
+    and 95 % limits of agreement, ICC(3,1), Pearson and Spearman r; the last four read
+    "n/a (n < 5)" below :data:`strokeseg.evaluation.statistics.MIN_CASES` cases."""
     header = ["Run", "Cases", "Bias (ml)", "95 % LoA (ml)", "ICC(3,1)", "Pearson r", "Spearman r"]
     rows = []
     for run in runs:
         a = run["volume_agreement"]
+        if a["n"] < MIN_CASES:
+            rows.append([run["label"], str(a["n"]), _num(a["bias_ml"], 2), *[f"n/a (n < {MIN_CASES})"] * 4])
+            continue
         rows.append([run["label"], str(a["n"]), _num(a["bias_ml"], 2), _pair(a["loa_ml"], 2), _num(a["icc_3_1"], 3), _num(a["pearson_r"], 3), _num(a["spearman_r"], 3)])
     return markdown_table(header, rows)
 
 
 def detection_table(runs: Sequence[Mapping]) -> str:
-    """Per run: detection sensitivity per reference-lesion volume bin ("sensitivity (detected/n)")
-    and false-positive lesions per case."""
+    """Per run: detection sensitivity per reference-lesion volume bin ("sensitivity [95 % CI]
+    (detected/n lesions)", detected a sum of per-lesion shares over the scoring models) and
+    false-positive lesions per case."""
     names = [b["bin"] for b in runs[0]["detection"]["bins"]] if runs else []
     rows = []
     for run in runs:
         found = run["detection"]
-        cells = [f"{_num(b['sensitivity'], 3)} ({b['detected']}/{b['n']})" for b in found["bins"]]
+        cells = [f"{_num(b['sensitivity'], 3)} {_pair(b['ci95'], 3)} ({b['detected']:.4g}/{b['n']})" for b in found["bins"]]
         rows.append([run["label"], *cells, _num(found["fp_lesions_per_case"], 2)])
     return markdown_table(["Run", *(f"Sensitivity {n}" for n in names), "FP lesions / case"], rows)
 
@@ -230,7 +237,7 @@ def comparison_table(comparisons: Sequence[Mapping]) -> str:
     rows, notes = [], []
     for comp in comparisons:
         if "error" in comp:
-            notes.append(f"- {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
+            notes.append(f"- WARNING {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
             continue
         for metric, test in comp["metrics"].items():
             d = METRICS[metric].decimals + 1
@@ -250,12 +257,25 @@ def _p(value: float | None) -> str:
 _TABLE_LAYOUTS = {"strategy": lambda name, runs: isles_table(runs), "dataset": atlas_table}
 
 
-def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str) -> str:
+def scoring_record(whole_brain: bool, brain_crop: bool) -> dict:
+    """Where the network ran and what was scored, for summary.json and results.md:
+    {"inference_region": "whole volume" | "brain box" | "preprocessing crop", "note": a sentence}.
+    whole_brain: the dataset spec's (whole-volume inputs, ATLAS/UOA); brain_crop: evaluate.py's --brain-crop."""
+    if not whole_brain:
+        return {"inference_region": "preprocessing crop", "note": "The network ran on the preprocessing crop; its probabilities are "
+                "resampled onto the native grid, where the whole volume is scored (outside the crop: background)."}
+    if brain_crop:
+        return {"inference_region": "brain box", "note": "Brain-box inference (--brain-crop): the network ran only over the box of the "
+                "brain's non-zero voxels, the rest predicted background, so false positives outside the box cannot occur; the whole volume is scored."}
+    return {"inference_region": "whole volume", "note": "Whole-volume scoring: the network ran over the whole volume and every voxel is scored."}
+
+
+def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, comparisons: Sequence[Mapping], split: str, scoring: Mapping) -> str:
     """The whole ``results.md``: the paper-layout table with failed cases under it, details,
     distributions, volume agreement, lesion detection, comparisons; each with its definition.
 
     preset: :func:`strokeseg.evaluation.engine.preset_record`; comparisons: from
-    :func:`strokeseg.evaluation.engine.compare_runs`.
+    :func:`strokeseg.evaluation.engine.compare_runs`; scoring: :func:`scoring_record`.
     """
     spec = dataset_spec(dataset)
     name = spec.display_name
@@ -267,7 +287,7 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         table,
         failed_cases(runs),
         "Values: mean ± sample std (ddof=1) across the per-fold means (each fold's model scored on "
-        f"the {split} cases), the paper's convention. Whole-volume scoring; lesions are "
+        f"the {split} cases), the paper's convention. {scoring['note']} Lesions are "
         f"{preset['connectivity']}-connected components (preset {preset['name']}; a reference lesion counts as detected when {match}).",
         "## Details",
         details_table(runs, metrics),
@@ -282,12 +302,13 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         agreement_table(runs),
         "Per distinct case (the ensemble's volume, else the mean over fold models). Bias: mean of "
         "predicted − reference; LoA: bias ± 1.96 sample std of the differences; ICC(3,1): two-way "
-        "mixed, consistency, single rater (Shrout & Fleiss 1979). Bland-Altman plots: figures/bland_altman/<run>.png.",
+        f"mixed, consistency, single rater (Shrout & Fleiss 1979); LoA, ICC and correlations need at least {MIN_CASES} cases. "
+        "Bland-Altman plots: figures/bland_altman/<run>.png.",
         "## Lesion detection",
         detection_table(runs),
-        "Reference lesions binned by volume, pooled over the scoring models (the ensemble when "
-        "present); FP lesions: predicted components not matched to a reference lesion, mean per case. "
-        "Per lesion: lesions.csv.",
+        f"Reference lesions binned by volume, each lesion once; the scoring models are the ensemble when present, "
+        f"else the fold models (and seeds): {DETECTION_RULE}. (detected/n): the sum of the shares / the lesions. "
+        "FP lesions: predicted components not matched to a reference lesion, mean per case. Per lesion and model: lesions.csv.",
     ]
     if comparisons:
         parts += ["## Paired comparisons", comparison_table(comparisons),

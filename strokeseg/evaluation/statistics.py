@@ -18,6 +18,8 @@ from scipy import stats
 
 __all__ = [
     "VOLUME_BINS",
+    "MIN_CASES",
+    "ZERO_TOLERANCE",
     "sample_std",
     "case_values",
     "bootstrap_indices",
@@ -30,11 +32,17 @@ __all__ = [
     "bland_altman",
     "icc_3_1",
     "volume_agreement",
+    "DETECTION_RULE",
     "detection",
 ]
 
 # Reference-lesion volume bins for detection sensitivity: (name, low ml inclusive, high ml exclusive).
 VOLUME_BINS: tuple[tuple[str, float, float], ...] = (("<1 ml", 0.0, 1.0), ("1-10 ml", 1.0, 10.0), (">=10 ml", 10.0, math.inf))
+# Fewest cases for a paired comparison, ICC, correlations and limits of agreement.
+MIN_CASES = 5
+# A paired difference within this fraction of the values' largest magnitude is a tie (zero):
+# float noise (5e-17 from summing in another order) is not a difference.
+ZERO_TOLERANCE = 1e-12
 
 
 def sample_std(values: np.ndarray) -> float:
@@ -154,21 +162,24 @@ def _fold_order(fold: str) -> tuple[int, str]:
     return (int(tail), fold) if fold.startswith("fold_") and tail.isdigit() else (1 << 30, fold)
 
 
-def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_bootstrap: int = 10000, seed: int = 0, min_cases: int = 5) -> dict:
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_bootstrap: int = 10000, seed: int = 0, min_cases: int = MIN_CASES) -> dict:
     """Paired a[case] - b[case] over the cases in both.
 
-    Returns n, n_only_a, n_only_b; mean_difference with ci95 (bootstrap of the mean difference
-    over cases, ``bootstrap_indices(n, n_bootstrap, seed)``); median_difference; statistic and
-    p_value of the two-sided ``scipy.stats.wilcoxon`` (zero differences dropped; statistic
-    min(W+, W-)), both None with a "note" when every difference is zero. Raises ValueError for
-    fewer than ``min_cases`` shared cases or non-finite values.
+    A difference within :data:`ZERO_TOLERANCE` times the largest |value| of the pairs is a tie,
+    set to exactly 0. Returns n, n_only_a, n_only_b; mean_difference with ci95 (bootstrap of
+    the mean difference over cases, ``bootstrap_indices(n, n_bootstrap, seed)``);
+    median_difference; statistic and p_value of the two-sided ``scipy.stats.wilcoxon`` (zero
+    differences dropped; statistic min(W+, W-)), both None with a "note" when every difference
+    is zero. Raises ValueError for fewer than ``min_cases`` shared cases or non-finite values.
     """
     common = sorted(set(a) & set(b))
     if len(common) < min_cases:
         raise ValueError(f"a paired comparison needs at least {min_cases} cases present in both, got {len(common)} (a has {len(a)}, b has {len(b)})")
-    diff = np.array([float(a[c]) - float(b[c]) for c in common])
-    if not np.isfinite(diff).all():
-        raise ValueError(f"non-finite paired values for cases {[c for c, d in zip(common, diff) if not np.isfinite(d)]}")
+    pairs = np.array([[float(a[c]), float(b[c])] for c in common])
+    if not np.isfinite(pairs).all():
+        raise ValueError(f"non-finite paired values for cases {[c for c, row in zip(common, pairs) if not np.isfinite(row).all()]}")
+    diff = pairs[:, 0] - pairs[:, 1]
+    diff[np.abs(diff) <= ZERO_TOLERANCE * np.abs(pairs).max()] = 0.0
     out = {
         "n": len(common),
         "n_only_a": len(a) - len(common),
@@ -223,36 +234,76 @@ def icc_3_1(ratings: np.ndarray) -> float:
     return (bms - ems) / denominator if denominator > 0 else float("nan")
 
 
-def volume_agreement(pred_ml: Mapping[str, float], ref_ml: Mapping[str, float]) -> dict:
+def volume_agreement(pred_ml: Mapping[str, float], ref_ml: Mapping[str, float], min_cases: int = MIN_CASES) -> dict:
     """Predicted vs reference lesion volume (ml) per case (cases in both): n; Bland-Altman
-    bias_ml, sd_ml, loa_ml; icc_3_1 (prediction and reference as two raters); pearson_r and
-    spearman_r (``scipy.stats``; NaN for fewer than 3 cases or a constant series)."""
+    bias_ml, sd_ml (NaN below two cases); and, from ``min_cases`` cases on, loa_ml, icc_3_1
+    (prediction and reference as two raters), pearson_r and spearman_r (``scipy.stats``; NaN
+    for a constant series). Below ``min_cases`` those four are NaN and "note" says why."""
     cases = sorted(set(pred_ml) & set(ref_ml))
     pred = np.array([pred_ml[c] for c in cases], dtype=np.float64)
     ref = np.array([ref_ml[c] for c in cases], dtype=np.float64)
-    agreement = bland_altman(pred, ref) if cases else {"n": 0, "bias": float("nan"), "sd": float("nan"), "loa": [float("nan")] * 2}
-    defined = len(cases) >= 3 and np.ptp(pred) > 0 and np.ptp(ref) > 0
+    nan = float("nan")
+    agreement = bland_altman(pred, ref) if cases else {"n": 0, "bias": nan, "sd": nan, "loa": [nan, nan]}
+    out = {"n": agreement["n"], "bias_ml": agreement["bias"], "sd_ml": agreement["sd"], "loa_ml": [nan, nan], "icc_3_1": nan, "pearson_r": nan, "spearman_r": nan}
+    if len(cases) < min_cases:
+        return {**out, "note": f"n < {min_cases}: limits of agreement, ICC and correlations not computed"}
+    varies = np.ptp(pred) > 0 and np.ptp(ref) > 0
     return {
-        "n": agreement["n"],
-        "bias_ml": agreement["bias"],
-        "sd_ml": agreement["sd"],
+        **out,
         "loa_ml": agreement["loa"],
-        "icc_3_1": icc_3_1(np.stack([pred, ref], axis=1)) if cases else float("nan"),
-        "pearson_r": float(stats.pearsonr(pred, ref).statistic) if defined else float("nan"),
-        "spearman_r": float(stats.spearmanr(pred, ref).statistic) if defined else float("nan"),
+        "icc_3_1": icc_3_1(np.stack([pred, ref], axis=1)),
+        "pearson_r": float(stats.pearsonr(pred, ref).statistic) if varies else nan,
+        "spearman_r": float(stats.spearmanr(pred, ref).statistic) if varies else nan,
     }
 
 
-def detection(lesions: Sequence[Mapping], fp_per_case: Mapping[str, float]) -> dict:
-    """Lesion-level detection: lesions are per-lesion rows ("ref_volume_ml", "detected"), one
-    per reference lesion and scoring model; fp_per_case: case id -> false-positive lesions.
+DETECTION_RULE = (
+    "per reference lesion, the share of the scoring models (fold models and seeds; the ensemble: one) that detect it; "
+    "sensitivity: the mean of those shares over the bin's lesions (a single model's expected sensitivity); "
+    "95 % CI: percentile bootstrap over cases"
+)
 
-    Returns {"bins": [{"bin", "n", "detected", "sensitivity" (NaN when n = 0)}] over
-    :data:`VOLUME_BINS`, "n_lesions", "fp_lesions_per_case" (mean over cases), "n_cases"}.
+
+def detection(lesions: Sequence[Mapping], fp_per_case: Mapping[str, float], n_bootstrap: int = 10000, seed: int = 0) -> dict:
+    """Lesion-level detection. lesions: per-lesion rows ("case_id", "lesion_id",
+    "ref_volume_ml", "detected"), one per reference lesion and scoring model; fp_per_case: case
+    id -> false-positive lesions (mean over its models).
+
+    Each lesion counts once, with the share of its rows that detect it (:data:`DETECTION_RULE`).
+    Returns {"bins": [{"bin", "n" (distinct lesions), "detected" (sum of shares), "sensitivity"
+    (NaN when n = 0), "ci95" (bootstrap over the cases, :func:`bootstrap_indices` with
+    ``n_bootstrap``, ``seed``; resamples without a lesion in the bin left out)}] over
+    :data:`VOLUME_BINS`, "n_lesions" (distinct), "fp_lesions_per_case" (mean over cases),
+    "n_cases", "rule"}.
     """
+    shares: dict[tuple[str, int], list[float]] = {}
+    volumes: dict[tuple[str, int], float] = {}
+    for row in lesions:
+        key = (str(row["case_id"]), int(row["lesion_id"]))
+        shares.setdefault(key, []).append(float(bool(row["detected"])))
+        volumes[key] = float(row["ref_volume_ml"])
+    cases = sorted(set(fp_per_case) | {case for case, _ in shares})
+    position = {case: i for i, case in enumerate(cases)}
+    indices = bootstrap_indices(len(cases), n_bootstrap, seed) if cases else None
     bins = []
     for name, low, high in VOLUME_BINS:
-        hits = [bool(row["detected"]) for row in lesions if low <= float(row["ref_volume_ml"]) < high]
-        bins.append({"bin": name, "n": len(hits), "detected": sum(hits), "sensitivity": sum(hits) / len(hits) if hits else float("nan")})
+        found, hits = np.zeros(len(cases)), np.zeros(len(cases))
+        for key, values in shares.items():
+            if low <= volumes[key] < high:
+                found[position[key[0]]] += 1
+                hits[position[key[0]]] += np.mean(values)
+        n, detected = int(found.sum()), float(hits.sum())
+        bins.append({"bin": name, "n": n, "detected": detected, "sensitivity": detected / n if n else float("nan"), "ci95": _ratio_ci(hits, found, indices)})
     fps = list(fp_per_case.values())
-    return {"bins": bins, "n_lesions": len(lesions), "fp_lesions_per_case": float(np.mean(fps)) if fps else float("nan"), "n_cases": len(fps)}
+    return {"bins": bins, "n_lesions": len(shares), "fp_lesions_per_case": float(np.mean(fps)) if fps else float("nan"), "n_cases": len(fps), "rule": DETECTION_RULE}
+
+
+def _ratio_ci(numerator: np.ndarray, denominator: np.ndarray, indices: np.ndarray | None) -> list[float]:
+    """Percentile 95 % interval of sum(numerator) / sum(denominator) (float (n cases,)) over the
+    case resamples ``indices``; resamples with a zero denominator are left out; NaNs when none is left."""
+    if indices is None or not denominator.any():
+        return [float("nan"), float("nan")]
+    num, den = numerator[indices].sum(axis=1), denominator[indices].sum(axis=1)
+    ratios = num[den > 0] / den[den > 0]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return [float(low), float(high)]

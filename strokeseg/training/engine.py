@@ -84,6 +84,7 @@ __all__ = [
     "add_model_arguments",
     "resolve_model_arguments",
     "add_transfer_scope_argument",
+    "add_fold_mismatch_argument",
     "resolve_transfer_scope",
     "parse_training_arguments",
     "model_config_from_args",
@@ -172,7 +173,8 @@ class InitSpec:
     """How the weights start: label ('scratch', 'brats', 'transfer', 'finetune'), and for a
     pretrained start the checkpoint, the scope copied ('encoder' | 'all'), the dataset it must
     have been trained on (source_dataset, a registry name; None: any) and this fold's test case
-    ids, which, like its validation cases, it must not have seen
+    ids, which, like its validation cases, it must not have seen; fold: this run's fold, which a
+    source checkpoint recording its fold must share unless allow_fold_mismatch
     (:func:`strokeseg.core.contract.check_pretrained`, before anything is written)."""
 
     label: str = "scratch"
@@ -180,6 +182,8 @@ class InitSpec:
     scope: str = "encoder"
     source_dataset: str | None = None
     test_cases: tuple[str, ...] = ()
+    fold: int | None = None
+    allow_fold_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -346,6 +350,12 @@ def add_transfer_scope_argument(parser: argparse.ArgumentParser) -> None:
         help="what the pretrained checkpoint gives: encoder (the CNN encoder(s) only) or all (every tensor); "
         "default the architecture's (the paper's): " + ", ".join(f"{models.arch_spec(a).transfer_scope} for {a}" for a in models.arch_names()),
     )
+
+
+def add_fold_mismatch_argument(parser: argparse.ArgumentParser) -> None:
+    """--allow-fold-mismatch for scripts that transfer from a BraTS fold checkpoint."""
+    parser.add_argument("--allow-fold-mismatch", action="store_true", help="start fold k from a --pretrain-ckpt that records another fold "
+                        "(default: refused; the paper pairs each stroke fold with the same BraTS fold)")
 
 
 def resolve_transfer_scope(arch: str, scope: str | None, pretrained: bool) -> str | None:
@@ -859,7 +869,7 @@ def _init_model(resolved: dict, init: InitSpec, seed: int, checkpoint: dict | No
     record = {"label": init.label, "checkpoint": str(init.checkpoint) if init.checkpoint else None, "scope": init.scope, "transfer": None, "source_fold": None,
               "parameters_transferred": 0, "parameters_total": None}
     if init.checkpoint is not None:
-        check_pretrained(init.checkpoint, init.label, init.source_dataset, val_cases, init.test_cases)
+        check_pretrained(init.checkpoint, init.label, init.source_dataset, val_cases, init.test_cases, init.fold, init.allow_fold_mismatch)
         report = models.load_pretrained(model, resolved, init.checkpoint, init.scope)
         record["transfer"], record["source_fold"] = report.summary(), report.source_fold
         record["parameters_transferred"], record["parameters_total"] = report.parameters_copied, report.parameters_total
