@@ -3,14 +3,21 @@
 A plan is the experiment grid as data: stages, each one stage script with its arguments, the
 folds it runs (one task per fold), the resources a task asks for and the stages it needs. It is
 built from one JSON file (``ablation.json`` at the repository root: the paper's grid with
-placeholder paths; relative paths are relative to that file). Two executors run the same plan:
+placeholder paths; relative paths are relative to that file), validated completely first (an
+invalid entry is one ERROR line naming its key, exit 2). Two executors run the same plan:
 
 - :func:`run_local`: subprocesses on this machine, as many at once as the CPU (and GPU) budget
-  allows. A rerun skips tasks whose outputs are complete (:func:`is_complete`) and continues the
-  rest (training resumes its ``last.pth``: every training task has ``--resume-if-exists``).
+  allows, after checking that no input path is a placeholder or missing. A task is complete
+  when its outputs say so (:func:`is_complete`) and its record ``<task>.plan.json`` beside them
+  holds the settings the grid gives it now (:func:`task_state`: resolved arguments, comparison
+  pairs, epochs, and its inputs' records). A rerun skips complete tasks, redoes stale ones
+  (recorded with other settings) with ``--overwrite``, and continues the rest (training resumes
+  its ``last.pth``: every training task has ``--resume-if-exists``). The stages' WARNING and
+  ERROR lines are printed; a preprocessing task that leaves cases in no fold fails.
 - :func:`emit_slurm`: one sbatch script per stage (an array over the folds for a per-fold
   stage) and ``submit.sh``, which submits the pending tasks in plan order, each with
-  ``--dependency=afterok:`` on the jobs of the tasks it needs, and prints the job ids.
+  ``--dependency=afterok:`` on the jobs of the tasks it needs, records the job ids, skips tasks
+  whose jobs are still queued, and prints the job ids.
 
     python -m strokeseg.ablation --config ablation.json                 # print the plan
     python -m strokeseg.ablation --config ablation.json --run           # run it here

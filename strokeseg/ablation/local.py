@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..core.io import write_text
@@ -61,13 +60,13 @@ def _pending(plan: Plan) -> tuple[list[tuple[Task, bool]], set[str]]:
 
 
 def _finished(plan: Plan, entry: _Running) -> str | None:
-    """After ``entry`` ended: print the WARNING lines of its log, and write the task's record
-    when it succeeded. Returns why it failed, or None."""
+    """After ``entry`` ended: print the WARNING and ERROR lines this run added to its log, and
+    write the task's record when it succeeded. Returns why it failed, or None."""
     log, status = get_logger(), entry.process.returncode
     log.info(f"{entry.task.key}: exit {status} ({time.perf_counter() - entry.started:.0f} s)")
     with open(entry.log.name, errors="replace") as text:
         text.seek(entry.offset)
-        warnings = [line.strip() for line in text if "WARNING" in line]
+        warnings = [line.strip() for line in text if "WARNING" in line or "ERROR" in line]
     for line in warnings:
         log.info(f"{entry.task.key}: {line}")
     if status != 0:

@@ -14,10 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import models
 
-from .grid import PLACEHOLDER, validate_grid
-from ..core.io import CaseError, read_json, write_text
-from ..core.runner import get_logger
+from ..core.io import CaseError, read_json
 from ..evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
+from .grid import PLACEHOLDER, validate_grid
 
 __all__ = ["FOLD", "FOLDERS", "REPO", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "input_problems", "is_complete",
            "task_state", "task_record", "record_text", "record_path", "command"]
