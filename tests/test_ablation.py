@@ -131,6 +131,8 @@ def _edit(grid: dict, dotted: str, value) -> None:
     ("stroke.arms", ["transfer", "finetune"], "stroke.arms[1]: unknown arm 'finetune'"),
     ("epochs.train_isles", -5, "epochs.train_isles: must be a positive integer, got -5"),
     ("epochs.train_brats", {"resnet18": 0}, "epochs.train_brats.resnet18: must be a positive integer, got 0"),
+    ("epochs.train_stroke", {"resnet18": 10}, "epochs.train_stroke.uctransnet3d: missing"),
+    ("epochs.train_brats", None, "epochs.train_brats: missing"),
     ("args.train", "--width 8", "args.train: must be a list, got '--width 8'"),
     ("args.trian", [], "args.trian: unknown stage kind"),
     ("resources.train_isles", None, "resources.train_isles: missing"),

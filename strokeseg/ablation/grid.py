@@ -149,7 +149,12 @@ def _settings(grid: Mapping[str, Any]) -> None:
                 _fail(f"{section}.{kind}", f"unknown stage kind (one of {', '.join(kinds)})")
             _per_arch(table, kind, section, archs, check)
     for kind in EPOCH_KINDS:
-        _per_arch({kind: _table(grid, "epochs").get(kind)}, kind, "epochs", archs, _epochs)
+        value = grid["epochs"].get(kind)
+        if value is None:
+            _fail(f"epochs.{kind}", "missing")
+        for arch in archs if isinstance(value, Mapping) else ():
+            if arch not in value:
+                _fail(f"epochs.{kind}.{arch}", "missing: a table per architecture names every architecture")
     resources = _table(grid, "resources")
     for kind in RESOURCE_KINDS:
         res = resources.get(kind)
