@@ -129,7 +129,7 @@ def run_local(plan: Plan, cpus: int, gpus: int = 0, python: str = sys.executable
     finally:
         _stop(running)
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     for key, reason in failed.items():
         log.info(f"FAILED {key}: {reason}; see {logs / (key + '.log')}")
     return 1 if failed else 0
