@@ -165,10 +165,16 @@ def test_run_refuses_placeholder_and_missing_inputs_before_creating_anything(tmp
     assert err == [f"ERROR /path/to/ISLES2022/derivatives: placeholder path; set it in {tmp_path / 'grid.json'}",
                    f"ERROR {tmp_path / 'no_brats'}: input not found (set in {tmp_path / 'grid.json'})"]
     assert not (tmp_path / "work").exists()
-    grid["work_dir"], grid["data"]["isles"], grid["data"]["brats"] = "/path/to/ablation", str(tmp_path), str(tmp_path)
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--emit-slurm", str(tmp_path / "jobs")]) == 2  # jobs would create it
+    assert capsys.readouterr().err.splitlines() == err[:1] and not (tmp_path / "jobs").exists()
+    grid["work_dir"], grid["data"]["isles"] = "/path/to/ablation", str(tmp_path)
     (tmp_path / "grid.json").write_text(json.dumps(grid))
     assert ablation.main(["--config", str(tmp_path / "grid.json"), "--run"]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"ERROR /path/to/ablation: placeholder path; set it in {tmp_path / 'grid.json'}"]
+    assert capsys.readouterr().err.splitlines() == [f"ERROR /path/to/ablation: placeholder path; set it in {tmp_path / 'grid.json'}", err[1]]
+    grid["work_dir"] = str(tmp_path / "work")
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--emit-slurm", str(tmp_path / "jobs")]) == 0  # the cluster may see it
+    assert capsys.readouterr().out.startswith(f"WARNING {tmp_path / 'no_brats'}: input not found")
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -189,7 +195,7 @@ cat "$SQUEUE_OUT"
 def _paper_grid_in(tmp_path: Path, work: str = "work") -> Path:
     grid = json.loads((REPO / "ablation.json").read_text())
     grid["work_dir"] = str(tmp_path / work)
-    grid["data"]["foundation_config"] = str(REPO / "config.json")
+    grid["data"] = {"isles": str(tmp_path / "ISLES2022"), "brats": str(tmp_path / "BraTS2024"), "foundation_config": str(REPO / "config.json")}
     (tmp_path / "ablation.json").write_text(json.dumps(grid))
     return tmp_path / "ablation.json"
 

@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=REPO / "ablation.json", help="the ablation grid (default ablation.json of the repository)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--run", action="store_true", help="run the incomplete tasks on this machine (default: print the plan)")
-    action.add_argument("--emit-slurm", type=Path, metavar="DIR", help="write one sbatch script per stage and DIR/submit.sh")
+    action.add_argument("--emit-slurm", type=Path, metavar="DIR",
+                        help="write one sbatch script per stage and DIR/submit.sh (refused while the grid has /path/to placeholders)")
     action.add_argument("--pending", action="store_true",
                         help="print the keys of the tasks not complete, one a line: not run, unfinished, or made with other settings than the grid's now")
     parser.add_argument("--cpus", type=int, default=cpu_count(), help="--run: CPU cores to share between tasks (default: all of this machine's)")
@@ -75,12 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _inputs_ok(plan: Plan, here: bool) -> bool:
+    """Print an ERROR per placeholder path, and per missing input an ERROR (``here``: the plan
+    runs on this machine) or a WARNING (SLURM jobs may see other file systems); False on an ERROR."""
+    placeholders, missing = input_problems(plan)
+    for problem in placeholders + (missing if here else []):
+        print(f"ERROR {problem}", file=sys.stderr)
+    for problem in [] if here else missing:
+        print(f"WARNING {problem}")
+    return not placeholders and not (here and missing)
+
+
 def _run(plan: Plan, args: argparse.Namespace) -> int:
     """``--run``: refuse placeholder or missing inputs before anything is created, then run."""
-    problems = input_problems(plan)
-    for problem in problems:
-        print(f"ERROR {problem}", file=sys.stderr)
-    if problems:
+    if not _inputs_ok(plan, here=True):
         return 2
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
     return run_local(plan, args.cpus, gpus)
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(task.key for task in plan.tasks() if task_state(plan, task) != "complete"))
         return 0
     if args.emit_slurm:
+        if not _inputs_ok(plan, here=False):
+            return 2
         written = emit_slurm(plan, args.emit_slurm)
         print(f"{len(written) - 1} sbatch scripts in {args.emit_slurm}; submit with: bash {written[-1]}")
         return 0

@@ -397,10 +397,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise ValueError(f"{path}: invalid ablation grid: {err}") from err
 
 
-def input_problems(plan: Plan) -> list[str]:
-    """Why the plan cannot run here, checked before anything is created: a placeholder path of
-    the shipped grid (work_dir or data) or an input that does not exist."""
-    problems = [f"{path}: placeholder path; set it in {plan.config}" for path in (plan.work_dir, *plan.inputs) if str(path).startswith(PLACEHOLDER)]
-    return problems + [f"{path}: input not found (set in {plan.config})" for path in plan.inputs if not str(path).startswith(PLACEHOLDER) and not path.exists()]
-
-
+def input_problems(plan: Plan) -> tuple[list[str], list[str]]:
+    """Why the plan cannot run, checked before anything is created: its placeholder paths of the
+    shipped grid (work_dir or data), and its inputs that do not exist (here)."""
+    placeholders = [f"{path}: placeholder path; set it in {plan.config}" for path in (plan.work_dir, *plan.inputs) if str(path).startswith(PLACEHOLDER)]
+    missing = [f"{path}: input not found (set in {plan.config})" for path in plan.inputs if not str(path).startswith(PLACEHOLDER) and not path.exists()]
+    return placeholders, missing
