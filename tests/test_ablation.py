@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -105,14 +108,73 @@ def test_demo_emits_its_plan_for_slurm(tmp_path, monkeypatch):
     assert str(tmp_path / "out" / "ablation.json") in (tmp_path / "jobs" / "submit.sh").read_text()
 
 
-def test_bad_grid_names_the_file(tmp_path):
+def _edit(grid: dict, dotted: str, value) -> None:
+    """Set grid[a][b]... = value for ``dotted`` "a.b"; value None deletes the key."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        grid = grid[key]
+    if value is None:
+        del grid[last]
+    else:
+        grid[last] = value
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("folds", [-1, 0], "folds[0]: must be an integer 0..4, got -1"),
+    ("folds", [0, 0], "folds: duplicate fold in [0, 0]"),
+    ("folds", "0,1", "folds: must be a list, got '0,1'"),
+    ("folds", [], "folds: empty"),
+    ("isles.arms", [["shard", "brats"]], "isles.arms[0][0]: unknown 'shard'"),
+    ("isles.pretrain_arch", "resnet50", "isles.pretrain_arch: must be one of architectures"),
+    ("architectures.resnet50", {"patch_size": 96, "min_lesion_overlap": 0.01}, "architectures.resnet50: unknown architecture"),
+    ("stroke.datasets", ["ATLAS", "ATLAS_v3"], "stroke.datasets[1]: unknown stroke dataset 'ATLAS_v3'"),
+    ("stroke.arms", ["transfer", "finetune"], "stroke.arms[1]: unknown arm 'finetune'"),
+    ("epochs.train_isles", -5, "epochs.train_isles: must be a positive integer, got -5"),
+    ("epochs.train_brats", {"resnet18": 0}, "epochs.train_brats.resnet18: must be a positive integer, got 0"),
+    ("epochs.train_stroke", {"resnet18": 10}, "epochs.train_stroke.uctransnet3d: missing"),
+    ("epochs.train_brats", None, "epochs.train_brats: missing"),
+    ("args.train", "--width 8", "args.train: must be a list, got '--width 8'"),
+    ("args.trian", [], "args.trian: unknown stage kind"),
+    ("resources.train_isles", None, "resources.train_isles: missing"),
+    ("resources.evaluate.cpus", 0, "resources.evaluate.cpus: must be an integer >= 1, got 0"),
+    ("compare.ATLAS", [["resnet18_transfer", "resnet18_scrach"]], "compare.ATLAS[0][1]: unknown 'resnet18_scrach'"),
+    ("compare.BraTS", [], "compare.BraTS: not an evaluated dataset"),
+    ("fold", [0], "fold: unknown key"),
+])
+def test_grid_validated_completely_at_load(tmp_path, capsys, dotted, value, message):
+    """Every malformed entry is one ERROR line naming the key, exit 2, before anything runs."""
     grid = json.loads((REPO / "ablation.json").read_text())
-    del grid["resources"]["train_isles"]
+    grid["work_dir"] = str(tmp_path / "work")
+    _edit(grid, dotted, value)
     (tmp_path / "grid.json").write_text(json.dumps(grid))
-    with pytest.raises(ValueError, match=r"grid\.json: invalid ablation grid .*train_isles"):
-        ablation.load_plan(tmp_path / "grid.json")
+    assert ablation.main(["--config", str(tmp_path / "grid.json")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ERROR {tmp_path / 'grid.json'}: invalid ablation grid: ") and message in err[0], err
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--run"]) == 2 and not (tmp_path / "work").exists()
     with pytest.raises(ValueError, match="needs 'b', which is not an earlier stage"):
-        ablation.check_order([Stage("a", "x.py", (), Resources(), "summaries", (), needs=("b",)), Stage("b", "x.py", (), Resources(), "summaries", ())])
+        ablation.plan.check_order([Stage("a", "x.py", (), Resources(), "summaries", (), needs=("b",)), Stage("b", "x.py", (), Resources(), "summaries", ())])
+
+
+def test_run_refuses_placeholder_and_missing_inputs_before_creating_anything(tmp_path, capsys):
+    grid = json.loads((REPO / "ablation.json").read_text())
+    grid["work_dir"] = str(tmp_path / "work")
+    grid["data"]["brats"], grid["data"]["foundation_config"] = str(tmp_path / "no_brats"), str(REPO / "config.json")
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--run"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"ERROR /path/to/ISLES2022/derivatives: placeholder path; set it in {tmp_path / 'grid.json'}",
+                   f"ERROR {tmp_path / 'no_brats'}: input not found (set in {tmp_path / 'grid.json'})"]
+    assert not (tmp_path / "work").exists()
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--emit-slurm", str(tmp_path / "jobs")]) == 2  # jobs would create it
+    assert capsys.readouterr().err.splitlines() == err[:1] and not (tmp_path / "jobs").exists()
+    grid["work_dir"], grid["data"]["isles"] = "/path/to/ablation", str(tmp_path)
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--run"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ERROR /path/to/ablation: placeholder path; set it in {tmp_path / 'grid.json'}", err[1]]
+    grid["work_dir"] = str(tmp_path / "work")
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    assert ablation.main(["--config", str(tmp_path / "grid.json"), "--emit-slurm", str(tmp_path / "jobs")]) == 0  # the cluster may see it
+    assert capsys.readouterr().out.startswith(f"WARNING {tmp_path / 'no_brats'}: input not found")
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -120,30 +182,55 @@ def test_bad_grid_names_the_file(tmp_path):
 
 FAKE_SBATCH = """#!/bin/bash
 n=$(wc -l < "$SBATCH_LOG")
-echo "$*" >> "$SBATCH_LOG"
+printf '%s\\x1f' "$@" >> "$SBATCH_LOG"
+echo >> "$SBATCH_LOG"
 echo "$((1000 + n));cluster"
+"""
+FAKE_SQUEUE = """#!/bin/bash
+echo "$*" > "$SQUEUE_ARGS"
+cat "$SQUEUE_OUT"
 """
 
 
-def _paper_grid_in(tmp_path: Path) -> Path:
+def _paper_grid_in(tmp_path: Path, work: str = "work") -> Path:
     grid = json.loads((REPO / "ablation.json").read_text())
-    grid["work_dir"] = str(tmp_path / "work")
-    grid["data"]["foundation_config"] = str(REPO / "config.json")
+    grid["work_dir"] = str(tmp_path / work)
+    grid["data"] = {"isles": str(tmp_path / "ISLES2022"), "brats": str(tmp_path / "BraTS2024"), "foundation_config": str(REPO / "config.json")}
     (tmp_path / "ablation.json").write_text(json.dumps(grid))
     return tmp_path / "ablation.json"
 
 
-def _submit(jobs: Path, tmp_path: Path) -> tuple[list[list[str]], str]:
-    """Run submit.sh with the stand-in sbatch; returns the recorded sbatch argument lists and stdout."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.log"
+def _stubs(tmp_path: Path, python: str = sys.executable, **scripts: str) -> dict[str, str]:
+    """Executables named after the keywords in tmp_path/bin; the environment that finds them
+    first, with $PYTHON (the jobs' and submit.sh's interpreter) ``python``."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
-    (bin_dir / "sbatch").chmod(0o755)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=python)
+
+
+def _submit(jobs: Path, tmp_path: Path, queued: Sequence[str] = (), python: str = sys.executable) -> tuple[list[list[str]], str]:
+    """Run submit.sh with stand-in sbatch and squeue (``queued``: the job ids squeue lists) and
+    $PYTHON ``python``; returns the recorded sbatch argument lists and stdout."""
+    log, queue = tmp_path / "sbatch.log", tmp_path / "squeue.out"
     log.write_text("")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SBATCH_LOG=str(log), PYTHON=sys.executable)
+    queue.write_text("".join(f"{job}\n" for job in queued))
+    env = dict(_stubs(tmp_path, python, sbatch=FAKE_SBATCH, squeue=FAKE_SQUEUE), SBATCH_LOG=str(log), SQUEUE_OUT=str(queue), SQUEUE_ARGS=str(tmp_path / "squeue.args"))
     done = subprocess.run(["bash", str(jobs / "submit.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return [line.split() for line in log.read_text().splitlines()], done.stdout
+    return [line.split("\x1f")[:-1] for line in log.read_text().splitlines()], done.stdout
+
+
+def _mark_complete(plan: Plan, stages) -> None:
+    """Summaries without failed cases and the plan's records for every task of ``stages``."""
+    for stage in stages:
+        for output in stage.outputs:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps({"n_failed": 0}))
+        for task in [Task(stage, fold) for fold in stage.folds or (None,)]:
+            ablation.record_path(task).write_text(ablation.record_text(plan, task))
 
 
 def test_submit_sh_order_and_afterok_ids(tmp_path):
@@ -166,10 +253,7 @@ def test_submit_sh_order_and_afterok_ids(tmp_path):
     assert transfer[-2] == f"--dependency=afterok:{job_of['preprocess_stroke_foundation']}:{job_of['extract_patches_96']}:{job_of['train_brats_resnet18_fold2']}"
 
     # a re-submission after a partial run skips the complete tasks, and nobody waits for them
-    for stage in plan.stages[:6]:
-        for output in stage.outputs:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            Path(output).write_text(json.dumps({"n_failed": 0}))
+    _mark_complete(plan, plan.stages[:6])
     calls, out = _submit(jobs, tmp_path)
     assert len(calls) == 84 - 6 and "preprocess_v2_isles: complete, not submitted" in out
     assert not any(arg.startswith("--dependency") for arg in calls[0]) and calls[0][-1].endswith("_train_brats_resnet18.sbatch")
@@ -290,3 +374,153 @@ def test_slurm_examples_pair_folds_and_use_the_plan_names(tmp_path, script, env,
     argv = (tmp_path / "args").read_text().splitlines()
     assert {flag: _option(argv, flag) for flag in expected} == expected
     assert _option(argv, "--fold") == "3" and "--resume-if-exists" in argv
+
+
+# --------------------------------------------------------------------------- records, stale tasks, warnings, kills
+
+STAGE = """import json, os, signal, sys, time
+argv = sys.argv[1:]
+opt = lambda flag: argv[argv.index(flag) + 1]
+log, name = opt('--log'), opt('--name')
+def note(*words):
+    with open(log, 'a') as f:
+        f.write(' '.join(words) + '\\n')
+def preempted(*_):
+    note('saved', name)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, preempted)
+note('start', name, json.dumps(argv))
+if '--say' in argv:
+    print(opt('--say'), flush=True)
+deadline = time.time() + 60
+while os.path.exists(opt('--hold')) and time.time() < deadline:
+    time.sleep(0.05)
+json.dump({'n_failed': 0}, open(opt('--out'), 'w'))
+note('done', name)
+"""
+
+
+def _stage(name: str, tmp_path: Path, folds: tuple[int, ...] = (), extra: tuple[str, ...] = (), **kwargs) -> Stage:
+    """A stand-in stage: notes 'start <key> <argv>' in tmp_path/stages.log, prints --say, waits
+    while tmp_path/hold_<key> exists, writes its summary and notes 'done <key>'; SIGTERM: notes
+    'saved <key>' and exits 75 (as a trainer does)."""
+    script = tmp_path / "stage.py"
+    script.write_text(STAGE)
+    key = name + (f"_fold{FOLD}" if folds else "")
+    out = str(tmp_path / f"{key}.json")
+    args = ("--name", key, "--out", out, "--log", str(tmp_path / "stages.log"), "--hold", str(tmp_path / f"hold_{key}"), *extra)
+    return Stage(name, str(script), args, Resources(cpus=1), "summaries", (out,), folds, **kwargs)
+
+
+def _notes(tmp_path: Path, kind: str) -> list[str]:
+    """The keys of the stand-in stages' notes of one kind ('start', 'done', 'saved'), in order."""
+    lines = (tmp_path / "stages.log").read_text().splitlines() if (tmp_path / "stages.log").exists() else []
+    return [line.split()[1] for line in lines if line.split()[0] == kind]
+
+
+def _started_argv(tmp_path: Path, key: str) -> list[str]:
+    lines = [line.split(" ", 2) for line in (tmp_path / "stages.log").read_text().splitlines()]
+    return json.loads([rest for kind, name, *rest in lines if kind == "start" and name == key][-1][0])
+
+
+def test_changed_grid_makes_exactly_the_affected_tasks_pending(tmp_path, monkeypatch, capsys):
+    """After a complete run, a changed argument or an added comparison makes pending exactly the
+    tasks whose resolved arguments (or whose inputs' tasks) changed; --workers is not a setting."""
+    path = _paper_grid_in(tmp_path)
+    monkeypatch.setattr(ablation.plan, "is_complete", lambda task: True)  # the outputs themselves are tested above
+    plan = ablation.load_plan(path)
+    for task in plan.tasks():
+        ablation.record_path(task).parent.mkdir(parents=True, exist_ok=True)
+        ablation.record_path(task).write_text(ablation.record_text(plan, task))
+
+    def pending_after(dotted: str, value) -> set[str]:
+        grid = json.loads(path.read_text())
+        _edit(grid, dotted, value)
+        (tmp_path / "changed.json").write_text(json.dumps(grid))
+        assert ablation.main(["--config", str(tmp_path / "changed.json"), "--pending"]) == 0
+        return set(capsys.readouterr().out.split())
+
+    assert pending_after("folds", [0, 1, 2, 3, 4]) == set()
+    assert pending_after("resources.train_stroke", {"gpus": 1, "cpus": 4, "memory": "64G", "time": "48:00:00"}) == set()  # --workers only
+    isles = {"preprocess_v2_isles", "preprocess_isles_WITH_BBOX", "evaluate_ISLES2022"} | {f"train_isles_{arm}_fold{k}" for arm in ISLES_ARMS for k in range(5)}
+    assert pending_after("args.preprocess_isles", ["--target-shape", "128", "128", "128"]) == isles
+    compare = [["resnet18_transfer", "resnet18_scratch"], ["uctransnet3d_transfer", "uctransnet3d_scratch"], ["resnet18_scratch", "uctransnet3d_scratch"]]
+    assert pending_after("compare.ATLAS", compare) == {"evaluate_ATLAS"}
+    assert pending_after("args.evaluate", []) == {"evaluate_ISLES2022", "evaluate_ATLAS", "evaluate_UOA_Private"}
+    uct = {f"train_{ds}_uctransnet3d_{arm}_fold{k}" for ds in ("atlas", "uoa_private") for arm in ("transfer", "scratch") for k in range(5)}
+    assert pending_after("args.train_stroke", {"uctransnet3d": ["--width", "16"]}) == uct | {"evaluate_ATLAS", "evaluate_UOA_Private"}
+    brats = {f"train_brats_resnet18_fold{k}" for k in range(5)}
+    after_brats = {f"train_isles_{arm}_fold{k}" for arm in ("separate_brats", "shared_brats") for k in range(5)}
+    after_brats |= {f"train_{ds}_resnet18_transfer_fold{k}" for ds in ("atlas", "uoa_private") for k in range(5)}
+    assert pending_after("epochs.train_brats", {"resnet18": 50, "uctransnet3d": 100}) == brats | after_brats | {"evaluate_ISLES2022", "evaluate_ATLAS", "evaluate_UOA_Private"}
+
+
+def test_stale_task_is_redone_with_overwrite_and_recorded(tmp_path):
+    def plan_with(level: str) -> Plan:
+        stages = (_stage("prep", tmp_path), _stage("train", tmp_path, (0, 1), ("--level", level, "--workers", "1", "--resume-if-exists"), needs=("prep",)),
+                  _stage("evaluate", tmp_path, needs=("train",)))
+        return Plan(stages, tmp_path / "work", tmp_path / "grid.json")
+
+    first = plan_with("1")
+    assert ablation.run_local(first, cpus=1) == 0
+    train0 = Task(first.stages[1], 0)
+    assert ablation.record_path(train0) == tmp_path / "train_fold0.plan.json"
+    assert json.loads(ablation.record_path(train0).read_text())["args"] == ["--name", "train_fold0", "--out", str(tmp_path / "train_fold0.json"),
+        "--log", str(tmp_path / "stages.log"), "--hold", str(tmp_path / "hold_train_fold0"), "--level", "1"]
+    second = plan_with("2")
+    assert [ablation.task_state(second, t) for t in second.tasks()] == ["complete", "stale", "stale", "stale"]
+    assert ablation.run_local(second, cpus=1) == 0
+    assert _notes(tmp_path, "done") == ["prep", "train_fold0", "train_fold1", "evaluate"] + ["train_fold0", "train_fold1", "evaluate"]
+    redo = _started_argv(tmp_path, "train_fold1")
+    assert redo[-1] == "--overwrite" and "--resume-if-exists" not in redo and "--level" in redo
+    assert "--overwrite" in _started_argv(tmp_path, "evaluate")  # its input's task was redone
+    assert all(ablation.task_state(second, t) == "complete" for t in second.tasks())
+    assert ablation.run_local(second, cpus=1) == 0 and len(_notes(tmp_path, "done")) == 7
+
+
+def test_run_prints_stage_warnings_and_fails_on_cases_in_no_fold(tmp_path, capsys):
+    from strokeseg.datasets.splits import IN_NO_FOLD
+
+    warn = f"WARNING splits.json: kept the existing folds; 1 {IN_NO_FOLD}, so no training uses them"
+    stages = (_stage("prep", tmp_path, extra=("--say", "WARNING 2 cases without a lesion")), _stage("prep2", tmp_path, extra=("--say", warn)),
+              _stage("train", tmp_path, needs=("prep", "prep2")))
+    plan = Plan(stages, tmp_path / "work", tmp_path / "grid.json")
+    assert ablation.run_local(plan, cpus=1) == 1
+    out = capsys.readouterr().out
+    assert "prep: WARNING 2 cases without a lesion" in out and f"prep2: {warn}" in out
+    assert "FAILED prep2: preprocessed cases that are in no fold" in out
+    assert _notes(tmp_path, "done") == ["prep", "prep2"]  # the stage itself ended with 0, but nothing went on
+    assert [ablation.task_state(plan, t) for t in plan.tasks()] == ["complete", "pending", "pending"]
+
+
+def _kill_plan(tmp_path: Path) -> Plan:
+    stages = (_stage("prep", tmp_path), _stage("train", tmp_path, (0, 1), needs=("prep",)), _stage("evaluate", tmp_path, needs=("train",)))
+    return Plan(stages, tmp_path / "work", tmp_path / "grid.json")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_plan_resumes_without_redoing_finished_tasks(tmp_path, how):
+    """A real kill of the running plan (SIGKILL of its process group: plan and stage; SIGTERM
+    of the plan alone: it stops its stage, which saves) while train_fold1 runs."""
+    (tmp_path / "hold_train_fold1").touch()
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+            "from pathlib import Path; from strokeseg import ablation; from test_ablation import _kill_plan\n"
+            f"sys.exit(ablation.run_local(_kill_plan(Path({str(tmp_path)!r})), cpus=1))\n")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while "train_fold1" not in _notes(tmp_path, "start") and time.time() < deadline:
+        time.sleep(0.1)
+    assert _notes(tmp_path, "start") == ["prep", "train_fold0", "train_fold1"]
+    if how == "SIGKILL":
+        os.killpg(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    else:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _notes(tmp_path, "saved") == ["train_fold1"]  # the plan passed SIGTERM on and waited
+    assert _notes(tmp_path, "done") == ["prep", "train_fold0"]
+    (tmp_path / "hold_train_fold1").unlink()
+    plan = _kill_plan(tmp_path)
+    assert ablation.run_local(plan, cpus=1) == 0
+    assert _notes(tmp_path, "start")[3:] == ["train_fold1", "evaluate"]  # prep and train_fold0 not redone
+    assert _notes(tmp_path, "done") == ["prep", "train_fold0", "train_fold1", "evaluate"]

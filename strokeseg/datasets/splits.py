@@ -32,6 +32,7 @@ __all__ = [
     "cases_on_disk",
 ]
 
+IN_NO_FOLD = "preprocessed case(s) are in no fold"  # the warning strokeseg.ablation looks for in a stage's log
 # Stage settings that shape only the splits file: --rebuild-splits may change them.
 SPLIT_SETTINGS = ("test_fraction", "seed")
 REBUILD_HINT = (
@@ -211,7 +212,7 @@ def write_splits_once(
         unlisted, gone = sorted(set(lesion_volumes) - listed), sorted(listed - set(lesion_volumes))
         if unlisted:
             log.info(
-                f"WARNING {path}: kept the existing folds; {len(unlisted)} preprocessed case(s) are in no fold, so no "
+                f"WARNING {path}: kept the existing folds; {len(unlisted)} {IN_NO_FOLD}, so no "
                 f"training, validation or test uses them: {unlisted[:10]}. To add them, {REBUILD_HINT}"
             )
         if gone:

@@ -1,46 +1,27 @@
-"""The paper's ablation as one plan, run on this machine or submitted to SLURM.
-
-A plan is the experiment grid as data: stages, each one stage script with its arguments, the
-folds it runs (one task per fold), the resources a task asks for and the stages it needs. It is
-built from one JSON file (``ablation.json`` at the repository root: the paper's grid with
-placeholder paths; relative paths are relative to that file). Two executors run the same plan:
-
-- :func:`run_local`: subprocesses on this machine, as many at once as the CPU (and GPU) budget
-  allows. A rerun skips tasks whose outputs are complete (:func:`is_complete`) and continues the
-  rest (training resumes its ``last.pth``: every training task has ``--resume-if-exists``).
-- :func:`emit_slurm`: one sbatch script per stage (an array over the folds for a per-fold
-  stage) and ``submit.sh``, which submits the pending tasks in plan order, each with
-  ``--dependency=afterok:`` on the jobs of the tasks it needs, and prints the job ids.
-
-    python -m strokeseg.ablation --config ablation.json                 # print the plan
-    python -m strokeseg.ablation --config ablation.json --run           # run it here
-    python -m strokeseg.ablation --config ablation.json --emit-slurm jobs && bash jobs/submit.sh
-
-Fold pairing: stroke fold k fine-tunes from BraTS fold k (the paper's code), so a transfer task
-of fold k waits for BraTS fold k only.
+"""The ablation plan as data: stages, tasks, their dependencies and commands, built from the
+grid (``ablation.json``), and when a task is complete: its outputs say so (:func:`is_complete`)
+and its record (:func:`record_path`) holds the settings the grid now gives it (:func:`task_state`).
 """
 from __future__ import annotations
 
-import argparse
+import hashlib
+import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 import models
-from .core.io import CaseError, read_json, write_text
-from .core.runner import get_logger
-from .evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
 
-__all__ = ["FOLD", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "is_complete", "command", "run_local", "emit_slurm"]
+from ..core.io import CaseError, read_json
+from ..evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
+from .grid import PLACEHOLDER, validate_grid
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["FOLD", "FOLDERS", "REPO", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "input_problems", "is_complete",
+           "task_state", "task_record", "record_text", "record_path", "command"]
+
+REPO = Path(__file__).resolve().parents[2]
 FOLD = "{fold}"  # stands for the fold in a per-fold stage's arguments
 
 
@@ -100,11 +81,13 @@ class Task:
 @dataclass(frozen=True)
 class Plan:
     """Stages in an order where every stage comes after those it needs; work_dir holds the
-    outputs and ``logs/``; config is the ablation JSON the plan was built from."""
+    outputs and ``logs/``; config is the ablation JSON the plan was built from; inputs: the
+    data paths its stages read (checked by :func:`input_problems` before a local run)."""
 
     stages: tuple[Stage, ...]
     work_dir: Path
     config: Path
+    inputs: tuple[Path, ...] = ()
 
     def tasks(self) -> list[Task]:
         """Every task, stage by stage in plan order, folds ascending."""
@@ -180,11 +163,67 @@ def is_complete(task: Task) -> bool:
     return DONE_RULES[task.stage.done](task.stage, task.fold)
 
 
-def command(task: Task, python: str = sys.executable) -> list[str]:
-    """The command line of ``task``, run from the repository root (torchrun for > 1 GPU)."""
+# --------------------------------------------------------------------------- what made a task complete
+
+RUN_ONLY = {"--workers": 1, "--resume-if-exists": 0, "--overwrite": 0}  # flag -> values: how a task runs, not what it makes
+REDO_FLAG = "--overwrite"  # every stage script's flag to redo outputs made with other settings
+
+
+def settings_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` less the flags of :data:`RUN_ONLY` (and their values)."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in RUN_ONLY:
+            skip = RUN_ONLY[arg]
+        else:
+            kept.append(arg)
+    return kept
+
+
+def task_record(plan: Plan, task: Task) -> dict[str, Any]:
+    """What a complete ``task`` was made with: script, resolved arguments (less run-only flags;
+    the evaluation's include its ``--compare`` pairs), epochs, and a digest of the record of
+    every task it needs, so a redone input makes its dependants stale too."""
+    needs = {need.key: hashlib.sha256(record_text(plan, need).encode()).hexdigest()[:16] for need in plan.needs(task)}
+    return {"task": task.key, "script": task.stage.script, "args": settings_args(task.stage.argv(task.fold)), "epochs": task.stage.epochs, "needs": needs}
+
+
+def record_text(plan: Plan, task: Task) -> str:
+    """:func:`task_record` as the one line of JSON written to :func:`record_path`."""
+    return json.dumps(task_record(plan, task), sort_keys=True) + "\n"
+
+
+def record_path(task: Task) -> Path:
+    """``<task key>.plan.json`` beside the task's outputs (a training task's: in its fold folder)."""
+    if task.stage.done == "training":
+        return Path(task.stage.outputs[0]) / f"fold_{task.fold}" / f"{task.key}.plan.json"
+    return Path(task.stage.outputs[0].replace(FOLD, str(task.fold))).parent / f"{task.key}.plan.json"
+
+
+def task_state(plan: Plan, task: Task) -> str:
+    """``"complete"``: outputs complete (:func:`is_complete`) and recorded with the grid's current
+    settings; ``"stale"``: recorded with other settings (its redo passes ``--overwrite``);
+    ``"pending"``: otherwise (not run, unfinished, or finished without a record)."""
+    try:
+        recorded = record_path(task).read_text()
+    except OSError:
+        return "pending"
+    if recorded != record_text(plan, task):
+        return "stale"
+    return "complete" if is_complete(task) else "pending"
+
+
+def command(task: Task, python: str = sys.executable, redo: bool = False) -> list[str]:
+    """The command line of ``task``, run from the repository root (torchrun for > 1 GPU);
+    ``redo``: with ``--overwrite`` instead of ``--resume-if-exists`` (a stale task)."""
     gpus = task.stage.resources.gpus
     launcher = [python] if gpus <= 1 else [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
-    return [*launcher, task.stage.script, *task.stage.argv(task.fold)]
+    argv = task.stage.argv(task.fold)
+    if redo:
+        argv = [arg for arg in argv if arg != "--resume-if-exists"] + [REDO_FLAG]
+    return [*launcher, task.stage.script, *argv]
 
 
 # --------------------------------------------------------------------------- building the plan
@@ -342,240 +381,25 @@ def build_plan(config: Mapping[str, Any], base: Path, config_path: Path) -> Plan
         data_args = ["--data-dir", str(work / FOLDERS["foundation"])]
         stages += [*runs.values(), _evaluation(config, work, dataset, runs, data_args, "preprocess_stroke_foundation")]
     check_order(stages)
-    return Plan(tuple(stages), work, config_path)
+    data, used = config["data"], {"isles": bool(isles), "brats": bool(_brats_archs(config)), "foundation_config": bool(config["stroke"]["datasets"])}
+    return Plan(tuple(stages), work, config_path, tuple(base / data[key] for key, needed in used.items() if needed))
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
-    """:func:`build_plan` of the JSON file ``path``; ValueError naming the file and the missing
-    or invalid entry when the grid is malformed."""
+    """:func:`build_plan` of the JSON file ``path``, validated completely first
+    (:func:`strokeseg.ablation.grid.validate_grid`); ValueError naming the file and the invalid key."""
     path = Path(path).resolve()
     config = read_json(path)
     try:
+        validate_grid(config)
         return build_plan(config, path.parent, path)
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: invalid ablation grid ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path}: invalid ablation grid: {err}") from err
 
 
-# --------------------------------------------------------------------------- local executor
-
-
-@dataclass
-class _Running:
-    task: Task
-    process: subprocess.Popen
-    log: Any
-    started: float
-    cpus: int
-    gpus: list[int]
-
-
-def _launch(task: Task, logs: Path, cpus: int, gpus: list[int] | None, python: str) -> _Running:
-    """Start ``task`` with ``cpus`` threads (OMP_NUM_THREADS) and, on a GPU machine, only the
-    GPUs ``gpus`` visible; output appended to ``logs/<task key>.log``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(cpus))
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-    log = open(logs / f"{task.key}.log", "a")
-    process = subprocess.Popen(command(task, python), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return _Running(task, process, log, time.perf_counter(), cpus, gpus or [])
-
-
-def _pending(plan: Plan) -> tuple[list[Task], set[str]]:
-    """Split the plan's tasks into those still to run and the keys of those already complete."""
-    todo, done = [], set()
-    for task in plan.tasks():
-        if is_complete(task):
-            done.add(task.key)
-            get_logger().info(f"{task.key}: outputs complete, skipped")
-        else:
-            todo.append(task)
-    return todo, done
-
-
-def run_local(plan: Plan, cpus: int, gpus: int = 0, python: str = sys.executable) -> int:
-    """Run the plan's incomplete tasks here, each as a subprocess from the repository root: a
-    task starts once the tasks it needs are done and its CPUs (and GPUs) are free, ready tasks in
-    plan order (a task asking for more than ``cpus``/``gpus`` gets them all). After a failure nothing new
-    starts; the running tasks finish. Returns 0 when every task is complete, else 1 (the log
-    names the failed task's log file)."""
-    log, logs = get_logger(), plan.work_dir / FOLDERS["logs"]
-    logs.mkdir(parents=True, exist_ok=True)
-    todo, done = _pending(plan)
-    running: list[_Running] = []
-    free_cpus, free_gpus, failed = cpus, list(range(gpus)), []
-    while todo or running:
-        for task in [t for t in todo if all(need.key in done for need in plan.needs(t))] if not failed else []:
-            want_cpus, want_gpus = min(task.stage.resources.cpus, cpus), min(task.stage.resources.gpus, gpus)
-            if want_cpus > free_cpus or want_gpus > len(free_gpus):
-                break  # no task overtakes a ready one that waits for resources
-            share, free_gpus, free_cpus = free_gpus[:want_gpus], free_gpus[want_gpus:], free_cpus - want_cpus
-            todo.remove(task)
-            running.append(_launch(task, logs, want_cpus, share if gpus else None, python))
-        time.sleep(0.2)
-        for entry in [e for e in running if e.process.poll() is not None]:
-            entry.log.close()
-            running.remove(entry)
-            free_cpus, free_gpus = free_cpus + entry.cpus, free_gpus + entry.gpus
-            status = entry.process.returncode
-            log.info(f"{entry.task.key}: exit {status} ({time.perf_counter() - entry.started:.0f} s)")
-            if status == 0:
-                done.add(entry.task.key)
-            else:
-                failed.append(entry.task)
-        if failed and not running:
-            break
-    for task in failed:
-        log.info(f"FAILED {task.key}; see {logs / (task.key + '.log')}")
-    return 1 if failed else 0
-
-
-# --------------------------------------------------------------------------- SLURM executor
-
-
-def _shell_word(arg: str) -> str:
-    """``arg`` quoted for bash, ``{fold}`` in it becoming ``"$FOLD"``."""
-    if FOLD not in arg:
-        return shlex.quote(arg)
-    return '"$FOLD"'.join(shlex.quote(part) if part else "" for part in arg.split(FOLD))
-
-
-def _shell_args(args: Sequence[str]) -> str:
-    """Shell words, one option (and its values) per line."""
-    lines: list[list[str]] = [[]]
-    for arg in args:
-        if arg.startswith("--") and lines[-1]:
-            lines.append([])
-        lines[-1].append(_shell_word(arg))
-    return " \\\n    ".join(" ".join(words) for words in lines)
-
-
-def _sbatch_script(stage: Stage, plan: Plan, python: str) -> str:
-    """One stage's sbatch script: an array over its folds (``$SLURM_ARRAY_TASK_ID`` is the
-    fold), the requeue wrapper, and torchrun for more than one GPU. Runs under plain bash too."""
-    res, logs = stage.resources, plan.work_dir / FOLDERS["logs"]
-    head = [f"#!/bin/bash\n# {stage.name}: {stage.script}, planned by strokeseg.ablation from {plan.config}",
-            f"#SBATCH --job-name={stage.name}"]
-    if stage.folds:
-        head.append(f"#SBATCH --array={','.join(map(str, stage.folds))}")
-    if res.gpus:
-        head.append(f"#SBATCH --gres=gpu:{res.gpus}")
-    head += [f"#SBATCH --cpus-per-task={res.cpus}", f"#SBATCH --mem={res.memory}", f"#SBATCH --time={res.time}",
-             "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --open-mode=append",
-             f"#SBATCH --output={logs}/%x_{'%A_%a' if stage.folds else '%j'}.out", "set -euo pipefail", f"cd {shlex.quote(str(REPO))}",
-             f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}"]
-    if stage.folds:
-        head.append('FOLD=${SLURM_ARRAY_TASK_ID:?"run as an array task (sbatch) or set SLURM_ARRAY_TASK_ID to the fold"}')
-    launcher = '"$PYTHON"' + (f" -m torch.distributed.run --standalone --nproc_per_node {res.gpus}" if res.gpus > 1 else "")
-    return "\n".join(head) + f"\nslurm/requeue.sh {launcher} {_shell_args([stage.script, *stage.args])}\n"
-
-
-SUBMIT_HEAD = r'''#!/bin/bash
-# Submit the ablation planned from {config}: every task whose outputs are not complete, in plan
-# order. A per-fold stage is submitted as one job per fold (sbatch --array=<fold>): SLURM gives a
-# whole array one --dependency, so only one job per fold lets fold k wait for the fold-k jobs it
-# needs and nothing else (--dependency=afterok:<ids>). Complete tasks are not submitted and
-# their dependants do not wait for them, so re-submitting after a partial run continues it.
-# Prints one line per job: "<task>: job <id> [after <ids>]".
-set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-cd {repo}
-PYTHON=${{PYTHON:-{python}}}
-mkdir -p {logs}
-PENDING=$("$PYTHON" -m strokeseg.ablation --config {config} --pending)
-declare -A JOB=()
-submit() {{  # submit TASK SCRIPT FOLD|- NEEDED_TASK...
-    local task=$1 script=$2 fold=$3 need ids=() id
-    shift 3
-    if ! grep -qxF "$task" <<<"$PENDING"; then echo "$task: complete, not submitted"; return 0; fi
-    for need in "$@"; do
-        if [ -n "${{JOB[$need]:-}}" ]; then ids+=("${{JOB[$need]}}"); fi
-    done
-    local options=(--parsable --kill-on-invalid-dep=yes)
-    if [ "$fold" != - ]; then options+=("--array=$fold"); fi
-    if [ ${{#ids[@]}} -gt 0 ]; then options+=("--dependency=afterok:$(IFS=:; echo "${{ids[*]}}")"); fi
-    id=$(sbatch "${{options[@]}}" "$HERE/$script")
-    JOB[$task]=${{id%%;*}}
-    echo "$task: job ${{JOB[$task]}}${{ids[*]:+ after ${{ids[*]}}}}"
-}}
-'''
-
-
-def emit_slurm(plan: Plan, out_dir: str | os.PathLike, python: str = sys.executable) -> list[Path]:
-    """Write ``<NN>_<stage>.sbatch`` per stage and ``submit.sh`` into ``out_dir``; returns the
-    paths written (submit.sh last). ``python``: the interpreter the jobs run (``$PYTHON``
-    overrides it at submission)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, lines = [], []
-    for index, stage in enumerate(plan.stages):
-        path = out_dir / f"{index:02d}_{stage.name}.sbatch"
-        write_text(path, _sbatch_script(stage, plan, python))
-        path.chmod(0o755)
-        written.append(path)
-        for fold in stage.folds or (None,):
-            task = Task(stage, fold)
-            needs = " ".join(need.key for need in plan.needs(task))
-            lines.append(f"submit {task.key} {path.name} {'-' if fold is None else fold}{' ' + needs if needs else ''}")
-    values = {"config": plan.config, "repo": REPO, "python": python, "logs": plan.work_dir / FOLDERS["logs"]}
-    head = SUBMIT_HEAD.format(**{key: shlex.quote(str(value)) for key, value in values.items()})
-    submit = out_dir / "submit.sh"
-    write_text(submit, head + "\n".join(lines) + "\n")
-    submit.chmod(0o755)
-    return [*written, submit]
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use (its affinity where the platform reports one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def describe(plan: Plan) -> str:
-    """The plan as text: per stage its folds, needs, resources and the first task's command."""
-    lines = [f"{len(plan.stages)} stages, {len(plan.tasks())} tasks; outputs and logs under {plan.work_dir}"]
-    for stage in plan.stages:
-        res = stage.resources
-        folds = f" folds {','.join(map(str, stage.folds))}" if stage.folds else ""
-        needs = ", ".join([*stage.needs, *(f"{name} (same fold)" for name in stage.needs_fold)]) or "-"
-        lines.append(f"{stage.name}{folds}; needs {needs}; {res.gpus} GPU, {res.cpus} CPU, {res.memory}, {res.time}")
-        lines.append("    " + shlex.join(command(Task(stage, stage.folds[0] if stage.folds else None), "python")))
-    return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=REPO / "ablation.json", help="the ablation grid (default ablation.json of the repository)")
-    action = parser.add_mutually_exclusive_group()
-    action.add_argument("--run", action="store_true", help="run the incomplete tasks on this machine (default: print the plan)")
-    action.add_argument("--emit-slurm", type=Path, metavar="DIR", help="write one sbatch script per stage and DIR/submit.sh")
-    action.add_argument("--pending", action="store_true", help="print the keys of the tasks whose outputs are not complete, one a line")
-    parser.add_argument("--cpus", type=int, default=cpu_count(), help="--run: CPU cores to share between tasks (default: all of this machine's)")
-    parser.add_argument("--gpus", type=int, default=None, help="--run: GPUs to share between tasks (default: all CUDA devices)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        plan = load_plan(args.config)
-    except (CaseError, ValueError) as err:
-        print(f"ERROR {err}", file=sys.stderr)
-        return 2
-    if args.pending:
-        print("\n".join(task.key for task in plan.tasks() if not is_complete(task)))
-        return 0
-    if args.emit_slurm:
-        written = emit_slurm(plan, args.emit_slurm)
-        print(f"{len(written) - 1} sbatch scripts in {args.emit_slurm}; submit with: bash {written[-1]}")
-        return 0
-    if args.run:
-        gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
-        return run_local(plan, args.cpus, gpus)
-    print(describe(plan))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def input_problems(plan: Plan) -> tuple[list[str], list[str]]:
+    """Why the plan cannot run, checked before anything is created: its placeholder paths of the
+    shipped grid (work_dir or data), and its inputs that do not exist (here)."""
+    placeholders = [f"{path}: placeholder path; set it in {plan.config}" for path in (plan.work_dir, *plan.inputs) if str(path).startswith(PLACEHOLDER)]
+    missing = [f"{path}: input not found (set in {plan.config})" for path in plan.inputs if not str(path).startswith(PLACEHOLDER) and not path.exists()]
+    return placeholders, missing
