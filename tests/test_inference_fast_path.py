@@ -89,3 +89,21 @@ def test_fold_batchnorm_by_hand() -> None:
 def test_fold_batchnorm_refuses_training_mode() -> None:
     with pytest.raises(ValueError, match="eval-mode"):
         models.fold_batchnorm(nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2)))
+
+
+def test_no_window_batch_of_one_when_more_are_left() -> None:
+    """5 windows at sw_batch_size 4 run as batches of 3 and 2, not 4 and 1 (a batch-1 3-D
+    convolution falls back to PyTorch's slow native loop), with unchanged probabilities."""
+    sizes = []
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return torch.sigmoid(batch.sum(dim=1, keepdim=True))
+
+    volume = np.random.default_rng(0).standard_normal((2, 24, 8, 8)).astype(np.float32)  # 5 windows of 8³ along x
+    batched = sliding_window_inference(volume, predictor, 8, overlap=0.5, sw_batch_size=4)
+    assert sorted(sizes) == [2, 3]
+    sizes.clear()
+    single = sliding_window_inference(volume, predictor, 8, overlap=0.5, sw_batch_size=1)
+    assert sizes == [1] * 5
+    np.testing.assert_allclose(batched, single, atol=1e-6)
