@@ -26,7 +26,7 @@ mkdir -p "$OUT" || exit 2
 rm -f "$OUT"/{train_step,data_pipeline,evaluate_fold,predict,roofline}.json
 
 if [ $DRY = 1 ]; then
-    LIMIT=120
+    LIMIT=300  # a hang guard: each step takes seconds on an idle CPU
     TRAIN=(--device cpu --size 4 32 2 --steps 1 --warmup 1 --amp-only)
     LOADER=(--cases 2 --shape 40 40 40 --patch-size 16 --patches-per-volume 2 --epochs 1 --workers 0 --skip-compressed)
     PREDICT=(--shape 40 40 40 --window 32 --width 4 --cases 1 --precision auto --matmul 256 --threads 2)
