@@ -7,7 +7,8 @@ patch files holding the ``centers`` of 20 lesion patches each, then drives
 strokeseg.training.data.TrainingSet through the training DataLoader exactly as train_stroke.py does
 (70 % stored lesion patches, 30 % random brain patches, flips, ``--workers`` workers, batch 4),
 for volumes stored uncompressed (memory-mapped) and compressed (decoded once per chunk).
-Reports patches/s and the ratio to the target (150 patches/s of 96³ with 2 workers).
+Reports patches/s and the ratio to the target (150 patches/s of 96³ with 2 workers);
+``--json F`` also writes them to F (benchmarks/gpu_check.sh); ``--shape`` makes smaller volumes.
 
     python benchmarks/bench_data_pipeline.py                 # ~1 min on 2 cores
     python benchmarks/bench_data_pipeline.py --epochs 5 --workers 4
@@ -15,6 +16,7 @@ Reports patches/s and the ratio to the target (150 patches/s of 96³ with 2 work
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -38,20 +40,21 @@ def _ellipsoid(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray) ->
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
 
 
-def write_cases(root: Path, n_cases: int, patch_size: int, compress: bool) -> list[str]:
+def write_cases(root: Path, n_cases: int, patch_size: int, compress: bool, shape: tuple[int, int, int] = SHAPE) -> list[str]:
     """Synthetic preprocessed volumes under root/volumes and patch centres under root/patches."""
     rng = np.random.default_rng(0)
     ids = []
-    centre = np.array(SHAPE) / 2
-    brain = _ellipsoid(SHAPE, centre, np.array(SHAPE) * 0.42)
+    centre = np.array(shape) / 2
+    brain = _ellipsoid(shape, centre, np.array(shape) * 0.42)
+    radii = np.array([6, 20]) * min(shape) / min(SHAPE)
     for i in range(n_cases):
-        lesion = _ellipsoid(SHAPE, centre + rng.uniform(-30, 30, 3), rng.uniform(6, 20, 3)) & brain
-        image = np.where(brain, rng.standard_normal(SHAPE, dtype=np.float32), np.float32(0))
+        lesion = _ellipsoid(shape, centre + rng.uniform(-0.15, 0.15, 3) * shape, rng.uniform(*radii, 3)) & brain
+        image = np.where(brain, rng.standard_normal(shape, dtype=np.float32), np.float32(0))
         image[lesion] -= 1.5
         case_id = f"sub-r001s{i + 1:03d}_ses-1"
         save_npz(root / "volumes" / f"{case_id}.npz", {"image": image, "lesion_mask": lesion.astype(np.uint8), "brain_mask": brain.astype(np.uint8)}, compress=compress)
         centres, _ = lesion_centers(lesion, 20, patch_size, 0.01, rng)
-        save_npz(root / "patches" / f"{case_id}.npz", {"centers": centres, "original_shape": np.array(SHAPE)})
+        save_npz(root / "patches" / f"{case_id}.npz", {"centers": centres, "original_shape": np.array(shape)})
         ids.append(case_id)
     return ids
 
@@ -86,15 +89,24 @@ def main(argv: list[str] | None = None) -> int:
                         "half the volumes, so every volume is reopened each epoch as in a real run with hundreds of cases)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (default 3)")
     parser.add_argument("--skip-compressed", action="store_true", help="only time the memory-mapped (uncompressed) layout")
+    parser.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), help="volume size X Y Z in voxels (default ATLAS's 197 233 189)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     layouts = ("uncompressed",) if args.skip_compressed else ("uncompressed", "compressed")
-    print(f"{args.cases} volumes {SHAPE}, {args.patch_size}^3 patches, {args.patches_per_volume} per volume per epoch, "
+    shape = tuple(args.shape)
+    print(f"{args.cases} volumes {shape}, {args.patch_size}^3 patches, {args.patches_per_volume} per volume per epoch, "
           f"batch {args.batch_size}, {args.workers} workers, {args.epochs} timed epochs")
+    rows = []
     for layout in layouts:
         with tempfile.TemporaryDirectory() as tmp:
-            ids = write_cases(Path(tmp), args.cases, args.patch_size, compress=layout == "compressed")
+            ids = write_cases(Path(tmp), args.cases, args.patch_size, compress=layout == "compressed", shape=shape)
             first, rate = measure(Path(tmp), ids, args)
         print(f"{layout:>12} .npz: {rate:7.1f} patches/s  = {rate / TARGET:.2f} x target ({TARGET:.0f}/s); first epoch {first:.1f} patches/s")
+        rows.append({"layout": layout, "patches_per_s": rate, "first_epoch_patches_per_s": first, "shape": list(shape),
+                     "patch": args.patch_size, "workers": args.workers, "batch": args.batch_size})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

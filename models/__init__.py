@@ -9,7 +9,7 @@ x (B, C_in, X, Y, Z) to a tuple of per-head logits (B, num_classes, X, Y, Z), an
 :func:`build_model`, persist with :func:`save_checkpoint` / :func:`model_from_checkpoint`,
 transfer with :func:`load_pretrained`. ``python -m models`` prints parameter counts.
 """
-from .common import NORMS, count_parameters, foreground_probability, make_norm, unwrap_model
+from .common import NORMS, count_parameters, fold_batchnorm, foreground_probability, make_norm, prepare_for_inference, unwrap_model
 from .factory import (
     FORMAT_VERSION,
     TransferReport,
@@ -40,6 +40,7 @@ __all__ = [
     "arch_spec",
     "build_model",
     "count_parameters",
+    "fold_batchnorm",
     "foreground_probability",
     "load_checkpoint",
     "load_pretrained",
@@ -47,6 +48,7 @@ __all__ = [
     "model_config_defaults",
     "model_config_of",
     "model_from_checkpoint",
+    "prepare_for_inference",
     "register_arch",
     "resolve_model_config",
     "save_checkpoint",

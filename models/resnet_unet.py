@@ -70,6 +70,8 @@ class BasicBlock(nn.Module):
     (B, C_in, X, Y, Z) → (B, C_out, X/stride, Y/stride, Z/stride).
     """
 
+    conv_norm_pairs = (("conv2", "norm2"),)  # norm2 reads conv2's output (models.fold_batchnorm)
+
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         super().__init__()
         self.conv1 = ConvNormReLU(in_channels, out_channels, 3, norm, stride=stride)

@@ -335,7 +335,7 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     model_config = checkpoint["model_config"]
     fold = _check_fits(contract, model_config, fold, dataset, path)
     init = checkpoint.get("init")
-    model.to(memory_format=torch.channels_last_3d).eval()  # the layout sliding_window_inference feeds
+    models.prepare_for_inference(model)  # eval, BatchNorm folded, channels-last: the layout sliding_window_inference feeds
     return FoldModel(
         fold=int(fold),
         path=path,

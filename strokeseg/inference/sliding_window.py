@@ -297,6 +297,17 @@ def _predict_windows(predictor: Predictor, mirror_tta: bool, device: torch.devic
         return (_predict_tta if mirror_tta else _predict)(predictor, batch)
 
 
+def _batch_bounds(count: int, sw_batch_size: int) -> list[tuple[int, int]]:
+    """(first, last) of each window batch: as few batches as ``sw_batch_size`` allows, their
+    sizes differing by at most one (25 windows at 4: seven batches of 3 or 4), so that no batch holds a
+    single window when more are left over. PyTorch runs a batch-1 3-D convolution with few voxels x
+    channels (a U-Net's coarse levels) in its native loop instead of oneDNN, about 8x slower per
+    FLOP on the CPU (benchmarks/README.md, "Roofline")."""
+    batches = math.ceil(count / sw_batch_size)
+    bounds = [count * i // batches for i in range(batches + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _stitch(
     image: torch.Tensor,
     predict: Callable[[torch.Tensor], torch.Tensor],
@@ -313,8 +324,8 @@ def _stitch(
     # (about 2-5x on CPU for the widths used here, when the weights are channels-last too).
     buffer = torch.empty((min(sw_batch_size, len(positions)), image.shape[0], *size), device=image.device)
     buffer = buffer.contiguous(memory_format=torch.channels_last_3d)
-    for first in range(0, len(positions), sw_batch_size):
-        regions = [tuple(slice(s, s + w) for s, w in zip(position, size)) for position in positions[first : first + sw_batch_size]]
+    for first, last in _batch_bounds(len(positions), sw_batch_size):
+        regions = [tuple(slice(s, s + w) for s, w in zip(position, size)) for position in positions[first:last]]
         batch = buffer[: len(regions)]
         for window_input, region in zip(batch, regions):
             window_input.copy_(image[(slice(None), *region)])
