@@ -184,16 +184,18 @@ def test_dicom_without_the_extra_and_seg_without_dicom_are_one_line_errors(dicom
     assert len(error) == 1 and error[0].endswith("DICOM input needs the optional DICOM extra (highdicom is missing): pip install -r requirements-dicom.txt")
 
 
-def test_two_dwi_series_of_one_patient_and_day_fail_that_case_naming_both(dicom_prediction: dict, tmp_path: Path) -> None:
+def test_two_dwi_series_of_one_patient_and_day_fail_that_case_naming_both(dicom_prediction: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from pydicom.uid import generate_uid
 
     _patient(tmp_path / "in" / "p02", seed=1, patient="P02", with_adc=False)
+    (tmp_path / "in" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 7)  # skipped with a warning
     b1000 = dicom_prediction["volumes"]["b1000"]
     _write_series(tmp_path / "in" / "p02_again", [b1000], "DWI b1000", generate_uid(), generate_uid(), 3, b_values=[1000], patient="P02")
     assert _predict(tmp_path / "in", dicom_prediction["run"], tmp_path / "out") == 1
     reason = read_json(tmp_path / "out" / "prediction_summary.json")["failed"][0]
     assert reason["case_id"] == "P02_20240102" and "2 dwi files give this one case id" in reason["reason"]
     assert "series-3/P02_20240102_dwi.nii.gz" in reason["reason"] and "series-3-" in reason["reason"]
+    assert f"WARNING {tmp_path / 'in' / 'broken.dcm'}: unreadable DICOM or no SeriesInstanceUID, skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("header, keys, role", [

@@ -113,9 +113,10 @@ def _series(root: Path, pydicom: ModuleType) -> dict[str, tuple[Any, list[Path]]
             continue
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as err:  # pydicom raises many types for corrupt files
-            raise CaseError(f"{path}: unreadable DICOM ({one_line(err)})") from err
-        uid = str(header.get("SeriesInstanceUID", path.parent))
+            uid = str(header.SeriesInstanceUID)
+        except Exception as err:  # pydicom raises many types for corrupt files; the other files still count
+            get_logger().info(f"WARNING {path}: unreadable DICOM or no SeriesInstanceUID, skipped ({one_line(err)})")
+            continue
         series.setdefault(uid, (header, []))[1].append(path)
     return series
 
@@ -147,7 +148,8 @@ def _run_dcm2niix(files: Sequence[Path], out_dir: Path, name: str) -> list[Path]
 def convert_folder(root: Path, out_dir: Path, keys: Sequence[str]) -> dict[str, dict]:
     """Convert every series of the DICOM folder ``root`` whose role (:func:`series_role`) is
     one of ``keys`` into ``out_dir`` (see the module docstring); series of other roles are
-    skipped. Returns and records in ``out_dir/dicom_series.json`` the converted image (path
+    skipped, and so (one WARNING/ERROR line each) are unreadable files and series dcm2niix cannot
+    convert: the other cases still run. Returns and records in ``out_dir/dicom_series.json`` the converted image (path
     relative to ``out_dir``) -> {"SeriesInstanceUID", "Files" (absolute DICOM paths), "Key"}."""
     pydicom, _ = require_extra(f"{root}: DICOM input")
     manifest_path = out_dir / MANIFEST
@@ -162,7 +164,12 @@ def convert_folder(root: Path, out_dir: Path, keys: Sequence[str]) -> dict[str, 
         if folder in folders:  # two series with one number (two studies of one day): both kept, the case fails naming both
             folder = folder.with_name(f"{folder.name}-{uid[-8:]}")
         folders.add(folder)
-        for path in _run_dcm2niix(files, folder, f"{case_id}_{key}"):
+        try:
+            written = _run_dcm2niix(files, folder, f"{case_id}_{key}")
+        except CaseError as err:  # the case's other series still convert; a case missing its DWI fails naming what is there
+            get_logger().info(f"ERROR {case_id}: {one_line(err)}")
+            continue
+        for path in written:
             record = {"SeriesInstanceUID": uid, "Files": [str(p.resolve()) for p in files], "Key": key}
             converted[path.relative_to(out_dir).as_posix()] = record
     if not converted:
@@ -272,8 +279,8 @@ def write_segs(cases: Mapping[str, PredictCase], report: RunReport, output_dir: 
         mask_path = output_dir / f"{case.out_stem}{MASK_SUFFIX}"
         if result.status == "skipped" and mask_path.with_name(mask_path.name.replace(MASK_SUFFIX, SEG_SUFFIX)).is_file():
             continue
-        sidecar = read_json(output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}")
         try:
+            sidecar = read_json(output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}")
             path = write_case_seg(mask_path, case.source, output_dir, model_label, version, sidecar.get("DwiBValue"))
         except CaseError as err:
             failed[case.case_id] = one_line(err)
