@@ -18,7 +18,8 @@ Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS de
 ``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
 lesions.csv, scores.csv (labelled cases), overlays/<case>.png, report.html (every case of the
 folder, self-contained), prediction_summary.json (every case of the folder, last status),
-run_args.json. Exit status 0, 1 when any case failed, 2 when nothing could run.
+run_args.json; for DICOM input dicom_nifti/ (the converted series) and with --dicom-seg
+``<case>_desc-lesion_seg.dcm``. Exit status 0, 1 when any case failed, 2 when nothing could run.
 """
 from __future__ import annotations
 
