@@ -12,12 +12,14 @@ thresholded. A case with a reference mask is also scored.
     python predict.py --image P001_T1.nii.gz --run runs/atlas_resnet18_transfer --output-dir out/p001
     python predict.py --input /data/hospital --modality dwi='*_DWI.nii.gz' --modality adc='*_ADC.nii.gz' --run models/isles --output-dir out/h
     python predict.py --dwi patient07/dwi_4d.nii.gz --case-id patient07 --run models/isles --output-dir out/p07   # 4-D DWI + .bval
+    python predict.py --input /data/dicom_export --dicom-seg --run models/isles --output-dir out/dicom   # DICOM in, DICOM-SEG out
 
 Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS derivatives tree
 ``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
 lesions.csv, scores.csv (labelled cases), overlays/<case>.png, report.html (every case of the
 folder, self-contained), prediction_summary.json (every case of the folder, last status),
-run_args.json. Exit status 0, 1 when any case failed, 2 when nothing could run.
+run_args.json; for DICOM input dicom_nifti/ (the converted series) and with --dicom-seg
+``<case>_desc-lesion_seg.dcm``. Exit status 0, 1 when any case failed, 2 when nothing could run.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config
 from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints
+from strokeseg.inference import dicom, qc
 from strokeseg.inference import prediction as pr
-from strokeseg.inference import qc
 from strokeseg.inference.html_report import write_html_report
 from strokeseg.inference.inputs import parse_modalities
 from strokeseg.inference.sliding_window import PRECISIONS
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_argument_group("input (a folder, or single files)")
     source.add_argument("--input", type=Path, help="dataset folder: ISLES 2022 layout A or B (masks optional), any BIDS naming (with or without ses-, acq-/run-/rec-), "
-                        "nnU-Net CASE_0000.nii.gz channels, files named by --modality, or a T1w tree found by the config's patterns or --pattern")
+                        "nnU-Net CASE_0000.nii.gz channels, files named by --modality, a T1w tree found by the config's patterns or --pattern, "
+                        "or DICOM series (converted by dcm2niix into OUTPUT_DIR/dicom_nifti; needs pip install -r requirements-dicom.txt)")
     source.add_argument("--modality", action="append", default=[], metavar="KEY=GLOB",
                         help="with --input: the files of one input (KEY: the model's dwi, adc or image, or mask for reference masks), a glob relative to "
                              "--input, letter case ignored; case id = what its * matched, or the file's folder (repeatable: --modality dwi='*_DWI.nii.gz')")
@@ -68,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-brain-crop", action="store_true", help="run the windows over the whole volume (default for whole-volume T1w models: only over the brain's box, the rest is background)")
     parser.add_argument("--sw-batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write the probability map (float32 NIfTI, native grid)")
+    parser.add_argument("--dicom-seg", action="store_true", help="with DICOM --input: also write <case>_desc-lesion_seg.dcm, a DICOM-SEG of the mask "
+                        "referencing the source series (needs pip install -r requirements-dicom.txt)")
     parser.add_argument("--save-uncertainty", action="store_true", help="also write the per-voxel standard deviation of the fold probabilities (<case>_desc-lesion_stddev.nii.gz, float32, native grid)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
@@ -82,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--modality goes with --input DIR")
     if args.dwi_volume is not None and args.dwi_volume < 0:
         parser.error("--dwi-volume must be >= 0")
+    if args.dicom_seg and not args.input:
+        parser.error("--dicom-seg goes with --input DIR holding DICOM series")
     if args.mask is not None and not single:
         parser.error("--mask goes with single files; in a folder masks are found beside the images")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
         model_set = pr.load_model_set(args.run, args.folds, device)
-        cases, bids = pr.discover_cases(input_spec(args, model_set.contract), model_set.spec)
+        inputs = dicom.dicom_input(input_spec(args, model_set.contract), args.output_dir, args.dicom_seg)  # DICOM: converted to NIfTI first
+        cases, bids = pr.discover_cases(inputs, model_set.spec)
     except (CaseError, ValueError) as err:
         log.info(f"ERROR {one_line(err)}")
         return 2
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded), save_uncertainty=args.save_uncertainty)
     report = pr.predict_cases(cases, model_set, options, args.workers)
     tables = pr.write_tables(args.output_dir, report, keep_earlier=same_models)
+    segs = dicom.write_segs(cases, report, args.output_dir, model_set.label, pr.code_version()) if args.dicom_seg else None
     stale = pr.stale_masks(args.output_dir, options.settings_id)
     if stale:
         log.info(f"WARNING {len(stale)} mask(s) in {args.output_dir} come from other models or settings (not in the tables): "
@@ -161,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info(f"report: {write_html_report(args.output_dir, f'Stroke lesion segmentation: {model_set.label}')}")
     extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}
     extra["this_call"] = {key: value for key, value in report.as_dict().items() if key.startswith("n_")}
+    if segs is not None:
+        extra["dicom_seg"] = segs
     summary_path = args.output_dir / "prediction_summary.json"
     finish(summary_path, qc.accumulate_report(summary_path, report, keep_earlier=same_models), extra)  # every case of the folder
-    return 1 if report.n_failed else 0  # this call's cases
+    return 1 if report.n_failed or (segs and segs["failed"]) else 0  # this call's cases
 
 
 if __name__ == "__main__":
