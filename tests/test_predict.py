@@ -7,6 +7,7 @@ import csv
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -425,3 +426,95 @@ def test_export_refuses_a_checkpoint_without_data_contract(tmp_path: Path, capsy
     run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {}, folds=(0,), contract=False)
     assert export.main([str(run), str(tmp_path / "out")]) == 2
     assert "checkpoint has no data contract" in capsys.readouterr().out and not (tmp_path / "out" / "model_card.json").exists()
+
+
+# --------------------------------------------------------------------------- model folders and checkpoint integrity
+
+
+def _single_case(synthetic_isles_b: Path, subject: str = "sub-strokecase0002", mask: bool = False) -> list[str]:
+    """--dwi/--adc (and --mask) arguments of one layout-B case."""
+    stem = synthetic_isles_b / "rawdata" / subject / "ses-0001" / f"{subject}_ses-0001"
+    argv = ["--dwi", f"{stem}_dwi.nii.gz", "--adc", f"{stem}_adc.nii.gz"]
+    derivative = synthetic_isles_b / "derivatives" / subject / "ses-0001" / f"{subject}_ses-0001_msk.nii.gz"
+    return [*argv, "--mask", str(derivative)] if mask else argv
+
+
+def _error_lines(capsys: pytest.CaptureFixture) -> list[str]:
+    """The ERROR, WARNING and NOTE lines logged since the last read, without their time stamps."""
+    lines = [line.split(" ", 1)[-1] for line in capsys.readouterr().out.splitlines()]
+    return [line for line in lines if line.startswith(("ERROR", "WARNING", "NOTE"))]
+
+
+def test_unfinished_fold_and_empty_fold_folder_are_refused_unless_allowed(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    best = run / "fold_1" / "best_model.pth"
+    checkpoint = models.load_checkpoint(best)
+    model = models.model_from_checkpoint(best)[0]
+    keep = {k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model", models.DIGEST_KEY, "config")}
+    config = {**checkpoint["config"], "epochs": 50}  # preempted after epoch 7 of 50, waiting for a requeue
+    models.save_checkpoint(best, model, checkpoint["model_config"], config=config, **keep)
+    models.save_checkpoint(run / "fold_1" / "last.pth", model, checkpoint["model_config"], config=config, **{**keep, "epoch": 7})
+    (run / "fold_2").mkdir()  # a fold whose training never wrote its best model
+    argv = [*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert predict.main(argv) == 2
+    lines = _error_lines(capsys)
+    assert lines[0].startswith(f"ERROR model fold_1 ({best}): training unfinished (epoch 7 of 50); refused"), lines
+    assert lines[1].startswith(f"ERROR {run / 'fold_2'}: fold folder without best_model.pth"), lines
+    assert not (tmp_path / "out").exists()
+    assert predict.main([*argv, "--allow-unfinished"]) == 0
+    assert f"WARNING {run / 'fold_2'}: fold folder without best_model.pth" in "\n".join(_error_lines(capsys))
+    (row,) = _csv(tmp_path / "out" / "lesion_volumes.csv")
+    assert row["folds"] == "fold_0 fold_1" and row["unfinished"] == "fold_1: unfinished (epoch 7 of 50)"
+    summary = read_json(tmp_path / "out" / "prediction_summary.json")
+    assert summary["unfinished"] == {"fold_1": "unfinished (epoch 7 of 50)"} and summary["empty_fold_folders"] == [str(run / "fold_2")]
+    assert predict.main([*argv[:-2], "--output-dir", str(tmp_path / "out0"), "--folds", "0"]) == 0  # chosen folds: nothing to refuse
+
+
+def _rewrite_weights(path: Path, change: Callable[[dict], None]) -> None:
+    """Change the stored state_dict of ``path`` in place, keeping every other entry (its digest too)."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint["model"])
+    torch.save(checkpoint, path)
+
+
+def test_altered_or_non_finite_weights_are_refused_by_predict_and_evaluate(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    path = run / "fold_0" / "best_model.pth"
+    key = next(k for k, v in torch.load(path, weights_only=True)["model"].items() if v.dim() == 5)
+
+    def flip(state: dict) -> None:  # one exponent bit: 1.1e37 is finite, only the digest tells
+        state[key].view(-1)[3] = 1.1e37
+
+    _rewrite_weights(path, flip)
+    data = tmp_path / "data"
+    data.mkdir()
+    eval_argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(_splits(tmp_path / "splits.json", "ISLES2022", ["x"])),
+                 "--run", f"m={run}", "--png", "none", "--output-dir", str(tmp_path / "eval")]
+    pred_argv = [*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    message = f"{path}: weights differ from the digest recorded when it was saved"
+    assert predict.main(pred_argv) == 2 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert evaluate.main(eval_argv) == 1 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    _rewrite_weights(path, lambda state: state[key].view(-1).__setitem__(3, float("nan")))
+    message = f"{path}: non-finite weights (NaN or inf) in tensor {key!r}"
+    assert predict.main(pred_argv) == 2 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert evaluate.main(eval_argv) == 1 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_probabilities_fail_the_case(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    path = run / "fold_0" / "best_model.pth"
+    model, checkpoint = models.model_from_checkpoint(path)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 5:
+                parameter.mul_(1e6)  # finite weights whose activations overflow: NaN probabilities
+    keep = {k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model", models.DIGEST_KEY)}
+    models.save_checkpoint(path, model, checkpoint["model_config"], **keep)
+    out = tmp_path / "out"
+    assert predict.main([*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(out), "--precision", "fp32"]) == 1
+    (failed,) = read_json(out / "prediction_summary.json")["failed"]
+    assert failed["reason"].startswith(f"{path}: ") and "non-finite probabilities (NaN/inf) at precision fp32" in failed["reason"]
+    assert not list(out.glob("*_mask.nii.gz"))

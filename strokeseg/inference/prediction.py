@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -46,6 +46,7 @@ from ..datasets.registry import DatasetSpec, dataset_spec
 from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
 from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
 from ..evaluation.report import axial_slice_index, save_case_figure, write_csv
+from .model_folders import check_exported, distinct_runs, empty_fold_folders
 
 __all__ = [
     "VOLUME_COLUMNS",
@@ -59,7 +60,10 @@ __all__ = [
     "PredictCase",
     "PreparedCase",
     "PredictOptions",
+    "ROLES",
     "settings_id",
+    "case_role",
+    "voxel_volume_ml",
     "stale_masks",
     "source_images",
     "code_version",
@@ -78,9 +82,10 @@ __all__ = [
 
 # Contract keys that may differ between the members of one model set.
 _PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases")
-VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds")
+VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds", "unfinished")
 LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
-SCORE_COLUMNS = ("case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+SCORE_COLUMNS = ("case_id", "role", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
+ROLES = ("train", "val", "unseen", "unknown")  # a scored case's role for the models (:func:`case_role`)
 MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
 PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
 SIDECAR_SUFFIX = "_desc-lesion_mask.json"  # the mask's BIDS sidecar: its source, model and settings
@@ -133,26 +138,34 @@ def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
 @dataclass
 class ModelSet:
     """Fold models with one data contract. label: the run folder names joined by '+';
-    members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined)."""
+    members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined);
+    empty_folds: ``fold_<k>`` folders found without a checkpoint (not used)."""
 
     fold_models: list[FoldModel]
     contract: DataContract
     label: str
     members: list[str]
+    empty_folds: list[Path] = field(default_factory=list)
 
     @property
     def spec(self) -> DatasetSpec:
         return dataset_spec(self.contract.dataset)
 
+    @property
+    def unfinished(self) -> dict[str, str]:
+        """member -> "unfinished (epoch k of N)" for the models whose training stopped early."""
+        return {member: fm.unfinished for member, fm in zip(self.members, self.fold_models) if fm.unfinished}
 
-def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, DataContract]:
+
+def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, DataContract, dict]:
     try:
-        contract = stored_contract(models.load_checkpoint(path), path)
+        checkpoint = models.load_checkpoint(path)
+        contract = stored_contract(checkpoint, path)
     except (FileNotFoundError, ValueError) as err:
         raise CaseError(one_line(err)) from err
     fold_model = load_fold_model(path, fold, contract.dataset, torch.device("cpu"), None)
     fold_model.model.to(device)
-    return fold_model, contract
+    return fold_model, contract, {key: value for key, value in checkpoint.items() if key != "model"}
 
 
 def shared_contract(contract: DataContract) -> dict:
@@ -171,22 +184,27 @@ def _contract_differences(a: DataContract, b: DataContract) -> list[str]:
 
 def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device: torch.device) -> ModelSet:
     """Every ``fold_<k>/best_model.pth`` of each run or model folder (only ``folds`` when
-    given), rebuilt on ``device`` in eval mode. Raises :class:`CaseError` for a missing folder or
-    checkpoint, a checkpoint without a valid data contract, or members whose contracts differ
+    given), rebuilt on ``device`` in eval mode. Raises :class:`CaseError` for a folder given
+    twice, a missing folder or checkpoint, a checkpoint without a valid data contract, an
+    exported folder that differs from its model card
+    (:func:`strokeseg.inference.model_folders.check_exported`), or members whose contracts differ
     in anything but window, fold and case lists."""
-    fold_models, members, contract, first = [], [], None, None
-    for run_dir in run_dirs:
-        for fold, path in discover_checkpoints(Path(run_dir), folds).items():
-            fold_model, found = _load_member(path, fold, device)
+    distinct_runs(run_dirs)
+    fold_models, members, empty, contract, first = [], [], [], None, None
+    for run_dir in map(Path, run_dirs):
+        loaded = {fold: _load_member(path, fold, device) for fold, path in discover_checkpoints(run_dir, folds).items()}
+        check_exported(run_dir, {fold: member[2] for fold, member in loaded.items()})
+        empty += empty_fold_folders(run_dir) if folds is None else []
+        for fold, (fold_model, found, _) in loaded.items():
             if contract is None:
-                contract, first = found, path
+                contract, first = found, fold_model.path
             elif _contract_differences(contract, found):
                 differ = "; ".join(_contract_differences(contract, found))
-                raise CaseError(f"{path}: data contract differs from {first}'s: {differ}; models of one prediction must share it")
+                raise CaseError(f"{fold_model.path}: data contract differs from {first}'s: {differ}; models of one prediction must share it")
             fold_models.append(fold_model)
-            members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{Path(run_dir).name}/fold_{fold}")
+            members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{run_dir.name}/fold_{fold}")
     label = "+".join(Path(run_dir).resolve().name for run_dir in run_dirs)
-    return ModelSet(fold_models, contract, label, members)  # type: ignore[arg-type]
+    return ModelSet(fold_models, contract, label, members, empty)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -383,10 +401,22 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connecti
     ]
 
 
+def voxel_volume_ml(affine: np.ndarray, zooms: Sequence[float], where: object) -> tuple[float, str | None]:
+    """A voxel's volume in ml from the affine (|det| of its 3x3 part, as the centroids use it), and
+    a QC warning when the header's pixdim product disagrees by more than 0.1 % (else None)."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    pixdim_ml = float(np.prod(zooms)) / 1000.0
+    if np.isclose(voxel_ml, pixdim_ml, rtol=1e-3, atol=0.0):
+        return voxel_ml, None
+    return voxel_ml, (f"{where}: header pixdim gives {pixdim_ml * 1000:.4g} mm3 per voxel but the affine {voxel_ml * 1000:.4g} mm3; "
+                      "volumes use the affine (as the centroids do): check the file's header")
+
+
 def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequence[float], reference: np.ndarray | None, model_set: ModelSet) -> dict:
-    """The case's rows: "volume" (lesion_volumes.csv), "lesions" (lesions.csv), "scores" (or None)."""
+    """The case's rows: "volume" (lesion_volumes.csv), "lesions" (lesions.csv), "scores" (or
+    None), and "qc" (a warning about the header, or None)."""
     preset = model_set.spec.preset
-    voxel_ml = float(np.prod(zooms)) / 1000.0
+    voxel_ml, qc = voxel_volume_ml(affine, zooms, case_id)
     lesions = [{"case_id": case_id, **row} for row in lesion_table(mask, affine, voxel_ml, PRESETS[preset].connectivity)]
     volume = {
         "case_id": case_id,
@@ -395,6 +425,7 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
         "largest_lesion_ml": max((row["volume_ml"] for row in lesions), default=0.0),
         "model": model_set.label,
         "folds": " ".join(model_set.members),
+        "unfinished": "; ".join(f"{member}: {state}" for member, state in model_set.unfinished.items()),
     }
     scores = None
     if reference is not None:
@@ -402,7 +433,7 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
             raise CaseError(f"{case_id}: reference mask shape {reference.shape} differs from the prediction's {mask.shape}")
         scores = {"case_id": case_id, **case_metrics(mask, reference, voxel_ml, preset)}
         scores.update(ref_voxels=int(np.count_nonzero(reference)), pred_voxels=int(np.count_nonzero(mask)))
-    return {"volume": volume, "lesions": lesions, "scores": scores}
+    return {"volume": volume, "lesions": lesions, "scores": scores, "qc": qc}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -532,12 +563,26 @@ def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options
     return run_cases(cases, process, workers=workers, desc="cases")
 
 
-def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False) -> dict:
+def case_role(case_id: str, model_set: ModelSet) -> str:
+    """What ``case_id`` was to the models (their data contracts' case lists): "train" when any
+    model trained on it, else "val" when any selected its checkpoint on it, else "unseen" (a
+    fair test case), or "unknown" when a model records no case lists."""
+    contracts = [fm.contract for fm in model_set.fold_models]
+    if any(case_id in (c.train_cases or ()) for c in contracts):
+        return "train"
+    if any(case_id in (c.val_cases or ()) for c in contracts):
+        return "val"
+    return "unknown" if any(c.train_cases is None or c.val_cases is None for c in contracts) else "unseen"
+
+
+def write_tables(output_dir: Path, report: RunReport, model_set: ModelSet, keep_earlier: bool = False) -> dict:
     """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
-    rows of the done and skipped cases, sorted by case id. With ``keep_earlier`` (the folder's
-    earlier outputs come from the same models and settings) the rows of cases predicted by
-    earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
-    every row of scores.csv."""
+    rows of the done and skipped cases, sorted by case id; each score row has its
+    :func:`case_role`. With ``keep_earlier`` (the folder's earlier outputs come from the same
+    models and settings) the rows of cases predicted by earlier calls, one patient at a time,
+    are kept. Returns "n_scored" (rows of scores.csv), "roles" (role -> count) and "mean_dice"
+    over the "unseen" rows only (None when there are none): a model's own training or validation
+    case says nothing about new patients."""
     results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
     current = {r.case_id for r in results}  # a failed case keeps its earlier rows: its mask on disk is unchanged
 
@@ -547,10 +592,12 @@ def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False
 
     write_csv(output_dir / "lesion_volumes.csv", rows("lesion_volumes.csv", [r.info["volume"] for r in results]), VOLUME_COLUMNS)
     write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
-    scores = rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])
+    scores = [{**row, "role": case_role(row["case_id"], model_set)} for row in rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])]
     if scores:
         write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
-    return {"n_scored": len(scores), "mean_dice": float(np.mean([float(s["dice"]) for s in scores])) if scores else None}
+    unseen = [float(s["dice"]) for s in scores if s["role"] == "unseen"]
+    roles = {role: n for role in ROLES if (n := sum(s["role"] == role for s in scores))}
+    return {"n_scored": len(scores), "roles": roles, "mean_dice": float(np.mean(unseen)) if unseen else None}
 
 
 def _csv_rows(path: Path) -> list[dict]:
