@@ -7,7 +7,7 @@ with the mean probability of the fold models, mapped back to the input's native 
 thresholded. A case with a reference mask is also scored.
 
     python predict.py --input /data/my_isles_cohort --run runs/isles_shared_brats --output-dir out/isles
-    python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run models/isles --output-dir out/one
+    python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run exported/isles --output-dir out/one
     python predict.py --input /data/ATLAS_2 --run runs/atlas_resnet18_transfer --output-dir out/atlas
     python predict.py --image P001_T1.nii.gz --run runs/atlas_resnet18_transfer --output-dir out/p001
 
@@ -32,6 +32,7 @@ from strokeseg.core.runner import add_run_arguments, check_settings, finish, get
 from strokeseg.datasets.foundation import load_config
 from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints, report_unfinished
 from strokeseg.inference import prediction as pr
+from strokeseg.inference.tables import write_tables
 from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace, model_set: pr.ModelSet, cases: dict, bids: boo
     qc = {r.case_id: r.info["qc"] for r in report.results if r.info and r.info.get("qc")}
     for warning in qc.values():
         log.info(f"WARNING {warning}")
-    tables = pr.write_tables(args.output_dir, report, model_set, keep_earlier=same_models)
+    tables = write_tables(args.output_dir, report, model_set, keep_earlier=same_models)
     stale = pr.stale_masks(args.output_dir, options.settings_id)
     if stale:
         log.info(f"WARNING {len(stale)} mask(s) in {args.output_dir} come from other models or settings (not in the tables): "

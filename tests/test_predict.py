@@ -518,6 +518,14 @@ def test_non_finite_probabilities_fail_the_case(synthetic_isles_b: Path, isles_r
     (failed,) = read_json(out / "prediction_summary.json")["failed"]
     assert failed["reason"].startswith(f"{path}: ") and "non-finite probabilities (NaN/inf) at precision fp32" in failed["reason"]
     assert not list(out.glob("*_mask.nii.gz"))
+    data = tmp_path / "data"  # evaluate.py: the same model fails each case instead of scoring Dice 0
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(synthetic_isles_b), "--output-dir", str(data), "--target-shape", *[str(ISLES_SHAPE)] * 3]) == 0
+    cases = sorted(p.stem for p in data.glob("sub-*.npz"))[:2]
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(_splits(tmp_path / "splits.json", "ISLES2022", cases)),
+            "--run", f"m={run}", "--folds", "0", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate.main(argv) == 1
+    failed = read_json(tmp_path / "eval" / "summary.json")["failed"]
+    assert len(failed) == 2 and all("non-finite probabilities (NaN/inf)" in f["reason"] for f in failed)
 
 
 def test_export_overwrite_replaces_the_whole_folder_and_predict_checks_it_against_its_card(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -581,3 +589,70 @@ def test_model_card_says_what_the_model_is_for_and_holds_no_local_paths(isles_ru
     card = read_json(tmp_path / "abs_model" / "model_card.json")
     assert card["training_data"]["data"] == "prep" and not card["training_data"]["synthetic"]
     assert card["usage"] == "python predict.py --input DATA --run abs_model --output-dir OUT"
+
+
+def test_scores_say_each_cases_role_and_the_mean_uses_unseen_cases_only(synthetic_isles_b: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = {"arch": "resnet18_unet", "variant": "shared", "width": 4, "in_channels": 2}
+    settings = {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}
+    contract = DataContract("ISLES2022", ("dwi", "adc"), "mask", (ISLES_SHAPE,) * 3, 0.5, settings, 0,
+                            ("sub-strokecase0002_ses-0001",), ("sub-strokecase0003_ses-0001",))
+    run = tmp_path / "run"
+    models.save_checkpoint(run / "fold_0" / "best_model.pth", models.build_model(config), config, config={"fold": 0}, data_contract=contract.as_dict())
+    out = tmp_path / "out"
+    for subject in ("sub-strokecase0002", "sub-strokecase0003", "sub-strokecase0004"):
+        assert predict.main([*_single_case(synthetic_isles_b, subject, mask=True), "--run", str(run), "--output-dir", str(out)]) == 0
+    rows = _csv(out / "scores.csv")
+    assert [(row["case_id"], row["role"]) for row in rows] == [
+        ("sub-strokecase0002_ses-0001", "train"), ("sub-strokecase0003_ses-0001", "val"), ("sub-strokecase0004_ses-0001", "unseen")]
+    output = "\n".join(_error_lines(capsys))
+    assert "WARNING 1 train, 1 val case(s) scored in" in output and "left out of the mean Dice" in output
+    summary = read_json(out / "prediction_summary.json")
+    assert summary["roles"] == {"train": 1, "val": 1, "unseen": 1} and summary["mean_dice"] == pytest.approx(float(rows[2]["dice"]))
+
+
+def test_lesion_volume_comes_from_the_affine_with_a_warning_when_pixdim_disagrees(atlas_run: Path, synthetic_uoa: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = nib.load(str(next(synthetic_uoa.rglob("*T1*.nii*"))))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = image.affine[:3, 3]
+    lying = nib.Nifti1Image(np.asarray(image.dataobj), affine)
+    lying.header.set_zooms((1.0, 1.0, 1.0))  # the header says 1 mm, the affine 2 mm
+    path = tmp_path / "P001.nii.gz"
+    lying.to_filename(str(path))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert predict.main(["--image", str(path), "--run", str(atlas_run), "--output-dir", str(out), "--folds", "0"]) == 0
+    (row,) = _csv(out / "lesion_volumes.csv")
+    voxels = int(_voxels(out / "P001_desc-lesion_mask.nii.gz").sum())
+    assert voxels > 0 and float(row["lesion_volume_ml"]) == pytest.approx(voxels * 8 / 1000)
+    assert sum(float(r["volume_ml"]) for r in _csv(out / "lesions.csv")) == pytest.approx(voxels * 8 / 1000)
+    assert "WARNING P001: header pixdim gives 1 mm3 per voxel but the affine 8 mm3; volumes use the affine" in "\n".join(_error_lines(capsys))
+    assert read_json(out / "prediction_summary.json")["qc_warnings"]["P001"].startswith("P001: header pixdim")
+
+
+def test_run_level_write_error_is_one_error_line_and_exit_2(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strokeseg.inference import tables
+
+    def full_disk(path: Path, rows: object, columns: object) -> None:
+        raise OSError(28, f"cannot write {path}: No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tables, "write_csv", full_disk)
+        out = tmp_path / "out"
+        capsys.readouterr()
+        assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--output-dir", str(out)]) == 2
+        assert _error_lines(capsys) == [f"ERROR [Errno 28] cannot write {out / 'lesion_volumes.csv'}: No space left on device"]
+    (tmp_path / "file").write_text("")
+    assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--output-dir", str(tmp_path / "file" / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith(f"ERROR {tmp_path / 'file' / 'out'}: cannot create the output folder")
+
+
+def test_the_same_run_given_twice_is_refused(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "link").symlink_to(isles_run)
+    monkeypatch.chdir(isles_run.parent)
+    for other in (isles_run, f"{isles_run}/", isles_run.name, tmp_path / "link"):
+        capsys.readouterr()
+        assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--run", str(other), "--output-dir", str(tmp_path / "out")]) == 2
+        (line,) = _error_lines(capsys)
+        assert line.startswith(f"ERROR --run {Path(other)} and --run {isles_run} are the same folder"), line
+    assert not (tmp_path / "out").exists()

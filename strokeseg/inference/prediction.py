@@ -1,5 +1,5 @@
 """Prediction on new data: NIfTI in; lesion masks on the input's native grid, volumes and a
-lesion table out.
+lesion table out (the tables: :mod:`strokeseg.inference.tables`).
 
 A *model set* is the fold checkpoints of one or more training runs (or model folders written
 by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
@@ -13,7 +13,6 @@ thresholded there.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -44,14 +43,11 @@ from ..datasets.foundation import (
 from ..datasets.isles import IslesCase, discover_isles_cases, isles_arrays, read_isles_case
 from ..datasets.registry import DatasetSpec, dataset_spec
 from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model, predict_probability
-from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics, label_components
-from ..evaluation.report import axial_slice_index, save_case_figure, write_csv
+from ..evaluation.metrics import PRESETS, case_metrics, label_components
+from ..evaluation.report import axial_slice_index, save_case_figure
 from .model_folders import check_exported, distinct_runs, empty_fold_folders
 
 __all__ = [
-    "VOLUME_COLUMNS",
-    "LESION_COLUMNS",
-    "SCORE_COLUMNS",
     "MASK_SUFFIX",
     "PROB_SUFFIX",
     "SIDECAR_SUFFIX",
@@ -60,9 +56,7 @@ __all__ = [
     "PredictCase",
     "PreparedCase",
     "PredictOptions",
-    "ROLES",
     "settings_id",
-    "case_role",
     "voxel_volume_ml",
     "stale_masks",
     "source_images",
@@ -76,16 +70,11 @@ __all__ = [
     "lesion_table",
     "predict_case",
     "predict_cases",
-    "write_tables",
     "write_dataset_description",
 ]
 
 # Contract keys that may differ between the members of one model set.
 _PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases")
-VOLUME_COLUMNS = ("case_id", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "model", "folds", "unfinished")
-LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
-SCORE_COLUMNS = ("case_id", "role", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
-ROLES = ("train", "val", "unseen", "unknown")  # a scored case's role for the models (:func:`case_role`)
 MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
 PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
 SIDECAR_SUFFIX = "_desc-lesion_mask.json"  # the mask's BIDS sidecar: its source, model and settings
@@ -561,51 +550,6 @@ def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options
     collected as one-line reasons."""
     process = functools.partial(predict_case, model_set=model_set, options=options)
     return run_cases(cases, process, workers=workers, desc="cases")
-
-
-def case_role(case_id: str, model_set: ModelSet) -> str:
-    """What ``case_id`` was to the models (their data contracts' case lists): "train" when any
-    model trained on it, else "val" when any selected its checkpoint on it, else "unseen" (a
-    fair test case), or "unknown" when a model records no case lists."""
-    contracts = [fm.contract for fm in model_set.fold_models]
-    if any(case_id in (c.train_cases or ()) for c in contracts):
-        return "train"
-    if any(case_id in (c.val_cases or ()) for c in contracts):
-        return "val"
-    return "unknown" if any(c.train_cases is None or c.val_cases is None for c in contracts) else "unseen"
-
-
-def write_tables(output_dir: Path, report: RunReport, model_set: ModelSet, keep_earlier: bool = False) -> dict:
-    """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
-    rows of the done and skipped cases, sorted by case id; each score row has its
-    :func:`case_role`. With ``keep_earlier`` (the folder's earlier outputs come from the same
-    models and settings) the rows of cases predicted by earlier calls, one patient at a time,
-    are kept. Returns "n_scored" (rows of scores.csv), "roles" (role -> count) and "mean_dice"
-    over the "unseen" rows only (None when there are none): a model's own training or validation
-    case says nothing about new patients."""
-    results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
-    current = {r.case_id for r in results}  # a failed case keeps its earlier rows: its mask on disk is unchanged
-
-    def rows(name: str, new: list[dict]) -> list[dict]:
-        earlier = _csv_rows(output_dir / name) if keep_earlier else []
-        return sorted([row for row in earlier if row.get("case_id") not in current] + new, key=lambda row: row["case_id"])
-
-    write_csv(output_dir / "lesion_volumes.csv", rows("lesion_volumes.csv", [r.info["volume"] for r in results]), VOLUME_COLUMNS)
-    write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
-    scores = [{**row, "role": case_role(row["case_id"], model_set)} for row in rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])]
-    if scores:
-        write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
-    unseen = [float(s["dice"]) for s in scores if s["role"] == "unseen"]
-    roles = {role: n for role in ROLES if (n := sum(s["role"] == role for s in scores))}
-    return {"n_scored": len(scores), "roles": roles, "mean_dice": float(np.mean(unseen)) if unseen else None}
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    """The rows of the CSV table ``path`` (none when it does not exist)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write_dataset_description(output_dir: Path, model_set: ModelSet) -> None:
