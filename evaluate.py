@@ -125,13 +125,10 @@ def load_runs(args: argparse.Namespace, case_dir: Path) -> dict[str, list[list[e
 
 
 def report_unfinished(runs: dict[str, list[list[ev.FoldModel]]], allowed: bool) -> int:
-    """Log every fold (of every seed) whose training stopped early (an ERROR unless ``allowed``,
-    then a NOTE); the exit status they give: 1 when any and not ``allowed``, else 0."""
-    unfinished = [(label, fm) for label, seeds in runs.items() for fold_models in seeds for fm in fold_models if fm.unfinished]
-    for label, fm in unfinished:
-        get_logger().info(f"{'NOTE' if allowed else 'ERROR'} run {label} fold_{fm.fold} ({fm.path}): training {fm.unfinished}; scored "
-                          f"and marked anyway (resume the training, or pass --allow-unfinished)")
-    return int(bool(unfinished) and not allowed)
+    """Log every fold (of every seed) whose training stopped early (:func:`strokeseg.evaluation.engine.report_unfinished`);
+    the exit status they give: 1 when any and not ``allowed``, else 0."""
+    labelled = [(f"run {label}", fm) for label, seeds in runs.items() for fold_models in seeds for fm in fold_models]
+    return int(ev.report_unfinished(labelled, allowed, "scored and marked anyway"))
 
 
 def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, settings: ev.InferenceSettings) -> tuple[list[dict], list[CaseResult], dict]:

@@ -7,19 +7,22 @@ with the mean probability of the fold models, mapped back to the input's native 
 thresholded. A case with a reference mask is also scored.
 
     python predict.py --input /data/my_isles_cohort --run runs/isles_shared_brats --output-dir out/isles
-    python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run models/isles --output-dir out/one
+    python predict.py --dwi sub-01_dwi.nii.gz --adc sub-01_adc.nii.gz --run exported/isles --output-dir out/one
     python predict.py --input /data/ATLAS_2 --run runs/atlas_resnet18_transfer --output-dir out/atlas
     python predict.py --image P001_T1.nii.gz --run runs/atlas_resnet18_transfer --output-dir out/p001
-    python predict.py --input /data/hospital --modality dwi='*_DWI.nii.gz' --modality adc='*_ADC.nii.gz' --run models/isles --output-dir out/h
-    python predict.py --dwi patient07/dwi_4d.nii.gz --case-id patient07 --run models/isles --output-dir out/p07   # 4-D DWI + .bval
-    python predict.py --input /data/dicom_export --dicom-seg --run models/isles --output-dir out/dicom   # DICOM in, DICOM-SEG out
+    python predict.py --input /data/hospital --modality dwi='*_DWI.nii.gz' --modality adc='*_ADC.nii.gz' --run exported/isles --output-dir out/h
+    python predict.py --dwi patient07/dwi_4d.nii.gz --case-id patient07 --run exported/isles --output-dir out/p07   # 4-D DWI + .bval
+    python predict.py --input /data/dicom_export --dicom-seg --run exported/isles --output-dir out/dicom   # DICOM in, DICOM-SEG out
 
 Outputs in --output-dir: masks (``<case>_desc-lesion_mask.nii.gz``, or a BIDS derivatives tree
 ``sub-*/ses-*/<datatype>/`` with dataset_description.json for BIDS input), lesion_volumes.csv,
-lesions.csv, scores.csv (labelled cases), overlays/<case>.png, report.html (every case of the
-folder, self-contained), prediction_summary.json (every case of the folder, last status),
+lesions.csv, scores.csv (labelled cases, each with its role for the models: train, val, unseen;
+the printed mean Dice is over unseen cases only), overlays/<case>.png, report.html (every case of
+the folder, self-contained), prediction_summary.json (every case of the folder, last status),
 run_args.json; for DICOM input dicom_nifti/ (the converted series) and with --dicom-seg
-``<case>_desc-lesion_seg.dcm``. Exit status 0, 1 when any case failed, 2 when nothing could run.
+``<case>_desc-lesion_seg.dcm``. Folds whose training stopped early and empty fold folders are
+refused unless --allow-unfinished; an exported model folder must match its model_card.json.
+Exit status 0, 1 when any case failed, 2 when nothing could run (or a table could not be written).
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ from strokeseg.core.contract import DataContract
 from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config
-from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints
+from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints, report_unfinished
 from strokeseg.inference import dicom, qc
 from strokeseg.inference import prediction as pr
 from strokeseg.inference.html_report import write_html_report
 from strokeseg.inference.inputs import parse_modalities
+from strokeseg.inference.tables import write_tables
 from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
@@ -65,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", type=Path, action="append", required=True, help="training run folder or exported model folder with fold_<k>/best_model.pth; repeat to ensemble several")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for masks, tables, overlays, summary")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to use (default: every fold found)")
+    parser.add_argument("--allow-unfinished", action="store_true", help="use folds whose training stopped before its last epoch and skip fold folders without a checkpoint (default: refuse them); lesion_volumes.csv and the summary name them")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (mean over 8 flips; 8x slower)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference device (auto: CUDA when available)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="network arithmetic: fp32, bf16 (autocast) or auto (default: bf16 where the CPU/GPU runs it natively, else fp32)")
@@ -126,26 +131,39 @@ def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def check_folds(model_set: pr.ModelSet, allowed: bool) -> bool:
+    """Apply evaluate.py's rule to unfinished folds (:func:`strokeseg.evaluation.engine.report_unfinished`)
+    and name each empty fold folder: ERROR lines unless ``allowed`` (then NOTE / WARNING lines).
+    Returns whether prediction may go on."""
     log = get_logger()
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    try:
-        model_set = pr.load_model_set(args.run, args.folds, device)
-        inputs = dicom.dicom_input(input_spec(args, model_set.contract), args.output_dir, args.dicom_seg)  # DICOM: converted to NIfTI first
-        cases, bids = pr.discover_cases(inputs, model_set.spec)
-    except (CaseError, ValueError) as err:
-        log.info(f"ERROR {one_line(err)}")
-        return 2
+    consequence = "used, and marked in lesion_volumes.csv" if allowed else "refused, nothing predicted"
+    refused = report_unfinished([("model", fm) for fm in model_set.fold_models], allowed, consequence)
+    for folder in model_set.empty_folds:
+        log.info(f"{'WARNING' if allowed else 'ERROR'} {folder}: fold folder without best_model.pth (its training has not finished, or failed); "
+                 f"{'left out' if allowed else 'refused, nothing predicted (choose folds with --folds, or pass --allow-unfinished to leave it out)'}")
+    return not (refused or (model_set.empty_folds and not allowed))
+
+
+def report_tables(tables: dict, output_dir: Path) -> None:
+    """The mean Dice line: over unseen cases only, with a WARNING naming the others."""
+    log, roles = get_logger(), tables["roles"]
+    others = {role: n for role, n in roles.items() if role != "unseen"}
+    if others:
+        log.info(f"WARNING {', '.join(f'{n} {role}' for role, n in others.items())} case(s) scored in {output_dir}/scores.csv (column 'role') "
+                 "were the models' own training/validation cases or of unknown role: left out of the mean Dice")
+    if tables["mean_dice"] is not None:
+        log.info(f"{roles['unseen']} unseen labelled case(s) in {output_dir} scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
+
+
+def run(args: argparse.Namespace, model_set: pr.ModelSet, cases: dict, bids: bool, device: torch.device) -> int:
+    """Predict ``cases`` into ``args.output_dir`` and write its tables and summary; a write
+    error of the run (not of one case) raises OSError."""
+    log = get_logger()
     brain_crop = model_set.spec.whole_brain and not args.no_brain_crop
     settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
     recorded = output_settings(args, model_set, brain_crop)
-    try:
-        prepare_output_dir(args.output_dir)
-        same_models = check_settings(args.output_dir, recorded, args.overwrite)
-    except CaseError as err:
-        log.info(f"ERROR {one_line(err)}")
-        return 2
+    prepare_output_dir(args.output_dir)
+    same_models = check_settings(args.output_dir, recorded, args.overwrite)
     write_run_args(args.output_dir, args)
     if bids:
         pr.write_dataset_description(args.output_dir, model_set)
@@ -159,22 +177,41 @@ def main(argv: list[str] | None = None) -> int:
         log.info(note)
     options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded), save_uncertainty=args.save_uncertainty)
     report = pr.predict_cases(cases, model_set, options, args.workers)
-    tables = pr.write_tables(args.output_dir, report, keep_earlier=same_models)
+    qc_warnings = {r.case_id: r.info["qc"] for r in report.results if r.info and r.info.get("qc")}
+    for warning in qc_warnings.values():
+        log.info(f"WARNING {warning}")
+    tables = write_tables(args.output_dir, report, model_set, keep_earlier=same_models)
     segs = dicom.write_segs(cases, report, args.output_dir, model_set.label, pr.code_version()) if args.dicom_seg else None
     stale = pr.stale_masks(args.output_dir, options.settings_id)
     if stale:
         log.info(f"WARNING {len(stale)} mask(s) in {args.output_dir} come from other models or settings (not in the tables): "
                  f"{', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; run predict.py on those patients again")
-    if tables["n_scored"]:
-        log.info(f"{tables['n_scored']} labelled case(s) in {args.output_dir} scored: mean Dice {tables['mean_dice']:.4f} (scores.csv)")
+    report_tables(tables, args.output_dir)
     log.info(f"report: {write_html_report(args.output_dir, f'Stroke lesion segmentation: {model_set.label}')}")
-    extra = {"model": model_set.label, "folds": model_set.members, "data_contract": pr.shared_contract(model_set.contract), "bids": bids, **tables}
+    extra = {"model": model_set.label, "folds": model_set.members, "unfinished": model_set.unfinished, "empty_fold_folders": [str(f) for f in model_set.empty_folds],
+             "data_contract": pr.shared_contract(model_set.contract), "bids": bids, "qc_warnings": qc_warnings, **tables}
     extra["this_call"] = {key: value for key, value in report.as_dict().items() if key.startswith("n_")}
     if segs is not None:
         extra["dicom_seg"] = segs
     summary_path = args.output_dir / "prediction_summary.json"
     finish(summary_path, qc.accumulate_report(summary_path, report, keep_earlier=same_models), extra)  # every case of the folder
     return 1 if report.n_failed or (segs and segs["failed"]) else 0  # this call's cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = get_logger()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        model_set = pr.load_model_set(args.run, args.folds, device)
+        if not check_folds(model_set, args.allow_unfinished):
+            return 2
+        inputs = dicom.dicom_input(input_spec(args, model_set.contract), args.output_dir, args.dicom_seg)  # DICOM: converted to NIfTI first
+        cases, bids = pr.discover_cases(inputs, model_set.spec)
+        return run(args, model_set, cases, bids, device)
+    except (CaseError, ValueError, OSError) as err:  # bad input, or a write of the run's own (a table, the summary) failed
+        log.info(f"ERROR {one_line(err)}")
+        return 2
 
 
 if __name__ == "__main__":

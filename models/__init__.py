@@ -11,6 +11,7 @@ transfer with :func:`load_pretrained`. ``python -m models`` prints parameter cou
 """
 from .common import NORMS, count_parameters, fold_batchnorm, foreground_probability, make_norm, prepare_for_inference, unwrap_model
 from .factory import (
+    DIGEST_KEY,
     FORMAT_VERSION,
     TransferReport,
     build_model,
@@ -21,6 +22,7 @@ from .factory import (
     model_from_checkpoint,
     resolve_model_config,
     save_checkpoint,
+    weights_digest,
 )
 from .registry import ArchSpec, arch_names, arch_spec, register_arch
 from .resnet_unet import VARIANTS, ResNetUNet, ResNetUNetConfig
@@ -28,6 +30,7 @@ from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
 
 __all__ = [
     "ArchSpec",
+    "DIGEST_KEY",
     "FORMAT_VERSION",
     "NORMS",
     "VARIANTS",
@@ -53,4 +56,5 @@ __all__ = [
     "resolve_model_config",
     "save_checkpoint",
     "unwrap_model",
+    "weights_digest",
 ]

@@ -11,14 +11,21 @@ layers (4), heads (4), dropout (0.1).
 Checkpoint file (``torch.save`` of a dict, read with ``torch.load(weights_only=True)``)::
 
     {"format_version": 1, "model_config": <resolved model config>, "model": <state_dict>,
-     optional "optimizer", "scheduler", "scaler", "epoch", "best_score", "config" (run args),
-     "history", "rng", ...}
+     "weights_sha256": <weights_digest(state_dict)>, optional "optimizer", "scheduler", "scaler",
+     "epoch", "best_score", "config" (run args), "history", "rng", ...}
 
 Everything in it must be loadable without pickle: tensors, str, int, float, bool, None and
 dicts/lists/tuples of them (convert numpy values with ``.tolist()`` / ``float()``).
+
+Integrity: :func:`load_checkpoint` recomputes the weights' digest and refuses a file whose
+weights changed since they were saved (a flipped bit that leaves a finite 1.1e37 included), and
+refuses non-finite weights (NaN, inf) naming the tensor. Checkpoints written before digests load
+with one NOTE line and the finiteness check only.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -29,16 +36,19 @@ import torch
 from torch import Tensor, nn
 
 from strokeseg.core.io import atomic_path
+from strokeseg.core.runner import get_logger
 
 from .common import unwrap_model
 from .registry import ArchSpec, arch_names, arch_of_network, arch_spec, canonical_arch
 
 __all__ = [
     "FORMAT_VERSION",
+    "DIGEST_KEY",
     "model_config_defaults",
     "resolve_model_config",
     "build_model",
     "model_config_of",
+    "weights_digest",
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -47,7 +57,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-_RESERVED_KEYS = ("format_version", "model_config", "model")
+DIGEST_KEY = "weights_sha256"
+_RESERVED_KEYS = ("format_version", "model_config", "model", DIGEST_KEY)
 
 
 def _spec_of(config: Any) -> ArchSpec:
@@ -118,6 +129,38 @@ def _check_weights_only_safe(value: Any, where: str) -> None:
     )
 
 
+def weights_digest(state: dict[str, Tensor]) -> str:
+    """SHA-256 (hex) of a state_dict: each entry's key, dtype, shape and raw bytes, in key order.
+    Equal for equal weights whatever the device; any changed bit changes it."""
+    digest = hashlib.sha256()
+    for key, tensor in state.items():
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_weights(path: Path, checkpoint: dict) -> None:
+    """ValueError naming ``path`` when its weights differ from the digest recorded at save or
+    hold a non-finite value (naming the tensor); a checkpoint without a digest (written before
+    digests) gets a NOTE, once per file."""
+    state = checkpoint["model"]
+    for key, tensor in state.items():
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{path}: state_dict entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: non-finite weights (NaN or inf) in tensor {key!r}; the file is corrupt or its training diverged")
+    recorded = checkpoint.get(DIGEST_KEY)
+    if recorded is None:
+        _note_no_digest(str(path))
+    elif recorded != weights_digest(state):
+        raise ValueError(f"{path}: weights differ from the digest recorded when it was saved (the file was altered or corrupted); copy it again or retrain")
+
+
+@functools.lru_cache(maxsize=None)
+def _note_no_digest(path: str) -> None:
+    get_logger().info(f"NOTE {path}: written before checkpoints recorded a weights digest; its integrity cannot be checked (only that its weights are finite)")
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_config: dict, **extra: Any) -> None:
     """Write ``{"format_version", "model_config", "model", **extra}`` to ``path`` atomically.
 
@@ -135,7 +178,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_config: dic
         raise ValueError(f"checkpoint extra keys {clash} are reserved")
     _check_weights_only_safe(extra, "extra")
     state = unwrap_model(model).state_dict()
-    payload = {"format_version": FORMAT_VERSION, "model_config": resolved, "model": state, **extra}
+    payload = {"format_version": FORMAT_VERSION, "model_config": resolved, "model": state, DIGEST_KEY: weights_digest(state), **extra}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -144,8 +187,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint written by :func:`save_checkpoint` (weights only, no pickle).
 
     Raises FileNotFoundError naming ``path`` when it is missing, ValueError when the file is
-    not a readable checkpoint of a known format_version. ``mmap``: map the file instead of
-    reading it (tensors stay on disk until used; for reading a few entries of a large file).
+    not a readable checkpoint of a known format_version, or its weights are not the ones saved
+    (digest) or not finite (see the module docstring). ``mmap``: map the file instead of reading
+    it (tensors stay on disk until used; for reading a few entries of a large file: the weights
+    are then not checked, as nothing reads them).
     """
     path = Path(path)
     if not path.is_file():
@@ -161,6 +206,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: checkpoint format_version {version!r}, expected {FORMAT_VERSION}")
     if not isinstance(checkpoint.get("model_config"), dict) or not isinstance(checkpoint.get("model"), dict):
         raise ValueError(f"{path}: checkpoint lacks a 'model_config' dict or a 'model' state_dict")
+    if not mmap:
+        _check_weights(path, checkpoint)
     return checkpoint
 
 

@@ -30,7 +30,7 @@ import torch
 from .ablation import cpu_count, emit_slurm, load_plan, run_local
 from .core.io import read_json, write_json, write_text
 from .core.runner import get_logger, write_run_args
-from .datasets.synthetic import make_atlas, make_brats, make_isles, make_uoa
+from .datasets.synthetic import MARKER, make_atlas, make_brats, make_isles, make_uoa
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def generate_data(raw: Path, scale: Scale, seed: int) -> None:
     """Write the four synthetic datasets in their real layouts under ``raw`` (skipped when
     ``raw/synthetic.json`` records the same seed and sizes: a rerun continues the demo)."""
     log, record = get_logger(), {"seed": seed, "scale": asdict(scale)}
-    marker = raw / "synthetic.json"
+    marker = raw / MARKER
     if marker.is_file() and read_json(marker) == json.loads(json.dumps(record)):
         log.info(f"synthetic data in {raw} already written (seed {seed})")
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -429,3 +430,26 @@ def test_inflation_preserves_response_to_equal_channels(resnet_source):
     assert torch.allclose(a, b, atol=1e-5)
     inflated_sum = float(target.encoders[0].stem[0].weight.detach().sum())
     assert math.isclose(inflated_sum, float(source_state["encoders.0.stem.0.weight"].sum()), rel_tol=1e-5)
+
+
+def test_checkpoint_weights_digest_and_finiteness_are_checked_at_load(tmp_path, capsys):
+    model = _build(_resnet("single"))
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, model, _resnet("single"), epoch=1)
+    stored = torch.load(path, weights_only=True)
+    assert stored[models.DIGEST_KEY] == models.weights_digest(model.state_dict()) == models.weights_digest(load_checkpoint(path)["model"])
+    key = next(k for k, v in stored["model"].items() if v.dim() == 5)
+    stored["model"][key].view(-1)[0] = 1.1e37  # finite: only the digest catches it
+    torch.save(stored, path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: weights differ from the digest recorded when it was saved"):
+        load_checkpoint(path)
+    del stored[models.DIGEST_KEY]  # written before digests: loads, with one NOTE however often it is read
+    torch.save(stored, path)
+    load_checkpoint(path)
+    model_from_checkpoint(path)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "NOTE" in line]
+    assert len(notes) == 1 and f"NOTE {path}: written before checkpoints recorded a weights digest" in notes[0]
+    stored["model"][key].view(-1)[0] = float("inf")  # ... but its weights must still be finite
+    torch.save(stored, path)
+    with pytest.raises(ValueError, match=rf"non-finite weights \(NaN or inf\) in tensor '{re.escape(key)}'"):
+        load_checkpoint(path)

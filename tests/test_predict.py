@@ -7,6 +7,7 @@ import csv
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -407,7 +408,7 @@ def test_exported_model_predicts_the_same_and_carries_a_model_card(isles_sample_
     checkpoint = models.load_checkpoint(run / "fold_0" / "best_model.pth")
     models.save_checkpoint(run / "fold_0" / "best_model.pth", models.model_from_checkpoint(run / "fold_0" / "best_model.pth")[0],
                            checkpoint["model_config"], optimizer={"state": {}, "param_groups": []}, rng={"seed": 1},
-                           **{k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model")})
+                           **{k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model", models.DIGEST_KEY)})
     splits = _splits(tmp_path / "splits.json", "ISLES2022", ["sub-strokecase0009"])
     data = tmp_path / "data"
     assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(isles_sample_dir), "--output-dir", str(data), "--target-shape", *[str(ISLES_SHAPE)] * 3]) == 0
@@ -433,3 +434,233 @@ def test_export_refuses_a_checkpoint_without_data_contract(tmp_path: Path, capsy
     run = _run_dir(tmp_path / "old", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, {}, folds=(0,), contract=False)
     assert export.main([str(run), str(tmp_path / "out")]) == 2
     assert "checkpoint has no data contract" in capsys.readouterr().out and not (tmp_path / "out" / "model_card.json").exists()
+
+
+# --------------------------------------------------------------------------- model folders and checkpoint integrity
+
+
+def _single_case(synthetic_isles_b: Path, subject: str = "sub-strokecase0002", mask: bool = False) -> list[str]:
+    """--dwi/--adc (and --mask) arguments of one layout-B case."""
+    stem = synthetic_isles_b / "rawdata" / subject / "ses-0001" / f"{subject}_ses-0001"
+    argv = ["--dwi", f"{stem}_dwi.nii.gz", "--adc", f"{stem}_adc.nii.gz"]
+    derivative = synthetic_isles_b / "derivatives" / subject / "ses-0001" / f"{subject}_ses-0001_msk.nii.gz"
+    return [*argv, "--mask", str(derivative)] if mask else argv
+
+
+def _error_lines(capsys: pytest.CaptureFixture) -> list[str]:
+    """The ERROR, WARNING and NOTE lines logged since the last read, without their time stamps."""
+    lines = [line.split(" ", 1)[-1] for line in capsys.readouterr().out.splitlines()]
+    return [line for line in lines if line.startswith(("ERROR", "WARNING", "NOTE"))]
+
+
+def test_unfinished_fold_and_empty_fold_folder_are_refused_unless_allowed(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    best = run / "fold_1" / "best_model.pth"
+    checkpoint = models.load_checkpoint(best)
+    model = models.model_from_checkpoint(best)[0]
+    keep = {k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model", models.DIGEST_KEY, "config")}
+    config = {**checkpoint["config"], "epochs": 50}  # preempted after epoch 7 of 50, waiting for a requeue
+    models.save_checkpoint(best, model, checkpoint["model_config"], config=config, **keep)
+    models.save_checkpoint(run / "fold_1" / "last.pth", model, checkpoint["model_config"], config=config, **{**keep, "epoch": 7})
+    (run / "fold_2").mkdir()  # a fold whose training never wrote its best model
+    argv = [*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert predict.main(argv) == 2
+    lines = _error_lines(capsys)
+    assert lines[0].startswith(f"ERROR model fold_1 ({best}): training unfinished (epoch 7 of 50); refused"), lines
+    assert lines[1].startswith(f"ERROR {run / 'fold_2'}: fold folder without best_model.pth"), lines
+    assert not (tmp_path / "out").exists()
+    assert predict.main([*argv, "--allow-unfinished"]) == 0
+    assert f"WARNING {run / 'fold_2'}: fold folder without best_model.pth" in "\n".join(_error_lines(capsys))
+    (row,) = _csv(tmp_path / "out" / "lesion_volumes.csv")
+    assert row["folds"] == "fold_0 fold_1" and row["unfinished"] == "fold_1: unfinished (epoch 7 of 50)"
+    summary = read_json(tmp_path / "out" / "prediction_summary.json")
+    assert summary["unfinished"] == {"fold_1": "unfinished (epoch 7 of 50)"} and summary["empty_fold_folders"] == [str(run / "fold_2")]
+    assert predict.main([*argv[:-2], "--output-dir", str(tmp_path / "out0"), "--folds", "0"]) == 0  # chosen folds: nothing to refuse
+
+
+def _rewrite_weights(path: Path, change: Callable[[dict], None]) -> None:
+    """Change the stored state_dict of ``path`` in place, keeping every other entry (its digest too)."""
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint["model"])
+    torch.save(checkpoint, path)
+
+
+def test_altered_or_non_finite_weights_are_refused_by_predict_and_evaluate(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    path = run / "fold_0" / "best_model.pth"
+    key = next(k for k, v in torch.load(path, weights_only=True)["model"].items() if v.dim() == 5)
+
+    def flip(state: dict) -> None:  # one exponent bit: 1.1e37 is finite, only the digest tells
+        state[key].view(-1)[3] = 1.1e37
+
+    _rewrite_weights(path, flip)
+    data = tmp_path / "data"
+    data.mkdir()
+    eval_argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(_splits(tmp_path / "splits.json", "ISLES2022", ["x"])),
+                 "--run", f"m={run}", "--png", "none", "--output-dir", str(tmp_path / "eval")]
+    pred_argv = [*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    message = f"{path}: weights differ from the digest recorded when it was saved"
+    assert predict.main(pred_argv) == 2 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert evaluate.main(eval_argv) == 1 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    _rewrite_weights(path, lambda state: state[key].view(-1).__setitem__(3, float("nan")))
+    message = f"{path}: non-finite weights (NaN or inf) in tensor {key!r}"
+    assert predict.main(pred_argv) == 2 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert evaluate.main(eval_argv) == 1 and any(line.startswith(f"ERROR {message}") for line in _error_lines(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_probabilities_fail_the_case(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(isles_run, tmp_path / "run")
+    path = run / "fold_0" / "best_model.pth"
+    model, checkpoint = models.model_from_checkpoint(path)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 5:
+                parameter.mul_(1e6)  # finite weights whose activations overflow: NaN probabilities
+    keep = {k: v for k, v in checkpoint.items() if k not in ("format_version", "model_config", "model", models.DIGEST_KEY)}
+    models.save_checkpoint(path, model, checkpoint["model_config"], **keep)
+    out = tmp_path / "out"
+    assert predict.main([*_single_case(synthetic_isles_b), "--run", str(run), "--output-dir", str(out), "--precision", "fp32"]) == 1
+    (failed,) = read_json(out / "prediction_summary.json")["failed"]
+    assert failed["reason"].startswith(f"{path}: ") and "non-finite probabilities (NaN/inf) at precision fp32" in failed["reason"]
+    assert not list(out.glob("*_mask.nii.gz"))
+    data = tmp_path / "data"  # evaluate.py: the same model fails each case instead of scoring Dice 0
+    assert preprocess_isles_WITH_BBOX.main(["--isles-dir", str(synthetic_isles_b), "--output-dir", str(data), "--target-shape", *[str(ISLES_SHAPE)] * 3]) == 0
+    cases = sorted(p.stem for p in data.glob("sub-*.npz"))[:2]
+    argv = ["--dataset", "ISLES2022", "--data-dir", str(data), "--splits-file", str(_splits(tmp_path / "splits.json", "ISLES2022", cases)),
+            "--run", f"m={run}", "--folds", "0", "--png", "none", "--bootstrap", "10", "--output-dir", str(tmp_path / "eval")]
+    assert evaluate.main(argv) == 1
+    failed = read_json(tmp_path / "eval" / "summary.json")["failed"]
+    assert len(failed) == 2 and all("non-finite probabilities (NaN/inf)" in f["reason"] for f in failed)
+
+
+def test_export_overwrite_replaces_the_whole_folder_and_predict_checks_it_against_its_card(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from strokeseg import export
+
+    out = tmp_path / "exported"
+    assert export.main([str(isles_run), str(out)]) == 0
+    assert export.main([str(isles_run), str(out), "--folds", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fold_1", "model_card.json"]  # the earlier export's fold_0 is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing left beside it
+    card = read_json(out / "model_card.json")
+    exported = out / "fold_1" / "best_model.pth"
+    assert list(card["folds"]) == ["fold_1"] and card["folds"]["fold_1"]["weights_sha256"] == models.load_checkpoint(exported)[models.DIGEST_KEY]
+    argv = [*_single_case(synthetic_isles_b), "--run", str(out), "--output-dir", str(tmp_path / "pred")]
+    capsys.readouterr()
+    assert predict.main(argv) == 0
+    shutil.copytree(isles_run / "fold_0", out / "fold_0")  # a fold the card does not list
+    assert predict.main(argv) == 2
+    assert f"ERROR {out / 'model_card.json'}: lists folds ['fold_1'] but the folder holds ['fold_0', 'fold_1']" in _error_lines(capsys)[0]
+    shutil.rmtree(out / "fold_0")
+    write_json(out / "model_card.json", {**card, "folds": {"fold_1": {**card["folds"]["fold_1"], "weights_sha256": "0" * 64}}})  # an edited card
+    assert predict.main(argv) == 2
+    assert _error_lines(capsys)[0].startswith(f"ERROR {exported}: weights digest differs from the one {out / 'model_card.json'} records")
+    (out / "model_card.json").unlink()  # a deleted card: the exported checkpoints still say what they are
+    assert predict.main(argv) == 2
+    assert _error_lines(capsys)[0].startswith(f"ERROR {out / 'model_card.json'}: missing, but {out} holds exported checkpoints")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    assert export.main([str(isles_run), str(tmp_path / "other"), "--overwrite"]) == 2  # not an export: never replaced
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine\n"
+
+
+def test_model_card_says_what_the_model_is_for_and_holds_no_local_paths(isles_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strokeseg import export
+
+    raw = tmp_path / "raw"
+    (raw / "ISLES2022").mkdir(parents=True)
+    write_json(raw / "synthetic.json", {"seed": 0})  # the demo's record of the data it generated
+    stage = tmp_path / "prep" / "run_args.json"  # the preprocessing stage's record of its input
+    write_json(stage, {"args": {"isles_dir": str(raw / "ISLES2022"), "output_dir": str(stage.parent)}})
+    settings = {"source": str(stage), "target_shape": [ISLES_SHAPE] * 3, "margin": 4}
+    run = _run_dir(tmp_path / "run", "ISLES2022", ["dwi", "adc"], ISLES_SHAPE, settings)
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["run", "shared/isles_model"]) == 0
+    card = read_json(tmp_path / "shared" / "isles_model" / "model_card.json")
+    assert card["usage"] == "python predict.py --input DATA --run shared/isles_model --output-dir OUT"
+    assert card["training_data"] == {"dataset": "ISLES2022", "data": "synthetic (generated by strokeseg.datasets.synthetic)", "synthetic": True,
+                                     "train_cases": 0, "val_cases": 2, "cases": 2}
+    assert "Not a medical device" in card["intended_use"] and "never seen a real patient" in card["limitations"][0]
+
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [s for item in value.values() for s in strings(item)]
+        if isinstance(value, list):
+            return [s for item in value for s in strings(item)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(card) if s.startswith("/") or str(tmp_path) in s]
+    (raw / "synthetic.json").unlink()  # real data: named by its preprocessed folder
+    assert export.main([str(run), str(tmp_path / "abs_model")]) == 0
+    card = read_json(tmp_path / "abs_model" / "model_card.json")
+    assert card["training_data"]["data"] == "prep" and not card["training_data"]["synthetic"]
+    assert card["usage"] == "python predict.py --input DATA --run abs_model --output-dir OUT"
+
+
+def test_scores_say_each_cases_role_and_the_mean_uses_unseen_cases_only(synthetic_isles_b: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = {"arch": "resnet18_unet", "variant": "shared", "width": 4, "in_channels": 2}
+    settings = {"target_shape": [ISLES_SHAPE] * 3, "margin": 4}
+    contract = DataContract("ISLES2022", ("dwi", "adc"), "mask", (ISLES_SHAPE,) * 3, 0.5, settings, 0,
+                            ("sub-strokecase0002_ses-0001",), ("sub-strokecase0003_ses-0001",))
+    run = tmp_path / "run"
+    models.save_checkpoint(run / "fold_0" / "best_model.pth", models.build_model(config), config, config={"fold": 0}, data_contract=contract.as_dict())
+    out = tmp_path / "out"
+    for subject in ("sub-strokecase0002", "sub-strokecase0003", "sub-strokecase0004"):
+        assert predict.main([*_single_case(synthetic_isles_b, subject, mask=True), "--run", str(run), "--output-dir", str(out)]) == 0
+    rows = _csv(out / "scores.csv")
+    assert [(row["case_id"], row["role"]) for row in rows] == [
+        ("sub-strokecase0002_ses-0001", "train"), ("sub-strokecase0003_ses-0001", "val"), ("sub-strokecase0004_ses-0001", "unseen")]
+    output = "\n".join(_error_lines(capsys))
+    assert "WARNING 1 train, 1 val case(s) scored in" in output and "left out of the mean Dice" in output
+    summary = read_json(out / "prediction_summary.json")
+    assert summary["roles"] == {"train": 1, "val": 1, "unseen": 1} and summary["mean_dice"] == pytest.approx(float(rows[2]["dice"]))
+
+
+def test_lesion_volume_comes_from_the_affine_with_a_warning_when_pixdim_disagrees(atlas_run: Path, synthetic_uoa: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = nib.load(str(next(synthetic_uoa.rglob("*T1*.nii*"))))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = image.affine[:3, 3]
+    lying = nib.Nifti1Image(np.asarray(image.dataobj), affine)
+    lying.header.set_zooms((1.0, 1.0, 1.0))  # the header says 1 mm, the affine 2 mm
+    path = tmp_path / "P001.nii.gz"
+    lying.to_filename(str(path))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert predict.main(["--image", str(path), "--run", str(atlas_run), "--output-dir", str(out), "--folds", "0"]) == 0
+    (row,) = _csv(out / "lesion_volumes.csv")
+    voxels = int(_voxels(out / "P001_desc-lesion_mask.nii.gz").sum())
+    assert voxels > 0 and float(row["lesion_volume_ml"]) == pytest.approx(voxels * 8 / 1000)
+    assert sum(float(r["volume_ml"]) for r in _csv(out / "lesions.csv")) == pytest.approx(voxels * 8 / 1000)
+    assert "WARNING P001: header pixdim gives 1 mm3 per voxel but the affine 8 mm3; volumes use the affine" in "\n".join(_error_lines(capsys))
+    assert read_json(out / "prediction_summary.json")["qc_warnings"]["P001"].startswith("P001: header pixdim")
+
+
+def test_run_level_write_error_is_one_error_line_and_exit_2(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from strokeseg.inference import tables
+
+    def full_disk(path: Path, rows: object, columns: object) -> None:
+        raise OSError(28, f"cannot write {path}: No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tables, "write_csv", full_disk)
+        out = tmp_path / "out"
+        capsys.readouterr()
+        assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--output-dir", str(out)]) == 2
+        assert _error_lines(capsys) == [f"ERROR [Errno 28] cannot write {out / 'lesion_volumes.csv'}: No space left on device"]
+    (tmp_path / "file").write_text("")
+    assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--output-dir", str(tmp_path / "file" / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.startswith(f"ERROR {tmp_path / 'file' / 'out'}: cannot create the output folder")
+
+
+def test_the_same_run_given_twice_is_refused(synthetic_isles_b: Path, isles_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "link").symlink_to(isles_run)
+    monkeypatch.chdir(isles_run.parent)
+    for other in (isles_run, f"{isles_run}/", isles_run.name, tmp_path / "link"):
+        capsys.readouterr()
+        assert predict.main([*_single_case(synthetic_isles_b), "--run", str(isles_run), "--run", str(other), "--output-dir", str(tmp_path / "out")]) == 2
+        (line,) = _error_lines(capsys)
+        assert line.startswith(f"ERROR --run {Path(other)} and --run {isles_run} are the same folder"), line
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,8 @@ from ..core.io import save_nifti
 from ..core.runner import progress, write_run_args
 
 __all__ = [
+    "MARKER",
+    "is_generated",
     "Tissue",
     "synthetic_rng",
     "smooth_field",
@@ -45,6 +47,13 @@ __all__ = [
 ]
 
 Shape3 = tuple[int, int, int]
+MARKER = "synthetic.json"  # the demo's record of the datasets it generated, beside them (strokeseg.demo)
+
+
+def is_generated(folder: str | Path) -> bool:
+    """Whether the raw dataset ``folder`` was generated here: :data:`MARKER` in it or its parent."""
+    folder = Path(folder)
+    return (folder / MARKER).is_file() or (folder.parent / MARKER).is_file()
 
 
 class Tissue(IntEnum):

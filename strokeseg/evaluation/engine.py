@@ -55,6 +55,7 @@ __all__ = [
     "fold_of_path",
     "load_fold_model",
     "unfinished_training",
+    "report_unfinished",
     "predict_probability",
     "evaluate_case",
     "evaluate_run",
@@ -356,9 +357,12 @@ def unfinished_training(path: Path, checkpoint: Mapping, run_config: Mapping) ->
     k is the number of epochs completed, read from ``last.pth`` beside ``path`` (the trainer
     writes it after every epoch and on preemption, before best_model.pth; ``checkpoint`` itself
     when ``path`` is that file): best_model.pth holds the best epoch, not the last. None too when
-    N or last.pth is not there (a run whose last.pth was deleted cannot be told apart).
+    N or last.pth is not there (a run whose last.pth was deleted cannot be told apart). An exported
+    checkpoint (no last.pth) records the state under "unfinished" (:mod:`strokeseg.export`).
     Raises :class:`CaseError` for an unreadable last.pth.
     """
+    if isinstance(checkpoint.get("unfinished"), str):
+        return checkpoint["unfinished"]
     planned = run_config.get("epochs")
     last = path.parent / "last.pth"
     if not isinstance(planned, int) or not last.is_file():
@@ -373,6 +377,19 @@ def unfinished_training(path: Path, checkpoint: Mapping, run_config: Mapping) ->
     return f"unfinished (epoch {done} of {planned})" if isinstance(done, int) and done < planned else None
 
 
+def report_unfinished(labelled: Iterable[tuple[str, FoldModel]], allowed: bool, consequence: str) -> bool:
+    """The rule of evaluate.py and predict.py for folds whose training stopped early: one log line
+    per (label, fold model) with :attr:`FoldModel.unfinished` set, "ERROR <label> fold_<k> (<path>):
+    training unfinished (epoch k of N); <consequence> (resume the training, or pass
+    --allow-unfinished)", a NOTE instead of an ERROR when ``allowed``. Returns True when such a
+    fold exists and is not allowed (the caller refuses or fails)."""
+    unfinished = [(label, fm) for label, fm in labelled if fm.unfinished]
+    for label, fm in unfinished:
+        get_logger().info(f"{'NOTE' if allowed else 'ERROR'} {label} fold_{fm.fold} ({fm.path}): training {fm.unfinished}; {consequence} "
+                          f"(resume the training, or pass --allow-unfinished)")
+    return bool(unfinished) and not allowed
+
+
 # --------------------------------------------------------------------------- per case
 
 
@@ -381,7 +398,8 @@ def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel,
     float32 (X, Y, Z), e.g. :attr:`EvalCase.inputs`), by sliding windows of the model's window
     size over the whole input (one whole-volume pass when the window covers it), or over the box
     of its non-zero voxels with ``settings.brain_crop`` (0 outside the box), grown to the
-    network's grid (:func:`strokeseg.inference.sliding_window.crop_alignment`)."""
+    network's grid (:func:`strokeseg.inference.sliding_window.crop_alignment`). A non-finite
+    probability raises :class:`CaseError` naming the checkpoint."""
     volume = np.stack([inputs[key] for key in fold_model.channels])
     align = crop_alignment(fold_model.window, settings.overlap, fold_model.downsampling)
     box = nonzero_box(volume, align) if settings.brain_crop else None
@@ -397,6 +415,9 @@ def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel,
         mirror_tta=settings.mirror_tta,
         precision=settings.precision,
     )
+    bad = int(np.count_nonzero(~np.isfinite(probability)))
+    if bad:  # never thresholded into an empty mask
+        raise CaseError(f"{fold_model.path}: {bad} non-finite probabilities (NaN/inf) at precision {settings.precision}; the model's weights or this input are broken")
     if box is None:
         return probability
     out = np.zeros(volume.shape[1:], dtype=np.float32)

@@ -1,5 +1,5 @@
 """Prediction on new data: NIfTI in; lesion masks on the input's native grid, volumes and a
-lesion table out.
+lesion table out (the tables: :mod:`strokeseg.inference.tables`).
 
 A *model set* is the fold checkpoints of one or more training runs (or model folders written
 by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
@@ -13,7 +13,6 @@ thresholded there.
 """
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -36,18 +35,15 @@ from ..datasets.foundation import FoundationItem, normalise_foundation_case, pre
 from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
 from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
-from ..evaluation.metrics import METRIC_NAMES, PRESETS, case_metrics
-from ..evaluation.report import write_csv
+from ..evaluation.metrics import PRESETS, case_metrics
 from . import qc
 from .html_report import save_case_overview
 from .uncertainty import STDDEV_SUFFIX, ensemble_mean, fold_probabilities, fold_review, lesion_labels
 from .diffusion import DiffusionItem, log_record, read_diffusion_case
 from .inputs import diffusion_items, t1w_items
+from .model_folders import check_exported, distinct_runs, empty_fold_folders
 
 __all__ = [
-    "VOLUME_COLUMNS",
-    "LESION_COLUMNS",
-    "SCORE_COLUMNS",
     "MASK_SUFFIX",
     "PROB_SUFFIX",
     "SIDECAR_SUFFIX",
@@ -57,6 +53,7 @@ __all__ = [
     "PreparedCase",
     "PredictOptions",
     "settings_id",
+    "voxel_volume_ml",
     "stale_masks",
     "source_images",
     "code_version",
@@ -68,15 +65,11 @@ __all__ = [
     "lesion_table",
     "predict_case",
     "predict_cases",
-    "write_tables",
     "write_dataset_description",
 ]
 
 # Contract keys that may differ between the members of one model set.
 _PER_MODEL_KEYS = ("window", "fold", "train_cases", "val_cases", "fingerprint")
-VOLUME_COLUMNS = ("case_id", "status", "reason", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "qc_flags", "model", "folds")
-LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability", "fold_detection")
-SCORE_COLUMNS = ("case_id", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
 MASK_SUFFIX = "_desc-lesion_mask.nii.gz"
 PROB_SUFFIX = "_desc-lesion_probseg.nii.gz"
 SIDECAR_SUFFIX = "_desc-lesion_mask.json"  # the mask's BIDS sidecar: its source, model and settings
@@ -129,26 +122,34 @@ def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
 @dataclass
 class ModelSet:
     """Fold models with one data contract. label: the run folder names joined by '+';
-    members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined)."""
+    members: "fold_<k>" per model (prefixed "<run>/" when several runs are combined);
+    empty_folds: ``fold_<k>`` folders found without a checkpoint (not used)."""
 
     fold_models: list[FoldModel]
     contract: DataContract
     label: str
     members: list[str]
+    empty_folds: list[Path] = field(default_factory=list)
 
     @property
     def spec(self) -> DatasetSpec:
         return dataset_spec(self.contract.dataset)
 
+    @property
+    def unfinished(self) -> dict[str, str]:
+        """member -> "unfinished (epoch k of N)" for the models whose training stopped early."""
+        return {member: fm.unfinished for member, fm in zip(self.members, self.fold_models) if fm.unfinished}
 
-def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, DataContract]:
+
+def _load_member(path: Path, fold: int, device: torch.device) -> tuple[FoldModel, DataContract, dict]:
     try:
-        contract = stored_contract(models.load_checkpoint(path), path)
+        checkpoint = models.load_checkpoint(path)
+        contract = stored_contract(checkpoint, path)
     except (FileNotFoundError, ValueError) as err:
         raise CaseError(one_line(err)) from err
     fold_model = load_fold_model(path, fold, contract.dataset, torch.device("cpu"), None)
     fold_model.model.to(device)
-    return fold_model, contract
+    return fold_model, contract, {key: value for key, value in checkpoint.items() if key != "model"}
 
 
 def shared_contract(contract: DataContract) -> dict:
@@ -167,22 +168,27 @@ def _contract_differences(a: DataContract, b: DataContract) -> list[str]:
 
 def load_model_set(run_dirs: Sequence[Path], folds: Sequence[int] | None, device: torch.device) -> ModelSet:
     """Every ``fold_<k>/best_model.pth`` of each run or model folder (only ``folds`` when
-    given), rebuilt on ``device`` in eval mode. Raises :class:`CaseError` for a missing folder or
-    checkpoint, a checkpoint without a valid data contract, or members whose contracts differ
+    given), rebuilt on ``device`` in eval mode. Raises :class:`CaseError` for a folder given
+    twice, a missing folder or checkpoint, a checkpoint without a valid data contract, an
+    exported folder that differs from its model card
+    (:func:`strokeseg.inference.model_folders.check_exported`), or members whose contracts differ
     in anything but window, fold and case lists."""
-    fold_models, members, contract, first = [], [], None, None
-    for run_dir in run_dirs:
-        for fold, path in discover_checkpoints(Path(run_dir), folds).items():
-            fold_model, found = _load_member(path, fold, device)
+    distinct_runs(run_dirs)
+    fold_models, members, empty, contract, first = [], [], [], None, None
+    for run_dir in map(Path, run_dirs):
+        loaded = {fold: _load_member(path, fold, device) for fold, path in discover_checkpoints(run_dir, folds).items()}
+        check_exported(run_dir, {fold: member[2] for fold, member in loaded.items()})
+        empty += empty_fold_folders(run_dir) if folds is None else []
+        for fold, (fold_model, found, _) in loaded.items():
             if contract is None:
-                contract, first = found, path
+                contract, first = found, fold_model.path
             elif _contract_differences(contract, found):
                 differ = "; ".join(_contract_differences(contract, found))
-                raise CaseError(f"{path}: data contract differs from {first}'s: {differ}; models of one prediction must share it")
+                raise CaseError(f"{fold_model.path}: data contract differs from {first}'s: {differ}; models of one prediction must share it")
             fold_models.append(fold_model)
-            members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{Path(run_dir).name}/fold_{fold}")
+            members.append(f"fold_{fold}" if len(run_dirs) == 1 else f"{run_dir.name}/fold_{fold}")
     label = "+".join(Path(run_dir).resolve().name for run_dir in run_dirs)
-    return ModelSet(fold_models, contract, label, members)  # type: ignore[arg-type]
+    return ModelSet(fold_models, contract, label, members, empty)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -363,10 +369,22 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connecti
     ]
 
 
+def voxel_volume_ml(affine: np.ndarray, zooms: Sequence[float], where: object) -> tuple[float, str | None]:
+    """A voxel's volume in ml from the affine (|det| of its 3x3 part, as the centroids use it), and
+    a QC warning when the header's pixdim product disagrees by more than 0.1 % (else None)."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    pixdim_ml = float(np.prod(zooms)) / 1000.0
+    if np.isclose(voxel_ml, pixdim_ml, rtol=1e-3, atol=0.0):
+        return voxel_ml, None
+    return voxel_ml, (f"{where}: header pixdim gives {pixdim_ml * 1000:.4g} mm3 per voxel but the affine {voxel_ml * 1000:.4g} mm3; "
+                      "volumes use the affine (as the centroids do): check the file's header")
+
+
 def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequence[float], reference: np.ndarray | None, model_set: ModelSet) -> dict:
-    """The case's rows: "volume" (lesion_volumes.csv), "lesions" (lesions.csv), "scores" (or None)."""
+    """The case's rows: "volume" (lesion_volumes.csv), "lesions" (lesions.csv), "scores" (or
+    None), and "qc" (a warning about the header, or None)."""
     preset = model_set.spec.preset
-    voxel_ml = float(np.prod(zooms)) / 1000.0
+    voxel_ml, header_warning = voxel_volume_ml(affine, zooms, case_id)
     lesions = [{"case_id": case_id, **row} for row in lesion_table(mask, affine, voxel_ml, PRESETS[preset].connectivity)]
     volume = {
         "case_id": case_id,
@@ -375,6 +393,7 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
         "largest_lesion_ml": max((row["volume_ml"] for row in lesions), default=0.0),
         "model": model_set.label,
         "folds": " ".join(model_set.members),
+        "unfinished": "; ".join(f"{member}: {state}" for member, state in model_set.unfinished.items()),
     }
     scores = None
     if reference is not None:
@@ -382,7 +401,7 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
             raise CaseError(f"{case_id}: reference mask shape {reference.shape} differs from the prediction's {mask.shape}")
         scores = {"case_id": case_id, **case_metrics(mask, reference, voxel_ml, preset)}
         scores.update(ref_voxels=int(np.count_nonzero(reference)), pred_voxels=int(np.count_nonzero(mask)))
-    return {"volume": volume, "lesions": lesions, "scores": scores}
+    return {"volume": volume, "lesions": lesions, "scores": scores, "qc": header_warning}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -517,38 +536,6 @@ def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options
     collected as one-line reasons."""
     process = functools.partial(predict_case, model_set=model_set, options=options)
     return run_cases(cases, process, workers=workers, desc="cases")
-
-
-def write_tables(output_dir: Path, report: RunReport, keep_earlier: bool = False) -> dict:
-    """Write lesion_volumes.csv, lesions.csv and (when a case was scored) scores.csv from the
-    rows of the done and skipped cases, sorted by case id; lesion_volumes.csv also gets a row per
-    failed case (status "failed", reason: :func:`strokeseg.inference.qc.merge_volume_rows`). With
-    ``keep_earlier`` (the folder's earlier outputs come from the same models and settings) the
-    rows of cases predicted by earlier calls, one patient at a time, are kept. Returns {"n_scored", "mean_dice"} over
-    every row of scores.csv."""
-    results = [r for r in report.results if r.status in ("done", "skipped") and r.info]
-    current = {r.case_id for r in results}  # a failed case keeps its earlier rows: its mask on disk is unchanged
-
-    def rows(name: str, new: list[dict]) -> list[dict]:
-        earlier = _csv_rows(output_dir / name) if keep_earlier else []
-        return sorted([row for row in earlier if row.get("case_id") not in current] + new, key=lambda row: row["case_id"])
-
-    earlier_volumes = _csv_rows(output_dir / "lesion_volumes.csv") if keep_earlier else []
-    volumes = qc.merge_volume_rows(earlier_volumes, [r.info["volume"] for r in results], qc.failed_rows(report))
-    write_csv(output_dir / "lesion_volumes.csv", volumes, VOLUME_COLUMNS)
-    write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
-    scores = rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])
-    if scores:
-        write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
-    return {"n_scored": len(scores), "mean_dice": float(np.mean([float(s["dice"]) for s in scores])) if scores else None}
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    """The rows of the CSV table ``path`` (none when it does not exist)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write_dataset_description(output_dir: Path, model_set: ModelSet) -> None:
