@@ -9,7 +9,7 @@ ATLAS / UOA read ``preprocess_stroke_foundation.py`` output and score whole volu
     python evaluate.py --dataset ISLES2022 --data-dir /data/preprocessed_isles_eval \\
         --splits-file /data/preprocessed_isles_train/isles2022_splits_5fold.json \\
         --run shared_scratch=/runs/isles_shared_scratch --run dwi_only=/runs/isles_dwi_only \\
-        --compare shared_scratch dwi_only --output-dir /results/isles
+        --compare shared_scratch dwi_only --output-dir /results/ISLES2022
 """
 from __future__ import annotations
 

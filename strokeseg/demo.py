@@ -8,7 +8,7 @@ BraTS fold k), then ``evaluate.py``. The paper-style tables are printed and save
 ``<out>/results.md``; curves and example PNGs stay in each stage's folder.
 
 The default is sized for 2 CPU cores (tiny widths and volumes, fold 0 only, few epochs, test
-sets of 6 cases so the paired comparisons run, about 15 minutes); ``--full`` uses the paper's sizes (96³/64³ patches, width 64, 5 folds, 100 epochs) for
+sets of 6 cases so the paired comparisons run, about 13 minutes on 2 idle cores); ``--full`` uses the paper's sizes (96³/64³ patches, width 64, 5 folds, 100 epochs) for
 a GPU machine. The demo's grid is written to ``<out>/ablation.json``; each task logs to
 ``<out>/logs/<task>.log``; after a failing task nothing new starts, and a rerun continues where
 the last one stopped (finished tasks are skipped). ``--emit-slurm DIR`` writes the same plan as

@@ -1,7 +1,7 @@
 """Shareable models: a self-contained folder of fold checkpoints and a model card.
 
     python -m strokeseg.export runs/isles_shared_brats exported/isles_shared_brats \\
-        --evaluation results/isles
+        --evaluation results/ISLES2022
 
 writes ``OUT_DIR/fold_<k>/best_model.pth`` (weights and their digest, model config, data
 contract, training arguments, initialisation, validation cases, epoch, best validation Dice and
