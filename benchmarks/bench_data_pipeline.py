@@ -16,7 +16,6 @@ Reports patches/s and the ratio to the target (150 patches/s of 96³ with 2 work
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from strokeseg.core.io import save_npz  # noqa: E402
+from strokeseg.core.io import save_npz, write_json  # noqa: E402
 from strokeseg.training.augment import augment_preset  # noqa: E402
 from strokeseg.training.data import BatchLoader, EpochSampler, SampleMix, TrainingSet, find_case_files  # noqa: E402
 from strokeseg.training.patches import lesion_centers  # noqa: E402
@@ -105,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"layout": layout, "patches_per_s": rate, "first_epoch_patches_per_s": first, "shape": list(shape),
                      "patch": args.patch_size, "workers": args.workers, "batch": args.batch_size})
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

@@ -23,7 +23,6 @@ natively unless ``--precisions`` asks for it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
+from strokeseg.core.io import write_json  # noqa: E402
 from strokeseg.inference.sliding_window import amp_autocast, cpu_supports_bf16  # noqa: E402
 
 # The paper's inference cases beyond the registry's defaults: the ISLES ResNet-18 U-Net on
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += measure(arch, args, device, precision)
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

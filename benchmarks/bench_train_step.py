@@ -18,7 +18,6 @@ batch 2) on the CPU. ``--json F`` also writes the figures to F (benchmarks/gpu_c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from strokeseg.core.io import write_json  # noqa: E402
 from strokeseg.inference.sliding_window import autocast_dtype, training_precision  # noqa: E402
 from strokeseg.training.engine import make_grad_scaler, train_step  # noqa: E402
 from strokeseg.training.losses import build_loss  # noqa: E402
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure_all(sizes, device, args.steps or (20 if device.type == "cuda" else 3), args.amp_only, args.warmup)
     print_rows(rows, args.amp_only)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 

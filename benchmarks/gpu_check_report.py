@@ -42,7 +42,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _mib(value: float) -> str:
-    return "— (CPU)" if value != value else f"{value:.0f}"  # NaN: not measured on the CPU
+    return "— (CPU)" if value is None or value != value else f"{value:.0f}"  # null (NaN): not measured on the CPU
 
 
 def train_section(rows: list[dict], loader: list[dict] | None) -> list[str]:
