@@ -27,6 +27,7 @@ from strokeseg.datasets.registry import dataset_names, dataset_spec
 from strokeseg.evaluation import engine as ev
 from strokeseg.evaluation import report
 from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.inference.model_folders import empty_fold_folders
 from strokeseg.inference.sliding_window import PRECISIONS
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples for the 95%% CI of the case mean (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="evaluate again although --output-dir holds a finished evaluation (default: report it when its arguments match, else stop with an error; a failed one is redone)")
-    parser.add_argument("--allow-unfinished", action="store_true", help="exit 0 although a fold's training stopped before its last epoch (it is scored and marked 'unfinished (epoch k of N)' either way)")
+    parser.add_argument("--allow-unfinished", action="store_true", help="exit 0 although a fold's training stopped before its last epoch (it is scored and marked 'unfinished (epoch k of N)' either way), and leave out fold_<k> folders without a checkpoint (refused otherwise)")
     return parser
 
 
@@ -122,6 +123,20 @@ def load_runs(args: argparse.Namespace, case_dir: Path) -> dict[str, list[list[e
                 raise CaseError(f"run {label}: several checkpoints for one fold ({sorted(folds)})")
             runs.setdefault(label, []).append(loaded)
     return runs
+
+
+def check_fold_folders(args: argparse.Namespace) -> None:
+    """predict.py's rule for ``fold_<k>`` folders without a checkpoint (a training that has not
+    written its best model: still running, failed, never started) when the folds are found, not
+    named: :class:`CaseError` naming them, or one WARNING each with ``--allow-unfinished`` (left out)."""
+    if args.checkpoints or args.folds is not None:  # named folds: a missing checkpoint is refused when found
+        return
+    empty = [folder for dirs in args.runs.values() for d in dirs for folder in empty_fold_folders(d, args.checkpoint_name)]
+    if empty and not args.allow_unfinished:
+        raise CaseError(f"fold folder(s) without {args.checkpoint_name}: {', '.join(map(str, empty))} (training not finished, or failed); "
+                        "choose folds with --folds, or pass --allow-unfinished to leave them out")
+    for folder in empty:
+        get_logger().info(f"WARNING {folder}: fold folder without {args.checkpoint_name}; left out (--allow-unfinished)")
 
 
 def report_unfinished(runs: dict[str, list[list[ev.FoldModel]]], allowed: bool) -> int:
@@ -229,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         case_dir = spec.case_dir(args.data_dir)
         splits_file = args.splits_file or case_dir / spec.splits_name
+        check_fold_folders(args)
         runs = load_runs(args, case_dir)
         cases = {label: [ev.split_cases(splits_file, args.dataset, fms, args.split) for fms in seeds] for label, seeds in runs.items()}
     except CaseError as err:

@@ -494,6 +494,12 @@ def test_fold_whose_training_stopped_early_is_marked_and_fails_unless_allowed(is
     output = capsys.readouterr().out
     assert "did not succeed (run a fold_1: unfinished (epoch 1 of 50))" in output and f"NOTE run a fold_1 ({best})" in output
     assert "unfinished (epoch 1 of 50)" in (out / "results.md").read_text()
+    (run / "fold_2").mkdir()  # a fold whose training has not written its best model: never skipped silently
+    assert evaluate.main([*argv, "--overwrite"]) == 1
+    assert f"fold folder(s) without best_model.pth: {run / 'fold_2'}" in capsys.readouterr().out
+    assert evaluate.main([*argv, "--overwrite", "--allow-unfinished"]) == 0
+    assert f"WARNING {run / 'fold_2'}: fold folder without best_model.pth; left out" in capsys.readouterr().out
+    assert {r["fold"] for r in _csv(out / "per_case.csv")} == {"fold_0", "fold_1"}
 
 
 def test_external_splits_file_needs_one_test_set_across_folds(isles_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
