@@ -50,8 +50,9 @@ B_TOLERANCE = 0.25
 ADC_MEDIAN_MM2_S = (2e-4, 5e-3)
 ADC_UNITS = {1.0: "mm²/s", 1e-3: "10⁻³ mm²/s", 1e-6: "10⁻⁶ mm²/s"}
 # 95th percentile / median over the brain: an ADC map's CSF is about 3-4 times tissue (real and
-# synthetic ISLES cases 3.0-3.9), a b=1000 DWI's brightest tissue about 1.3-1.5 times.
-ADC_LIKE_RATIO = 2.2
+# synthetic ISLES cases 3.0-3.9), a b=1000 DWI's brightest tissue about 1.3-1.5 times, up to about
+# 2.8 with a large bright lesion: a DWI alone is refused as an ADC map only from 3.0 on.
+ADC_LIKE_RATIO = 3.0
 DWI_LIKE_RATIO = 1.8
 
 
@@ -184,7 +185,8 @@ def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tup
             raise CaseError(f"{dwi.path}: looks like an ADC map, not a DWI (brain 95th percentile {dwi_ratio:.1f}x its median; a DWI's is about 1.5x)")
         return None, {}
     adc_ratio = adc_likeness(adc.data[brain])
-    if adc_ratio < dwi_ratio or dwi_ratio >= ADC_LIKE_RATIO or adc_ratio < DWI_LIKE_RATIO:
+    # Relative order, not the DWI's own value: a DWI with a large bright lesion reaches about 2.8.
+    if adc_ratio < dwi_ratio or adc_ratio < DWI_LIKE_RATIO:
         raise CaseError(f"{dwi.path} (given as DWI) and {adc.path} (given as ADC) look swapped or mislabelled: brain 95th percentile / median "
                         f"{dwi_ratio:.1f} and {adc_ratio:.1f} (a DWI about 1.5, an ADC map about 3-4); pass the DWI as --dwi and the ADC map as --adc")
     found = adc_unit(float(np.median(adc.data[brain])), adc.path)
