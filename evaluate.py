@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from strokeseg.core.contract import check_preprocessing
-from strokeseg.core.io import CaseError, write_text
+from strokeseg.datasets.contract import check_preprocessing
+from strokeseg.core.io import CaseError, write_csv, write_text
 from strokeseg.core.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 from strokeseg.datasets.registry import dataset_names, dataset_spec
 from strokeseg.evaluation import engine as ev
+from strokeseg.inference import fold_models as fm
 from strokeseg.evaluation import report
-from strokeseg.evaluation.metrics import PRESETS
+from strokeseg.core.metrics import PRESETS
 from strokeseg.inference.model_folders import empty_fold_folders
 from strokeseg.inference.sliding_window import PRECISIONS
 
@@ -103,19 +104,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_runs(args: argparse.Namespace, case_dir: Path) -> dict[str, list[list[ev.FoldModel]]]:
+def load_runs(args: argparse.Namespace, case_dir: Path) -> dict[str, list[list[fm.FoldModel]]]:
     """label -> its seeds (one per run folder given that label) -> fold models, rebuilt on the
     CPU and checked before any case runs: each fits the dataset, and the data in ``case_dir``
     was preprocessed with its training data's settings."""
     window = None if args.window is None else tuple(args.window * 3 if len(args.window) == 1 else args.window)
     if args.checkpoints:
-        found = {"model": [[(ev.fold_of_path(path), path) for path in args.checkpoints]]}
+        found = {"model": [[(fm.fold_of_path(path), path) for path in args.checkpoints]]}
     else:
-        found = {label: [list(ev.discover_checkpoints(d, args.folds, args.checkpoint_name).items()) for d in dirs] for label, dirs in args.runs.items()}
-    runs: dict[str, list[list[ev.FoldModel]]] = {}
+        found = {label: [list(fm.discover_checkpoints(d, args.folds, args.checkpoint_name).items()) for d in dirs] for label, dirs in args.runs.items()}
+    runs: dict[str, list[list[fm.FoldModel]]] = {}
     for label, seeds in found.items():
         for checkpoints in seeds:
-            loaded = sorted((ev.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints), key=lambda fm: fm.fold)
+            loaded = sorted((fm.load_fold_model(path, fold, args.dataset, torch.device("cpu"), window) for fold, path in checkpoints), key=lambda fm: fm.fold)
             for fold_model in loaded:
                 check_preprocessing(fold_model.contract, case_dir, fold_model.path)
             folds = [fm.fold for fm in loaded]
@@ -139,14 +140,14 @@ def check_fold_folders(args: argparse.Namespace) -> None:
         get_logger().info(f"WARNING {folder}: fold folder without {args.checkpoint_name}; left out (--allow-unfinished)")
 
 
-def report_unfinished(runs: dict[str, list[list[ev.FoldModel]]], allowed: bool) -> int:
-    """Log every fold (of every seed) whose training stopped early (:func:`strokeseg.evaluation.engine.report_unfinished`);
+def report_unfinished(runs: dict[str, list[list[fm.FoldModel]]], allowed: bool) -> int:
+    """Log every fold (of every seed) whose training stopped early (:func:`strokeseg.inference.fold_models.report_unfinished`);
     the exit status they give: 1 when any and not ``allowed``, else 0."""
     labelled = [(f"run {label}", fm) for label, seeds in runs.items() for fold_models in seeds for fm in fold_models]
-    return int(ev.report_unfinished(labelled, allowed, "scored and marked anyway"))
+    return int(fm.report_unfinished(labelled, allowed, "scored and marked anyway"))
 
 
-def evaluate_arm(label: str, seeds: list[list[ev.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, settings: ev.InferenceSettings) -> tuple[list[dict], list[CaseResult], dict]:
+def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, settings: fm.InferenceSettings) -> tuple[list[dict], list[CaseResult], dict]:
     """Every seed of one arm on its cases. Returns rows (with "run" and "seed"), case results
     (named "<label>/<case>" or "<label>/seed_<s>/<case>") and the arm's summary (an "error"
     when nothing was scored). Case figures show the first seed; the Bland-Altman PNG all."""
@@ -201,15 +202,15 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
     if args.checkpoints:
         checkpoints = list(args.checkpoints)
     else:
-        checkpoints = [path for dirs in args.runs.values() for d in dirs for path in ev.discover_checkpoints(d, args.folds, args.checkpoint_name).values()]
+        checkpoints = [path for dirs in args.runs.values() for d in dirs for path in fm.discover_checkpoints(d, args.folds, args.checkpoint_name).values()]
     return ev.file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
 
 
 def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:
     """per_case.csv, lesions.csv and results.md (printed too) in ``--output-dir``; preset:
     :func:`strokeseg.evaluation.engine.preset_record`; scoring: :func:`strokeseg.evaluation.report.scoring_record`."""
-    report.write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
-    report.write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
+    write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"
     text += ev.unfinished_notes(summaries)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     spec = dataset_spec(args.dataset)
     brain_crop = spec.whole_brain and args.brain_crop
-    settings = ev.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
+    settings = fm.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
     args.preset = args.preset or spec.preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)

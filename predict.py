@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-from strokeseg.core.contract import DataContract
+from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config
-from strokeseg.evaluation.engine import InferenceSettings, file_fingerprints, report_unfinished
+from strokeseg.evaluation.engine import file_fingerprints
+from strokeseg.inference.fold_models import InferenceSettings, report_unfinished
 from strokeseg.inference import dicom, qc
 from strokeseg.inference import prediction as pr
 from strokeseg.inference.html_report import write_html_report
@@ -132,7 +133,7 @@ def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop
 
 
 def check_folds(model_set: pr.ModelSet, allowed: bool) -> bool:
-    """Apply evaluate.py's rule to unfinished folds (:func:`strokeseg.evaluation.engine.report_unfinished`)
+    """Apply evaluate.py's rule to unfinished folds (:func:`strokeseg.inference.fold_models.report_unfinished`)
     and name each empty fold folder: ERROR lines unless ``allowed`` (then NOTE / WARNING lines).
     Returns whether prediction may go on."""
     log = get_logger()

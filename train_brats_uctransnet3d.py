@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from strokeseg.core.contract import build_data_contract
+from strokeseg.datasets.contract import build_data_contract
 from strokeseg.core.runner import get_logger
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.datasets.splits import load_split

@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from strokeseg.core.contract import build_data_contract
+from strokeseg.datasets.contract import build_data_contract
 from strokeseg.core.runner import get_logger
 from strokeseg.datasets.brats import BRATS2024
 from strokeseg.datasets.registry import dataset_spec

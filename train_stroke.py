@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from strokeseg.core.contract import build_data_contract
+from strokeseg.datasets.contract import build_data_contract
 from strokeseg.core.io import CaseError
 from strokeseg.core.runner import get_logger
 from strokeseg.datasets.brats import BRATS2024

@@ -52,11 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import models  # noqa: E402
-from strokeseg.core.contract import contract_from_checkpoint  # noqa: E402
+from strokeseg.datasets.contract import contract_from_checkpoint  # noqa: E402
 from strokeseg.core.io import load_nifti, load_npz, one_line  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
-from strokeseg.evaluation.metrics import dice  # noqa: E402
+from strokeseg.core.metrics import dice  # noqa: E402
 from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, crop_alignment, nonzero_box, sliding_window_inference  # noqa: E402
 
 

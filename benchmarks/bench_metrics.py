@@ -1,4 +1,4 @@
-"""Time strokeseg.evaluation.metrics.case_metrics against a straightforward scipy implementation.
+"""Time strokeseg.core.metrics.case_metrics against a straightforward scipy implementation.
 
 The reference computes each metric on its own, as separate per-metric functions would: Dice and
 the volumes from fresh sums, lesion F1 labelling P and G, and the count difference labelling
@@ -22,7 +22,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from strokeseg.evaluation.metrics import PRESETS, case_metrics  # noqa: E402
+from strokeseg.core.metrics import PRESETS, case_metrics  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

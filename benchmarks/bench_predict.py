@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import models  # noqa: E402
 from benchmarks.bench_roofline import matmul_rate, window_flops  # noqa: E402
-from strokeseg.core.contract import THRESHOLD, DataContract  # noqa: E402
+from strokeseg.datasets.contract import THRESHOLD, DataContract  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.registry import dataset_spec  # noqa: E402
-from strokeseg.evaluation.engine import InferenceSettings  # noqa: E402
+from strokeseg.inference.fold_models import InferenceSettings  # noqa: E402
 from strokeseg.inference import prediction as pr  # noqa: E402
 from strokeseg.inference.sliding_window import autocast_dtype  # noqa: E402
 

@@ -31,11 +31,11 @@ from typing import Any, Mapping, Sequence
 
 import models
 
-from .core.contract import DataContract, contract_from_checkpoint
+from .datasets.contract import DataContract, contract_from_checkpoint
 from .core.io import CaseError, one_line, read_json, write_json
 from .core.runner import get_logger
 from .datasets.synthetic import is_generated
-from .evaluation.engine import discover_checkpoints, unfinished_training
+from .inference.fold_models import discover_checkpoints, unfinished_training
 from .inference.model_folders import CARD_FORMAT, CARD_NAME, EXPORT_KEY, empty_fold_folders
 from .inference.prediction import code_version, shared_contract, stored_contract
 
@@ -49,7 +49,7 @@ def export_checkpoint(source: Path, target: Path, allow_unfinished: bool = False
     """Rebuild ``source``'s network (strict) and write it to ``target`` with :data:`KEPT_KEYS`
     only, marked as exported (:data:`strokeseg.inference.model_folders.EXPORT_KEY`) and, when its
     training stopped early, with "unfinished" (read by
-    :func:`strokeseg.evaluation.engine.unfinished_training`, as last.pth is not exported).
+    :func:`strokeseg.inference.fold_models.unfinished_training`, as last.pth is not exported).
     Returns the exported checkpoint's entries (weights left out). Raises :class:`CaseError` for an
     unreadable checkpoint, one without a data contract prediction can use, or an unfinished
     training unless ``allow_unfinished``."""

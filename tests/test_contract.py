@@ -12,7 +12,7 @@ import models
 import preprocess_isles_WITH_BBOX
 import preprocess_v2_isles
 import train_isles_resnet18
-from strokeseg.core.contract import THRESHOLD, DataContract, preprocessing_differences, read_contract
+from strokeseg.datasets.contract import THRESHOLD, DataContract, preprocessing_differences, read_contract
 from strokeseg.core.io import CaseError, read_json
 from strokeseg.datasets import synthetic
 

@@ -14,7 +14,7 @@ from strokeseg.core.io import read_json
 from strokeseg.inference import dicom
 import models
 import torch
-from strokeseg.core.contract import DataContract
+from strokeseg.datasets.contract import DataContract
 from test_predict import ISLES_SHAPE, _run_dir
 
 pydicom = pytest.importorskip("pydicom")

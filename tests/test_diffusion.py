@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import predict
-from strokeseg.core.contract import contract_from_checkpoint
+from strokeseg.datasets.contract import contract_from_checkpoint
 from strokeseg.core.io import CaseError, NiftiVolume, read_json, save_nifti, write_json
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.inference.diffusion import (

@@ -1,4 +1,4 @@
-"""Tests of strokeseg.evaluation.metrics: hand-built volumes, empty rules, lesion detection, the isles24
+"""Tests of strokeseg.core.metrics: hand-built volumes, empty rules, lesion detection, the isles24
 preset against the panoptica package, and the published ISLES'22 values of one real case."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from strokeseg.core.io import load_nifti
-from strokeseg.evaluation.metrics import (
+from strokeseg.core.metrics import (
     PRESETS,
     case_metrics,
     dice,

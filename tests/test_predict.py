@@ -20,7 +20,7 @@ import models
 import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
-from strokeseg.core.contract import DataContract
+from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.inference.prediction import lesion_table
@@ -32,7 +32,7 @@ FOUNDATION_SETTINGS = {"target_spacing": [1.0, 1.0, 1.0], "normalization_method"
 
 
 def _contract(dataset: str, keys: list[str], window: int, preprocessing: dict, fold: int) -> dict:
-    """The contract as the trainer stores it (strokeseg.core.contract), with the given settings."""
+    """The contract as the trainer stores it (strokeseg.datasets.contract), with the given settings."""
     mask_key = dataset_spec(dataset).mask_key
     return DataContract(dataset, tuple(keys), mask_key, (window,) * 3, 0.5, preprocessing, fold, (), (f"val{fold}",)).as_dict()
 

@@ -15,7 +15,7 @@ import models
 import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
-from strokeseg.core.contract import DataContract, build_data_contract, contract_from_checkpoint
+from strokeseg.datasets.contract import DataContract, build_data_contract, contract_from_checkpoint
 from strokeseg.core.io import NiftiVolume, load_npz, read_json, write_json
 from strokeseg.core.runner import CaseResult, RunReport
 from strokeseg.datasets.fingerprint import FINGERPRINT_NAME, case_fingerprint

@@ -40,7 +40,7 @@ import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg.core.contract import DataContract
+from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import load_npz, read_json, save_npz, write_json
 from strokeseg.datasets.splits import load_split
 from strokeseg.training.engine import LOCK_NAME

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from strokeseg.evaluation import report
+from strokeseg.core.io import write_csv
 from strokeseg.evaluation.engine import summarize_run
 
 
@@ -108,7 +109,7 @@ def test_results_markdown_names_preset_sections_failures_and_comparisons() -> No
 
 def test_write_csv_round_trip(tmp_path: Path) -> None:
     rows = [{"run": "a", "case_id": "c1", "dice": 0.5, "ignored": 1}, {"run": "b", "case_id": "c2", "dice": 1.0}]
-    report.write_csv(tmp_path / "x.csv", rows, ["run", "case_id", "dice"])
+    write_csv(tmp_path / "x.csv", rows, ["run", "case_id", "dice"])
     with open(tmp_path / "x.csv", newline="") as f:
         back = list(csv.DictReader(f))
     assert back == [{"run": "a", "case_id": "c1", "dice": "0.5"}, {"run": "b", "case_id": "c2", "dice": "1.0"}]
@@ -153,7 +154,7 @@ def test_write_figures_draws_selected_pngs(tmp_path: Path) -> None:
 
 def test_tables_and_csv_columns_derive_from_the_metrics_table() -> None:
     from strokeseg.evaluation.engine import CSV_COLUMNS
-    from strokeseg.evaluation.metrics import METRICS, PRESETS
+    from strokeseg.core.metrics import METRICS, PRESETS
 
     assert [c for c in CSV_COLUMNS if c in METRICS] == list(METRICS)
     assert PRESETS["isles22"].table_metrics == ("dice", "abs_volume_diff_ml", "lesion_f1", "abs_lesion_count_diff")

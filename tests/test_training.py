@@ -32,7 +32,7 @@ import train_stroke
 from strokeseg.core.io import read_json, save_npz, write_json
 from strokeseg.datasets import synthetic
 from strokeseg.datasets.splits import make_splits
-from strokeseg.evaluation.metrics import dice as dice_score
+from strokeseg.core.metrics import dice as dice_score
 from strokeseg.training import engine as training
 from strokeseg.training.data import find_case_files, load_case_volume
 

@@ -6,6 +6,7 @@ file or the complete new one, never a half-written file. Readers refuse pickled 
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import hashlib
 import json
@@ -26,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 __all__ = [
+    "write_csv",
     "CaseError",
     "NiftiVolume",
     "atomic_path",
@@ -538,3 +540,12 @@ def file_digest(path: str | os.PathLike) -> str:
     except OSError as err:
         raise CaseError(f"{path}: cannot read ({err.strerror or one_line(err)})") from err
     return digest.hexdigest()
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
+    """Write ``rows`` (dicts) to ``path`` with a header of ``columns``, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)

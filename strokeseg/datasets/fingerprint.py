@@ -4,7 +4,7 @@
 Each preprocessing stage computes :func:`case_fingerprint` per case from the native inputs and
 writes ``dataset_fingerprint.json`` into its output folder (:func:`write_dataset_fingerprint`);
 the trainer copies its ``"summary"`` into the checkpoint's data contract
-(:func:`strokeseg.core.contract.build_data_contract`, key ``"fingerprint"``)::
+(:func:`strokeseg.datasets.contract.build_data_contract`, key ``"fingerprint"``)::
 
     {"n_cases": 250,
      "spacing_mm":       {"min": [x, y, z], "median": [...], "max": [...]},   # array axis order

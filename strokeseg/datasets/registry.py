@@ -73,7 +73,7 @@ class DatasetSpec:
     e.g. DWI only); mask_key: npz key of the training label; brain_key: npz key of a brain mask
     (None: no brain mask; random training patches then come from the whole volume).
     splits_name: the splits file the preprocessing stage writes into the case folder.
-    preset: metrics preset (:data:`strokeseg.evaluation.metrics.PRESETS`); table_layout: the paper table
+    preset: metrics preset (:data:`strokeseg.core.metrics.PRESETS`); table_layout: the paper table
     of :func:`strokeseg.evaluation.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
     "dataset": the ATLAS/UOA table); pretrained_label: a pretrained start in that table
     ("BraTS", "Transfer"). whole_brain: volumes hold the whole head or brain (not cropped to it),
@@ -88,7 +88,7 @@ class DatasetSpec:
     (modality key, BIDS file suffixes in lower case) pairs that name the raw files of each input
     key and of the reference ("mask"), e.g. ("dwi", ("dwi",)): how prediction finds them and
     tells a wrong modality. acquisition: facts about the training images that prediction
-    reproduces, recorded in every data contract (:func:`strokeseg.core.contract.build_data_contract`):
+    reproduces, recorded in every data contract (:func:`strokeseg.datasets.contract.build_data_contract`):
     ``dwi_b_value`` (s/mm², the b-value of the DWI the network was trained on) and ``adc_unit``
     (mm²/s per stored ADC unit, e.g. 1e-3).
     """

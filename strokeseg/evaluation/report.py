@@ -5,11 +5,10 @@ Tables take run summaries as built by :func:`strokeseg.evaluation.engine.describ
 "fold_summary"/"ensemble_summary" from :func:`strokeseg.evaluation.statistics.summarize`, "volume_agreement",
 "detection"). Paper-layout cells are "mean ± std" with the sample std (ddof=1) across the per-fold
 means, the paper's convention; "n/a" when undefined (one fold). Columns, headers and decimals
-come from :data:`strokeseg.evaluation.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
+come from :data:`strokeseg.core.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 
 from ..core.io import atomic_path
 from ..datasets.registry import dataset_spec
-from .metrics import METRICS, PRESETS
+from ..core.metrics import METRICS, PRESETS
 from .statistics import DETECTION_RULE, MIN_CASES
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "save_bland_altman",
     "scoring_record",
     "results_markdown",
-    "write_csv",
     "select_for_figures",
     "axial_slice_index",
     "save_case_figure",
@@ -318,13 +316,6 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
-def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
-    """Write ``rows`` (dicts) to ``path`` with a header of ``columns``, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 def select_for_figures(rows: Sequence[Mapping], mode: str) -> list[Mapping]:

@@ -3,7 +3,7 @@ distinct cases, paired comparisons with Holm adjustment, volume agreement and le
 
 Rows are per-case dicts as :func:`strokeseg.evaluation.engine.evaluate_case` returns them: "seed"
 (int, one training run of an arm), "fold" ("fold_<k>" or "ensemble"), "case_id" and the metric
-keys of :data:`strokeseg.evaluation.metrics.METRICS`. A case scored by several fold models (and seeds) is
+keys of :data:`strokeseg.core.metrics.METRICS`. A case scored by several fold models (and seeds) is
 ONE case: its value is the mean over those models, so CIs and ``n_cases`` count distinct cases.
 Standard deviations are sample ones (ddof = 1; NaN for fewer than two values); percentiles use
 NumPy's linear interpolation; bootstrap intervals are percentile intervals of the resampled mean.

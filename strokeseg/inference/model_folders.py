@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import models
 
 from ..core.io import CaseError, read_json
-from ..evaluation.engine import fold_of_path
+from .fold_models import fold_of_path
 
 __all__ = ["CARD_NAME", "CARD_FORMAT", "EXPORT_KEY", "distinct_runs", "empty_fold_folders", "is_exported", "check_exported"]
 

@@ -7,7 +7,7 @@ training data, the input keys in channel order, the threshold and the preprocess
 Each case is preprocessed by the functions the preprocessing stage runs
 (:func:`strokeseg.datasets.isles.isles_arrays`, :func:`strokeseg.datasets.foundation.normalise_foundation_case`)
 with the contract's settings, predicted with the mean probability of the fold models
-(:func:`strokeseg.evaluation.engine.predict_probability`, as ``evaluate.py`` does), mapped back to the
+(:func:`strokeseg.inference.fold_models.predict_probability`, as ``evaluate.py`` does), mapped back to the
 native grid (:func:`strokeseg.core.geometry.uncrop_to_native`, trilinear on probabilities) and
 thresholded there.
 """
@@ -27,15 +27,15 @@ import torch
 
 import models
 
-from ..core.contract import DataContract, contract_from_checkpoint, preprocessing_differences
+from ..datasets.contract import DataContract, contract_from_checkpoint, preprocessing_differences
 from ..core.geometry import as_binary_mask, uncrop_to_native
 from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
 from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
-from ..evaluation.engine import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
-from ..evaluation.metrics import PRESETS, case_metrics
+from .fold_models import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
+from ..core.metrics import PRESETS, case_metrics
 from . import qc
 from .html_report import save_case_overview
 from .uncertainty import STDDEV_SUFFIX, ensemble_mean, fold_probabilities, fold_review, lesion_labels
@@ -99,7 +99,7 @@ def _isles_settings(block: Mapping[str, Any], source: str | Path) -> tuple[tuple
 
 
 def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
-    """The data contract stored in a loaded checkpoint (:func:`strokeseg.core.contract.contract_from_checkpoint`),
+    """The data contract stored in a loaded checkpoint (:func:`strokeseg.datasets.contract.contract_from_checkpoint`),
     checked to hold preprocessing settings prediction can apply.
 
     Raises :class:`CaseError` naming ``path`` when there is none (a checkpoint written before
@@ -160,7 +160,7 @@ def shared_contract(contract: DataContract) -> dict:
 
 def _contract_differences(a: DataContract, b: DataContract) -> list[str]:
     """What differs between two contracts beyond window, fold and case lists: key names, and
-    for preprocessing each differing setting (:func:`strokeseg.core.contract.preprocessing_differences`)."""
+    for preprocessing each differing setting (:func:`strokeseg.datasets.contract.preprocessing_differences`)."""
     shared_a, shared_b = shared_contract(a), shared_contract(b)
     keys = [key for key in shared_a if key != "preprocessing" and shared_a[key] != shared_b.get(key)]
     return keys + preprocessing_differences(a.preprocessing, b.preprocessing)

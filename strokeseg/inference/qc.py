@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core.contract import DataContract
+from ..datasets.contract import DataContract
 from ..core.io import CaseError, NiftiVolume, read_json
 from ..core.runner import CaseResult, RunReport
 from ..datasets.foundation import brain_mask_from_image

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.runner import RunReport
-from ..evaluation.metrics import METRIC_NAMES
-from ..evaluation.report import write_csv
+from ..core.metrics import METRIC_NAMES
+from ..core.io import write_csv
 from . import qc
 from .prediction import ModelSet
 

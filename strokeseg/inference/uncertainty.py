@@ -13,8 +13,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.geometry import foreground_bbox
-from ..evaluation.engine import FoldModel, InferenceSettings, predict_probability
-from ..evaluation.metrics import label_components
+from .fold_models import FoldModel, InferenceSettings, predict_probability
+from ..core.metrics import label_components
 
 __all__ = ["STDDEV_SUFFIX", "fold_probabilities", "ensemble_mean", "lesion_labels", "fold_review"]
 

@@ -23,7 +23,6 @@ patch is a single strided copy.
 """
 from __future__ import annotations
 
-import numbers
 import signal
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap, npz_shapes
+from ..inference.sliding_window import sample_shape
 from .augment import AugmentConfig, augment_sample
 from .patches import extract_patch, lesion_centers, random_centers, tissue_centers
 
@@ -45,7 +45,6 @@ __all__ = [
     "open_npz",
     "find_case_files",
     "load_case_volume",
-    "sample_shape",
     "epoch_order",
     "rank_slice",
     "POOL_SIZE",
@@ -203,18 +202,6 @@ def load_case_volume(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
     return image, np.asarray(arrays[case.mask_key]) > 0
 
 
-def sample_shape(patch_size: int | Sequence[int], volume_shape: Sequence[int]) -> tuple[int, int, int]:
-    """Spatial shape (voxels) of what a network sees of a volume: the whole volume when the
-    patch covers it in every axis, else the patch.
-
-    Training samples follow this rule, and so do the windows of validation and evaluation: a
-    network trained on whole 32³ volumes (``--patch-size 96``) is run on whole 32³ volumes,
-    not on a zero-padded 96³ window it never saw. E.g. (96, (32, 32, 32)) -> (32, 32, 32);
-    (96, (197, 233, 189)) -> (96, 96, 96).
-    """
-    patch = (patch_size,) * 3 if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
-    shape = tuple(int(s) for s in volume_shape)
-    return shape if all(p >= s for p, s in zip(patch, shape)) else tuple(int(p) for p in patch)  # type: ignore[return-value]
 
 
 def epoch_order(n_cases: int, per_case: int, seed: int, epoch: int, chunk_cases: int) -> np.ndarray:

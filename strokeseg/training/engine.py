@@ -65,10 +65,10 @@ from torch import nn
 
 import models
 
-from ..core.contract import THRESHOLD, check_pretrained
+from ..datasets.contract import THRESHOLD, check_pretrained
 from ..core.io import CaseError, atomic_path, one_line
 from ..core.runner import get_logger, progress, write_run_args
-from ..evaluation.metrics import dice
+from ..core.metrics import dice
 from ..inference.sliding_window import AMP_MODES, autocast_dtype, sliding_window_inference, training_precision
 from .augment import AUGMENT_PRESETS
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet, load_case_volume, sample_shape
@@ -175,7 +175,7 @@ class InitSpec:
     have been trained on (source_dataset, a registry name; None: any) and this fold's test case
     ids, which, like its validation cases, it must not have seen; fold: this run's fold, which a
     source checkpoint recording its fold must share unless allow_fold_mismatch
-    (:func:`strokeseg.core.contract.check_pretrained`, before anything is written)."""
+    (:func:`strokeseg.datasets.contract.check_pretrained`, before anything is written)."""
 
     label: str = "scratch"
     checkpoint: Path | None = None

@@ -29,10 +29,10 @@ from typing import Any, Collection, Mapping, Sequence
 
 import models
 
-from ..datasets.fingerprint import read_dataset_fingerprint
-from ..datasets.registry import DatasetSpec, dataset_names, dataset_spec, spec_named_like
-from .io import CaseError
-from .runner import get_logger
+from .fingerprint import read_dataset_fingerprint
+from .registry import DatasetSpec, dataset_names, dataset_spec, spec_named_like
+from ..core.io import CaseError
+from ..core.runner import get_logger
 
 __all__ = ["THRESHOLD", "DataContract", "build_data_contract", "contract_from_checkpoint", "read_contract", "preprocessing_differences", "check_preprocessing", "check_pretrained"]
 
