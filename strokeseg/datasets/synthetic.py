@@ -99,7 +99,7 @@ _GLIOTIC_RIM_VOXELS = 2  # chronic lesions: a CSF-dark core inside a rim this th
 _MNI_MIN_LESION_RADIUS = _GLIOTIC_RIM_VOXELS + 1.5  # voxels: room for a core inside the rim
 _HEAD = {Tissue.SCALP: 0.75, Tissue.SKULL: 0.08}  # T1 of a head that was not skull-stripped
 
-_DATASET_KEYS = {"isles": 1, "atlas": 2, "uoa": 3, "brats": 4}
+_DATASET_KEYS = {"isles": 1, "atlas": 2, "uoa": 3, "brats": 4, "isles24": 5}  # isles24: synthetic_isles24.py
 _LESION_COUNTS, _LESION_COUNT_P = (1, 2, 3, 4), (0.4, 0.3, 0.15, 0.15)
 _MNI_RADII = (0.36, 0.38, 0.34)  # brain semi-axes as fractions of an MNI grid (X, Y, Z)
 _MNI_CENTRE_MM = (0.0, -18.0, 22.0)  # world position of the MNI grid's centre voxel
@@ -114,7 +114,7 @@ _BRATS_MODALITIES = {"t1n": "t1", "t1c": "t1c", "t2w": "t2", "t2f": "flair"}
 
 
 def synthetic_rng(seed: int, dataset: str, *key: int) -> np.random.Generator:
-    """Generator for one case: ``dataset`` (isles, atlas, uoa, brats), then integer ``key`` parts
+    """Generator for one case: ``dataset`` (isles, atlas, uoa, brats, isles24), then integer ``key`` parts
     (case index; BraTS adds the visit). Independent of how many cases are generated."""
     if seed < 0 or any(k < 0 for k in key):
         raise ValueError(f"seed and case keys must be >= 0, got seed={seed}, key={key}")
