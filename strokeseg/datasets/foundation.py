@@ -30,7 +30,8 @@ from ..core.geometry import (
     spacing_to_shape,
     zscore,
 )
-from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
+from ..core.case import Image
+from ..core.io import CaseError, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
 from ..core.runner import CaseResult
 from .fingerprint import case_fingerprint
 from .registry import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
@@ -466,7 +467,7 @@ class NormalisedT1:
     clip_bounds: tuple[float, float]
 
 
-def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tuple[NiftiVolume, np.ndarray | None]:
+def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tuple[Image, np.ndarray | None]:
     """Load a case's T1w image and (when present, or always when ``require_mask``) its lesion
     mask, checked at the door: same shape and affine (1e-3 mm), mask values 0/1. Returns the
     image and the mask uint8 (X, Y, Z) or None. Raises :class:`CaseError` naming the file."""
@@ -481,7 +482,7 @@ def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tup
 
 
 def normalise_foundation_case(
-    image: NiftiVolume, native_lesion: np.ndarray | None, settings: PreprocessingConfig, device: torch.device | None
+    image: Image, native_lesion: np.ndarray | None, settings: PreprocessingConfig, device: torch.device | None
 ) -> NormalisedT1:
     """Resample to ``settings.target_spacing`` (the actual spacing is the input field of view
     over the rounded grid), brain mask (:func:`brain_mask_from_image`), clip to the

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
+from ..core.case import Image
+from ..core.io import CaseError, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
 from ..core.runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
@@ -140,8 +141,8 @@ class IslesVolumes:
     {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input). ADC is None
     only for prediction with a model that reads the DWI alone."""
 
-    dwi: NiftiVolume
-    adc: NiftiVolume | None
+    dwi: Image
+    adc: Image | None
     mask: np.ndarray | None
 
 

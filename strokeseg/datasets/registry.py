@@ -15,10 +15,11 @@ import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..core.case import Case
 from ..core.io import CaseError, read_json
 
 __all__ = [
@@ -31,8 +32,10 @@ __all__ = [
     "same_folder",
     "settings_from_run_args",
     "RUN_ARGS_NAME",
+    "SCORING_GRIDS",
 ]
 
+SCORING_GRIDS = ("native", "preprocessed")
 RUN_ARGS_NAME = "run_args.json"  # what every stage writes into its output folder
 # Modules whose import registers the built-in datasets (imported on the first look-up, so the
 # registry module itself imports no dataset code).
@@ -87,7 +90,20 @@ class DatasetSpec:
     before data contracts (None: such checkpoints name it as "dataset"). bids_suffixes:
     (modality key, BIDS file suffixes in lower case) pairs that name the raw files of each input
     key and of the reference ("mask"), e.g. ("dwi", ("dwi",)): how prediction finds them and
-    tells a wrong modality. acquisition: facts about the training images that prediction
+    tells a wrong modality. modalities: (image key, glob relative to the raw dataset root) pairs
+    in channel order, and label_pattern the glob of the lesion masks ("" when the reader finds
+    its files another way). reader(root): the raw cases under ``root``, sorted by id, as
+    :class:`~strokeseg.core.case.Case` s whose ``sources`` name the files (images not read yet;
+    a pairing problem in ``meta["problem"]``). prepare(case, settings): a read native case ->
+    the network input, a Case on the network grid (keys ``input_keys``; label resampled when the
+    native case has one) whose ``meta`` holds ``bbox`` (3, 2) [start, stop) and
+    ``cropped_shape``, the native region that grid covers, and anything else the stage records;
+    ``settings`` are the preprocessing settings (a stage folder's or a data contract's). The
+    same ``prepare`` serves the preprocessing stage and prediction. scoring_grid: "native" (the
+    reference on the raw grid; predictions are mapped back) or "preprocessed". split_group(case
+    id) -> patient id: the cases one patient contributes stay on one side of every split (None:
+    each case its own group). patch_size: default training patch edge in voxels (None: the
+    architecture's). acquisition: facts about the training images that prediction
     reproduces, recorded in every data contract (:func:`strokeseg.datasets.contract.build_data_contract`):
     ``dwi_b_value`` (s/mm², the b-value of the DWI the network was trained on) and ``adc_unit``
     (mm²/s per stored ADC unit, e.g. 1e-3).
@@ -110,6 +126,17 @@ class DatasetSpec:
     run_config_key: str | None = None
     bids_suffixes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     acquisition: tuple[tuple[str, float], ...] = ()
+    modalities: tuple[tuple[str, str], ...] = ()
+    label_pattern: str = ""
+    reader: Callable[[Path], list[Case]] | None = None
+    prepare: Callable[[Case, Mapping[str, Any]], Case] | None = None
+    scoring_grid: str = "preprocessed"
+    split_group: Callable[[str], str] | None = None
+    patch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scoring_grid not in SCORING_GRIDS:
+            raise ValueError(f"dataset {self.name!r}: scoring_grid must be one of {SCORING_GRIDS}, got {self.scoring_grid!r}")
 
     def case_dir(self, data_dir: str | Path) -> Path:
         """The folder holding this dataset's ``<case>.npz`` under ``data_dir`` (checked to exist)."""

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 import nibabel as nib
 import numpy as np
 
-from ..core.io import CaseError, NiftiVolume, check_image_content, check_same_grid, load_image, load_nifti, one_line, read_json
+from ..core.case import Image
+from ..core.io import CaseError, check_image_content, check_same_grid, load_image, load_nifti, one_line, read_json
 from ..core.geometry import as_binary_mask
 from ..core.runner import get_logger
 from ..datasets.isles import IslesCase, IslesVolumes, read_isles_case
@@ -173,7 +174,7 @@ def adc_unit(median: float, path: Path) -> float:
     raise CaseError(f"{path}: ADC brain median {median:.4g} fits no unit (about 0.0008 in mm²/s, 0.8 in 10⁻³ mm²/s, 800 in 10⁻⁶ mm²/s): not an ADC map?")
 
 
-def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tuple[NiftiVolume | None, dict]:
+def check_dwi_adc(dwi: Image, adc: Image | None, unit: float) -> tuple[Image | None, dict]:
     """Refuse a DWI that looks like an ADC map, and DWI/ADC passed the other way round
     (:func:`adc_likeness` over :func:`brain_region` of the DWI); convert the ADC map to the training
     ``unit`` (mm²/s per value). Returns the ADC (converted; None stays None) and the record
@@ -192,13 +193,13 @@ def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tup
     found = adc_unit(float(np.median(adc.data[brain])), adc.path)
     record = {"AdcUnit": ADC_UNITS[found]}
     if found != unit:
-        adc = NiftiVolume((adc.data * np.float32(found / unit)).astype(np.float32), adc.affine, adc.zooms, adc.path)
+        adc = Image((adc.data * np.float32(found / unit)).astype(np.float32), adc.affine, adc.zooms, adc.path)
         record["AdcConvertedTo"] = ADC_UNITS.get(unit, f"{unit:g} mm²/s")
     return adc, record
 
 
-def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
-    """A 3-D or 4-D DWI as float32 (X, Y, Z[, N]) and a NiftiVolume of its grid (first volume)."""
+def _load_series(path: Path) -> tuple[np.ndarray, Image]:
+    """A 3-D or 4-D DWI as float32 (X, Y, Z[, N]) and a Image of its grid (first volume)."""
     if not _is_series(path):  # 3-D (or one volume): read and checked as every stage reads it
         volume = load_nifti(path)
         return volume.data, volume
@@ -212,7 +213,7 @@ def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
     if not np.isfinite(series).all():
         raise CaseError(f"{path}: {int(series.size - np.isfinite(series).sum())} NaN/Inf voxel(s)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return series, NiftiVolume(series[..., 0], np.asarray(img.affine, dtype=np.float64), zooms, path)
+    return series, Image(series[..., 0], np.asarray(img.affine, dtype=np.float64), zooms, path)
 
 
 def _is_series(path: Path | None) -> bool:
@@ -224,14 +225,14 @@ def _is_series(path: Path | None) -> bool:
     return len(shape) == 4 and shape[3] > 1
 
 
-def _read_dwi(item: DiffusionItem, acquisition: Mapping[str, float]) -> tuple[NiftiVolume, np.ndarray | None, float | None, dict]:
+def _read_dwi(item: DiffusionItem, acquisition: Mapping[str, float]) -> tuple[Image, np.ndarray | None, float | None, dict]:
     """The DWI to use (3-D, checked), the b=0 mean or None, the DWI's b-value or None, record."""
     series, grid = _load_series(item.dwi)  # type: ignore[arg-type]
     if series.ndim == 3:
         return check_image_content(grid), None, None, {}
     b_values = read_b_values(item.dwi)  # type: ignore[arg-type]
     dwi, b0, b, record = select_dwi(series, b_values, float(acquisition["dwi_b_value"]), item.dwi_volume, item.dwi)  # type: ignore[arg-type]
-    return check_image_content(NiftiVolume(dwi, grid.affine, grid.zooms, grid.path)), b0, b, record
+    return check_image_content(Image(dwi, grid.affine, grid.zooms, grid.path)), b0, b, record
 
 
 def read_diffusion_case(item: DiffusionItem, needs_adc: bool, acquisition: Mapping[str, float]) -> tuple[IslesVolumes, dict]:
@@ -256,7 +257,7 @@ def read_diffusion_case(item: DiffusionItem, needs_adc: bool, acquisition: Mappi
     elif needs_adc:
         if b0 is None or b is None:
             raise CaseError(f"{item.dwi}: no ADC map for {item.case_id} and no b=0 volume with b-values in the DWI to compute one: give --adc FILE (or an *_adc file)")
-        adc = NiftiVolume(compute_adc(b0, dwi.data, b, unit), dwi.affine, dwi.zooms, dwi.path)
+        adc = Image(compute_adc(b0, dwi.data, b, unit), dwi.affine, dwi.zooms, dwi.path)
         record["AdcSource"] = f"computed ln(S0/Sb)/b from {item.dwi} (b=0 and b={b:g}) in {ADC_UNITS.get(unit, f'{unit:g} mm²/s')}"
     mask = load_nifti(item.mask, dtype=None) if item.mask is not None else None
     check_same_grid(dwi, "DWI", [v for v in (adc, mask) if v is not None])

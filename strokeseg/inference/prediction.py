@@ -29,7 +29,8 @@ import models
 
 from ..datasets.contract import DataContract, contract_from_checkpoint, preprocessing_differences
 from ..core.geometry import as_binary_mask, uncrop_to_native
-from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
+from ..core.case import Image
+from ..core.io import CaseError, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
 from ..datasets.isles import isles_arrays
@@ -282,7 +283,7 @@ class PreparedCase:
     inputs: dict[str, np.ndarray]
     bbox: np.ndarray
     cropped_shape: tuple[int, int, int]
-    source: NiftiVolume
+    source: Image
     reference: np.ndarray | None
     images: Mapping[str, np.ndarray] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
