@@ -39,7 +39,7 @@ SCORING_GRIDS = ("native", "preprocessed")
 RUN_ARGS_NAME = "run_args.json"  # what every stage writes into its output folder
 # Modules whose import registers the built-in datasets (imported on the first look-up, so the
 # registry module itself imports no dataset code).
-_BUILTIN_MODULES = ("strokeseg.datasets.isles", "strokeseg.datasets.foundation", "strokeseg.datasets.brats")
+_BUILTIN_MODULES = ("strokeseg.datasets.isles", "strokeseg.datasets.foundation", "strokeseg.datasets.brats", "strokeseg.datasets.isles24")
 
 
 @dataclass(frozen=True)
