@@ -10,6 +10,8 @@ It writes the same ``isles2022_splits_5fold.json`` as ``preprocess_v2_isles.py``
 
     python preprocess_isles_WITH_BBOX.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_eval --target-shape 96 96 96
+
+``--dataset ISLES2024``: the ISLES 2024 release, same native-space keys (the NCCT grid).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = IslesSettings(tuple(args.target_shape), args.margin, with_bbox=True, test_fraction=args.test_fraction, seed=args.seed)
     return guard_stage(lambda: preprocess_isles(
-        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits
+        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits, args.dataset
     ))
 
 

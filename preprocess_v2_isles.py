@@ -7,6 +7,9 @@ Writes ``<case>.npz`` (``dwi``, ``adc`` float32, ``mask`` uint8, all ``--target-
 
     python preprocess_v2_isles.py --isles-dir /data/ISLES2022/derivatives \\
         --output-dir /data/preprocessed_isles_train --target-shape 96 96 96
+
+``--dataset ISLES2024`` reads the ISLES 2024 release instead (NCCT + CBF/CBV/MTT/Tmax, keys
+``ncct``, ``cbf``, ``cbv``, ``mtt``, ``tmax``; ``isles2024_splits_5fold.json``).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = IslesSettings(tuple(args.target_shape), args.margin, with_bbox=False, test_fraction=args.test_fraction, seed=args.seed)
     return guard_stage(lambda: preprocess_isles(
-        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits
+        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits, args.dataset
     ))
 
 

@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from ..core.case import Image
+from ..core.case import Case, Image
 from ..core.io import CaseError, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
 from ..core.runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
 from .fingerprint import case_fingerprint, write_dataset_fingerprint
-from .registry import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
+from .registry import DatasetSpec, EvalCase, dataset_names, dataset_spec, register_dataset, same_folder, settings_from_run_args
 from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "read_isles_case",
     "isles_arrays",
     "preprocess_isles_case",
+    "preprocess_prepared_case",
     "add_isles_arguments",
     "IslesSettings",
     "preprocess_isles",
@@ -222,9 +223,45 @@ def preprocess_isles_case(
     return CaseResult(case.case_id, "done", info=info)
 
 
+_PREPARED_META = ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
+
+
+def preprocess_prepared_case(
+    case: Case, spec: DatasetSpec, output_dir: Path, settings: IslesSettings, overwrite: bool
+) -> CaseResult:
+    """One case of a dataset with a ``reader`` and ``prepare`` (its :class:`DatasetSpec`) into
+    ``<case>.npz``: the prepared inputs (``spec.input_keys``, float32 on the network grid),
+    ``spec.mask_key`` (uint8) and ``lesion_ml``, with ``settings.with_bbox`` also the native
+    keys of :data:`BBOX_KEYS` (``prepare``'s meta), so the file has the contract of
+    :func:`preprocess_isles_case` with other input keys. Raises :class:`CaseError` for a case
+    without a label, and as ``spec.prepare``."""
+    if case.problem:
+        raise CaseError(case.problem)
+    out_path = output_dir / f"{case.case_id}.npz"
+    if out_path.exists() and not overwrite:
+        return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
+    prepared = spec.prepare(case, {"target_shape": tuple(settings.target_shape), "margin": settings.margin})
+    if prepared.label is None:
+        raise CaseError(f"{case.case_id}: no lesion mask file found (training data needs one)")
+    meta, native = prepared.meta, prepared.meta["native"]
+    arrays = {**prepared.arrays(spec.input_keys), spec.mask_key: prepared.label.data, "lesion_ml": meta["lesion_ml"]}
+    save_npz(out_path, {**arrays, **({key: meta[key] for key in _PREPARED_META} if settings.with_bbox else {})})
+    info = {
+        "lesion_voxels_native": int(meta["original_mask"].sum()),
+        "lesion_ml": float(meta["lesion_ml"]),
+        "original_shape": list(native.shape),
+        "spacing_mm": list(native.first.zooms),
+        "fingerprint": case_fingerprint(native.arrays(spec.input_keys), meta["brain"], native.first.zooms, float(meta["lesion_ml"])),
+    }
+    return CaseResult(case.case_id, "done", info=info)
+
+
 def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of both ISLES preprocessing scripts (the paper's, plus margin, splits, workers, overwrite)."""
-    parser.add_argument("--isles-dir", type=Path, required=True, help="ISLES 2022 dataset root or its derivatives/ folder (layout A or B)")
+    """The flags of both ISLES preprocessing scripts (the paper's, plus dataset, margin, splits,
+    workers, overwrite). ``--dataset``: a registered dataset of the ISLES stage."""
+    family = [name for name in dataset_names() if dataset_spec(name).stage == ISLES2022.stage]
+    parser.add_argument("--dataset", choices=family, default=ISLES2022.name, help=f"which ISLES release the folder holds: {' | '.join(family)} (default {ISLES2022.name})")
+    parser.add_argument("--isles-dir", type=Path, required=True, help="dataset root or its derivatives/ folder (ISLES 2022: layout A or B; ISLES 2024: rawdata/ + derivatives/)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for <case>.npz, the splits file, summary and run_args.json")
     parser.add_argument("--target-shape", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"), help="resampled shape in voxels (default 96 96 96)")
     parser.add_argument("--margin", type=int, default=4, help="voxels kept around the DWI brain bounding box (default 4)")
@@ -255,47 +292,55 @@ class IslesSettings:
 
 def preprocess_isles(
     isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
-    rebuild_splits: bool = False,
+    rebuild_splits: bool = False, dataset: str = "ISLES2022",
 ) -> int:
-    """Discover and preprocess every case into ``output_dir`` (:func:`_preprocess_cases`), then
-    write ``isles2022_splits_5fold.json`` over the cases with output (stratified by the native
+    """Discover and preprocess every case of ``dataset`` (a registered name) into ``output_dir``
+    (:func:`_preprocess_cases`), then write its splits file (ISLES 2022:
+    ``isles2022_splits_5fold.json``) over the cases with output (stratified by the native
     lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages write the same file for the
     same cases and seed; an existing file is kept unless ``overwrite``). With ``rebuild_splits``
     nothing is preprocessed: the folds are dealt again from every case on disk (the folder's
     recorded settings must match, except the splits' own). Returns the exit status: 1 when any
     case failed or no splits could be written. Raises :class:`CaseError` for a missing or empty
     ``isles_dir``, an unusable output folder, or a folder made with other settings."""
+    spec = dataset_spec(dataset)
     if rebuild_splits:
         case_ids, status = cases_to_rebuild(output_dir, settings.recorded(isles_dir)), 0
     else:
-        case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args)
+        case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args, spec)
     volume = lambda case_id: lesion_volumes_ml(output_dir, [case_id])[case_id]  # noqa: E731
     # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
     splits = write_stage_splits(
-        output_dir / ISLES2022.splits_name, case_ids, volume, ISLES2022.name, settings.test_fraction, settings.seed,
+        output_dir / spec.splits_name, case_ids, volume, spec.name, settings.test_fraction, settings.seed,
         overwrite or rebuild_splits, required=not settings.with_bbox,
     )
     return max(status, splits)
 
 
 def _preprocess_cases(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any]
+    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
+    spec: DatasetSpec,
 ) -> tuple[list[str], int]:
     """Every case into ``output_dir`` after the folder's settings check; writes ``run_args.json``
-    and ``preprocessing_summary.json``. Returns the ids with output and the exit status."""
+    and ``preprocessing_summary.json``. A dataset with a ``reader`` and ``prepare`` runs through
+    them (:func:`preprocess_prepared_case`). Returns the ids with output and the exit status."""
     log = get_logger()
-    cases = {case.case_id: case for case in discover_isles_cases(isles_dir)}
+    read = spec.reader or discover_isles_cases
+    cases = {case.case_id: case for case in read(isles_dir)}
     prepare_output_dir(output_dir)
     check_settings(output_dir, settings.recorded(isles_dir), overwrite)
     write_run_args(output_dir, dict(run_args))
-    log.info(f"{len(cases)} ISLES cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
-    process = functools.partial(
-        preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
-        with_bbox=settings.with_bbox, overwrite=overwrite,
-    )
-    report = run_cases(cases, process, workers=workers, desc="ISLES")
-    keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
-    status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
+    log.info(f"{len(cases)} {spec.display_name} cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
+    if spec.prepare is not None:
+        process = functools.partial(preprocess_prepared_case, spec=spec, output_dir=output_dir, settings=settings, overwrite=overwrite)
+    else:
+        process = functools.partial(
+            preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
+            with_bbox=settings.with_bbox, overwrite=overwrite,
+        )
+    report = run_cases(cases, process, workers=workers, desc=spec.name)
+    keys = (*spec.input_keys, *TRAIN_KEYS[2:], *(BBOX_KEYS[len(TRAIN_KEYS):] if settings.with_bbox else ()))
+    status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": spec.name, "keys": list(keys)})
     write_dataset_fingerprint(output_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
     return report.with_output(), status
 

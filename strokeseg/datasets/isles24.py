@@ -132,16 +132,19 @@ def window(key: str, volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
 
 def prepare_isles24(case: Case, settings: Mapping[str, Any]) -> Case:
-    """A read native case -> the network input: each of :data:`INPUT_KEYS` windowed
+    """A native case (read here with :func:`load_isles24_case` when the reader's case is not
+    read yet; the label is optional) -> the network input: each of :data:`INPUT_KEYS` windowed
     (:func:`window`), cropped to the brain's box grown by ``settings["margin"]`` voxels,
     resampled to ``settings["target_shape"]`` (trilinear; the label nearest neighbour) and
     z-scored over the resampled brain (0 outside it), float32.
 
     The result's affine is the network grid's; ``meta`` holds ``bbox`` int64 (3, 2) [start,
     stop) native voxels, ``cropped_shape``/``original_shape`` int64 (3,), ``original_affine``
-    (4, 4), ``spacing`` (3,) mm of the native grid, and with a label ``lesion_ml`` (native
-    volume, ml) and ``original_mask`` (uint8, native grid). Raises :class:`CaseError` for a case
-    whose perfusion maps are empty."""
+    (4, 4), ``spacing`` (3,) mm of the native grid, ``native`` (the read native case) and
+    ``brain`` (bool, native grid), and with a label ``lesion_ml`` (native volume, ml) and
+    ``original_mask`` (uint8, native grid). Raises :class:`CaseError` for a case whose perfusion
+    maps are empty, and as :func:`load_isles24_case`."""
+    case = case if case.images else load_isles24_case(case, require_label=False)
     target_shape = tuple(int(n) for n in settings["target_shape"])
     native = case.image("ncct")
     brain = brain_region(case)
@@ -157,7 +160,7 @@ def prepare_isles24(case: Case, settings: Mapping[str, Any]) -> Case:
     }
     meta: dict[str, Any] = {
         "bbox": bbox, "cropped_shape": cropped_shape, "original_shape": np.array(native.shape, dtype=np.int64),
-        "original_affine": native.affine, "spacing": np.array(native.zooms, dtype=np.float64),
+        "original_affine": native.affine, "spacing": np.array(native.zooms, dtype=np.float64), "native": case, "brain": brain,
     }
     label = None
     if case.label is not None:
