@@ -25,6 +25,7 @@ from pathlib import Path
 from strokeseg.datasets.contract import build_data_contract
 from strokeseg.core.runner import get_logger
 from strokeseg.datasets.brats import BRATS2024
+from strokeseg.datasets.isles import isles_datasets
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.datasets.splits import load_split
 from strokeseg.training import engine as training
@@ -38,8 +39,9 @@ INPUTS = {"dwi_only": 1, "separate": 2, "shared": 2}  # strategy -> leading ISLE
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with dwi, adc, mask")
-    parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json)")
+    parser.add_argument("--dataset", choices=isles_datasets(), default=DATASET, help=f"the ISLES release preprocessed in --isles-dir (default {DATASET}; ISLES2024: NCCT, CBF, CBV, MTT, Tmax)")
+    parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with the dataset's inputs (ISLES 2022: dwi, adc) and mask")
+    parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json, ISLES2024: isles2024_splits_5fold.json)")
     parser.add_argument("--strategy", choices=tuple(INPUTS), default="shared", help="separate | shared | dwi_only (default shared)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: ResNet-18 encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
@@ -59,17 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     if args.splits_file is None:
-        args.splits_file = args.isles_dir / dataset_spec(DATASET).splits_name
+        args.splits_file = args.isles_dir / dataset_spec(args.dataset).splits_name
     return args
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = dataset_spec(DATASET)
+    spec = dataset_spec(args.dataset)
     split = load_split(args.splits_file, args.fold, spec.name)
     keys = spec.input_keys[: INPUTS[args.strategy]]
     train_cases = find_case_files(args.isles_dir, split.train, keys, spec.mask_key)
     val_cases = find_case_files(args.isles_dir, split.val, keys, spec.mask_key)
-    get_logger().info(f"ISLES 2022 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val cases, strategy {args.strategy}, init {args.init}")
+    get_logger().info(f"{spec.display_name} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val cases, strategy {args.strategy}, init {args.init}")
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
     model_config = training.model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})

@@ -35,6 +35,7 @@ __all__ = [
     "preprocess_isles_case",
     "preprocess_prepared_case",
     "add_isles_arguments",
+    "isles_datasets",
     "IslesSettings",
     "preprocess_isles",
     "load_isles_case",
@@ -256,10 +257,15 @@ def preprocess_prepared_case(
     return CaseResult(case.case_id, "done", info=info)
 
 
+def isles_datasets() -> list[str]:
+    """Registered datasets made by the ISLES preprocessing stage (``--dataset`` of the ISLES scripts)."""
+    return [name for name in dataset_names() if dataset_spec(name).stage == ISLES2022.stage]
+
+
 def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of both ISLES preprocessing scripts (the paper's, plus dataset, margin, splits,
-    workers, overwrite). ``--dataset``: a registered dataset of the ISLES stage."""
-    family = [name for name in dataset_names() if dataset_spec(name).stage == ISLES2022.stage]
+    workers, overwrite). ``--dataset``: one of :func:`isles_datasets`."""
+    family = isles_datasets()
     parser.add_argument("--dataset", choices=family, default=ISLES2022.name, help=f"which ISLES release the folder holds: {' | '.join(family)} (default {ISLES2022.name})")
     parser.add_argument("--isles-dir", type=Path, required=True, help="dataset root or its derivatives/ folder (ISLES 2022: layout A or B; ISLES 2024: rawdata/ + derivatives/)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for <case>.npz, the splits file, summary and run_args.json")
