@@ -6,7 +6,8 @@ the keys and defaults are the fields of the architecture's config dataclass in t
 (:mod:`models.registry`), e.g. ``resnet18``: variant ('single' | 'dwi_only' | 'separate' |
 'shared'), in_channels (the variant's), num_classes (2), width (64), norm ('batch');
 ``uctransnet3d``: in_channels (1), num_classes (2), width (64), norm ('group'), patch_size (64),
-layers (4), heads (4), dropout (0.1).
+layers (4), heads (4), dropout (0.1); ``resenc_unet``: variant (as resnet18's), in_channels,
+num_classes (2), width (32), norm ('instance'), stages (6).
 
 Checkpoint file (``torch.save`` of a dict, read with ``torch.load(weights_only=True)``)::
 
