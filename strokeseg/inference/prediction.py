@@ -29,7 +29,7 @@ import models
 
 from ..datasets.contract import DataContract, contract_from_checkpoint, preprocessing_differences
 from ..core.geometry import as_binary_mask, uncrop_to_native
-from ..core.case import Image
+from ..core.case import Case, Image
 from ..core.io import CaseError, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
@@ -224,7 +224,7 @@ class PredictCase:
     the output path without suffix, relative to the output folder."""
 
     case_id: str
-    item: DiffusionItem | FoundationItem
+    item: DiffusionItem | FoundationItem | Case
     source: Path | None
     out_stem: Path
 
@@ -309,6 +309,33 @@ def _prepare_foundation(item: FoundationItem, contract: DataContract) -> Prepare
     return PreparedCase({"image": normalised.image}, bbox, shape, image, None if lesion is None else lesion.astype(bool))  # type: ignore[arg-type]
 
 
+def _reader_items(inputs: InputSpec, dataset: str) -> dict[str, Case]:
+    """The unread cases of a dataset with a ``reader`` under the ``--input`` folder."""
+    if inputs.input_dir is None:
+        raise CaseError(f"{dataset}: give --input, the dataset folder (its reader finds the files of every modality)")
+    return {case.case_id: case for case in dataset_spec(dataset).reader(inputs.input_dir)}
+
+
+def _prepare_with_spec(case: Case, contract: DataContract) -> PreparedCase:
+    """A case through its dataset's ``prepare`` (the preprocessing stage's own), with the
+    contract's settings; the native case it read is ``meta["native"]``."""
+    prepared = dataset_spec(contract.dataset).prepare(case, contract.preprocessing)
+    native: Case = prepared.meta["native"]
+    reference = None if native.label is None else native.label.data.astype(bool)
+    inputs = {key: prepared.image(key).data for key in contract.input_keys}
+    cropped_shape = tuple(int(s) for s in prepared.meta["cropped_shape"])
+    return PreparedCase(inputs, prepared.meta["bbox"], cropped_shape, native.first, reference, native.arrays(contract.input_keys))  # type: ignore[arg-type]
+
+
+def _spec_input(spec: DatasetSpec) -> "_RawInput":
+    """How prediction reads a dataset that has a ``reader`` and a ``prepare``: through them; its
+    ``prepare`` checks the settings when it runs."""
+    return _RawInput(
+        lambda block, where: block, _reader_items, lambda case: case.source(spec.input_keys[0]), _prepare_with_spec,
+        lambda case: {key: case.source(key) for key in spec.input_keys},
+    )
+
+
 @dataclass(frozen=True)
 class _RawInput:
     """How prediction reads new NIfTI cases of one preprocessing stage (a dataset spec's
@@ -332,6 +359,8 @@ _RAW_INPUTS = {
 
 
 def _raw_input(spec: DatasetSpec, where: object) -> _RawInput:
+    if spec.reader is not None and spec.prepare is not None:
+        return _spec_input(spec)
     raw = _RAW_INPUTS.get(spec.stage)
     if raw is None:
         raise CaseError(f"{where}: {spec.name} data comes from the {spec.stage!r} stage; prediction reads raw data of the {sorted(_RAW_INPUTS)} stages")
