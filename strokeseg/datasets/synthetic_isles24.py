@@ -58,7 +58,8 @@ _PERFUSION = {
 _PERFUSION_NOISE = {"cbf": 5.0, "cbv": 0.4, "mtt": 0.8, "tmax": 1.0}  # per map, its units
 _RIM_FACTOR = {"cbf": 0.6, "cbv": 1.0, "mtt": 1.5, "tmax": 5.0}  # hypoperfused, not infarcted
 _RIM_VOXELS = 2  # rim width in voxels around the infarct
-_LESION_COUNTS = (1, 2, 3, 4)  # real masks are often multi-focal
+_LESION_COUNTS = (1, 2, 3)  # real masks are often multi-focal
+_LESION_SIZE = (0.15, 0.45)  # semi-axes as fractions of the parenchyma's half-extent: real infarcts are large
 _CTP_FRAMES = 4  # time points of the 4-D CTP series (a stub: real series have 30-50)
 
 
@@ -125,7 +126,7 @@ def isles24_case(seed: int, index: int, shape: Sequence[int] | None, empty: bool
     affine = oblique_affine(grid, spacing, angles, rng.uniform([-5, -25, 5], [5, -10, 25]), axis_signs=signs)
     labels = brain_phantom(rng, grid, rng.uniform(0.36, 0.42, 3))
     parenchyma = (labels == Tissue.GM) | (labels == Tissue.WM)
-    lesion = lesion_mask(rng, parenchyma, 0 if empty else int(rng.choice(_LESION_COUNTS)), (0.08, 0.35), min_radius=2.0)
+    lesion = lesion_mask(rng, parenchyma, 0 if empty else int(rng.choice(_LESION_COUNTS)), _LESION_SIZE, min_radius=2.0)
     rim = ndimage.binary_dilation(lesion, iterations=_RIM_VOXELS) & parenchyma & ~lesion
     labels[lesion] = Tissue.STROKE
     arrays = {"ncct": _ct(rng, labels, "ncct"), "cta": _ct(rng, labels, "cta"), **_perfusion(rng, labels, rim)}
