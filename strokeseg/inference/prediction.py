@@ -5,7 +5,8 @@ A *model set* is the fold checkpoints of one or more training runs (or model fol
 by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
 training data, the input keys in channel order, the threshold and the preprocessing settings.
 Each case is preprocessed by the functions the preprocessing stage runs
-(:func:`strokeseg.datasets.isles.isles_arrays`, :func:`strokeseg.datasets.foundation.normalise_foundation_case`)
+(:func:`strokeseg.datasets.isles.isles_arrays`, :func:`strokeseg.datasets.foundation.normalise_foundation_case`;
+for a dataset whose spec has a ``reader`` and ``prepare``, e.g. ISLES 2024, those two)
 with the contract's settings, predicted with the mean probability of the fold models
 (:func:`strokeseg.inference.fold_models.predict_probability`, as ``evaluate.py`` does), mapped back to the
 native grid (:func:`strokeseg.core.geometry.uncrop_to_native`, trilinear on probabilities) and
