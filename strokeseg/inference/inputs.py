@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..core.io import CaseError, glob_regex, walk_files
 from ..core.case import LABEL, Case
-from ..datasets.foundation import case_id_from_filename, read_t1w_root, t1w_case
+from ..datasets.foundation import ID_MARKERS, case_id_from_filename, read_t1w_root, t1w_case
 from ..datasets.isles import discover_isles_cases
 from ..datasets.registry import DatasetSpec, dataset_names, dataset_spec
 from .diffusion import diffusion_case
@@ -267,7 +267,8 @@ def t1w_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, Case]:
         problem = _problem(case_id, {"image": [inputs.image]}, ("image",), spec, "--image")
         return {case_id: t1w_case(case_id, spec.name, inputs.image, inputs.mask, problem)}
     if inputs.image_pattern and not inputs.modalities:
-        return {case.case_id: case for case in read_t1w_root(Path(inputs.input_dir), spec.name, inputs.image_pattern, inputs.mask_pattern)}
+        markers = inputs.id_markers or ID_MARKERS
+        return {case.case_id: case for case in read_t1w_root(Path(inputs.input_dir), spec.name, inputs.image_pattern, inputs.mask_pattern, markers)}
     found, how = _folder_cases(Path(inputs.input_dir), spec, keys, dict(inputs.modalities))
     items = {}
     for case_id, files in sorted(found.values()):
