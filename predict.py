@@ -109,14 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def input_spec(args: argparse.Namespace, contract: DataContract) -> pr.InputSpec:
     """Where the cases are; T1w folder patterns from --pattern / --mask-pattern or the config;
     --modality globs checked against the contract's inputs."""
-    image_pattern, mask_pattern, markers = args.pattern, args.mask_pattern or "", ()
+    image_pattern, mask_pattern = args.pattern, args.mask_pattern or ""
     if args.input is not None and args.pattern is None and args.config.is_file():
         entry = {d.name: d for d in load_config(args.config).datasets}.get(contract.dataset)
         if entry is not None:
-            image_pattern, mask_pattern, markers = entry.image_pattern, args.mask_pattern or entry.mask_pattern, entry.id_markers
+            image_pattern, mask_pattern = entry.image_pattern, args.mask_pattern or entry.mask_pattern
     modalities = tuple(parse_modalities(args.modality, contract.input_keys).items())
     return pr.InputSpec(args.input, args.dwi, args.adc, args.image, args.mask, image_pattern, mask_pattern,
-                        contract.input_keys, modalities, args.case_id, args.dwi_volume, markers)
+                        contract.input_keys, modalities, args.case_id, args.dwi_volume)
 
 
 def output_settings(args: argparse.Namespace, model_set: pr.ModelSet, brain_crop: bool) -> dict:

@@ -33,7 +33,7 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.nda
     centre, radii = (np.array(shape) - 1) / 2, np.array(shape) * 0.42
     head = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
     lesion_centre = centre + rng.uniform(-0.25, 0.25, 3) * np.array(shape)
-    lesion = ((grid - lesion_centre) ** 2).sum(-1) <= rng.uniform(4.0, 5.5) ** 2
+    lesion = ((grid - lesion_centre) ** 2).sum(-1) <= rng.uniform(5.0, 6.5) ** 2
     image = np.where(head, 100.0 + rng.normal(0.0, 4.0, shape), 0.0).astype(np.float32)
     image[lesion & head] = 30.0 + rng.normal(0.0, 4.0, int((lesion & head).sum()))
     return image, (lesion & head).astype(np.uint8)
@@ -105,6 +105,17 @@ def _dice_rows(path: Path) -> list[float]:
         return [float(row["val_dice"]) for row in csv.DictReader(f) if row["val_dice"]]
 
 
+def _whole_brain_dice(folder: Path, case_ids: list[str]) -> float:
+    """Mean validation Dice of predicting the whole brain as lesion (what an untrained network
+    that says "lesion" everywhere scores); an empty prediction scores 0."""
+    scores = []
+    for case_id in case_ids:
+        data = load_npz(folder / f"{case_id}.npz", keys=("lesion_mask", "brain_mask"))
+        lesion, brain = int(data["lesion_mask"].sum()), int(data["brain_mask"].sum())
+        scores.append(2 * lesion / (lesion + brain))
+    return float(np.mean(scores))
+
+
 def test_isles2026_runs_every_stage_from_its_config_entry(cohort: tuple[Path, Path, dict]) -> None:
     root, config, shapes = cohort
     out = root / "foundation"
@@ -119,7 +130,8 @@ def test_isles2026_runs_every_stage_from_its_config_entry(cohort: tuple[Path, Pa
     assert train_stroke.main(train) == 0  # no --patch-size: the entry's
     contract = read_json(run / "fold_0" / "run_args.json")["args"]
     assert contract["patch_size"] == PATCH
-    assert max(_dice_rows(run / "fold_0" / "history.csv")) > 0.0  # an empty prediction scores 0 on these lesions
+    val_cases = read_json(out / NAME / f"{NAME}_splits_5fold.json")["fold_0"][NAME]["val"]
+    assert max(_dice_rows(run / "fold_0" / "history.csv")) > 2 * _whole_brain_dice(out / NAME, val_cases)  # it learned: above empty (0) and "everywhere"
     scores = root / "scores"
     assert evaluate.main(["--dataset", NAME, "--data-dir", str(out), "--run", f"ours={run}", "--output-dir", str(scores),
                           "--png", "none", "--bootstrap", "20", "--sw-batch-size", "4"]) == 0

@@ -154,7 +154,6 @@ BRATS2024 = register_dataset(DatasetSpec(
     preset="atlas22",
     table_layout="dataset",
     whole_brain=True,
-    stage="brats",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape",)),
     run_config_key="brats_dir",

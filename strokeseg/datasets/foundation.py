@@ -545,7 +545,6 @@ def foundation_dataset(
         preset=preset,
         table_layout="dataset",
         whole_brain=True,
-        stage="foundation",
         find_case_dir=foundation_case_dir,
         read_preprocessing=functools.partial(
             settings_from_run_args,
@@ -561,6 +560,7 @@ def foundation_dataset(
         validate_settings=preprocessing_from_dict,
         scoring_grid="preprocessed",
         patch_size=patch_size,
+        id_markers=tuple(id_markers),
     )
 
 

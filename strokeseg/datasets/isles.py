@@ -371,7 +371,6 @@ ISLES2022 = register_dataset(DatasetSpec(
     preset="isles22",
     table_layout="strategy",
     whole_brain=False,  # cropped to the DWI brain bounding box
-    stage="isles",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape", "margin")),
     load_eval_case=load_isles_case,

@@ -59,8 +59,7 @@ class DatasetSpec:
     of :func:`strokeseg.evaluation.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
     "dataset": the ATLAS/UOA table); pretrained_label: a pretrained start in that table
     ("BraTS", "Transfer"). whole_brain: volumes hold the whole head or brain (not cropped to it),
-    so inference may first crop to the brain. stage: the preprocessing stage that makes the
-    network input from NIfTI ("isles", "foundation", "brats"; prediction reads raw cases with it). find_case_dir(data_dir, name): the folder holding
+    so inference may first crop to the brain. find_case_dir(data_dir, name): the folder holding
     ``<case>.npz`` given what a user passes as ``--data-dir``. read_preprocessing(case_dir):
     the settings that shaped the files of a case folder, ``{"source": <file>, <setting>: value}``
     ({} when the folder records none). load_eval_case(case_dir, case_id, input_keys): a
@@ -88,7 +87,9 @@ class DatasetSpec:
     reference on the raw grid; predictions are mapped back) or "preprocessed". split_group(case
     id) -> patient id: the cases one patient contributes stay on one side of every split (None:
     each case its own group). patch_size: default training patch edge in voxels (None: the
-    architecture's). acquisition: facts about the training images that prediction
+    architecture's). id_markers: where the case id ends in a raw file name (earliest marker
+    wins, :func:`strokeseg.datasets.foundation.case_id_from_filename`; empty: the name without its
+    ``_<suffix>``). acquisition: facts about the training images that prediction
     reproduces, recorded in every data contract (:func:`strokeseg.datasets.contract.build_data_contract`):
     ``dwi_b_value`` (s/mm², the b-value of the DWI the network was trained on) and ``adc_unit``
     (mm²/s per stored ADC unit, e.g. 1e-3).
@@ -102,7 +103,6 @@ class DatasetSpec:
     preset: str
     table_layout: str
     whole_brain: bool
-    stage: str
     find_case_dir: Callable[[Path, str], Path]
     read_preprocessing: Callable[[Path], dict[str, Any]]
     load_eval_case: Callable[[Path, str, Sequence[str]], Case] | None = None
@@ -119,6 +119,7 @@ class DatasetSpec:
     scoring_grid: str = "preprocessed"
     split_group: Callable[[str], str] | None = None
     patch_size: int | None = None
+    id_markers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scoring_grid not in SCORING_GRIDS:

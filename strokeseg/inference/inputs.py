@@ -113,7 +113,7 @@ def single_case_id(path: Path, key: str, spec: DatasetSpec) -> str:
     ``_<suffix>`` of ``key`` (``sub-01_dwi`` -> ``sub-01``; T1w names by
     :func:`strokeseg.datasets.foundation.case_id_from_filename`), or the folder's name when
     the file name is generic (``patient07/DWI.nii.gz`` -> ``patient07``)."""
-    stem = case_id_from_filename(path.name) if spec.stage == "foundation" else _stem(path.name)
+    stem = case_id_from_filename(path.name, spec.id_markers) if spec.id_markers else _stem(path.name)
     for suffix in dict(spec.bids_suffixes).get(key, ()):
         if stem.lower().endswith(f"_{suffix}") and len(stem) > len(suffix) + 1:
             stem = stem[: -len(suffix) - 1]
@@ -267,7 +267,7 @@ def t1w_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, Case]:
         problem = _problem(case_id, {"image": [inputs.image]}, ("image",), spec, "--image")
         return {case_id: t1w_case(case_id, spec.name, inputs.image, inputs.mask, problem)}
     if inputs.image_pattern and not inputs.modalities:
-        markers = inputs.id_markers or ID_MARKERS
+        markers = spec.id_markers or ID_MARKERS
         return {case.case_id: case for case in read_t1w_root(Path(inputs.input_dir), spec.name, inputs.image_pattern, inputs.mask_pattern, markers)}
     found, how = _folder_cases(Path(inputs.input_dir), spec, keys, dict(inputs.modalities))
     items = {}

@@ -194,8 +194,7 @@ class InputSpec:
     optional ``adc``, or ``image``), each with an optional reference ``mask``. input_keys: the
     model's (empty: its dataset's); modalities: ``--modality`` (key, glob) pairs; case_id: the
     single files' case id (None: from the file name); dwi_volume: the volume of a 4-D DWI (None:
-    by b-value); id_markers: where a T1w case id ends in a file name (a config.json entry's;
-    empty: :data:`strokeseg.datasets.foundation.ID_MARKERS`). See :mod:`strokeseg.inference.inputs`."""
+    by b-value). See :mod:`strokeseg.inference.inputs`."""
 
     input_dir: Path | None = None
     dwi: Path | None = None
@@ -208,7 +207,6 @@ class InputSpec:
     modalities: tuple[tuple[str, str], ...] = ()
     case_id: str | None = None
     dwi_volume: int | None = None
-    id_markers: tuple[str, ...] = ()
 
 
 def _grid_source(case: Case, spec: DatasetSpec) -> Path | None:
