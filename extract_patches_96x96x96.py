@@ -27,8 +27,9 @@ from pathlib import Path
 
 from strokeseg.core.io import CaseError, write_json
 from strokeseg.core.runner import RunReport, add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
+from strokeseg.core.case import Case
 from strokeseg.datasets.splits import load_split
-from strokeseg.training.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
+from strokeseg.training.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, extract_case_patches, stored_case
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def select_cases(args: argparse.Namespace, dataset: str) -> dict[str, PatchItem]:
+def select_cases(args: argparse.Namespace, dataset: str) -> dict[str, Case]:
     """Case id -> item: every ``<case>.npz`` of the dataset folder, or the chosen split's cases."""
     in_dir = args.input_dir / dataset
     if not in_dir.is_dir():
@@ -66,7 +67,7 @@ def select_cases(args: argparse.Namespace, dataset: str) -> dict[str, PatchItem]
         wanted = sorted(getattr(load_split(args.splits_file, args.fold, dataset), args.split))
     if not wanted:
         raise CaseError(f"{in_dir}: no cases to process (split {args.split})")
-    return {c: PatchItem(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
+    return {c: stored_case(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
 
 
 def _kinds(report: RunReport, kind: str) -> list[str]:

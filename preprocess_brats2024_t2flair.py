@@ -19,7 +19,7 @@ from pathlib import Path
 
 from strokeseg.core.io import load_npz
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.datasets.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
+from strokeseg.datasets.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, preprocess_brats_case
 from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_output_dir(args.output_dir)
         check_settings(args.output_dir, settings, args.overwrite)
         write_run_args(args.output_dir, args)
-        n_patients = len({c.patient_id for c in cases.values()})
+        n_patients = len({c.meta["patient_id"] for c in cases.values()})
         get_logger().info(f"{len(cases)} BraTS visits of {n_patients} patients under {args.brats_dir}; target shape {tuple(args.target_shape)}")
         process = functools.partial(
             preprocess_brats_case, output_dir=args.output_dir, target_shape=tuple(args.target_shape), overwrite=args.overwrite
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             return voxels[case_id]
         return load_npz(args.output_dir / f"{case_id}.npz", keys=("mask",))["mask"].sum()
 
-    groups = {case_id: patient_id(case_id) for case_id in case_ids}
+    groups = {case_id: BRATS2024.split_group(case_id) for case_id in case_ids}
     splits_path = args.output_dir / BRATS2024.splits_name
     overwrite = args.overwrite or args.rebuild_splits
     return max(status, write_stage_splits(splits_path, case_ids, volume, BRATS2024.name, args.test_fraction, args.seed, overwrite, groups))

@@ -17,7 +17,7 @@ from strokeseg.core.case import Image
 from strokeseg.core.io import CaseError, read_json, save_nifti, write_json
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.inference.diffusion import (
-    DiffusionItem, adc_unit, check_dwi_adc, compute_adc, read_b_values, read_diffusion_case, select_dwi,
+    adc_unit, diffusion_case, check_dwi_adc, compute_adc, read_b_values, read_diffusion_case, select_dwi,
 )
 from test_predict import ISLES_SHAPE, _contract, _run_dir
 
@@ -137,17 +137,17 @@ def test_four_d_dwi_without_adc_gives_the_computed_adc(sample: dict[str, Image],
     path = tmp_path / "p9_dwi.nii.gz"
     nib.save(nib.Nifti1Image(np.stack([s0, dwi.data, dwi.data], axis=3).astype(np.float32), dwi.affine), str(path))
     (tmp_path / "p9_dwi.bval").write_text("0 1000 1000")
-    volumes, record = read_diffusion_case(DiffusionItem("p9", path, None, None), True, ISLES)
-    assert np.allclose(volumes.dwi.data, dwi.data, rtol=1e-5)
+    volumes, record = read_diffusion_case(diffusion_case("p9", path, None, None), True, ISLES)
+    assert np.allclose(volumes.image("dwi").data, dwi.data, rtol=1e-5)
     inside = (dwi.data > 0) & (adc.data >= 0)  # computed ADC is never negative
-    assert np.allclose(volumes.adc.data[inside], adc.data[inside], atol=1e-4)
+    assert np.allclose(volumes.image("adc").data[inside], adc.data[inside], atol=1e-4)
     assert record["DwiVolumes"] == [1, 2] and record["DwiBValue"] == 1000.0 and "computed ln(S0/Sb)/b" in record["AdcSource"]
-    no_b0 = DiffusionItem("p9", path, None, None, dwi_volume=1)
+    no_b0 = diffusion_case("p9", path, None, None, dwi_volume=1)
     (tmp_path / "p9_dwi.bval").unlink()
     with pytest.raises(CaseError, match="no ADC map for p9 and no b=0 volume"):
         read_diffusion_case(no_b0, True, ISLES)
     volumes, record = read_diffusion_case(no_b0, False, ISLES)  # a DWI-only model needs no ADC
-    assert volumes.adc is None and record == {"DwiVolumes": [1], "DwiBValue": None}
+    assert "adc" not in volumes.images and record == {"DwiVolumes": [1], "DwiBValue": None}
 
 
 def test_old_contract_takes_the_acquisition_facts_of_its_dataset_spec() -> None:

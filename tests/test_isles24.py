@@ -17,11 +17,12 @@ import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_v2_isles
 import train_isles_resnet18
-from strokeseg.core.case import LABEL
+from strokeseg.core.case import LABEL, Case
+from strokeseg.core.case_io import read_images
 from strokeseg.core.io import CaseError, affines_match, load_npz, read_json, save_nifti
 from strokeseg.datasets import synthetic_isles24
 from strokeseg.datasets.isles24 import (
-    INPUT_KEYS, ISLES2024, NCCT_WINDOW_HU, load_isles24_case, prepare_isles24, read_isles24_cases, window,
+    INPUT_KEYS, ISLES2024, NCCT_WINDOW_HU, prepare_isles24, read_isles24_cases, window,
 )
 from strokeseg.datasets.registry import dataset_spec
 
@@ -31,6 +32,12 @@ SHAPE = (40, 40, 16)  # nominal NCCT grid of the synthetic cases (varied per cas
 TARGET = ["32", "32", "32"]
 IDS = [f"sub-stroke{i:04d}" for i in range(1, 9)]
 MAPS = ("cbf", "cbv", "mtt", "tmax")
+SETTINGS = {"target_shape": [24, 20, 16], "margin": 2}
+
+
+def read(case: Case) -> Case:
+    """A reader's case read at the door, as the preprocessing stage reads it."""
+    return read_images(case, INPUT_KEYS)
 
 
 def release_paths(root: Path, sub: str) -> dict[str, Path]:
@@ -79,9 +86,9 @@ def test_generator_case_depends_on_seed_and_index_only(tmp_path: Path) -> None:
     synthetic_isles24.make_isles24(tmp_path / "two", 2, seed=3, shape=(24, 24, 10))
     synthetic_isles24.make_isles24(tmp_path / "one", 1, seed=3, shape=(24, 24, 10))
     synthetic_isles24.make_isles24(tmp_path / "other", 1, seed=4, shape=(24, 24, 10))
-    read = lambda root: np.asanyarray(nib.load(str(release_paths(root, "sub-stroke0001")["tmax"])).dataobj)  # noqa: E731
-    assert np.array_equal(read(tmp_path / "two"), read(tmp_path / "one"))
-    assert not np.array_equal(read(tmp_path / "one"), read(tmp_path / "other"))
+    tmax_of = lambda root: np.asanyarray(nib.load(str(release_paths(root, "sub-stroke0001")["tmax"])).dataobj)  # noqa: E731
+    assert np.array_equal(tmax_of(tmp_path / "two"), tmax_of(tmp_path / "one"))
+    assert not np.array_equal(tmax_of(tmp_path / "one"), tmax_of(tmp_path / "other"))
 
 
 # --------------------------------------------------------------------------- reader
@@ -96,13 +103,13 @@ def test_reader_finds_modalities_in_channel_order_and_the_ses02_label(raw: Path)
     assert tuple(case.sources) == (*INPUT_KEYS, LABEL)
     assert {key: case.source(key) for key in INPUT_KEYS} == {key: paths[key] for key in INPUT_KEYS}
     assert case.source(LABEL) == paths["msk"] and not case.images and not case.problem
-    read = load_isles24_case(case)
-    assert read.keys == INPUT_KEYS
+    native = read(case)
+    assert native.keys == INPUT_KEYS
     for key in INPUT_KEYS:
-        assert read.image(key).data.dtype == np.float32
-        assert affines_match(read.image(key).affine, nib.load(str(paths["ncct"])).affine)
-    assert read.label.data.dtype == np.uint8 and read.label.data.shape == read.shape
-    assert np.array_equal(read.label.data, np.asanyarray(nib.load(str(paths["msk"])).dataobj))
+        assert native.image(key).data.dtype == np.float32
+        assert affines_match(native.image(key).affine, nib.load(str(paths["ncct"])).affine)
+    assert native.label.data.dtype == np.uint8 and native.label.data.shape == native.shape
+    assert np.array_equal(native.label.data, np.asanyarray(nib.load(str(paths["msk"])).dataobj))
 
 
 def test_reader_reports_doubled_missing_and_off_grid_files(raw: Path, tmp_path: Path) -> None:
@@ -117,13 +124,13 @@ def test_reader_reports_doubled_missing_and_off_grid_files(raw: Path, tmp_path: 
     cases = {c.case_id: c for c in read_isles24_cases(root)}
     assert "2 tmax files" in cases["sub-stroke0001"].problem
     with pytest.raises(CaseError, match="2 tmax files"):
-        load_isles24_case(cases["sub-stroke0001"])
+        read(cases["sub-stroke0001"])
     assert cases["sub-stroke0002"].source(LABEL) is None
     with pytest.raises(CaseError, match="no label file"):
-        load_isles24_case(cases["sub-stroke0002"])
-    assert load_isles24_case(cases["sub-stroke0002"], require_label=False).label is None
-    with pytest.raises(CaseError, match="affine differs from the NCCT"):
-        load_isles24_case(cases["sub-stroke0003"])
+        read(cases["sub-stroke0002"])
+    assert read_images(cases["sub-stroke0002"], INPUT_KEYS, require_label=False).label is None
+    with pytest.raises(CaseError, match="affine differs from the ncct"):
+        read(cases["sub-stroke0003"])
     with pytest.raises(CaseError, match="no ISLES 2024 files"):
         read_isles24_cases(tmp_path)
 
@@ -132,11 +139,11 @@ def test_reader_reports_doubled_missing_and_off_grid_files(raw: Path, tmp_path: 
 
 
 def test_prepare_crops_resamples_and_normalises_inside_the_brain(raw: Path) -> None:
-    native = load_isles24_case(read_isles24_cases(raw)[0])
-    prepared = prepare_isles24(native, {"target_shape": (24, 20, 16), "margin": 2})
+    native = read(read_isles24_cases(raw)[0])
+    prepared = prepare_isles24(native, SETTINGS)
     bbox, meta = prepared.meta["bbox"], prepared.meta
     assert prepared.keys == INPUT_KEYS and prepared.shape == (24, 20, 16)
-    assert np.array_equal(meta["cropped_shape"], bbox[:, 1] - bbox[:, 0]) and tuple(meta["original_shape"]) == native.shape
+    assert meta["cropped_shape"] == tuple(bbox[:, 1] - bbox[:, 0])
     brain = np.any([native.image(k).data != 0 for k in MAPS], axis=0)
     hits = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     assert bbox.tolist() == [[max(h[0] - 2, 0), min(h[-1] + 3, n)] for h, n in zip(hits, native.shape)]
@@ -149,9 +156,8 @@ def test_prepare_crops_resamples_and_normalises_inside_the_brain(raw: Path) -> N
     # the network grid's affine maps its corner voxel edges onto the crop's
     corner = native.affine @ np.array([*(bbox[:, 0] - 0.5), 1.0])
     assert np.allclose(prepared.affine @ np.array([-0.5, -0.5, -0.5, 1.0]), corner)
-    # an unread case is read by prepare itself: the same arrays
-    again = prepare_isles24(read_isles24_cases(raw)[0], {"target_shape": (24, 20, 16), "margin": 2})
-    assert all(np.array_equal(again.image(k).data, prepared.image(k).data) for k in INPUT_KEYS)
+    with pytest.raises(ValueError, match="margin"):
+        prepare_isles24(native, {"target_shape": [24, 20, 16], "margin": -1})
 
 
 def test_window_clips_ncct_to_the_brain_window_and_maps_to_their_percentiles() -> None:
@@ -167,6 +173,7 @@ def test_spec_is_registered_with_native_scoring_and_the_isles24_preset() -> None
     spec = dataset_spec("ISLES2024")
     assert spec is ISLES2024 and spec.input_keys == INPUT_KEYS and spec.preset == "isles24"
     assert spec.scoring_grid == "native" and spec.reader is read_isles24_cases and spec.prepare is prepare_isles24
+    assert "ISLES2024" in preprocess_v2_isles.parse_args(["--isles-dir", ".", "--output-dir", ".", "--dataset", "ISLES2024"]).dataset
 
 
 # --------------------------------------------------------------------------- the script chain

@@ -16,26 +16,29 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from ..core.case import Case, Image
+from ..core.geometry import as_binary_mask, crop, crop_affine, foreground_bbox, resample_to_shape, zscore
+from ..core.case import LABEL, Case, Image
+from ..core.case_io import read_images
 from ..core.io import CaseError, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
 from ..core.runner import (
     CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
 )
 from .fingerprint import case_fingerprint, write_dataset_fingerprint
-from .registry import DatasetSpec, EvalCase, dataset_names, dataset_spec, register_dataset, same_folder, settings_from_run_args
+from .registry import DatasetSpec, dataset_names, dataset_spec, register_dataset, same_folder, settings_from_run_args
 from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
 
 __all__ = [
-    "IslesCase",
-    "IslesVolumes",
+    "isles_case",
     "discover_isles_cases",
     "read_isles_case",
     "isles_arrays",
+    "prepare_isles_case",
+    "isles_settings",
+    "read_isles_root",
     "preprocess_isles_case",
     "preprocess_prepared_case",
-    "add_isles_arguments",
     "isles_datasets",
+    "add_isles_arguments",
     "IslesSettings",
     "preprocess_isles",
     "load_isles_case",
@@ -48,21 +51,6 @@ __all__ = [
 TRAIN_KEYS = ("dwi", "adc", "mask", "lesion_ml")
 BBOX_KEYS = TRAIN_KEYS + ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
 _FILE = re.compile(r"^(sub-[^_]+)_(ses-[^_]+)_(dwi|adc|msk)\.nii(\.gz)?$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class IslesCase:
-    """Paths of one ISLES case. A missing modality is None and a discovery problem (two files of
-    one kind) is a one-line ``problem``; both are reported when the case is read. ``root`` and
-    ``stem`` (``sub-X_ses-Y``) say where discovery looked, for that report."""
-
-    case_id: str
-    dwi: Path | None
-    adc: Path | None
-    mask: Path | None
-    problem: str = ""
-    root: Path | None = None
-    stem: str = ""
 
 
 _KIND_NAMES = {"dwi": "DWI", "adc": "ADC", "msk": "mask"}
@@ -90,7 +78,17 @@ def _find_isles_files(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]
     return found
 
 
-def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) -> IslesCase:
+def isles_case(
+    case_id: str, dwi: Path | None, adc: Path | None, mask: Path | None, problem: str = "", root: Path | None = None, stem: str = ""
+) -> Case:
+    """An ISLES case found on disk, not read yet: ``sources`` dwi, adc and the label (None: not
+    found); ``meta`` a one-line discovery ``problem`` and, for its messages, ``root`` and ``stem``
+    (``sub-X_ses-Y``): where discovery looked."""
+    meta = {"dataset": "ISLES2022", "problem": problem, "root": root, "stem": stem}
+    return Case(case_id, sources={"dwi": dwi, "adc": adc, LABEL: mask}, meta={k: v for k, v in meta.items() if v})
+
+
+def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) -> Case:
     """The case of one subject/session; its id is spelled as in its first image file."""
     first = next(files[kind][0] for kind in ("dwi", "adc", "msk") if kind in files)
     match = _FILE.match(first.name)
@@ -102,10 +100,10 @@ def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) ->
             problem = problem or f"{case_id}: {len(paths)} {_KIND_NAMES[kind]} files: {', '.join(str(p) for p in paths)}"
     single = {kind: files[kind][0] if files.get(kind) else None for kind in ("dwi", "adc", "msk")}
     stem = f"{match.group(1)}_{match.group(2)}"
-    return IslesCase(case_id, single["dwi"], single["adc"], single["msk"], problem, root, stem)
+    return isles_case(case_id, single["dwi"], single["adc"], single["msk"], problem, root, stem)
 
 
-def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
+def discover_isles_cases(isles_dir: str | Path) -> list[Case]:
     """Find every subject with any of DWI, ADC or mask under the dataset root, in either layout.
 
     Returns cases sorted by id (``sub-strokecaseNNNN``; the session is added only when a
@@ -124,32 +122,22 @@ def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _require(case: IslesCase, kind: str) -> Path:
+def _require(case: Case, kind: str) -> Path:
     """The case's file of ``kind`` (dwi, adc, msk); :class:`CaseError` saying where discovery
     looked when there is none."""
-    path = {"dwi": case.dwi, "adc": case.adc, "msk": case.mask}[kind]
+    path = case.source(LABEL if kind == "msk" else kind)
     if path is not None:
         return path
-    where = ""
-    if case.root is not None:
-        folder = f"{case.root / 'derivatives'}" if kind == "msk" else f"{case.root} outside derivatives/"
-        where = f" (looked for {case.stem}_{kind}.nii[.gz] under {folder})"
+    where, root = "", case.meta.get("root")
+    if root is not None:
+        folder = f"{root / 'derivatives'}" if kind == "msk" else f"{root} outside derivatives/"
+        where = f" (looked for {case.meta.get('stem', '')}_{kind}.nii[.gz] under {folder})"
     raise CaseError(f"{case.case_id}: no {_KIND_NAMES[kind]} file found{where}")
 
 
-@dataclass(frozen=True)
-class IslesVolumes:
-    """One case read and checked at the door: DWI and ADC on one grid, the lesion mask uint8
-    {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input). ADC is None
-    only for prediction with a model that reads the DWI alone."""
-
-    dwi: Image
-    adc: Image | None
-    mask: np.ndarray | None
-
-
-def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
-    """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case.
+def read_isles_case(case: Case, require_mask: bool = True) -> Case:
+    """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case
+    (:func:`isles_case`): images ``dwi`` and ``adc``, the label uint8 {0,1} (X, Y, Z) or None.
 
     Raises :class:`CaseError` naming the file for a missing or duplicated modality, an
     unreadable, non-3-D or non-finite volume, a constant or near-empty DWI or ADC
@@ -159,20 +147,22 @@ def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
     if case.problem:
         raise CaseError(case.problem)
     dwi, adc = load_image(_require(case, "dwi")), load_image(_require(case, "adc"))
-    msk = load_nifti(_require(case, "msk")) if require_mask or case.mask is not None else None
+    msk = load_nifti(_require(case, "msk")) if require_mask or case.source(LABEL) is not None else None
     check_same_grid(dwi, "DWI", (adc, msk) if msk is not None else (adc,))
-    return IslesVolumes(dwi, adc, as_binary_mask(msk.data, msk.path) if msk is not None else None)
+    label = Image(as_binary_mask(msk.data, msk.path), msk.affine, msk.zooms, msk.path) if msk is not None else None
+    return case.replace(images={"dwi": dwi, "adc": adc}, label=label)
 
 
-def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
-    """The arrays of :data:`BBOX_KEYS` for a case (``mask``, ``lesion_ml`` and ``original_mask``
-    only with a mask).
+def isles_arrays(case: Case, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
+    """The arrays of :data:`BBOX_KEYS` for a read case (``dwi``, optional ``adc`` and label;
+    ``mask``, ``lesion_ml`` and ``original_mask`` only with a label).
 
     The volume is cropped to the DWI's non-zero box grown by ``margin`` voxels, resampled to
     ``target_shape`` (images trilinear, mask nearest) and DWI/ADC are z-scored on their non-zero
     voxels (no ``adc`` key when the case has no ADC). Raises :class:`CaseError` for an empty DWI.
     """
-    dwi, adc, mask = volumes.dwi, volumes.adc, volumes.mask
+    dwi, adc = case.image("dwi"), case.images.get("adc")
+    mask = None if case.label is None else case.label.data
     bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
     arrays = {"dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False))}
     if adc is not None:
@@ -193,7 +183,7 @@ def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], marg
 
 
 def preprocess_isles_case(
-    case: IslesCase, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
+    case: Case, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
 ) -> CaseResult:
     """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``
     (:func:`read_isles_case`, :func:`isles_arrays`).
@@ -209,57 +199,61 @@ def preprocess_isles_case(
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
-    volumes = read_isles_case(case)
-    arrays = isles_arrays(volumes, target_shape, margin)
+    native = read_isles_case(case)
+    arrays = isles_arrays(native, target_shape, margin)
     save_npz(out_path, {key: arrays[key] for key in (BBOX_KEYS if with_bbox else TRAIN_KEYS)})
-    mask, dwi = volumes.mask, volumes.dwi
+    mask, dwi = native.label.data, native.image("dwi")
     info = {
         "lesion_voxels_native": int(mask.sum()),
         "lesion_ml": float(arrays["lesion_ml"]),
         "original_shape": list(dwi.data.shape),
         "spacing_mm": list(dwi.zooms),
         # the brain is the DWI's non-zero voxels, as its crop box
-        "fingerprint": case_fingerprint({"dwi": dwi.data, "adc": volumes.adc.data}, dwi.data != 0, dwi.zooms, float(arrays["lesion_ml"])),
+        "fingerprint": case_fingerprint({"dwi": dwi.data, "adc": native.image("adc").data}, dwi.data != 0, dwi.zooms, float(arrays["lesion_ml"])),
     }
     return CaseResult(case.case_id, "done", info=info)
 
 
-_PREPARED_META = ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
+_NATIVE_KEYS = BBOX_KEYS[len(TRAIN_KEYS):]  # the native-space keys of preprocess_isles_WITH_BBOX.py
 
 
 def preprocess_prepared_case(
-    case: Case, spec: DatasetSpec, output_dir: Path, settings: IslesSettings, overwrite: bool
+    case: Case, spec: DatasetSpec, output_dir: Path, settings: "IslesSettings", overwrite: bool
 ) -> CaseResult:
-    """One case of a dataset with a ``reader`` and ``prepare`` (its :class:`DatasetSpec`) into
-    ``<case>.npz``: the prepared inputs (``spec.input_keys``, float32 on the network grid),
-    ``spec.mask_key`` (uint8) and ``lesion_ml``, with ``settings.with_bbox`` also the native
-    keys of :data:`BBOX_KEYS` (``prepare``'s meta), so the file has the contract of
-    :func:`preprocess_isles_case` with other input keys. Raises :class:`CaseError` for a case
-    without a label, and as ``spec.prepare``."""
+    """One case of a dataset whose network does not read a DWI (e.g. ISLES 2024) into
+    ``<case>.npz``: read at the door (:func:`strokeseg.core.case_io.read_images`), then its
+    dataset's ``prepare`` (the function prediction runs). Keys as :func:`preprocess_isles_case`
+    with ``spec.input_keys`` for ``dwi``/``adc``: inputs float32 on the network grid, ``mask``
+    uint8, ``lesion_ml``; with ``settings.with_bbox`` the native-space keys of the native case.
+    The fingerprint summarises the native images over ``prepare``'s ``meta["brain"]`` (bool,
+    native grid), else the first image's non-zero voxels."""
     if case.problem:
         raise CaseError(case.problem)
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
-    prepared = spec.prepare(case, {"target_shape": tuple(settings.target_shape), "margin": settings.margin})
-    if prepared.label is None:
-        raise CaseError(f"{case.case_id}: no lesion mask file found (training data needs one)")
-    meta, native = prepared.meta, prepared.meta["native"]
-    arrays = {**prepared.arrays(spec.input_keys), spec.mask_key: prepared.label.data, "lesion_ml": meta["lesion_ml"]}
-    save_npz(out_path, {**arrays, **({key: meta[key] for key in _PREPARED_META} if settings.with_bbox else {})})
+    native = read_images(case, spec.input_keys, require_label=True)
+    prepared = spec.prepare(native, {"target_shape": list(settings.target_shape), "margin": settings.margin})
+    grid, mask, lesion_ml = native.first, native.label.data, np.float64(prepared.meta["lesion_ml"])
+    arrays = {**prepared.arrays(spec.input_keys), spec.mask_key: prepared.label.data, "lesion_ml": lesion_ml}
+    bbox = np.asarray(prepared.meta["bbox"], dtype=np.int64)
+    geometry = {
+        "bbox": bbox, "original_shape": np.array(grid.shape, dtype=np.int64), "cropped_shape": bbox[:, 1] - bbox[:, 0],
+        "original_affine": grid.affine, "original_mask": mask, "spacing": np.array(grid.zooms, dtype=np.float64),
+    }
+    save_npz(out_path, {**arrays, **({key: geometry[key] for key in _NATIVE_KEYS} if settings.with_bbox else {})})
+    brain = prepared.meta.get("brain", grid.data != 0)
     info = {
-        "lesion_voxels_native": int(meta["original_mask"].sum()),
-        "lesion_ml": float(meta["lesion_ml"]),
-        "original_shape": list(native.shape),
-        "spacing_mm": list(native.first.zooms),
-        "fingerprint": case_fingerprint(native.arrays(spec.input_keys), meta["brain"], native.first.zooms, float(meta["lesion_ml"])),
+        "lesion_voxels_native": int(mask.sum()), "lesion_ml": float(lesion_ml), "original_shape": list(grid.shape), "spacing_mm": list(grid.zooms),
+        "fingerprint": case_fingerprint(native.arrays(spec.input_keys), brain, grid.zooms, float(lesion_ml)),
     }
     return CaseResult(case.case_id, "done", info=info)
 
 
 def isles_datasets() -> list[str]:
-    """Registered datasets made by the ISLES preprocessing stage (``--dataset`` of the ISLES scripts)."""
-    return [name for name in dataset_names() if dataset_spec(name).stage == ISLES2022.stage]
+    """Registered datasets in the ISLES ``.npz`` contract (evaluated by :func:`load_isles_case`):
+    the ``--dataset`` choices of the ISLES scripts."""
+    return [name for name in dataset_names() if dataset_spec(name).load_eval_case is load_isles_case]
 
 
 def add_isles_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,25 +321,25 @@ def _preprocess_cases(
     isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
     spec: DatasetSpec,
 ) -> tuple[list[str], int]:
-    """Every case into ``output_dir`` after the folder's settings check; writes ``run_args.json``
-    and ``preprocessing_summary.json``. A dataset with a ``reader`` and ``prepare`` runs through
-    them (:func:`preprocess_prepared_case`). Returns the ids with output and the exit status."""
+    """Every case of ``spec`` (found by its reader) into ``output_dir`` after the folder's
+    settings check; writes ``run_args.json`` and ``preprocessing_summary.json``. A DWI network's
+    cases are read with the diffusion door checks (:func:`preprocess_isles_case`), others through
+    :func:`preprocess_prepared_case`. Returns the ids with output and the exit status."""
     log = get_logger()
-    read = spec.reader or discover_isles_cases
-    cases = {case.case_id: case for case in read(isles_dir)}
+    cases = {case.case_id: case for case in spec.reader(isles_dir)}
     prepare_output_dir(output_dir)
     check_settings(output_dir, settings.recorded(isles_dir), overwrite)
     write_run_args(output_dir, dict(run_args))
     log.info(f"{len(cases)} {spec.display_name} cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
-    if spec.prepare is not None:
-        process = functools.partial(preprocess_prepared_case, spec=spec, output_dir=output_dir, settings=settings, overwrite=overwrite)
-    else:
+    if "dwi" in spec.input_keys:
         process = functools.partial(
             preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
             with_bbox=settings.with_bbox, overwrite=overwrite,
         )
-    report = run_cases(cases, process, workers=workers, desc=spec.name)
-    keys = (*spec.input_keys, *TRAIN_KEYS[2:], *(BBOX_KEYS[len(TRAIN_KEYS):] if settings.with_bbox else ()))
+    else:
+        process = functools.partial(preprocess_prepared_case, spec=spec, output_dir=output_dir, settings=settings, overwrite=overwrite)
+    report = run_cases(cases, process, workers=workers, desc="ISLES")
+    keys = (*spec.input_keys, *TRAIN_KEYS[2:], *(_NATIVE_KEYS if settings.with_bbox else ()))
     status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": spec.name, "keys": list(keys)})
     write_dataset_fingerprint(output_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
     return report.with_output(), status
@@ -367,9 +361,10 @@ def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]
 _EVAL_GEOMETRY = ("bbox", "cropped_shape", "original_shape", "original_affine", "original_mask", "spacing")
 
 
-def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> EvalCase:
+def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> Case:
     """Read ``<case_id>.npz`` written by ``preprocess_isles_WITH_BBOX.py`` (needs its bbox keys):
-    ``input_keys`` on the resampled crop, the reference on the native grid."""
+    a Case of ``input_keys`` float32 on the resampled crop and the label bool on the native
+    grid (its affine and spacing); ``meta`` ``bbox`` and ``cropped_shape`` map the crop back."""
     path = case_dir / f"{case_id}.npz"
     if not path.is_file():
         raise CaseError(f"{case_id}: listed in the splits file but {path} does not exist")
@@ -381,15 +376,46 @@ def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> 
     reference = data["original_mask"].astype(bool)
     if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
         raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
-    return EvalCase(
-        case_id=case_id,
-        inputs={key: data[key].astype(np.float32, copy=False) for key in input_keys},
-        reference=reference,
-        affine=data["original_affine"].astype(np.float64),
-        spacing=tuple(float(s) for s in data["spacing"]),
-        bbox=data["bbox"],
-        cropped_shape=tuple(int(s) for s in data["cropped_shape"]),
-    )
+    affine, spacing = data["original_affine"].astype(np.float64), tuple(float(s) for s in data["spacing"])
+    cropped_shape = tuple(int(s) for s in data["cropped_shape"])
+    crop_grid = crop_affine(affine, data["bbox"], data[input_keys[0]].shape)
+    images = {key: Image(data[key].astype(np.float32, copy=False), crop_grid, path=path) for key in input_keys}
+    meta = {"npz": path, "bbox": data["bbox"], "cropped_shape": cropped_shape}
+    return Case(case_id, images, Image(reference, affine, spacing, path), meta=meta)
+
+
+def prepare_isles_case(case: Case, settings: Mapping[str, Any]) -> Case:
+    """The network input of a read ISLES case (:func:`read_isles_case`; ``adc`` optional): the
+    DWI brain box grown by ``settings["margin"]`` voxels, resampled to
+    ``settings["target_shape"]`` and z-scored (:func:`isles_arrays`). Returns a Case of ``dwi``
+    (and ``adc``) float32 on that grid, the label resampled nearest-neighbour (None stays None),
+    and ``meta`` ``bbox`` (3, 2) [start, stop), ``cropped_shape`` and ``lesion_ml`` (native)."""
+    target_shape, margin = isles_settings(settings, "preprocessing settings")
+    arrays = isles_arrays(case, target_shape, margin)
+    native = case.image("dwi")
+    grid = crop_affine(native.affine, arrays["bbox"], target_shape)
+    images = {key: Image(arrays[key], grid, path=native.path) for key in ("dwi", "adc") if key in arrays}
+    label = Image(arrays["mask"], grid, path=native.path) if "mask" in arrays else None
+    meta = {"bbox": arrays["bbox"], "cropped_shape": tuple(int(s) for s in arrays["cropped_shape"])}
+    if "lesion_ml" in arrays:
+        meta["lesion_ml"] = float(arrays["lesion_ml"])
+    return case.replace(images=images, label=label, meta=meta)
+
+
+def isles_settings(settings: Mapping[str, Any], where: object) -> tuple[tuple[int, int, int], int]:
+    """target_shape (3 positive voxel counts) and margin (voxels >= 0) from recorded ISLES
+    preprocessing settings; :class:`ValueError` naming ``where`` when they are missing or wrong."""
+    shape, margin = settings.get("target_shape"), settings.get("margin")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"{where}: preprocessing.target_shape must be 3 positive ints, got {shape!r}")
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"{where}: preprocessing.margin must be an int >= 0, got {margin!r}")
+    return tuple(shape), margin  # type: ignore[return-value]
+
+
+def read_isles_root(root: Path) -> list[Case]:
+    """ISLES 2022's ``reader``: :func:`discover_isles_cases` under ``root`` (layout A or B)."""
+    return discover_isles_cases(root)
 
 
 ISLES2022 = register_dataset(DatasetSpec(
@@ -401,7 +427,6 @@ ISLES2022 = register_dataset(DatasetSpec(
     preset="isles22",
     table_layout="strategy",
     whole_brain=False,  # cropped to the DWI brain bounding box
-    stage="isles",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape", "margin")),
     load_eval_case=load_isles_case,
@@ -411,4 +436,10 @@ ISLES2022 = register_dataset(DatasetSpec(
     # The challenge's DWI is the b=1000 trace image; its ADC maps hold 10^-3 mm²/s-like values
     # (brain median about 0.8-0.9).
     acquisition=(("dwi_b_value", 1000.0), ("adc_unit", 1e-3)),
+    modalities=(("dwi", "**/*_dwi.nii*"), ("adc", "**/*_adc.nii*")),
+    label_pattern="derivatives/**/*_msk.nii*",
+    reader=read_isles_root,
+    prepare=prepare_isles_case,
+    scoring_grid="native",
+    validate_settings=isles_settings,
 ))

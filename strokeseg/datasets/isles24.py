@@ -25,11 +25,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..core.case import LABEL, Case, Image
-from ..core.geometry import (
-    as_binary_mask, clip_between, clip_percentile, crop, foreground_bbox, rescale_affine, resample_to_shape, zscore,
-)
-from ..core.io import CaseError, check_same_grid, glob_regex, load_image, load_nifti, walk_files
-from .isles import load_isles_case
+from ..core.geometry import clip_between, clip_percentile, crop, crop_affine, foreground_bbox, resample_to_shape, zscore
+from ..core.io import CaseError, glob_regex, walk_files
+from .isles import isles_settings, load_isles_case
 from .registry import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 
 __all__ = [
@@ -38,7 +36,6 @@ __all__ = [
     "NCCT_WINDOW_HU",
     "PERFUSION_CLIP_PERCENTILE",
     "read_isles24_cases",
-    "load_isles24_case",
     "brain_region",
     "window",
     "prepare_isles24",
@@ -97,26 +94,6 @@ def _case(files: Mapping[str, list[Path]]) -> Case:
     return Case(case_id, sources=sources, meta=meta)
 
 
-def load_isles24_case(case: Case, require_label: bool = True) -> Case:
-    """Read the images of :data:`INPUT_KEYS` (float32, NCCT in HU, maps in their units) and the
-    label (uint8 {0,1}; read when present, required with ``require_label``) of an unread case.
-
-    Raises :class:`CaseError` naming the file for a discovery problem, a missing file, an
-    unreadable, non-3-D, non-finite or constant image, a grid (shape, affine within 1e-3 mm)
-    other than the NCCT's, or label values other than 0/1."""
-    if case.problem:
-        raise CaseError(case.problem)
-    missing = [key for key in INPUT_KEYS + ((LABEL,) if require_label else ()) if case.source(key) is None]
-    if missing:
-        raise CaseError(f"{case.case_id}: no {', '.join(missing)} file found (see the ISLES 2024 layout in SPEC.md)")
-    images = {key: load_image(case.source(key)) for key in INPUT_KEYS}
-    label = load_nifti(case.source(LABEL), dtype=None) if case.source(LABEL) is not None else None
-    check_same_grid(images["ncct"], "NCCT", [*list(images.values())[1:], *([label] if label is not None else [])])
-    if label is not None:
-        label = Image(as_binary_mask(label.data, label.path), label.affine, label.zooms, label.path)
-    return case.replace(images=images, label=label)
-
-
 def brain_region(case: Case) -> np.ndarray:
     """Bool (X, Y, Z): voxels where any perfusion map of a read case is non-zero."""
     return np.any([case.image(key).data != 0 for key in PERFUSION_KEYS], axis=0)
@@ -132,41 +109,32 @@ def window(key: str, volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
 
 def prepare_isles24(case: Case, settings: Mapping[str, Any]) -> Case:
-    """A native case (read here with :func:`load_isles24_case` when the reader's case is not
-    read yet; the label is optional) -> the network input: each of :data:`INPUT_KEYS` windowed
+    """A read native case (:func:`strokeseg.core.case_io.read_images` of :data:`INPUT_KEYS`; the
+    label optional) -> the network input: each of :data:`INPUT_KEYS` windowed
     (:func:`window`), cropped to the brain's box grown by ``settings["margin"]`` voxels,
     resampled to ``settings["target_shape"]`` (trilinear; the label nearest neighbour) and
     z-scored over the resampled brain (0 outside it), float32.
 
-    The result's affine is the network grid's; ``meta`` holds ``bbox`` int64 (3, 2) [start,
-    stop) native voxels, ``cropped_shape``/``original_shape`` int64 (3,), ``original_affine``
-    (4, 4), ``spacing`` (3,) mm of the native grid, ``native`` (the read native case) and
-    ``brain`` (bool, native grid), and with a label ``lesion_ml`` (native volume, ml) and
-    ``original_mask`` (uint8, native grid). Raises :class:`CaseError` for a case whose perfusion
-    maps are empty, and as :func:`load_isles24_case`."""
-    case = case if case.images else load_isles24_case(case, require_label=False)
-    target_shape = tuple(int(n) for n in settings["target_shape"])
+    The result's images carry the network grid's affine; ``meta`` holds ``bbox`` int64 (3, 2)
+    [start, stop) native voxels, ``cropped_shape`` (voxels), ``brain`` (bool, native grid: where
+    the stage summarises intensities) and with a label ``lesion_ml`` (native volume, ml). Raises
+    ValueError for settings other than :func:`strokeseg.datasets.isles.isles_settings` accepts and
+    :class:`CaseError` for a case whose perfusion maps are empty."""
+    target_shape, margin = isles_settings(settings, "preprocessing settings")
     native = case.image("ncct")
     brain = brain_region(case)
-    bbox = foreground_bbox(brain, int(settings["margin"]), path=case.source("tmax") or case.case_id)
-    cropped_shape = bbox[:, 1] - bbox[:, 0]
-    box_affine = native.affine.copy()
-    box_affine[:3, 3] = native.affine[:3, :3] @ bbox[:, 0] + native.affine[:3, 3]
-    affine = rescale_affine(box_affine, tuple(cropped_shape), target_shape)
+    bbox = foreground_bbox(brain, margin, path=case.source("tmax") or case.case_id)
+    affine = crop_affine(native.affine, bbox, target_shape)
     net_brain = resample_to_shape(crop(brain, bbox), target_shape, is_label=True)
     images = {
         key: Image(zscore(resample_to_shape(crop(window(key, case.image(key).data, brain), bbox), target_shape, is_label=False), net_brain), affine)
         for key in INPUT_KEYS
     }
-    meta: dict[str, Any] = {
-        "bbox": bbox, "cropped_shape": cropped_shape, "original_shape": np.array(native.shape, dtype=np.int64),
-        "original_affine": native.affine, "spacing": np.array(native.zooms, dtype=np.float64), "native": case, "brain": brain,
-    }
+    meta: dict[str, Any] = {"bbox": bbox, "cropped_shape": tuple(int(n) for n in bbox[:, 1] - bbox[:, 0]), "brain": brain}
     label = None
     if case.label is not None:
-        mask = case.label.data
-        label = Image(resample_to_shape(crop(mask, bbox), target_shape, is_label=True), affine)
-        meta.update(lesion_ml=np.float64(float(mask.sum()) * native.voxel_volume_ml), original_mask=mask)
+        label = Image(resample_to_shape(crop(case.label.data, bbox), target_shape, is_label=True), affine)
+        meta["lesion_ml"] = float(case.label.data.sum()) * native.voxel_volume_ml
     return case.replace(images=images, label=label, meta=meta)
 
 
@@ -179,7 +147,6 @@ ISLES2024 = register_dataset(DatasetSpec(
     preset="isles24",
     table_layout="strategy",
     whole_brain=False,  # cropped to the brain's bounding box
-    stage="isles",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape", "margin")),
     load_eval_case=load_isles_case,  # the ISLES .npz contract: inputs on the crop, reference native
@@ -188,5 +155,6 @@ ISLES2024 = register_dataset(DatasetSpec(
     label_pattern=LABEL_PATTERN,
     reader=read_isles24_cases,
     prepare=prepare_isles24,
+    validate_settings=isles_settings,
     scoring_grid="native",
 ))
