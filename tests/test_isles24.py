@@ -190,9 +190,11 @@ def chain(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(chain: Path, name: str, modalities: str, *flags: str) -> Path:
+    """One tiny fold-0 run (group norm: batch norm at batch size 2 and a 1-voxel bottleneck
+    barely learns in 8 epochs)."""
     run = chain / name
     argv = ["--dataset", "ISLES2024", "--isles-dir", str(chain / "train"), "--output-dir", str(run), "--modalities", modalities,
-            "--width", "4", "--patch-size", "32", "--epochs", "8", "--lr", "1e-2", "--augment", "off", "--batch-size", "2", "--workers", "0", "--fold", "0", *flags]
+            "--width", "4", "--norm", "group", "--patch-size", "32", "--epochs", "8", "--lr", "1e-2", "--augment", "off", "--batch-size", "2", "--workers", "0", "--fold", "0", *flags]
     assert train_isles_resnet18.main(argv) == 0
     return run
 
@@ -208,9 +210,9 @@ def _trivial_dice(chain: Path, case_ids: list[str]) -> float:
 
 def _assert_learned(chain: Path, run: Path) -> None:
     with open(run / "fold_0" / "history.csv") as f:
-        best = max(float(row["val_dice"]) for row in csv.DictReader(f))
+        dice = [float(row["val_dice"]) for row in csv.DictReader(f)]
     val = read_json(chain / "train" / "isles2024_splits_5fold.json")["fold_0"]["ISLES2024"]["val"]
-    assert best > _trivial_dice(chain, val), (best, val)
+    assert max(dice) > _trivial_dice(chain, val) and dice[-1] > dice[0], (dice, val)
 
 
 def test_preprocessing_writes_the_isles_contract_for_isles2024(chain: Path) -> None:
@@ -238,7 +240,7 @@ def test_train_shared_learns(chain: Path, shared_run: Path) -> None:
 def test_train_separate_and_the_third_network_learn(chain: Path) -> None:
     # two perfusion maps keep these runs small; separate infers with its first (Tmax) network
     _assert_learned(chain, _train(chain, "separate", "tmax,cbf", "--strategy", "separate"))
-    _assert_learned(chain, _train(chain, "resenc", "tmax,cbf", "--strategy", "shared", "--arch", "resenc_unet", "--norm", "group"))
+    _assert_learned(chain, _train(chain, "resenc", "tmax,cbf", "--strategy", "shared", "--arch", "resenc_unet"))
 
 
 def test_evaluate_scores_on_the_native_ncct_grid_with_the_isles24_preset(chain: Path, shared_run: Path) -> None:
