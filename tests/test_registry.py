@@ -126,7 +126,7 @@ def test_flags_of_another_architecture_are_usage_errors(toy_arch, foundation: Pa
         train_stroke.main(["--dataset", "ATLAS", "--data-dir", str(foundation), "--arch", "toynet", "--layers", "2", "--output-dir", str(tmp_path / "r")])
     assert info.value.code == 2
     assert "--layers: not a flag of toynet (its model flags: --width, --norm, --kernel)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown architecture 'vnet'; known: resnet18, uctransnet3d, toynet"):
+    with pytest.raises(ValueError, match="unknown architecture 'vnet'; known: resnet18, uctransnet3d, resenc_unet, toynet"):
         training.model_config_from_args("vnet", {}, in_channels=1)
 
 
@@ -150,7 +150,7 @@ def test_toy_dataset_trains_and_evaluates_through_the_scripts(toy_dataset, found
 def test_dataset_lookup_errors(toy_dataset) -> None:
     with pytest.raises(ValueError, match="unknown dataset 'MYCOHORT'; known: ") as info:
         dataset_spec("MYCOHORT")
-    assert sorted(str(info.value).split("known: ")[1].split(", ")) == ["ATLAS", "BraTS2024", "ISLES2022", "TOY", "UOA_Private"]
+    assert sorted(str(info.value).split("known: ")[1].split(", ")) == ["ATLAS", "BraTS2024", "ISLES2022", "ISLES2024", "TOY", "UOA_Private"]
     with pytest.raises(ValueError, match="already registered"):
         register_dataset(toy_dataset)
     assert dataset_spec("BraTS2024").load_eval_case is None and dataset_spec("ATLAS").whole_brain
