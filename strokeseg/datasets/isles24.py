@@ -126,10 +126,10 @@ def prepare_isles24(case: Case, settings: Mapping[str, Any]) -> Case:
     bbox = foreground_bbox(brain, margin, path=case.source("tmax") or case.case_id)
     affine = crop_affine(native.affine, bbox, target_shape)
     net_brain = resample_to_shape(crop(brain, bbox), target_shape, is_label=True)
-    images = {
-        key: Image(zscore(resample_to_shape(crop(window(key, case.image(key).data, brain), bbox), target_shape, is_label=False), net_brain), affine)
-        for key in INPUT_KEYS
-    }
+    images = {}
+    for key in INPUT_KEYS:
+        windowed = crop(window(key, case.image(key).data, brain), bbox)
+        images[key] = Image(zscore(resample_to_shape(windowed, target_shape, is_label=False), net_brain), affine)
     meta: dict[str, Any] = {"bbox": bbox, "cropped_shape": tuple(int(n) for n in bbox[:, 1] - bbox[:, 0]), "brain": brain}
     label = None
     if case.label is not None:
