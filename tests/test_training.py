@@ -565,3 +565,24 @@ def test_requeue_wrapper_forwards_the_warning_and_requeues(tmp_path):
     process.communicate(timeout=30)
     assert process.returncode == 0
     assert (tmp_path / "called").read_text().strip() == "requeue 4242"
+
+
+def test_third_network_pretrains_on_brats_and_transfers_to_stroke_and_isles_strategy(data, tmp_path):
+    """resenc_unet through all three scripts: BraTS pretraining, the stroke transfer and scratch
+    arms, and an ISLES strategy started from the BraTS encoder (one branch into both)."""
+    tiny = ["--arch", "resenc_unet", "--width", "4", "--stages", "3", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "1"]
+    assert train_brats_uctransnet3d.main(["--brats-dir", str(data / "brats"), "--output-dir", str(tmp_path / "brats"), "--patches-per-volume", "1", *tiny]) == 0
+    brats = tmp_path / "brats" / "fold_0" / "best_model.pth"
+    assert models.load_checkpoint(brats)["model_config"]["arch"] == "resenc_unet"
+    stroke = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--patches-per-volume", "1", *tiny]
+    assert train_stroke.main(stroke + ["--output-dir", str(tmp_path / "scratch")]) == 0
+    assert train_stroke.main(stroke + ["--output-dir", str(tmp_path / "transfer"), "--pretrain-ckpt", str(brats)]) == 0
+    init = models.load_checkpoint(tmp_path / "transfer" / "fold_0" / "last.pth")["init"]
+    assert init["label"] == "transfer" and init["scope"] == "encoder" and 0 < init["parameters_transferred"] < init["parameters_total"]
+    isles = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "isles"), "--strategy", "separate", "--init", "brats"]
+    assert train_isles_resnet18.main(isles + ["--pretrain-ckpt", str(brats), "--patches-per-volume", "1", *tiny]) == 0
+    model, last = models.model_from_checkpoint(tmp_path / "isles" / "fold_0" / "last.pth")
+    assert last["model_config"]["variant"] == "separate" and "copied" in last["init"]["transfer"]
+    assert last["data_contract"]["input_keys"] == ["dwi", "adc"] and len(model.encoders) == 2
+    with torch.no_grad():
+        assert models.foreground_probability(model.eval(), torch.zeros(1, 2, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
