@@ -11,12 +11,7 @@ from models import ResEncUNetConfig, build_model, count_parameters, model_from_c
 TINY = {"arch": "resenc_unet", "width": 4, "stages": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

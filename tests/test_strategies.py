@@ -7,24 +7,16 @@ import csv
 import hashlib
 from dataclasses import fields
 
-import numpy as np
 import pytest
 import torch
 
 import models
 import train_isles_resnet18
 from models.strategies import STRATEGIES, resolve_in_channels
-from strokeseg.core.io import read_json, save_npz, write_json
-from strokeseg.datasets.splits import make_splits
+from strokeseg.core.io import read_json
 from strokeseg.training.losses import DiceCELoss, multi_head_loss
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (a busy 2-core machine: spinning OpenMP threads slow tiny steps down)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # tiny config per network that offers the strategies (its config has a 'variant' field)
@@ -122,21 +114,9 @@ def test_gradients_reach_every_parameter_of_the_shared_third_network():
 
 
 @pytest.fixture(scope="module")
-def tiny_isles(tmp_path_factory: pytest.TempPathFactory):
+def tiny_isles(tmp_path_factory: pytest.TempPathFactory, make_sphere_isles):
     """Six 16³ cases in the ISLES training format: a bright DWI / dark ADC sphere in noise."""
-    root = tmp_path_factory.mktemp("tiny_isles")
-    rng = np.random.default_rng(0)
-    grid = np.indices((16, 16, 16))
-    volumes = {}
-    for i in range(6):
-        centre, radius = rng.integers(6, 10, 3), rng.integers(3, 6)
-        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
-        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
-        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
-        save_npz(root / f"case{i}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
-        volumes[f"case{i}"] = float(mask.sum())
-    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
-    return root
+    return make_sphere_isles(tmp_path_factory.mktemp("tiny_isles"), 6, 16)
 
 
 @pytest.mark.parametrize("strategy,modalities", [("dwi_only", None), ("separate", "dwi_adc"), ("shared", None)])

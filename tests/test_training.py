@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import extract_patches_96x96x96
 import models
+import predict
 import preprocess_brats2024_t2flair
 import preprocess_stroke_foundation
 import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg.core.io import read_json, save_npz, write_json
+from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets import synthetic
-from strokeseg.datasets.splits import make_splits
 from strokeseg.core.metrics import dice as dice_score
 from strokeseg.training import engine as training
 from strokeseg.training.data import find_case_files, load_case_volume
@@ -76,21 +77,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def easy_isles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def easy_isles(tmp_path_factory: pytest.TempPathFactory, make_sphere_isles) -> Path:
     """An easy set in the ISLES training format: a bright sphere (radius 6-9) in noise, 32³."""
-    root = tmp_path_factory.mktemp("easy_isles")
-    rng = np.random.default_rng(0)
-    grid = np.indices((32, 32, 32))
-    volumes = {}
-    for i in range(10):
-        centre, radius = rng.integers(10, 22, 3), rng.integers(6, 10)
-        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
-        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
-        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
-        save_npz(root / f"case{i:02d}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
-        volumes[f"case{i:02d}"] = float(mask.sum())
-    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
-    return root
+    return make_sphere_isles(tmp_path_factory.mktemp("easy_isles"), 10, 32)
 
 
 def _history(fold_dir: Path) -> list[dict]:
@@ -586,3 +575,11 @@ def test_third_network_pretrains_on_brats_and_transfers_to_stroke_and_isles_stra
     assert last["data_contract"]["input_keys"] == ["dwi", "adc"] and len(model.encoders) == 2
     with torch.no_grad():
         assert models.foreground_probability(model.eval(), torch.zeros(1, 2, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+    # it evaluates and predicts like the other networks (nothing there names an architecture)
+    scores = tmp_path / "scores"
+    assert evaluate.main(["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--split", "val", "--run", f"resenc={tmp_path / 'transfer'}",
+                          "--output-dir", str(scores)]) == 0
+    assert any(scores.rglob("*.csv"))
+    predicted = tmp_path / "predicted"
+    assert predict.main(["--input", str(data / "isles_raw"), "--run", str(tmp_path / "isles"), "--output-dir", str(predicted)]) == 0
+    assert any(predicted.rglob("*_desc-lesion_mask.nii.gz"))
