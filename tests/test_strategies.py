@@ -123,15 +123,15 @@ def tiny_isles(tmp_path_factory: pytest.TempPathFactory, make_sphere_isles):
 def test_third_network_learns_every_strategy(tiny_isles, tmp_path, strategy, modalities):
     out = tmp_path / strategy
     argv = ["--isles-dir", str(tiny_isles), "--output-dir", str(out), "--arch", "resenc_unet", "--strategy", strategy]
-    argv += ["--width", "4", "--stages", "3", "--patch-size", "16", "--batch-size", "2", "--workers", "0", "--epochs", "3"]
-    argv += ["--lr", "1e-2", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "0", "--val-every", "3"]
+    argv += ["--width", "4", "--stages", "3", "--patch-size", "16", "--batch-size", "2", "--workers", "0", "--epochs", "6", "--patches-per-volume", "2"]
+    argv += ["--lr", "1e-2", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "0", "--val-every", "6"]
     argv += ["--modalities", modalities] if modalities else []
     assert train_isles_resnet18.main(argv) == 0
     with open(out / "fold_0" / "history.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(row["train_loss"]) for row in rows]
-    assert losses[-1] < losses[0] - 0.02, losses  # the loss drops
-    assert float(rows[-1]["val_dice"]) > 0.3  # above the empty prediction's 0
+    assert losses[-1] < losses[0] - 0.05, losses  # the loss drops (seed 0: by 0.12 to 0.42)
+    assert float(rows[-1]["val_dice"]) > 0.5  # far above the empty prediction's 0 (seed 0: 0.75 to 0.97)
     model, best = models.model_from_checkpoint(out / "fold_0" / "best_model.pth")
     assert best["model_config"]["arch"] == "resenc_unet" and best["model_config"]["variant"] == strategy
     assert best["model_config"]["in_channels"] == (1 if strategy == "dwi_only" else 2)
