@@ -16,6 +16,7 @@ import models
 
 from ..core.io import CaseError, read_json
 from ..evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
+from ..training.patch_stage import patch_dir_name, patch_summary_name
 from .grid import PLACEHOLDER, validate_grid
 
 __all__ = ["FOLD", "FOLDERS", "REPO", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "input_problems", "is_complete",
@@ -296,7 +297,7 @@ def _patch_stages(config: Mapping[str, Any], foundation: Path, datasets: list[st
         size = int(spec["patch_size"])
         args = ["--input_dir", str(foundation), "--output_dir", str(foundation), "--datasets", *datasets, "--patch_size", str(size),
                 "--min_lesion_overlap", str(spec["min_lesion_overlap"]), *_extra(config, "extract_patches")]
-        summaries = [foundation / f"{d}_patches_{size}" / f"{d}_{size}_summary.json" for d in datasets]
+        summaries = [foundation / patch_dir_name(d, size) / patch_summary_name(d, size) for d in datasets]
         stage = _per_case(f"extract_patches_{size}", "extract_patches_96x96x96.py", args, res, summaries, ("preprocess_stroke_foundation",))
         if stages.setdefault(size, stage) != stage:
             raise ValueError(f"architectures share patch size {size} but differ in min_lesion_overlap")
