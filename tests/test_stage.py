@@ -3,6 +3,7 @@ skip outputs made with the same settings, other settings refused (or redone with
 outputs written atomically, --rebuild-splits' door check, one stage's problem not stopping the next."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_rebuild_splits_takes_the_cases_on_disk_and_lets_only_split_settings_cha
     out, calls = tmp_path / "out", []
     run_stage(_stage(out, values=(1, 3)), {})
     (out / "case5.npz").write_bytes((out / "case1.npz").read_bytes())  # a case fixed and added by hand
-    rebuilt = Stage(**{**_stage(out, splits_log=calls).__dict__, "settings": {"scale": 1, "seed": 7}})
+    rebuilt = dataclasses.replace(_stage(out, splits_log=calls), settings={"scale": 1, "seed": 7})
     assert run_stage(rebuilt, {}, rebuild_splits=True) == 0
     assert calls == [(["case1", "case3", "case5"], True, True)]
     assert read_json(out / SETTINGS_NAME)["seed"] == 7
