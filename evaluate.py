@@ -209,7 +209,7 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
 def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:
     """per_case.csv, lesions.csv and results.md (printed too) in ``--output-dir``; preset:
     :func:`strokeseg.evaluation.engine.preset_record`; scoring: :func:`strokeseg.evaluation.report.scoring_record`."""
-    write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    write_csv(args.output_dir / "per_case.csv", rows, ev.csv_columns())
     write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"

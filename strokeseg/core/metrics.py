@@ -23,7 +23,6 @@ __all__ = [
     "MetricInputs",
     "Metric",
     "METRICS",
-    "METRIC_NAMES",
     "label_components",
     "dice",
     "volume_difference",
@@ -328,7 +327,6 @@ METRICS: dict[str, Metric] = {
         Metric("precision", "Precision", "", 4, True, _voxel_precision, both_empty=1.0, pred_empty=0.0),
     )
 }
-METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, preset: str) -> dict:
@@ -336,7 +334,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
 
     pred, ref: boolean (X, Y, Z); voxel_volume_ml: ml per voxel. Components of P and G are
     labelled once and shared by every metric and detection (:class:`MetricInputs`). Returns a
-    JSON-able dict: the keys of :data:`METRIC_NAMES` (each :meth:`Metric.value`); "preset",
+    JSON-able dict: the keys of :data:`METRICS` (each :meth:`Metric.value`); "preset",
     "connectivity", "match_iou" (the preset's IoU for a lesion match, None: any overlap);
     "ref_volume_ml", "pred_volume_ml"; "n_ref_lesions", "n_pred_lesions"; "fp_lesions"
     (predicted components counted as false positives); "lesions": one dict per reference

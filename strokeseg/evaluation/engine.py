@@ -29,12 +29,12 @@ from ..core.runner import CaseResult, RunReport, get_logger, run_cases
 from ..datasets.registry import EvalCase, dataset_spec
 from ..datasets.splits import load_split
 from ..inference.fold_models import FoldModel, InferenceSettings, predict_probability
-from ..core.metrics import METRIC_NAMES, METRICS, PRESETS, case_metrics
+from ..core.metrics import METRICS, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
 from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
 
 __all__ = [
-    "CSV_COLUMNS",
+    "csv_columns",
     "LESION_COLUMNS",
     "CaseOutputs",
     "FigureSlices",
@@ -60,7 +60,14 @@ __all__ = [
 
 _ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
 _CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
-CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity", "match_iou")
+
+
+def csv_columns() -> tuple[str, ...]:
+    """Columns of per_case.csv: the row keys, every metric of :data:`strokeseg.core.metrics.METRICS`
+    in registry order, the case's counts and the preset."""
+    return (*_ROW_KEYS, *METRICS, *_CASE_KEYS, "preset", "connectivity", "match_iou")
+
+
 # lesions.csv: one row per reference lesion and scoring model (see strokeseg.core.metrics.case_metrics)
 LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
@@ -177,7 +184,7 @@ def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, thr
     if outputs.figures is not None and image is not None:
         z = axial_slice_index(case.reference, prediction)
         outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
-    row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[len(_ROW_KEYS):]}}
+    row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in csv_columns()[len(_ROW_KEYS):]}}
     return {**row, "lesions": metrics["lesions"]}
 
 
@@ -288,7 +295,7 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     fold_rows = [row for row in rows if row["fold"] != "ensemble"]
     if not fold_rows:
         raise ValueError("no case was scored")
-    metrics = [m for m in METRIC_NAMES if METRICS[m].primary or all(m in row for row in rows)]
+    metrics = [m for m in METRICS if METRICS[m].primary or all(m in row for row in rows)]
     ensemble_rows = [row for row in rows if row["fold"] == "ensemble"]
     source = ensemble_rows or fold_rows
     volumes = {"pred": case_values(source, "pred_volume_ml"), "ref": case_values(source, "ref_volume_ml")}

@@ -46,8 +46,6 @@ __all__ = [
     "write_figures",
 ]
 
-# The paper's ATLAS/UOA table: the metrics with a paper column, in its order.
-_ATLAS_METRICS = tuple(sorted((key for key, m in METRICS.items() if m.paper_column is not None), key=lambda key: METRICS[key].paper_column))
 PNG_MODES = ("none", "all", "best-median-worst")
 
 # Run-config values → the wording of the paper's ISLES table.
@@ -128,14 +126,15 @@ def atlas_table(dataset_name: str, runs: Sequence[Mapping]) -> str:
     words (Transfer / Scratch; the label when unknown). A Folds column is added when the runs use
     different fold sets (as in the paper's UCTransNet3D table)."""
     with_folds = len({tuple(sorted(run["folds"])) for run in runs}) > 1
+    columns = sorted((key for key, m in METRICS.items() if m.paper_column is not None), key=lambda key: METRICS[key].paper_column)
     header = ["Dataset", "Strategy"] + (["Folds"] if with_folds else [])
-    header += [METRICS[m].paper_header or METRICS[m].header for m in _ATLAS_METRICS]
+    header += [METRICS[m].paper_header or METRICS[m].header for m in columns]
     strategies = _distinct([(run["init"], tuple(sorted(run["folds"]))) for run in runs], runs)
     rows = []
     for name, run in zip(strategies, runs):
         summary = run["fold_summary"]
         row = [dataset_name, name] + ([_folds_text(run["folds"])] if with_folds else [])
-        row += [_cell(summary, m) for m in _ATLAS_METRICS]
+        row += [_cell(summary, m) for m in columns]
         rows.append(row)
     return markdown_table(header, rows)
 
