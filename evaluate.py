@@ -181,8 +181,9 @@ def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict],
 
 def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[dict]:
     """The --compare pairs on every metric of the preset (:func:`strokeseg.evaluation.engine.compare_runs`:
-    the primary and the secondary metrics, each a Holm family of its own), one log line each; one that cannot be computed (fewer than 5 paired cases, a run without scores)
-    is a WARNING, not a failure: results.md notes it."""
+    the primary and the secondary metrics, each a Holm family of its own), one log line each;
+    one that cannot be computed (fewer than 5 paired cases, a run without scores) is a WARNING,
+    not a failure: results.md notes it."""
     comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].report_metrics, args.bootstrap, args.seed)
     for comp in comparisons:
         if "error" in comp:

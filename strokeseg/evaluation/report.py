@@ -6,7 +6,8 @@ Tables take run summaries as built by :func:`strokeseg.evaluation.engine.describ
 "detection"). Paper-layout cells are "mean ± std" with the sample std (ddof=1) across the per-fold
 means, the paper's convention; "n/a" when undefined (one fold). Columns, headers, decimals and
 directions come from :data:`strokeseg.core.metrics.METRICS`: the paper's ATLAS/UOA table shows
-the entries with a ``paper_column``, the extended tables every metric in the preset's unit. Figures are drawn with the Agg canvas (no pyplot).
+the entries with a ``paper_column``, the extended tables every metric in the preset's unit.
+Figures are drawn with the Agg canvas (no pyplot).
 """
 from __future__ import annotations
 
