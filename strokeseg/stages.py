@@ -21,6 +21,9 @@ Example: the ISLES training of fold 0 from BraTS::
 """
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,12 +31,13 @@ from typing import Any, Callable, Mapping, Sequence
 from .core.io import CaseError, read_json
 from .datasets.registry import RUN_ARGS_NAME
 
-__all__ = ["FOLD", "RUN_ONLY", "REDO_FLAG", "BEST_CHECKPOINT", "Flag", "StageDecl", "STAGES", "with_fold"]
+__all__ = ["FOLD", "RUN_ONLY", "REDO_FLAG", "BEST_CHECKPOINT", "MISMATCH_EXIT", "Flag", "StageDecl", "STAGES", "with_fold", "main"]
 
 FOLD = "{fold}"  # stands for the fold in a per-fold stage's settings
 RUN_ONLY = {"--workers": 1, "--resume-if-exists": 0, "--overwrite": 0}  # flag -> values: how a task runs, not what it makes
 REDO_FLAG = "--overwrite"  # every stage script's flag to redo outputs made with other settings
 BEST_CHECKPOINT = "best_model.pth"  # a training stage's best model in <output-dir>/fold_<k>/
+MISMATCH_EXIT = 3  # ``python -m strokeseg.stages --check``: the stage's records disagree with the settings
 
 
 @dataclass(frozen=True)
@@ -202,3 +206,21 @@ DECLARATIONS = (
               "evaluation", _in("output_dir", "summary.json"), _in("output_dir", RUN_ARGS_NAME), "--output-dir"),
 )
 STAGES: dict[str, StageDecl] = {decl.script: decl for decl in DECLARATIONS}  # script file name -> its declaration
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m strokeseg.stages --check SCRIPT SETTINGS_JSON FOLD``: print how the records
+    of the declared stage SCRIPT disagree with SETTINGS_JSON (flag dest -> value) for FOLD
+    (``-`` for a stage that runs once), one line each; exit :data:`MISMATCH_EXIT` when they do,
+    0 when not. An emitted SLURM job runs it to redo such a task with ``--overwrite``."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--check", nargs=3, required=True, metavar=("SCRIPT", "SETTINGS_JSON", "FOLD"))
+    script, settings, fold = parser.parse_args(argv).check
+    problems = STAGES[script].mismatches(json.loads(settings), None if fold == "-" else int(fold))
+    for problem in problems:
+        print(problem)
+    return MISMATCH_EXIT if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,8 @@ def _grid(tmp_path: Path, isles: Path, atlas: Path, overlap: float = 0.01) -> Pa
     grid["compare"] = {"ATLAS": grid["compare"]["ATLAS"]}
     grid["architectures"]["resnet18"]["min_lesion_overlap"] = overlap
     grid["args"]["extract_patches"] = ["--max_patches", "3"]
+    for kind in ("preprocess", "extract_patches"):
+        grid["resources"][kind]["cpus"] = 1  # --workers 1: the cases in this process
     path = tmp_path / f"grid_{overlap}.json"
     path.write_text(json.dumps(grid))
     return path
@@ -139,3 +144,21 @@ def test_training_record_is_checked_per_fold_and_older_records_still_read(tmp_pa
     run_args.unlink()  # an older output folder without a run_args.json: the plan's record decides
     assert ablation.task_state(plan, train[1]) == "complete"
     assert FOLD in train[0].stage.decl.recorded(train[0].stage.settings)[0]
+
+
+def test_emitted_job_redoes_a_task_whose_stage_recorded_other_settings(tmp_path):
+    from test_ablation import _notes, _stage, _started_argv
+    settings = {"brats_dir": str(tmp_path / "brats"), "output_dir": str(tmp_path / "out"), "workers": 1}
+    stage = _stage("prep", tmp_path, decl=STAGES["preprocess_brats2024_t2flair.py"], settings=settings)
+    plan = ablation.Plan((stage,), tmp_path / "work", tmp_path / "grid.json")
+    script = ablation.emit_slurm(plan, tmp_path / "jobs", python=sys.executable)[0]
+    env = dict(os.environ, PYTHON=sys.executable)
+    first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "--overwrite" not in _started_argv(tmp_path, "prep"), first.stderr
+    assert ablation.task_state(plan, Task(stage, None)) == "complete"  # no run_args.json: the plan's record decides
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run_args.json").write_text(json.dumps({"argv": [], "args": {"brats_dir": str(tmp_path / "other"), "workers": 8}}))
+    assert ablation.task_state(plan, Task(stage, None)) == "stale"
+    redo = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0 and "settings changed" in redo.stdout, redo.stderr
+    assert _started_argv(tmp_path, "prep")[-1] == "--overwrite" and _notes(tmp_path, "done") == ["prep", "prep"]
