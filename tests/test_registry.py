@@ -126,7 +126,7 @@ def test_flags_of_another_architecture_are_usage_errors(toy_arch, foundation: Pa
         train_stroke.main(["--dataset", "ATLAS", "--data-dir", str(foundation), "--arch", "toynet", "--layers", "2", "--output-dir", str(tmp_path / "r")])
     assert info.value.code == 2
     assert "--layers: not a flag of toynet (its model flags: --width, --norm, --kernel)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown architecture 'vnet'; known: resnet18, uctransnet3d, toynet"):
+    with pytest.raises(ValueError, match="unknown architecture 'vnet'; known: resnet18, uctransnet3d, resenc_unet, toynet"):
         training.model_config_from_args("vnet", {}, in_channels=1)
 
 
