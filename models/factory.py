@@ -348,10 +348,11 @@ def load_pretrained(
 ) -> TransferReport:
     """Copy pretrained weights from a checkpoint into ``model`` (in place) and report what moved.
 
-    scope: 'encoder' (ResNet U-Net: the ResNet-18 encoder(s); UCTransNet3D: the CNN encoder,
-    not the channel transformer) or 'all' (every tensor). A 'separate' target gets the
-    pretrained encoder in both U-Nets; a 2-channel stem ('shared') is inflated from a
-    1-channel kernel (duplicated across input channels and halved). ``model_config`` is the
+    scope: 'encoder' (networks laid out by :mod:`models.strategies`, e.g. the ResNet U-Net and
+    the ResEnc U-Net: every ``encoders.<i>``; UCTransNet3D: the CNN encoder, not the channel
+    transformer) or 'all' (every tensor). A 'separate' target gets the pretrained encoder in
+    every branch; a multi-channel stem ('shared') is inflated from a 1-channel kernel
+    (duplicated across input channels and divided by their number). ``model_config`` is the
     target's config. Raises FileNotFoundError for a missing file and ValueError for a file
     that is not a checkpoint, a different arch, a different norm (BatchNorm vs GroupNorm), a
     different UCTransNet3D patch size, or any shape mismatch (key and both shapes named).

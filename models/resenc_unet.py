@@ -135,7 +135,10 @@ class UpLevel(nn.Module):
 
 
 class ResEncDecoder(nn.Module):
-    """Encoder features (see :class:`ResEncEncoder`) → logits (B, num_classes, X, Y, Z)."""
+    """Encoder features (see :class:`ResEncEncoder`) → logits (B, num_classes, X, Y, Z).
+
+    ``size`` (the input grid, the decoder contract of :mod:`models.strategies`) is the first
+    skip's grid here, which the last level already lands on."""
 
     def __init__(self, config: ResEncUNetConfig):
         super().__init__()

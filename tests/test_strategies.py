@@ -7,24 +7,16 @@ import csv
 import hashlib
 from dataclasses import fields
 
-import numpy as np
 import pytest
 import torch
 
 import models
 import train_isles_resnet18
 from models.strategies import STRATEGIES, resolve_in_channels
-from strokeseg.core.io import read_json, save_npz, write_json
-from strokeseg.datasets.splits import make_splits
+from strokeseg.core.io import read_json
 from strokeseg.training.losses import DiceCELoss, multi_head_loss
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (a busy 2-core machine: spinning OpenMP threads slow tiny steps down)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # tiny config per network that offers the strategies (its config has a 'variant' field)
@@ -122,36 +114,24 @@ def test_gradients_reach_every_parameter_of_the_shared_third_network():
 
 
 @pytest.fixture(scope="module")
-def tiny_isles(tmp_path_factory: pytest.TempPathFactory):
+def tiny_isles(tmp_path_factory: pytest.TempPathFactory, make_sphere_isles):
     """Six 16³ cases in the ISLES training format: a bright DWI / dark ADC sphere in noise."""
-    root = tmp_path_factory.mktemp("tiny_isles")
-    rng = np.random.default_rng(0)
-    grid = np.indices((16, 16, 16))
-    volumes = {}
-    for i in range(6):
-        centre, radius = rng.integers(6, 10, 3), rng.integers(3, 6)
-        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
-        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
-        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
-        save_npz(root / f"case{i}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
-        volumes[f"case{i}"] = float(mask.sum())
-    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
-    return root
+    return make_sphere_isles(tmp_path_factory.mktemp("tiny_isles"), 6, 16)
 
 
 @pytest.mark.parametrize("strategy,modalities", [("dwi_only", None), ("separate", "dwi_adc"), ("shared", None)])
 def test_third_network_learns_every_strategy(tiny_isles, tmp_path, strategy, modalities):
     out = tmp_path / strategy
     argv = ["--isles-dir", str(tiny_isles), "--output-dir", str(out), "--arch", "resenc_unet", "--strategy", strategy]
-    argv += ["--width", "4", "--stages", "3", "--patch-size", "16", "--batch-size", "2", "--workers", "0", "--epochs", "3"]
-    argv += ["--lr", "1e-2", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "0", "--val-every", "3"]
+    argv += ["--width", "4", "--stages", "3", "--patch-size", "16", "--batch-size", "2", "--workers", "0", "--epochs", "6", "--patches-per-volume", "2"]
+    argv += ["--lr", "1e-2", "--warmup-epochs", "0", "--schedule", "none", "--augment", "off", "--seed", "0", "--val-every", "6"]
     argv += ["--modalities", modalities] if modalities else []
     assert train_isles_resnet18.main(argv) == 0
     with open(out / "fold_0" / "history.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(row["train_loss"]) for row in rows]
-    assert losses[-1] < losses[0] - 0.02, losses  # the loss drops
-    assert float(rows[-1]["val_dice"]) > 0.3  # above the empty prediction's 0
+    assert losses[-1] < losses[0] - 0.05, losses  # the loss drops (seed 0: by 0.12 to 0.42)
+    assert float(rows[-1]["val_dice"]) > 0.5  # far above the empty prediction's 0 (seed 0: 0.75 to 0.97)
     model, best = models.model_from_checkpoint(out / "fold_0" / "best_model.pth")
     assert best["model_config"]["arch"] == "resenc_unet" and best["model_config"]["variant"] == strategy
     assert best["model_config"]["in_channels"] == (1 if strategy == "dwi_only" else 2)

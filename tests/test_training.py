@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import extract_patches_96x96x96
 import models
+import predict
 import preprocess_brats2024_t2flair
 import preprocess_stroke_foundation
 import preprocess_v2_isles
 import train_brats_uctransnet3d
 import train_isles_resnet18
 import train_stroke
-from strokeseg.core.io import read_json, save_npz, write_json
+from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets import synthetic
-from strokeseg.datasets.splits import make_splits
 from strokeseg.core.metrics import dice as dice_score
 from strokeseg.training import engine as training
 from strokeseg.training.data import find_case_files, load_case_volume
@@ -76,21 +77,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def easy_isles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def easy_isles(tmp_path_factory: pytest.TempPathFactory, make_sphere_isles) -> Path:
     """An easy set in the ISLES training format: a bright sphere (radius 6-9) in noise, 32³."""
-    root = tmp_path_factory.mktemp("easy_isles")
-    rng = np.random.default_rng(0)
-    grid = np.indices((32, 32, 32))
-    volumes = {}
-    for i in range(10):
-        centre, radius = rng.integers(10, 22, 3), rng.integers(6, 10)
-        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
-        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
-        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
-        save_npz(root / f"case{i:02d}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
-        volumes[f"case{i:02d}"] = float(mask.sum())
-    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
-    return root
+    return make_sphere_isles(tmp_path_factory.mktemp("easy_isles"), 10, 32)
 
 
 def _history(fold_dir: Path) -> list[dict]:
@@ -565,3 +554,32 @@ def test_requeue_wrapper_forwards_the_warning_and_requeues(tmp_path):
     process.communicate(timeout=30)
     assert process.returncode == 0
     assert (tmp_path / "called").read_text().strip() == "requeue 4242"
+
+
+def test_third_network_pretrains_on_brats_and_transfers_to_stroke_and_isles_strategy(data, tmp_path):
+    """resenc_unet through all three scripts: BraTS pretraining, the stroke transfer and scratch
+    arms, and an ISLES strategy started from the BraTS encoder (one branch into both)."""
+    tiny = ["--arch", "resenc_unet", "--width", "4", "--stages", "3", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "1"]
+    assert train_brats_uctransnet3d.main(["--brats-dir", str(data / "brats"), "--output-dir", str(tmp_path / "brats"), "--patches-per-volume", "1", *tiny]) == 0
+    brats = tmp_path / "brats" / "fold_0" / "best_model.pth"
+    assert models.load_checkpoint(brats)["model_config"]["arch"] == "resenc_unet"
+    stroke = ["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--patches-per-volume", "1", *tiny]
+    assert train_stroke.main(stroke + ["--output-dir", str(tmp_path / "scratch")]) == 0
+    assert train_stroke.main(stroke + ["--output-dir", str(tmp_path / "transfer"), "--pretrain-ckpt", str(brats)]) == 0
+    init = models.load_checkpoint(tmp_path / "transfer" / "fold_0" / "last.pth")["init"]
+    assert init["label"] == "transfer" and init["scope"] == "encoder" and 0 < init["parameters_transferred"] < init["parameters_total"]
+    isles = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path / "isles"), "--strategy", "separate", "--init", "brats"]
+    assert train_isles_resnet18.main(isles + ["--pretrain-ckpt", str(brats), "--patches-per-volume", "1", *tiny]) == 0
+    model, last = models.model_from_checkpoint(tmp_path / "isles" / "fold_0" / "last.pth")
+    assert last["model_config"]["variant"] == "separate" and "copied" in last["init"]["transfer"]
+    assert last["data_contract"]["input_keys"] == ["dwi", "adc"] and len(model.encoders) == 2
+    with torch.no_grad():
+        assert models.foreground_probability(model.eval(), torch.zeros(1, 2, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+    # it evaluates and predicts like the other networks (nothing there names an architecture)
+    scores = tmp_path / "scores"
+    assert evaluate.main(["--dataset", "ATLAS", "--data-dir", str(data / "foundation"), "--split", "val", "--run", f"resenc={tmp_path / 'transfer'}",
+                          "--output-dir", str(scores)]) == 0
+    assert any(scores.rglob("*.csv"))
+    predicted = tmp_path / "predicted"
+    assert predict.main(["--input", str(data / "isles_raw"), "--run", str(tmp_path / "isles"), "--output-dir", str(predicted)]) == 0
+    assert any(predicted.rglob("*_desc-lesion_mask.nii.gz"))

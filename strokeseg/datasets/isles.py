@@ -20,12 +20,10 @@ from ..core.geometry import as_binary_mask, crop, crop_affine, foreground_bbox, 
 from ..core.case import LABEL, Case, Image
 from ..core.case_io import read_images
 from ..core.io import CaseError, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
-from ..core.runner import (
-    CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
-)
-from .fingerprint import case_fingerprint, write_dataset_fingerprint
+from ..core.runner import CaseResult, add_run_arguments
+from .fingerprint import case_fingerprint
 from .registry import DatasetSpec, dataset_names, dataset_spec, register_dataset, same_folder, settings_from_run_args
-from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from .splits import add_rebuild_splits_argument
 
 __all__ = [
     "isles_case",
@@ -40,7 +38,6 @@ __all__ = [
     "isles_datasets",
     "add_isles_arguments",
     "IslesSettings",
-    "preprocess_isles",
     "load_isles_case",
     "ISLES2022",
     "TRAIN_KEYS",
@@ -214,7 +211,7 @@ def preprocess_isles_case(
     return CaseResult(case.case_id, "done", info=info)
 
 
-_NATIVE_KEYS = BBOX_KEYS[len(TRAIN_KEYS):]  # the native-space keys of preprocess_isles_WITH_BBOX.py
+NATIVE_KEYS = BBOX_KEYS[len(TRAIN_KEYS):]  # the native-space keys of preprocess_isles_WITH_BBOX.py
 
 
 def preprocess_prepared_case(
@@ -241,7 +238,7 @@ def preprocess_prepared_case(
         "bbox": bbox, "original_shape": np.array(grid.shape, dtype=np.int64), "cropped_shape": bbox[:, 1] - bbox[:, 0],
         "original_affine": grid.affine, "original_mask": mask, "spacing": np.array(grid.zooms, dtype=np.float64),
     }
-    save_npz(out_path, {**arrays, **({key: geometry[key] for key in _NATIVE_KEYS} if settings.with_bbox else {})})
+    save_npz(out_path, {**arrays, **({key: geometry[key] for key in NATIVE_KEYS} if settings.with_bbox else {})})
     brain = prepared.meta.get("brain", grid.data != 0)
     info = {
         "lesion_voxels_native": int(mask.sum()), "lesion_ml": float(lesion_ml), "original_shape": list(grid.shape), "spacing_mm": list(grid.zooms),
@@ -288,61 +285,6 @@ class IslesSettings:
         settings and the resolved dataset root (so ``ROOT`` and ``ROOT/derivatives`` agree)."""
         root = _dataset_root(Path(isles_dir)).resolve()
         return {"isles_dir": str(root), **asdict(self), "target_shape": list(self.target_shape)}
-
-
-def preprocess_isles(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
-    rebuild_splits: bool = False, dataset: str = "ISLES2022",
-) -> int:
-    """Discover and preprocess every case of ``dataset`` (a registered name) into ``output_dir``
-    (:func:`_preprocess_cases`), then write its splits file (ISLES 2022:
-    ``isles2022_splits_5fold.json``) over the cases with output (stratified by the native
-    lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages write the same file for the
-    same cases and seed; an existing file is kept unless ``overwrite``). With ``rebuild_splits``
-    nothing is preprocessed: the folds are dealt again from every case on disk (the folder's
-    recorded settings must match, except the splits' own). Returns the exit status: 1 when any
-    case failed or no splits could be written. Raises :class:`CaseError` for a missing or empty
-    ``isles_dir``, an unusable output folder, or a folder made with other settings."""
-    spec = dataset_spec(dataset)
-    if rebuild_splits:
-        case_ids, status = cases_to_rebuild(output_dir, settings.recorded(isles_dir)), 0
-    else:
-        case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args, spec)
-    volume = lambda case_id: lesion_volumes_ml(output_dir, [case_id])[case_id]  # noqa: E731
-    # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
-    splits = write_stage_splits(
-        output_dir / spec.splits_name, case_ids, volume, spec.name, settings.test_fraction, settings.seed,
-        overwrite or rebuild_splits, required=not settings.with_bbox,
-    )
-    return max(status, splits)
-
-
-def _preprocess_cases(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
-    spec: DatasetSpec,
-) -> tuple[list[str], int]:
-    """Every case of ``spec`` (found by its reader) into ``output_dir`` after the folder's
-    settings check; writes ``run_args.json`` and ``preprocessing_summary.json``. A DWI network's
-    cases are read with the diffusion door checks (:func:`preprocess_isles_case`), others through
-    :func:`preprocess_prepared_case`. Returns the ids with output and the exit status."""
-    log = get_logger()
-    cases = {case.case_id: case for case in spec.reader(isles_dir)}
-    prepare_output_dir(output_dir)
-    check_settings(output_dir, settings.recorded(isles_dir), overwrite)
-    write_run_args(output_dir, dict(run_args))
-    log.info(f"{len(cases)} {spec.display_name} cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
-    if "dwi" in spec.input_keys:
-        process = functools.partial(
-            preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
-            with_bbox=settings.with_bbox, overwrite=overwrite,
-        )
-    else:
-        process = functools.partial(preprocess_prepared_case, spec=spec, output_dir=output_dir, settings=settings, overwrite=overwrite)
-    report = run_cases(cases, process, workers=workers, desc="ISLES")
-    keys = (*spec.input_keys, *TRAIN_KEYS[2:], *(_NATIVE_KEYS if settings.with_bbox else ()))
-    status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": spec.name, "keys": list(keys)})
-    write_dataset_fingerprint(output_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
-    return report.with_output(), status
 
 
 def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]:
