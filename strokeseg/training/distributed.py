@@ -34,6 +34,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in the run: ``rank`` and ``world_size`` (1: not distributed), the
+    rank on its node (``local_rank``: its CUDA device index) and the torch ``device`` it uses."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -72,6 +75,7 @@ def setup_distributed(device: str) -> DistContext:
 
 
 def teardown_distributed() -> None:
+    """Leave the process group, if one was joined (any number of calls)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
