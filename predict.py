@@ -35,7 +35,7 @@ import torch
 from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
-from strokeseg.datasets.foundation import load_config
+from strokeseg.datasets.foundation import load_config, register_config_datasets
 from strokeseg.evaluation.engine import file_fingerprints
 from strokeseg.inference.fold_models import InferenceSettings, report_unfinished
 from strokeseg.inference import dicom, qc
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--mask", type=Path, help="reference lesion mask of the single case (optional: then it is scored)")
     source.add_argument("--pattern", help="T1w images under --input, a glob relative to it (default: the config's image_pattern of the model's dataset)")
     source.add_argument("--mask-pattern", help="reference masks under --input (default: the config's mask_pattern with no --pattern, else none)")
-    source.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.json whose dataset entry gives the T1w patterns (default: the repository's)")
+    source.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.json whose dataset entry gives the T1w patterns; its datasets are registered, so a model of a cohort it lists is known (default: the repository's)")
     parser.add_argument("--run", type=Path, action="append", required=True, help="training run folder or exported model folder with fold_<k>/best_model.pth; repeat to ensemble several")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for masks, tables, overlays, summary")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to use (default: every fold found)")
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     log = get_logger()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
+        register_config_datasets(args.config)  # a T1w cohort of that config.json is a dataset by its entry alone
         model_set = pr.load_model_set(args.run, args.folds, device)
         if not check_folds(model_set, args.allow_unfinished):
             return 2

@@ -13,8 +13,10 @@ it the network trains from scratch.
         --arch uctransnet3d --pretrain-ckpt runs/brats_uctransnet3d/fold_0/best_model.pth \\
         --output-dir runs/atlas_uctransnet3d_transfer --fold 0
 
-Patch size: 96 for resnet18, 64 for uctransnet3d (override with --patch-size; the patch folder
-of that size must exist). Writes <output-dir>/fold_<k>/{best_model.pth,last.pth,history.csv,
+Patch size: the dataset's (a config.json entry's ``patch_size``), else 96 for resnet18, 64 for
+uctransnet3d (override with --patch-size; the patch folder of that size must exist). A T1w cohort
+listed in config.json (the repository's, or the one named by ``STROKESEG_CONFIG``) is a
+``--dataset`` by its entry alone. Writes <output-dir>/fold_<k>/{best_model.pth,last.pth,history.csv,
 curves.png,run_args.json}; exit status 75 after a preemption save (rerun with --resume).
 """
 from __future__ import annotations
@@ -55,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_fold_mismatch_argument(parser)
     add_model_arguments(parser, "resnet18")
     add_training_arguments(parser, DEFAULTS)
+    chosen = dataset_spec(parser.parse_known_args(argv)[0].dataset)
+    if chosen.patch_size is not None:  # the dataset's default patch (a config.json entry's patch_size) before the architecture's
+        parser.set_defaults(patch_size=chosen.patch_size)
     args = parse_training_arguments(parser, argv)
     try:
         args.transfer_scope = resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)

@@ -55,7 +55,8 @@ import models  # noqa: E402
 from strokeseg.datasets.contract import contract_from_checkpoint  # noqa: E402
 from strokeseg.core.io import load_nifti, load_npz, one_line  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
-from strokeseg.datasets.foundation import PreprocessingConfig, normalise_foundation_case  # noqa: E402
+from strokeseg.core.case import Case  # noqa: E402
+from strokeseg.datasets.foundation import prepare_foundation_case  # noqa: E402
 from strokeseg.core.metrics import dice  # noqa: E402
 from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, crop_alignment, nonzero_box, sliding_window_inference  # noqa: E402
 
@@ -229,7 +230,7 @@ def brain_volume(shape: tuple[int, int, int], channels: int) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as folder:
         synthetic.make_uoa(folder, 1, seed=0, shape=shape)
         image = load_nifti(Path(folder) / "UOA001" / "UOA001_T1_FNIRT_MNI.nii.gz")
-    normalised = normalise_foundation_case(image, None, PreprocessingConfig(use_gpu=False), None).image
+    normalised = prepare_foundation_case(Case("UOA001", {"image": image}), {"use_gpu": False}).image("image").data
     return torch.from_numpy(np.ascontiguousarray(np.repeat(normalised[None], channels, axis=0)))
 
 

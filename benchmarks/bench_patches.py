@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from strokeseg.core.case import Case  # noqa: E402
 from strokeseg.core.io import load_npz, save_npz  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.foundation import DatasetConfig, PreprocessingConfig, discover_foundation_cases, preprocess_foundation_case  # noqa: E402
-from strokeseg.training.patches import PatchItem, case_rng, extract_case_patches, lesion_centers  # noqa: E402
+from strokeseg.training.patches import case_rng, extract_case_patches, lesion_centers, stored_case  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def _kind(path: Path) -> tuple[str, int]:
     return str(data["patch_kind"]), len(data["centers"])
 
 
-def _best_of(args: argparse.Namespace, root: Path, item: PatchItem) -> tuple[float, float, float]:
+def _best_of(args: argparse.Namespace, root: Path, item: Case) -> tuple[float, float, float]:
     """Best-of-``--repeats`` seconds: the per-case stage function, its I/O floor (load the same
     input .npz, write the same output arrays) and the centre sampling alone."""
     fulls, floors, samples = [], [], []
@@ -65,7 +66,7 @@ def _best_of(args: argparse.Namespace, root: Path, item: PatchItem) -> tuple[flo
         fulls.append(time.perf_counter() - start)
         out = load_npz(root / "patches" / f"{item.case_id}.npz")
         start = time.perf_counter()
-        lesion = load_npz(item.npz, keys=("image", "lesion_mask", "brain_mask"))["lesion_mask"]
+        lesion = load_npz(item.source("npz"), keys=("image", "lesion_mask", "brain_mask"))["lesion_mask"]
         save_npz(root / "floor.npz", out, compress=args.compress)
         floors.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         print(f"{'case':22s} {'kind':>8s} {'N':>3s} {'sample s':>9s} {'full s':>7s} {'floor s':>8s} {'ratio':>6s}")
         fulls, floors = [], []
         for npz in sorted(found.glob("*.npz")):
-            item = PatchItem(npz.stem, npz, found / f"{npz.stem}_metadata.json")
+            item = stored_case(npz.stem, npz, found / f"{npz.stem}_metadata.json")
             full, floor, sample = _best_of(args, root, item)
             fulls.append(full)
             floors.append(floor)

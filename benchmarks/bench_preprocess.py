@@ -114,7 +114,7 @@ def bench_atlas(root: Path, n: int, shape: tuple[int, int, int], seed: int, repe
     rows = []
     for case_id, item in discover_foundation_cases(dataset).items():
         full_fn = functools.partial(preprocess_foundation_case, item, out, settings, overwrite=True)
-        rows.append((case_id, *_best(full_fn, [item.image, item.mask], out / f"{case_id}.npz", root / "floor.npz", repeats)))
+        rows.append((case_id, *_best(full_fn, [item.source("image"), item.source("label")], out / f"{case_id}.npz", root / "floor.npz", repeats)))
     return rows
 
 

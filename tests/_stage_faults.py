@@ -6,12 +6,13 @@ import os
 import signal
 
 from strokeseg.core.runner import CaseResult
-from strokeseg.datasets.isles import IslesCase, preprocess_isles_case
+from strokeseg.core.case import Case
+from strokeseg.datasets.isles import preprocess_isles_case
 
 DOOMED = "sub-strokecase0003"
 
 
-def isles_case_killed_on_doomed(case: IslesCase, **kwargs) -> CaseResult:
+def isles_case_killed_on_doomed(case: Case, **kwargs) -> CaseResult:
     """:func:`preprocess_isles_case`, except that the worker process dies (SIGKILL, as from the
     out-of-memory killer) on case ``DOOMED``."""
     if case.case_id == DOOMED:

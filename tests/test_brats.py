@@ -30,8 +30,8 @@ def test_discovery_groups_visits_by_patient(synthetic_brats: Path) -> None:
         "BraTS-GLI-00005-100", "BraTS-GLI-00007-100", "BraTS-GLI-00007-101",
         "BraTS-GLI-00009-100", "BraTS-GLI-00011-100", "BraTS-GLI-00011-101",
     ]
-    assert [c.patient_id for c in cases] == ["00005", "00007", "00007", "00009", "00011", "00011"]
-    assert all(c.t2f.name.endswith("-t2f.nii.gz") and c.seg.name.endswith("-seg.nii.gz") for c in cases)
+    assert [c.meta["patient_id"] for c in cases] == ["00005", "00007", "00007", "00009", "00011", "00011"]
+    assert all(c.source("image").name.endswith("-t2f.nii.gz") and c.source("label").name.endswith("-seg.nii.gz") for c in cases)
 
 
 def test_discovery_is_case_insensitive_and_nested(synthetic_brats: Path, tmp_path: Path) -> None:
@@ -41,8 +41,8 @@ def test_discovery_is_case_insensitive_and_nested(synthetic_brats: Path, tmp_pat
     for kind in ("t2f", "seg"):
         shutil.copy(source / f"BraTS-GLI-00005-100-{kind}.nii.gz", target / f"BRATS-GLI-00005-100-{kind.upper()}.NII.GZ")
     (case,) = discover_brats_cases(tmp_path / "release")
-    assert case.case_id == "brats-gli-00005-100" and case.patient_id == "00005"
-    assert case.t2f.name == "BRATS-GLI-00005-100-T2F.NII.GZ" and case.seg is not None
+    assert case.case_id == "brats-gli-00005-100" and case.meta["patient_id"] == "00005"
+    assert case.source("image").name == "BRATS-GLI-00005-100-T2F.NII.GZ" and case.source("label") is not None
     with pytest.raises(CaseError, match="no BraTS-GLI-PPPPP-VVV case folders"):
         discover_brats_cases(tmp_path / "release" / "part1" / "brats-gli-00005-100")
 

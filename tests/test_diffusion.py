@@ -13,10 +13,11 @@ import pytest
 
 import predict
 from strokeseg.datasets.contract import contract_from_checkpoint
-from strokeseg.core.io import CaseError, NiftiVolume, read_json, save_nifti, write_json
+from strokeseg.core.case import Image
+from strokeseg.core.io import CaseError, read_json, save_nifti, write_json
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.inference.diffusion import (
-    DiffusionItem, adc_unit, check_dwi_adc, compute_adc, read_b_values, read_diffusion_case, select_dwi,
+    adc_unit, diffusion_case, check_dwi_adc, compute_adc, read_b_values, read_diffusion_case, select_dwi,
 )
 from test_predict import ISLES_SHAPE, _contract, _run_dir
 
@@ -34,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def sample(isles_sample_dir: Path) -> dict[str, NiftiVolume]:
+def sample(isles_sample_dir: Path) -> dict[str, Image]:
     from strokeseg.core.io import load_image
 
     return {kind: load_image(isles_sample_dir / f"{SAMPLE}_{kind}.nii.gz") for kind in ("dwi", "adc")}
@@ -113,11 +114,11 @@ def test_adc_median_of_no_unit_is_refused() -> None:
         adc_unit(40.0, Path("a.nii.gz"))
 
 
-def test_real_case_units_swaps_and_mislabelled_dwi(sample: dict[str, NiftiVolume]) -> None:
+def test_real_case_units_swaps_and_mislabelled_dwi(sample: dict[str, Image]) -> None:
     dwi, adc = sample["dwi"], sample["adc"]
     same, record = check_dwi_adc(dwi, adc, 1e-3)
     assert same is adc and record == {"AdcUnit": "10⁻³ mm²/s"}  # ISLES 2022 stores 10^-3 mm²/s
-    scaled = NiftiVolume(adc.data * 1000, adc.affine, adc.zooms, Path("scaled_adc.nii.gz"))
+    scaled = Image(adc.data * 1000, adc.affine, adc.zooms, Path("scaled_adc.nii.gz"))
     converted, record = check_dwi_adc(dwi, scaled, 1e-3)
     assert record == {"AdcUnit": "10⁻⁶ mm²/s", "AdcConvertedTo": "10⁻³ mm²/s"}
     assert np.allclose(converted.data, adc.data, rtol=1e-6)
@@ -129,24 +130,24 @@ def test_real_case_units_swaps_and_mislabelled_dwi(sample: dict[str, NiftiVolume
     assert check_dwi_adc(dwi, None, 1e-3) == (None, {})
 
 
-def test_four_d_dwi_without_adc_gives_the_computed_adc(sample: dict[str, NiftiVolume], tmp_path: Path) -> None:
+def test_four_d_dwi_without_adc_gives_the_computed_adc(sample: dict[str, Image], tmp_path: Path) -> None:
     """S0 = Sb exp(b ADC): the ADC computed from the 4-D series is the sample's own ADC map."""
     dwi, adc = sample["dwi"], sample["adc"]
     s0 = dwi.data * np.exp(1000.0 * adc.data * 1e-3)
     path = tmp_path / "p9_dwi.nii.gz"
     nib.save(nib.Nifti1Image(np.stack([s0, dwi.data, dwi.data], axis=3).astype(np.float32), dwi.affine), str(path))
     (tmp_path / "p9_dwi.bval").write_text("0 1000 1000")
-    volumes, record = read_diffusion_case(DiffusionItem("p9", path, None, None), True, ISLES)
-    assert np.allclose(volumes.dwi.data, dwi.data, rtol=1e-5)
+    volumes, record = read_diffusion_case(diffusion_case("p9", path, None, None), True, ISLES)
+    assert np.allclose(volumes.image("dwi").data, dwi.data, rtol=1e-5)
     inside = (dwi.data > 0) & (adc.data >= 0)  # computed ADC is never negative
-    assert np.allclose(volumes.adc.data[inside], adc.data[inside], atol=1e-4)
+    assert np.allclose(volumes.image("adc").data[inside], adc.data[inside], atol=1e-4)
     assert record["DwiVolumes"] == [1, 2] and record["DwiBValue"] == 1000.0 and "computed ln(S0/Sb)/b" in record["AdcSource"]
-    no_b0 = DiffusionItem("p9", path, None, None, dwi_volume=1)
+    no_b0 = diffusion_case("p9", path, None, None, dwi_volume=1)
     (tmp_path / "p9_dwi.bval").unlink()
     with pytest.raises(CaseError, match="no ADC map for p9 and no b=0 volume"):
         read_diffusion_case(no_b0, True, ISLES)
     volumes, record = read_diffusion_case(no_b0, False, ISLES)  # a DWI-only model needs no ADC
-    assert volumes.adc is None and record == {"DwiVolumes": [1], "DwiBValue": None}
+    assert "adc" not in volumes.images and record == {"DwiVolumes": [1], "DwiBValue": None}
 
 
 def test_old_contract_takes_the_acquisition_facts_of_its_dataset_spec() -> None:
@@ -184,7 +185,7 @@ def test_predict_swapped_inputs_fail_naming_both_files(isles_sample_dir: Path, r
     assert "look swapped" in failed["reason"] and all(str(p) in failed["reason"] for p in renamed)
 
 
-def test_predict_four_d_dwi_with_bval_and_no_adc(sample: dict[str, NiftiVolume], runs: dict[str, Path], tmp_path: Path) -> None:
+def test_predict_four_d_dwi_with_bval_and_no_adc(sample: dict[str, Image], runs: dict[str, Path], tmp_path: Path) -> None:
     dwi, adc = sample["dwi"], sample["adc"]
     s0 = dwi.data * np.exp(1000.0 * adc.data * 1e-3)
     folder = tmp_path / "patient07"

@@ -114,7 +114,7 @@ def test_perfect_crop_prediction_scores_high_on_native_grid(sample_eval: Path) -
     assert prediction.shape == (112, 112, 73) and prediction.dtype == bool
     assert metrics["dice"] >= 0.9
     assert metrics["connectivity"] == 26 and metrics["ref_voxels"] == 523
-    assert metrics["abs_volume_diff_ml"] == pytest.approx(metrics["abs_volume_diff_voxels"] * case.voxel_volume_ml)
+    assert metrics["abs_volume_diff_ml"] == pytest.approx(metrics["abs_volume_diff_voxels"] * case.label.voxel_volume_ml)
     _, empty = score_probability(np.zeros_like(perfect), case, "isles22")
     assert empty["dice"] == 0.0 and empty["pred_voxels"] == 0
 

@@ -12,12 +12,12 @@ import pytest
 from scipy import ndimage
 
 import preprocess_stroke_foundation
-from strokeseg.core.geometry import spacing_to_shape
+from strokeseg.core import geometry
+from strokeseg.core.geometry import brain_mask_from_image, spacing_to_shape
 from strokeseg.core.io import load_npz, read_json
 from strokeseg.datasets import foundation
 from strokeseg.datasets.foundation import (
     FOUNDATION_KEYS,
-    brain_mask_from_image,
     case_id_from_filename,
     load_config,
     parse_config,
@@ -217,14 +217,14 @@ def test_use_gpu_without_cuda_is_logged_once(synthetic_uoa: Path, tmp_path: Path
 
 @pytest.mark.parametrize("sparse_limit", [0.02, 0.0])  # 0.0: always the labelling fallback
 def test_hole_filling_equals_scipy_on_random_volumes(sparse_limit: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(foundation, "_SPARSE_HOLES_MAX_FRACTION", sparse_limit)
+    monkeypatch.setattr(geometry, "_SPARSE_HOLES_MAX_FRACTION", sparse_limit)
     rng = np.random.default_rng(5)
     for trial in range(200):
         shape = tuple(int(n) for n in rng.integers(1, 13, 3))
         volume = rng.random(shape) < rng.uniform(0.3, 0.95)
         if trial % 2:
             volume = ndimage.binary_dilation(volume)  # larger, nested holes
-        np.testing.assert_array_equal(foundation._fill_holes(volume), ndimage.binary_fill_holes(volume), err_msg=str(shape))
+        np.testing.assert_array_equal(geometry._fill_holes(volume), ndimage.binary_fill_holes(volume), err_msg=str(shape))
 
 
 def test_normalisation_of_a_fortran_ordered_volume_equals_the_c_ordered_one() -> None:

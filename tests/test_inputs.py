@@ -36,7 +36,7 @@ def _cases(found: dict) -> dict[str, dict[str, list[str]]]:
 
 def _items(root: Path, keys: tuple[str, ...] = ("dwi", "adc"), modalities: tuple = ()) -> dict:
     cases, _ = discover_cases(InputSpec(root, input_keys=keys, modalities=modalities), ISLES)
-    return {case_id: case.item for case_id, case in cases.items()}
+    return cases
 
 
 # --------------------------------------------------------------------------- item 1: any naming
@@ -50,7 +50,7 @@ def test_modality_globs_pair_a_flat_hospital_folder_ignoring_letter_case(tmp_pat
         "P002": {"dwi": ["P002_dwi.nii.gz"], "adc": ["p002_adc.nii.gz"]},
     }
     items = _items(root, modalities=tuple(globs.items()))
-    assert sorted(items) == ["P002", "patient01"] and items["P002"].adc == root / "p002_adc.nii.gz" and not items["P002"].problem
+    assert sorted(items) == ["P002", "patient01"] and items["P002"].source("adc") == root / "p002_adc.nii.gz" and not items["P002"].problem
 
 
 @pytest.mark.parametrize("pattern", ["*/DWI.nii.gz", "**/DWI.nii.gz"])
@@ -92,21 +92,21 @@ def test_bids_with_and_without_sessions_and_acquisition_entities(tmp_path: Path)
     }
     assert not standard
     cases, bids = discover_cases(InputSpec(root, input_keys=("dwi", "adc")), ISLES)
-    assert bids and cases["sub-01_acq-b1000"].out_stem == Path("sub-01/dwi/sub-01_acq-b1000")
+    assert bids and cases["sub-01_acq-b1000"].meta["out_stem"] == Path("sub-01/dwi/sub-01_acq-b1000")
 
 
 def test_isles_release_layouts_are_found_as_the_preprocessing_stage_finds_them(synthetic_isles_a: Path) -> None:
     found, standard = bids_cases(synthetic_isles_a, ISLES, ("dwi", "adc"))
     assert standard and len(found) == 6
     items = _items(synthetic_isles_a)
-    assert sorted(items) == [f"sub-strokecase{k:04d}" for k in range(1, 7)] and items["sub-strokecase0001"].root == synthetic_isles_a
+    assert sorted(items) == [f"sub-strokecase{k:04d}" for k in range(1, 7)] and items["sub-strokecase0001"].meta["root"] == synthetic_isles_a
 
 
 def test_nnunet_channels_in_contract_order(tmp_path: Path) -> None:
     root = _files(tmp_path, "imagesTs/case7_0000.nii.gz", "imagesTs/case7_0001.nii.gz", "imagesTs/case7_0002.nii.gz", "labelsTs/case7.nii.gz")
     assert _cases(nnunet_cases(root, ("dwi", "adc"))) == {"case7": {"dwi": ["case7_0000.nii.gz"], "adc": ["case7_0001.nii.gz"], "mask": ["case7.nii.gz"]}}
     items = _items(root, keys=("dwi",))  # a DWI-only model reads channel 0 only
-    assert items["case7"].dwi == root / "imagesTs" / "case7_0000.nii.gz" and items["case7"].adc is None
+    assert items["case7"].source("dwi") == root / "imagesTs" / "case7_0000.nii.gz" and items["case7"].source("adc") is None
 
 
 def test_two_inputs_with_one_case_id_are_refused_naming_both(tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def test_discovers_both_layouts_from_root_or_derivatives(isles_sample_dir: Path,
     for isles_dir in (isles_sample_dir, isles_sample_dir / "derivatives", root_a, root_a / "derivatives"):
         (case,) = discover_isles_cases(isles_dir)
         assert case.case_id == SUB
-        assert case.dwi.name.endswith("_dwi.nii.gz") and case.adc.name.endswith("_adc.nii.gz")
-        assert case.mask.name.endswith("_msk.nii.gz")
+        assert case.source("dwi").name.endswith("_dwi.nii.gz") and case.source("adc").name.endswith("_adc.nii.gz")
+        assert case.source("label").name.endswith("_msk.nii.gz")
 
 
 def test_no_isles_files_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from strokeseg.core import metrics
 from strokeseg.core.io import write_csv
 from strokeseg.core.metrics import METRICS, PRESETS, Metric, MetricInputs, case_metrics
-from strokeseg.datasets.registry import EvalCase
+from strokeseg.core.case import Case, Image
 from strokeseg.evaluation import engine as ev
 from strokeseg.evaluation import report
 from strokeseg.evaluation.statistics import holm
@@ -169,7 +169,7 @@ def test_a_registered_metric_reaches_csv_summaries_comparisons_and_tables(regist
 
 def test_score_probability_carries_every_registered_metric(registered: Metric) -> None:
     reference = _mask(A, B)
-    case = EvalCase("c0", {}, reference, np.eye(4), (1.0, 1.0, 1.0))
+    case = Case("c0", {}, Image(reference, np.eye(4), (1.0, 1.0, 1.0)))
     probability = _mask(A, B, C, D).astype(np.float32)
     prediction, scores = ev.score_probability(probability, case, "isles22")
     assert prediction.sum() == 4 and scores["fp_voxels"] == 2 and scores["precision"] == 0.5

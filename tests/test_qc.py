@@ -16,7 +16,8 @@ import predict
 import preprocess_isles_WITH_BBOX
 import preprocess_stroke_foundation
 from strokeseg.datasets.contract import DataContract, build_data_contract, contract_from_checkpoint
-from strokeseg.core.io import NiftiVolume, load_npz, read_json, write_json
+from strokeseg.core.case import Image
+from strokeseg.core.io import load_npz, read_json, write_json
 from strokeseg.core.runner import CaseResult, RunReport
 from strokeseg.datasets.fingerprint import FINGERPRINT_NAME, case_fingerprint
 from strokeseg.inference import qc
@@ -123,7 +124,7 @@ FINGERPRINT = {"spacing_mm": {"min": [1, 1, 2], "max": [1, 1, 4]}, "field_of_vie
 ])
 def test_case_flags(zooms: tuple, pixdim: tuple, lesion_voxels: int, expected: list[str]) -> None:
     data = np.ones((10, 10, 10), dtype=np.float32)
-    source = NiftiVolume(data, np.diag([*zooms, 1.0]), zooms, Path("img.nii.gz"))
+    source = Image(data, np.diag([*zooms, 1.0]), zooms, Path("img.nii.gz"))
     mask = np.zeros(data.shape, dtype=bool)
     mask[5, 5, 2:2 + lesion_voxels] = True
     flags = qc.case_flags(mask, source, pixdim, _contract(FINGERPRINT))
@@ -135,7 +136,7 @@ def test_case_flags(zooms: tuple, pixdim: tuple, lesion_voxels: int, expected: l
 def test_mask_outside_the_brain_is_flagged() -> None:
     data = np.zeros((10, 10, 10), dtype=np.float32)
     data[:5] = 1.0  # the brain: x < 5
-    source = NiftiVolume(data, np.eye(4), (1.0, 1.0, 1.0), Path("img.nii.gz"))
+    source = Image(data, np.eye(4), (1.0, 1.0, 1.0), Path("img.nii.gz"))
     mask = np.zeros(data.shape, dtype=bool)
     mask[3:7, 5, 5] = True  # half the voxels outside
     assert qc.case_flags(mask, source, (1, 1, 1), _contract(None)) == ["mask_outside_brain (50 % of mask voxels)"]

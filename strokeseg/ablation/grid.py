@@ -94,8 +94,8 @@ def _arms(grid: Mapping[str, Any]) -> dict[str, set[str]]:
     _pairs(isles.get("arms"), "isles.arms", (STRATEGIES, ISLES_INITS))
     datasets = _list(stroke.get("datasets"), "stroke.datasets")
     for i, name in enumerate(datasets):
-        if name not in dataset_names() or dataset_spec(name).stage != "foundation":
-            known = [n for n in dataset_names() if dataset_spec(n).stage == "foundation"]
+        if name not in dataset_names() or dataset_spec(name).brain_key is None:  # train_stroke.py's datasets
+            known = [n for n in dataset_names() if dataset_spec(n).brain_key is not None]
             _fail(f"stroke.datasets[{i}]", f"unknown stroke dataset {name!r} (known: {', '.join(known)})")
     if len(set(datasets)) != len(datasets):
         _fail("stroke.datasets", "a dataset appears twice")

@@ -19,17 +19,17 @@ import tempfile
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from .case import Image
+
 __all__ = [
     "write_csv",
     "CaseError",
-    "NiftiVolume",
     "atomic_path",
     "remove_stale_partials",
     "save_npz",
@@ -344,26 +344,7 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CaseError(f"{path}: unreadable JSON ({one_line(err)})") from err
 
 
-@dataclass(frozen=True)
-class NiftiVolume:
-    """A 3-D volume in array axis order (X, Y, Z).
-
-    data: float32 or the stored integer dtype (see :func:`load_nifti`); affine: (4, 4) float64
-    voxel-to-world (RAS, mm); zooms: (3,) voxel spacing in mm, array axis order.
-    """
-
-    data: np.ndarray
-    affine: np.ndarray
-    zooms: tuple[float, float, float]
-    path: Path
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        """Volume of one voxel in millilitres (product of zooms in mm / 1000)."""
-        return float(np.prod(self.zooms)) / 1000.0
-
-
-def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> NiftiVolume:
+def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> Image:
     """Load a 3-D NIfTI, checking it is readable, 3-D and finite.
 
     A trailing singleton 4th axis is dropped; a real 4-D series is an error. The data is cast
@@ -394,14 +375,14 @@ def load_nifti(path: str | os.PathLike, dtype: type | None = np.float32) -> Nift
         bad = int(np.size(data) - np.isfinite(data).sum())
         raise CaseError(f"{path}: {bad} NaN/Inf voxel(s)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64), zooms=zooms, path=path)
+    return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), zooms=zooms, path=path)
 
 
 # An image whose non-zero voxels are fewer than this fraction of the volume holds no usable anatomy.
 MIN_IMAGE_FOREGROUND = 0.001
 
 
-def check_image_content(volume: NiftiVolume) -> NiftiVolume:
+def check_image_content(volume: Image) -> Image:
     """Refuse an intensity image without content: constant (all zero included) or with fewer
     non-zero voxels than ``MIN_IMAGE_FOREGROUND`` of the volume. Returns ``volume``; raises
     :class:`CaseError` naming the file."""
@@ -415,7 +396,7 @@ def check_image_content(volume: NiftiVolume) -> NiftiVolume:
     return volume
 
 
-def load_image(path: str | os.PathLike) -> NiftiVolume:
+def load_image(path: str | os.PathLike) -> Image:
     """:func:`load_nifti` as float32, then :func:`check_image_content` (for intensity images,
     never masks: a lesion mask may be empty)."""
     return check_image_content(load_nifti(path))
@@ -495,7 +476,7 @@ def affines_match(a: np.ndarray, b: np.ndarray, atol: float = 1e-3) -> bool:
     return bool(np.allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0.0))
 
 
-def check_same_grid(reference: NiftiVolume, name: str, others: Sequence[NiftiVolume]) -> None:
+def check_same_grid(reference: Image, name: str, others: Sequence[Image]) -> None:
     """The door check of every preprocessing stage: each of ``others`` has the shape of
     ``reference`` (called ``name`` in messages, e.g. "DWI") and its affine within 1e-3 mm
     (qform/sform codes may differ). Raises :class:`CaseError` naming the other file."""

@@ -10,33 +10,33 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..core.geometry import as_label_map, resample_to_shape, zscore
+from ..core.case import LABEL, Case, Image
+from ..core.geometry import as_label_map, rescale_affine, resample_to_shape, zscore
 from ..core.io import CaseError, check_same_grid, load_image, load_nifti, save_npz
 from ..core.runner import CaseResult
 from .registry import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 
-__all__ = ["BratsCase", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "patient_id", "preprocess_brats_case"]
+__all__ = [
+    "brats_case", "BRATS_KEYS", "SEG_LABELS", "BRATS2024", "discover_brats_cases", "patient_id", "read_brats_case",
+    "prepare_brats_case", "preprocess_brats_case",
+]
 
 BRATS_KEYS = ("image", "mask")
 SEG_LABELS = (0, 1, 2, 3, 4)
 _CASE_DIR = re.compile(r"^BraTS-GLI-(\d{5})-(\d{3})$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class BratsCase:
-    """Paths of one BraTS visit. A missing file is None and a discovery problem (duplicate case
-    folder or file) is a one-line ``problem``; both are reported when the case is processed."""
-
-    case_id: str
-    patient_id: str
-    t2f: Path | None
-    seg: Path | None
-    problem: str = ""
+def brats_case(case_id: str, patient: str, t2f: Path | None, seg: Path | None, problem: str = "") -> Case:
+    """One BraTS visit found on disk, not read yet: ``sources`` ``image`` (the T2-FLAIR) and the
+    label (the seg file; None: not found); ``meta`` its ``patient_id`` and a one-line discovery
+    ``problem`` (duplicate case folder or file), reported when the case is processed."""
+    meta = {"patient_id": patient, **({"problem": problem} if problem else {})}
+    return Case(case_id, sources={"image": t2f, LABEL: seg}, meta=meta)
 
 
 def _find_files(case_dir: Path, suffix: str) -> list[Path]:
@@ -53,33 +53,33 @@ def patient_id(case_id: str) -> str:
     return match.group(1)
 
 
-def _case_from_dir(case_dir: Path) -> BratsCase:
+def _case_from_dir(case_dir: Path) -> Case:
     patient = patient_id(case_dir.name)
     t2f, seg = _find_files(case_dir, "t2f"), _find_files(case_dir, "seg")
     problem = ""
     for kind, hits in (("t2f", t2f), ("seg", seg)):
         if len(hits) > 1:
             problem = f"{case_dir}: several {kind} files: {[p.name for p in hits]}"
-    return BratsCase(case_dir.name, patient, t2f[0] if t2f else None, seg[0] if seg else None, problem)
+    return brats_case(case_dir.name, patient, t2f[0] if t2f else None, seg[0] if seg else None, problem)
 
 
-def discover_brats_cases(brats_dir: str | Path) -> list[BratsCase]:
+def discover_brats_cases(brats_dir: str | Path) -> list[Case]:
     """Find every ``BraTS-GLI-PPPPP-VVV`` folder under ``brats_dir`` (at any depth).
 
-    Returns cases sorted by id, with ``patient_id`` = the 5 digits. A case folder found twice
+    Returns cases (:func:`brats_case`) sorted by id, ``meta["patient_id"]`` the 5 digits. A case folder found twice
     becomes one case carrying a ``problem``. Raises :class:`CaseError` when the folder is missing
     or holds no case folder.
     """
     root = Path(brats_dir)
     if not root.is_dir():
         raise CaseError(f"{root}: BraTS folder not found")
-    cases: dict[str, BratsCase] = {}
+    cases: dict[str, Case] = {}
     first_dir: dict[str, Path] = {}
     for case_dir in sorted(p for p in root.rglob("*") if p.is_dir() and _CASE_DIR.match(p.name)):
         key = case_dir.name.lower()
         if key in cases:
             problem = f"{case_dir}: case folder found twice (also {first_dir[key]})"
-            cases[key] = BratsCase(cases[key].case_id, cases[key].patient_id, None, None, problem)
+            cases[key] = brats_case(cases[key].case_id, cases[key].meta["patient_id"], None, None, problem)
             continue
         first_dir[key] = case_dir
         cases[key] = _case_from_dir(case_dir)
@@ -88,35 +88,54 @@ def discover_brats_cases(brats_dir: str | Path) -> list[BratsCase]:
     return sorted(cases.values(), key=lambda c: c.case_id)
 
 
-def preprocess_brats_case(
-    case: BratsCase, output_dir: Path, target_shape: tuple[int, int, int], overwrite: bool
-) -> CaseResult:
-    """Resample T2-FLAIR and the merged tumour mask to ``target_shape``; write ``<case>.npz``.
+def read_brats_case(case: Case) -> Case:
+    """Read a discovered visit: image ``image`` (T2-FLAIR float32) and the label uint8 {0,1},
+    seg labels 1-4 merged. T2-FLAIR and seg must share shape and affine (1e-3 mm); seg values
+    outside 0-4 are an error. Raises :class:`CaseError` naming the file or the missing one."""
+    if case.problem:
+        raise CaseError(case.problem)
+    if case.source("image") is None:
+        raise CaseError(f"{case.case_id}: no T2-FLAIR file ({case.case_id}-t2f.nii.gz)")
+    if case.source(LABEL) is None:
+        raise CaseError(f"{case.case_id}: no segmentation file ({case.case_id}-seg.nii.gz)")
+    flair = load_image(case.source("image"))
+    seg = load_nifti(case.source(LABEL))
+    check_same_grid(flair, "T2-FLAIR", (seg,))
+    tumour = (as_label_map(seg.data, SEG_LABELS, seg.path) > 0).astype(np.uint8)
+    return case.replace(images={"image": flair}, label=Image(tumour, seg.affine, seg.zooms, seg.path))
 
-    Keys: ``image`` float32 (X, Y, Z), trilinear, then z-scored over its non-zero voxels (0
-    outside); ``mask`` uint8 {0,1} (X, Y, Z): seg labels 1-4 merged, resampled with nearest
-    neighbour (never interpolated and re-thresholded). T2-FLAIR and seg must share shape and
-    affine (1e-3 mm); seg values outside 0-4 are an error. ``info`` holds the patient id and
-    lesion volumes (voxels on the output grid, which orders the splits; ml on the native grid).
+
+def prepare_brats_case(case: Case, settings: Mapping[str, Any]) -> Case:
+    """The network input of a read visit: T2-FLAIR resampled to ``settings["target_shape"]``
+    (trilinear), then z-scored over its non-zero voxels (0 outside), float32 (X, Y, Z); the label
+    resampled nearest-neighbour (never interpolated and re-thresholded). ``meta``: ``bbox`` and
+    ``cropped_shape``, the whole native volume."""
+    target_shape = tuple(int(n) for n in settings["target_shape"])
+    flair = case.image("image")
+    grid = rescale_affine(flair.affine, flair.shape, target_shape)
+    image = Image(zscore(resample_to_shape(flair.data, target_shape, is_label=False)), grid, path=flair.path)
+    label = None if case.label is None else Image(resample_to_shape(case.label.data, target_shape, is_label=True), grid, path=flair.path)
+    meta = {"bbox": np.array([[0, n] for n in flair.shape], dtype=np.int64), "cropped_shape": flair.shape}
+    return case.replace(images={"image": image}, label=label, meta=meta)
+
+
+def preprocess_brats_case(case: Case, output_dir: Path, target_shape: tuple[int, int, int], overwrite: bool) -> CaseResult:
+    """Read (:func:`read_brats_case`) and prepare (:func:`prepare_brats_case`) one visit; write
+    ``<case>.npz``: ``image`` float32 (X, Y, Z) and ``mask`` uint8 {0,1} on the ``target_shape``
+    grid. ``info`` holds the patient id and lesion volumes (voxels on the output grid, which
+    orders the splits; ml on the native grid).
     """
     if case.problem:
         raise CaseError(case.problem)
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
-    if case.t2f is None:
-        raise CaseError(f"{case.case_id}: no T2-FLAIR file ({case.case_id}-t2f.nii.gz)")
-    if case.seg is None:
-        raise CaseError(f"{case.case_id}: no segmentation file ({case.case_id}-seg.nii.gz)")
-    flair = load_image(case.t2f)
-    seg = load_nifti(case.seg)
-    check_same_grid(flair, "T2-FLAIR", (seg,))
-    tumour = (as_label_map(seg.data, SEG_LABELS, seg.path) > 0).astype(np.uint8)
-    mask = resample_to_shape(tumour, target_shape, is_label=True)
-    image = zscore(resample_to_shape(flair.data, target_shape, is_label=False))
-    save_npz(out_path, {"image": image, "mask": mask}, compress=False)  # memory-mapped by the trainer
+    native = read_brats_case(case)
+    prepared = prepare_brats_case(native, {"target_shape": target_shape})
+    flair, tumour, mask = native.image("image"), native.label.data, prepared.label.data
+    save_npz(out_path, {"image": prepared.image("image").data, "mask": mask}, compress=False)  # memory-mapped by the trainer
     info = {
-        "patient_id": case.patient_id,
+        "patient_id": case.meta["patient_id"],
         "lesion_voxels": int(mask.sum()),
         "lesion_ml_native": float(tumour.sum()) * flair.voxel_volume_ml,
         "original_shape": list(flair.data.shape),
@@ -135,8 +154,13 @@ BRATS2024 = register_dataset(DatasetSpec(
     preset="atlas22",
     table_layout="dataset",
     whole_brain=True,
-    stage="brats",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape",)),
     run_config_key="brats_dir",
+    modalities=(("image", "**/BraTS-GLI-*-t2f.nii*"),),
+    label_pattern="**/BraTS-GLI-*-seg.nii*",
+    reader=discover_brats_cases,
+    prepare=prepare_brats_case,
+    scoring_grid="preprocessed",
+    split_group=patient_id,
 ))

@@ -8,6 +8,7 @@ mask, percentile clipping and z-scoring inside the brain; output ``<case>.npz`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,48 +16,47 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from ..core.geometry import (
-    as_binary_mask,
+    brain_mask_from_image,
     c_order_view,
     clip_between,
-    foreground_bbox,
     percentile_bounds,
     rescale_affine,
     resample_to_shape,
     spacing_to_shape,
     zscore,
 )
-from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, glob_files, load_image, load_nifti, load_npz, npz_member_crcs, read_json, save_npz, write_json
+from ..core.case import LABEL, Case, Image
+from ..core.case_io import read_images
+from ..core.metrics import PRESETS
+from ..core.io import CaseError, check_finite, glob_files, load_npz, npz_member_crcs, read_json, save_npz, write_json
 from ..core.runner import CaseResult
 from .fingerprint import case_fingerprint
-from .registry import DatasetSpec, EvalCase, register_dataset, settings_from_run_args
+from .registry import DatasetSpec, register_dataset, registered_names, settings_from_run_args
 
 __all__ = [
     "PreprocessingConfig",
     "DatasetConfig",
     "FoundationConfig",
-    "FoundationItem",
     "FOUNDATION_KEYS",
     "ID_MARKERS",
     "parse_config",
     "load_config",
     "case_id_from_filename",
+    "t1w_case",
     "discover_foundation_cases",
     "compute_device",
-    "brain_mask_from_image",
     "preprocessing_from_dict",
-    "NormalisedT1",
     "read_foundation_case",
-    "normalise_foundation_case",
+    "prepare_foundation_case",
     "preprocess_foundation_case",
     "foundation_case_dir",
     "foundation_splits_name",
     "load_foundation_case",
+    "read_t1w_root",
     "foundation_dataset",
+    "register_config_datasets",
     "ATLAS",
     "UOA_PRIVATE",
 ]
@@ -89,13 +89,20 @@ class PreprocessingConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     """One entry of ``datasets``: output folder ``name``; globs are relative to ``data_dir``;
-    ``id_markers``: where the case id ends in a file name (see :func:`case_id_from_filename`)."""
+    ``id_markers``: where the case id ends in a file name (see :func:`case_id_from_filename`).
+    An entry whose name no built-in dataset has registers a T1w dataset of that name on the
+    registry's first look-up (:func:`register_config_datasets`) with ``display_name`` (tables;
+    "" = the name), metrics ``preset`` and default training ``patch_size`` (voxels; None: the
+    architecture's)."""
 
     name: str
     data_dir: Path
     image_pattern: str
     mask_pattern: str
     id_markers: tuple[str, ...] = ID_MARKERS
+    display_name: str = ""
+    preset: str = "atlas22"
+    patch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,10 @@ _PRE_KEYS = {
     "use_gpu": bool,
     "brain_threshold": _NUMBER,
 }
-_DATASET_KEYS = {"name": str, "data_dir": str, "image_pattern": str, "mask_pattern": str, "id_markers": list}
+_DATASET_KEYS = {
+    "name": str, "data_dir": str, "image_pattern": str, "mask_pattern": str, "id_markers": list,
+    "display_name": str, "preset": str, "patch_size": int,
+}
 _DATASET_REQUIRED = ("name", "data_dir", "image_pattern", "mask_pattern")
 _METHODS = ("zscore",)
 
@@ -189,7 +199,16 @@ def _dataset_config(values: dict, where: str, problems: list[str]) -> DatasetCon
     markers = values.get("id_markers", list(ID_MARKERS))
     if not markers or not all(isinstance(m, str) and m for m in markers):
         problems.append(f"{where}.id_markers must be a non-empty list of non-empty strings, got {markers!r}")
-    return DatasetConfig(name, Path(values["data_dir"]), values["image_pattern"], values["mask_pattern"], tuple(markers))
+    preset = values.get("preset", DatasetConfig.preset)
+    if preset not in PRESETS:
+        problems.append(f"{where}.preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    patch = values.get("patch_size")
+    if patch is not None and (isinstance(patch, bool) or patch < 1):
+        problems.append(f"{where}.patch_size must be a positive number of voxels, got {patch!r}")
+    return DatasetConfig(
+        name, Path(values["data_dir"]), values["image_pattern"], values["mask_pattern"], tuple(markers),
+        values.get("display_name", ""), preset, patch,
+    )
 
 
 def parse_config(raw: Any, source: str | Path = "config") -> FoundationConfig:
@@ -197,7 +216,8 @@ def parse_config(raw: Any, source: str | Path = "config") -> FoundationConfig:
 
     Schema: ``output_base_dir`` (string), ``datasets`` (non-empty list of objects with string
     ``name``, ``data_dir``, ``image_pattern``, ``mask_pattern``, optional ``id_markers`` (list of
-    strings, default :data:`ID_MARKERS`); names unique, usable as folder names) and an optional ``preprocessing`` object whose keys default as in
+    strings, default :data:`ID_MARKERS`), ``display_name`` (string), ``preset`` (a metrics
+    preset, default "atlas22") and ``patch_size`` (voxels); names unique, usable as folder names) and an optional ``preprocessing`` object whose keys default as in
     :class:`PreprocessingConfig`. Unknown keys, missing keys and wrong types are all collected
     into one :class:`ValueError` naming ``source``.
     """
@@ -233,10 +253,7 @@ def load_config(
     unknown = sorted(set(data_dirs) - {d.name for d in config.datasets})
     if unknown:
         raise ValueError(f"--data-dir names {unknown} are not datasets of {path} ({[d.name for d in config.datasets]})")
-    datasets = tuple(
-        DatasetConfig(d.name, Path(data_dirs.get(d.name, d.data_dir)), d.image_pattern, d.mask_pattern, d.id_markers)
-        for d in config.datasets
-    )
+    datasets = tuple(dataclasses.replace(d, data_dir=Path(data_dirs.get(d.name, d.data_dir))) for d in config.datasets)
     base = Path(output_base_dir) if output_base_dir is not None else config.output_base_dir
     return FoundationConfig(base, config.preprocessing, datasets)
 
@@ -246,7 +263,7 @@ def preprocessing_from_dict(block: Mapping[str, Any], source: str | Path = "prep
     checkpoint's data contract recorded); keys other than its fields are ignored, missing ones
     take the defaults. Raises :class:`ValueError` naming ``source`` for a wrong value."""
     problems: list[str] = []
-    known = {key: value for key, value in dict(block).items() if key in _PRE_KEYS}
+    known = {key: list(value) if isinstance(value, tuple) else value for key, value in dict(block).items() if key in _PRE_KEYS}
     config = _preprocessing(_check_block(known, _PRE_KEYS, (), "preprocessing", problems), problems)
     if problems:
         raise ValueError(f"{source}: invalid preprocessing settings: " + "; ".join(problems))
@@ -270,24 +287,20 @@ def case_id_from_filename(name: str, markers: Sequence[str] = ID_MARKERS) -> str
     return stem[: min(cuts)] if cuts else stem
 
 
-@dataclass(frozen=True)
-class FoundationItem:
-    """One case to preprocess: a missing file is None; a pairing problem is a one-line ``problem``."""
-
-    case_id: str
-    dataset: str
-    image: Path | None
-    mask: Path | None
-    problem: str = ""
+def t1w_case(case_id: str, dataset: str, image: Path | None, mask: Path | None, problem: str = "") -> Case:
+    """A T1w case found on disk, not read yet: ``sources`` image and label (None: not found),
+    ``meta`` the dataset name and a one-line pairing ``problem`` (reported when it is read)."""
+    meta = {"dataset": dataset, **({"problem": problem} if problem else {})}
+    return Case(case_id, sources={"image": image, LABEL: mask}, meta=meta)
 
 
-def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True) -> dict[str, FoundationItem]:
+def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True) -> dict[str, Case]:
     """Pair the files matching the image and mask patterns (recursive ``**``, following symbolic
     links to folders, each folder once; an empty pattern matches nothing) by case id.
 
     A file matching both patterns counts as a mask. An image without a mask (unless not
-    ``require_masks``), a mask without an image, or two files of one kind for a case give an
-    item carrying a problem, reported when it is processed. Raises :class:`CaseError` when
+    ``require_masks``), a mask without an image, or two files of one kind for a case give a
+    case carrying a problem (:func:`t1w_case`), reported when it is read. Raises :class:`CaseError` when
     ``data_dir`` is missing or nothing matches.
     """
     root = dataset.data_dir
@@ -313,7 +326,7 @@ def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True
                 problem = f"{case_id}: {len(files[kind])} {kind} files: {', '.join(str(p) for p in files[kind])}"
         image = files["image"][0] if files["image"] else None
         mask = files["mask"][0] if files["mask"] else None
-        items[case_id] = FoundationItem(case_id, dataset.name, image, mask, problem)
+        items[case_id] = t1w_case(case_id, dataset.name, image, mask, problem)
     return items
 
 
@@ -323,98 +336,6 @@ def discover_foundation_cases(dataset: DatasetConfig, require_masks: bool = True
 def compute_device(use_gpu: bool) -> torch.device | None:
     """CUDA device when ``use_gpu`` and CUDA is available, else None (NumPy on the CPU)."""
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else None
-
-
-# Above this fraction of the volume, the background enclosed along the last axis is labelled
-# with one ndimage.label pass rather than as a sparse graph (see _fill_holes).
-_SPARSE_HOLES_MAX_FRACTION = 0.02
-
-
-def _fill_holes(foreground: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` (6-connected background) of a bool volume, exact.
-
-    Background that sees the array border along the last axis is outside. Usually only a few
-    thousand background voxels are enclosed along that axis; their 6-connected components are
-    found as a sparse graph, and a component is a hole unless it touches a voxel seen from the
-    border (it is then connected to the border; any path out of it meets such a voxel first).
-    Several times faster than labelling the whole background, which remains the fallback when
-    much of the background is enclosed. A one-voxel empty border is added first, so every
-    array face is seen from outside and neighbour offsets never wrap.
-    """
-    padded = np.pad(foreground, 1)
-    seen = _seen_along_last_axis(padded)
-    enclosed = ~(padded | seen)
-    index = np.flatnonzero(enclosed)
-    if index.size > _SPARSE_HOLES_MAX_FRACTION * padded.size:
-        return _fill_holes_by_labelling(foreground)
-    filled = padded.copy()
-    filled.ravel()[index[_holes_among(index, enclosed.ravel(), seen.ravel(), padded.shape)]] = True
-    return filled[1:-1, 1:-1, 1:-1]
-
-
-def _seen_along_last_axis(foreground: np.ndarray) -> np.ndarray:
-    """Background voxels before the first or after the last foreground voxel of their line
-    along the last axis (every voxel of an empty line), bool like ``foreground``."""
-    n = foreground.shape[-1]
-    dtype = np.min_scalar_type(n)  # narrow integers: the comparisons below run several times faster
-    first = np.argmax(foreground, axis=-1).astype(dtype)
-    last = (n - 1 - np.argmax(foreground[..., ::-1], axis=-1)).astype(dtype)
-    first[~foreground.any(axis=-1)] = n
-    position = np.arange(n, dtype=dtype)
-    seen = position < first[..., None]
-    seen |= position > last[..., None]
-    return seen
-
-
-def _holes_among(index: np.ndarray, enclosed: np.ndarray, seen: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Which of the enclosed voxels (sorted flat ``index``) lie in holes: bool per voxel.
-
-    ``enclosed``/``seen``: flat bool volumes of ``shape`` whose border voxels are all seen.
-    """
-    strides = (shape[1] * shape[2], shape[2], 1)
-    touches_seen = np.zeros(index.size, dtype=bool)
-    rows, cols = [], []
-    for stride in strides:
-        touches_seen |= seen[index + stride] | seen[index - stride]
-        neighbour = index + stride
-        linked = enclosed[neighbour]
-        rows.append(np.flatnonzero(linked))
-        cols.append(np.searchsorted(index, neighbour[linked]))
-    row, col = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(row.size, dtype=np.int8), (row, col)), shape=(index.size, index.size))
-    n_components, component = connected_components(graph, directed=False)
-    outside = np.zeros(n_components, dtype=bool)
-    outside[component[touches_seen]] = True
-    return ~outside[component]
-
-
-def _fill_holes_by_labelling(foreground: np.ndarray) -> np.ndarray:
-    """``binary_fill_holes`` via one labelling pass: background components touching the array
-    border stay background, all others are holes."""
-    labels, n = ndimage.label(~foreground)
-    outside = np.zeros(n + 1, dtype=bool)
-    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
-        outside[face] = True
-    outside[0] = False  # label 0 is the foreground
-    return ~outside[labels]
-
-
-def brain_mask_from_image(image: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-    """Brain mask (X, Y, Z) uint8: ``image > threshold`` with enclosed holes filled.
-
-    Equal to ``scipy.ndimage.binary_fill_holes(image > threshold)`` (tested), computed on the
-    bounding box of the foreground grown by one voxel: background outside that box always
-    reaches the border, so the result is unchanged and the work shrinks to the head. For
-    skull-stripped input this is the brain; for input that still holds skull and scalp (the
-    synthetic ATLAS data) it is the head: skull-strip first or raise ``threshold``.
-    """
-    foreground = image > threshold
-    out = np.zeros(image.shape, dtype=np.uint8)
-    if not foreground.any():
-        return out
-    box = tuple(slice(int(a), int(b)) for a, b in foreground_bbox(foreground, margin=1))
-    out[box] = _fill_holes(foreground[box])
-    return out
 
 
 def _to_target_spacing(
@@ -452,46 +373,37 @@ def normalise_in_brain(
     return (normalised.T, brain.T, bounds) if transposed else (normalised, brain, bounds)
 
 
-@dataclass(frozen=True)
-class NormalisedT1:
-    """A T1w case on the network's grid: ``image`` float32 (X, Y, Z) clipped and z-scored in
-    the brain (0 outside), ``brain`` uint8 {0,1}, ``lesion`` uint8 {0,1} or None, ``affine``
-    (4, 4) and ``spacing`` (3,) mm of that grid, ``clip_bounds`` in input intensity units."""
-
-    image: np.ndarray
-    brain: np.ndarray
-    lesion: np.ndarray | None
-    affine: np.ndarray
-    spacing: np.ndarray
-    clip_bounds: tuple[float, float]
+def read_foundation_case(case: Case, require_mask: bool = True) -> Case:
+    """Read a discovered case (:func:`t1w_case`): its T1w ``image`` and (when present, or
+    always when ``require_mask``) its lesion label uint8 {0,1} (X, Y, Z), checked at the door:
+    same shape and affine (1e-3 mm), mask values 0/1. Raises :class:`CaseError` naming the file
+    (or the case's discovery problem)."""
+    return read_images(case, ("image",), require_mask)
 
 
-def read_foundation_case(item: FoundationItem, require_mask: bool = True) -> tuple[NiftiVolume, np.ndarray | None]:
-    """Load a case's T1w image and (when present, or always when ``require_mask``) its lesion
-    mask, checked at the door: same shape and affine (1e-3 mm), mask values 0/1. Returns the
-    image and the mask uint8 (X, Y, Z) or None. Raises :class:`CaseError` naming the file."""
-    if item.problem:
-        raise CaseError(item.problem)
-    image = load_image(item.image)
-    if item.mask is None and not require_mask:
-        return image, None
-    mask = load_nifti(item.mask, dtype=None)  # mask labels checked in their own type
-    check_same_grid(image, "image", (mask,))
-    return image, as_binary_mask(mask.data, mask.path)
+def prepare_foundation_case(case: Case, settings: Mapping[str, Any]) -> Case:
+    """The network input of a read T1w case (the foundation stage's and prediction's ``prepare``).
 
-
-def normalise_foundation_case(
-    image: NiftiVolume, native_lesion: np.ndarray | None, settings: PreprocessingConfig, device: torch.device | None
-) -> NormalisedT1:
-    """Resample to ``settings.target_spacing`` (the actual spacing is the input field of view
-    over the rounded grid), brain mask (:func:`brain_mask_from_image`), clip to the
-    [100 - p, p] percentiles of brain voxels, z-score inside the brain (:func:`normalise_in_brain`)."""
-    zooms = np.asarray(image.zooms, dtype=np.float64)
-    volume, lesion, affine, spacing = _to_target_spacing(
-        image.data, native_lesion, image.affine, zooms, settings.target_spacing, device
-    )
-    normalised, brain, bounds = normalise_in_brain(volume, settings, device, image.path)
-    return NormalisedT1(normalised, brain, lesion, affine, spacing, bounds)
+    Resample to ``target_spacing`` (the actual spacing is the input field of view over the
+    rounded grid; the label nearest-neighbour), brain mask (:func:`brain_mask_from_image`),
+    clip to the [100 - p, p] percentiles of brain voxels, z-score inside the brain
+    (:func:`normalise_in_brain`). settings: a ``preprocessing`` block
+    (:func:`preprocessing_from_dict`; ``use_gpu`` runs it on CUDA when available). Returns a Case
+    with images ``image`` float32 (0 outside the brain) and ``brain_mask`` uint8, the label
+    uint8 (None stays None), ``meta`` ``bbox``/``cropped_shape`` (the whole native volume) and
+    ``clip_bounds`` (input intensity units).
+    """
+    config = preprocessing_from_dict(settings, "preprocessing settings")
+    device = compute_device(config.use_gpu)
+    native = case.image("image")
+    label = None if case.label is None else case.label.data
+    zooms = np.asarray(native.zooms, dtype=np.float64)
+    volume, lesion, affine, spacing = _to_target_spacing(native.data, label, native.affine, zooms, config.target_spacing, device)
+    normalised, brain, bounds = normalise_in_brain(volume, config, device, native.path)
+    grid = lambda data: Image(data, affine, tuple(float(v) for v in spacing), native.path)  # noqa: E731
+    shape = native.shape
+    meta = {"bbox": np.array([[0, n] for n in shape], dtype=np.int64), "cropped_shape": shape, "clip_bounds": bounds}
+    return case.replace(images={"image": grid(normalised), "brain_mask": grid(brain)}, label=None if lesion is None else grid(lesion), meta=meta)
 
 
 def _finished(npz_path: Path, meta_path: Path) -> bool:
@@ -505,16 +417,13 @@ def _finished(npz_path: Path, meta_path: Path) -> bool:
         return False
 
 
-def preprocess_foundation_case(
-    item: FoundationItem, output_dir: Path, settings: PreprocessingConfig, overwrite: bool
-) -> CaseResult:
+def preprocess_foundation_case(case: Case, output_dir: Path, settings: PreprocessingConfig, overwrite: bool) -> CaseResult:
     """Preprocess one T1w image and its lesion mask; write ``<case>.npz`` and ``<case>_metadata.json``.
 
-    Steps: image and mask must share shape and affine (1e-3 mm) and the mask be {0,1}; resample
-    to ``settings.target_spacing`` (the actual output spacing is the input field of view over
-    the rounded grid, recorded in the metadata); brain mask (:func:`brain_mask_from_image`);
-    clip the whole image to the [100 - p, p] percentiles of brain voxels; z-score inside the
-    brain, 0 outside. Intensity work runs on CUDA when ``settings.use_gpu`` and available.
+    Reads the case (:func:`read_foundation_case`: image and mask share shape and affine, mask
+    {0,1}) and prepares it as prediction does (:func:`prepare_foundation_case`: resample to
+    ``settings.target_spacing``, brain mask, percentile clip, z-score in the brain, 0 outside;
+    on CUDA when ``settings.use_gpu`` and available).
 
     ``.npz`` keys, all (X, Y, Z): ``image`` float32, ``lesion_mask`` uint8 {0,1}, ``brain_mask``
     uint8 {0,1}. The metadata holds ids, source paths, shape, spacing (mm), affine (4x4), their
@@ -522,46 +431,53 @@ def preprocess_foundation_case(
     settings and ``npz_crc32`` (member -> CRC-32 of the .npz). Skipped when both outputs exist
     and agree, and not ``overwrite``.
     """
-    if item.problem:
-        raise CaseError(item.problem)
-    npz_path, meta_path = output_dir / f"{item.case_id}.npz", output_dir / f"{item.case_id}_metadata.json"
+    if case.problem:
+        raise CaseError(case.problem)
+    npz_path, meta_path = output_dir / f"{case.case_id}.npz", output_dir / f"{case.case_id}_metadata.json"
     if not overwrite and _finished(npz_path, meta_path):
-        return CaseResult(item.case_id, "skipped", reason="output exists (use --overwrite)")
-    image, native_lesion = read_foundation_case(item)
-    device = compute_device(settings.use_gpu)
-    zooms = np.asarray(image.zooms, dtype=np.float64)
-    case = normalise_foundation_case(image, native_lesion, settings, device)
-    lesion, spacing = case.lesion, case.spacing
-    save_npz(npz_path, {"image": case.image, "lesion_mask": lesion, "brain_mask": case.brain}, compress=False)  # memory-mapped by the trainer
+        return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
+    native = read_foundation_case(case)
+    prepared = prepare_foundation_case(native, asdict(settings))
+    lesion = prepared.label.data
+    arrays = {"image": prepared.image("image").data, "lesion_mask": lesion, "brain_mask": prepared.image("brain_mask").data}
+    save_npz(npz_path, arrays, compress=False)  # memory-mapped by the trainer
+    metadata = _foundation_metadata(native, prepared, settings)
+    metadata["npz_crc32"] = npz_member_crcs(npz_path)  # ties this metadata to this very .npz (see _finished)
+    write_json(meta_path, metadata)
+    image = native.image("image")
+    fingerprint = case_fingerprint({"image": image.data}, image.data > settings.brain_threshold, image.zooms, metadata["original_lesion_ml"])
+    info = {"lesion_voxels": metadata["lesion_voxels"], "lesion_ml": metadata["lesion_ml"], "has_lesion": metadata["has_lesion"],
+            "shape": metadata["shape"], "fingerprint": fingerprint}
+    return CaseResult(case.case_id, "done", info=info)
 
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    lesion_voxels = int(lesion.sum())
-    metadata = {
-        "case_id": item.case_id,
-        "dataset": item.dataset,
-        "image_path": str(item.image),
-        "mask_path": str(item.mask),
-        "shape": list(case.image.shape),
+
+def _foundation_metadata(native: Case, prepared: Case, settings: PreprocessingConfig) -> dict[str, Any]:
+    """``<case>_metadata.json`` of a read native case and its prepared form (without ``npz_crc32``)."""
+    image, out = native.image("image"), prepared.image("image")
+    zooms, spacing = np.asarray(image.zooms, dtype=np.float64), np.asarray(out.zooms, dtype=np.float64)
+    native_lesion, lesion_voxels = native.label.data, int(prepared.label.data.sum())
+    device = compute_device(settings.use_gpu)
+    return {
+        "case_id": native.case_id,
+        "dataset": native.meta.get("dataset"),
+        "image_path": str(native.source("image")),
+        "mask_path": str(native.source(LABEL)),
+        "shape": list(out.shape),
         "spacing": spacing.tolist(),
-        "affine": case.affine.tolist(),
-        "original_shape": list(image.data.shape),
+        "affine": out.affine.tolist(),
+        "original_shape": list(image.shape),
         "original_spacing": zooms.tolist(),
         "original_affine": image.affine.tolist(),
-        "resampled": case.image.shape != image.data.shape or not np.array_equal(spacing, zooms),
+        "resampled": out.shape != image.shape or not np.array_equal(spacing, zooms),
         "lesion_voxels": lesion_voxels,
-        "lesion_ml": lesion_voxels * voxel_ml,
+        "lesion_ml": lesion_voxels * out.voxel_volume_ml,
         "original_lesion_voxels": int(native_lesion.sum()),
         "original_lesion_ml": float(native_lesion.sum()) * image.voxel_volume_ml,
         "has_lesion": lesion_voxels > 0,
-        "brain_voxels": int(case.brain.sum()),
-        "clip_bounds": list(case.clip_bounds),
+        "brain_voxels": int(prepared.image("brain_mask").data.sum()),
+        "clip_bounds": list(prepared.meta["clip_bounds"]),
         "preprocessing": {**asdict(settings), "device": str(device or "cpu"), "brain_mask": "image > brain_threshold, holes filled"},
-        "npz_crc32": npz_member_crcs(npz_path),  # ties this metadata to this very .npz (see _finished)
     }
-    write_json(meta_path, metadata)
-    fingerprint = case_fingerprint({"image": image.data}, image.data > settings.brain_threshold, image.zooms, metadata["original_lesion_ml"])
-    info = {"lesion_voxels": lesion_voxels, "lesion_ml": metadata["lesion_ml"], "has_lesion": lesion_voxels > 0, "shape": list(case.image.shape), "fingerprint": fingerprint}
-    return CaseResult(item.case_id, "done", info=info)
 
 
 # --------------------------------------------------------------------------- registry
@@ -577,10 +493,11 @@ def foundation_case_dir(data_dir: Path, name: str) -> Path:
     return data_dir / name if (data_dir / name).is_dir() else data_dir
 
 
-def load_foundation_case(case_dir: Path, case_id: str, input_keys: Sequence[str] = ("image",)) -> EvalCase:
+def load_foundation_case(case_dir: Path, case_id: str, input_keys: Sequence[str] = ("image",)) -> Case:
     """Read ``<case_id>.npz`` (``input_keys``, lesion_mask) and ``<case_id>_metadata.json``
     (affine, spacing, shape) written by ``preprocess_stroke_foundation.py``; checks the three
-    agree. Scored on the preprocessed grid (no crop)."""
+    agree. Returns a Case of the inputs float32 and the label bool, all on the preprocessed grid,
+    which is also the scoring grid (no ``bbox`` in ``meta``)."""
     path, meta_path = case_dir / f"{case_id}.npz", case_dir / f"{case_id}_metadata.json"
     for needed in (path, meta_path):
         if not needed.is_file():
@@ -595,20 +512,29 @@ def load_foundation_case(case_dir: Path, case_id: str, input_keys: Sequence[str]
     shapes = {key: data[key].shape for key in input_keys}
     if any(shape != mask.shape for shape in shapes.values()) or list(mask.shape) != list(meta["shape"]):
         raise CaseError(f"{path}: {shapes}, lesion_mask {mask.shape} and metadata shape {meta['shape']} differ")
-    return EvalCase(
-        case_id=case_id,
-        inputs={key: data[key].astype(np.float32, copy=False) for key in input_keys},
-        reference=mask.astype(bool),
-        affine=np.asarray(meta["affine"], dtype=np.float64),
-        spacing=tuple(float(s) for s in meta["spacing"]),
-    )
+    affine, spacing = np.asarray(meta["affine"], dtype=np.float64), tuple(float(s) for s in meta["spacing"])
+    images = {key: Image(data[key].astype(np.float32, copy=False), affine, spacing, path) for key in input_keys}
+    return Case(case_id, images, Image(mask.astype(bool), affine, spacing, path), {"npz": path})
 
 
-def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") -> DatasetSpec:
-    """The spec of a dataset preprocessed by ``preprocess_stroke_foundation.py`` (a config.json
-    entry called ``name``): T1w ``image``, ``lesion_mask``, ``brain_mask``, whole-volume scoring,
-    the settings recorded in the stage's run_args.json. Register it with
-    :func:`strokeseg.datasets.registry.register_dataset` to train and evaluate a new cohort."""
+def read_t1w_root(root: Path, name: str, image_pattern: str, mask_pattern: str, id_markers: Sequence[str] = ID_MARKERS) -> list[Case]:
+    """A T1w dataset's ``reader``: the cases under ``root`` found by the two globs and paired
+    by case id (:func:`discover_foundation_cases`; masks optional), sorted by id."""
+    dataset = DatasetConfig(name, Path(root), image_pattern, mask_pattern, tuple(id_markers))
+    return list(discover_foundation_cases(dataset, require_masks=False).values())
+
+
+def foundation_dataset(
+    name: str, display_name: str, preset: str = "atlas22", image_pattern: str = "**/*_T1w.nii.gz",
+    mask_pattern: str = "**/*_mask.nii.gz", id_markers: Sequence[str] = ID_MARKERS, patch_size: int | None = None,
+) -> DatasetSpec:
+    """The spec of a T1w dataset preprocessed by ``preprocess_stroke_foundation.py`` (a config.json
+    entry called ``name``): T1w ``image`` found by ``image_pattern`` and lesion masks by
+    ``mask_pattern`` (globs under the raw root, case ids cut at ``id_markers``), read by
+    :func:`read_t1w_root` and prepared by :func:`prepare_foundation_case`; ``lesion_mask``,
+    ``brain_mask``, whole-volume scoring on the preprocessed grid, the settings recorded in the
+    stage's run_args.json. A config.json entry registers one by itself
+    (:func:`register_config_datasets`)."""
     return DatasetSpec(
         name=name,
         display_name=display_name,
@@ -619,7 +545,6 @@ def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") ->
         preset=preset,
         table_layout="dataset",
         whole_brain=True,
-        stage="foundation",
         find_case_dir=foundation_case_dir,
         read_preprocessing=functools.partial(
             settings_from_run_args,
@@ -628,8 +553,36 @@ def foundation_dataset(name: str, display_name: str, preset: str = "atlas22") ->
         ),
         load_eval_case=load_foundation_case,
         bids_suffixes=(("image", ("t1w",)), ("mask", ("mask",))),
+        modalities=(("image", image_pattern),),
+        label_pattern=mask_pattern,
+        reader=functools.partial(read_t1w_root, name=name, image_pattern=image_pattern, mask_pattern=mask_pattern, id_markers=tuple(id_markers)),
+        prepare=prepare_foundation_case,
+        validate_settings=preprocessing_from_dict,
+        scoring_grid="preprocessed",
+        patch_size=patch_size,
+        id_markers=tuple(id_markers),
     )
 
 
-ATLAS = register_dataset(foundation_dataset("ATLAS", "ATLAS"))
-UOA_PRIVATE = register_dataset(foundation_dataset("UOA_Private", "UOA"))
+def register_config_datasets(path: str | Path) -> tuple[str, ...]:
+    """Register a T1w dataset (:func:`foundation_dataset`) for every ``datasets`` entry of the
+    config.json at ``path`` whose name is not registered yet (the paper's ATLAS and UOA_Private
+    are built in); returns the names registered. A missing file registers nothing; an invalid
+    one is a :class:`ValueError` naming it (:func:`parse_config`). The registry calls this on
+    its first look-up (:func:`strokeseg.datasets.registry.config_path`), so a new cohort needs
+    its config.json entry and nothing else."""
+    path = Path(path)
+    if not path.is_file():
+        return ()
+    added = []
+    for entry in parse_config(read_json(path), source=path).datasets:
+        if entry.name not in registered_names():
+            spec = foundation_dataset(entry.name, entry.display_name or entry.name, entry.preset, entry.image_pattern,
+                                      entry.mask_pattern, entry.id_markers, entry.patch_size)
+            register_dataset(spec)
+            added.append(entry.name)
+    return tuple(added)
+
+
+ATLAS = register_dataset(foundation_dataset("ATLAS", "ATLAS", image_pattern="**/*_T1w.nii.gz", mask_pattern="**/*_label-L_desc-T1lesion_mask.nii.gz"))
+UOA_PRIVATE = register_dataset(foundation_dataset("UOA_Private", "UOA", image_pattern="**/*_T1_FNIRT_MNI.nii.gz", mask_pattern="**/*_lesion.nii.gz"))

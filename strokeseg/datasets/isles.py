@@ -12,23 +12,26 @@ import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
-from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
+from ..core.geometry import as_binary_mask, crop, crop_affine, foreground_bbox, resample_to_shape, zscore
+from ..core.case import LABEL, Case, Image
+from ..core.io import CaseError, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
 from ..core.runner import CaseResult, add_run_arguments
 from .fingerprint import case_fingerprint
-from .registry import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
+from .registry import DatasetSpec, register_dataset, same_folder, settings_from_run_args
 from .splits import add_rebuild_splits_argument
 
 __all__ = [
-    "IslesCase",
-    "IslesVolumes",
+    "isles_case",
     "discover_isles_cases",
     "read_isles_case",
     "isles_arrays",
+    "prepare_isles_case",
+    "isles_settings",
+    "read_isles_root",
     "preprocess_isles_case",
     "add_isles_arguments",
     "IslesSettings",
@@ -42,21 +45,6 @@ __all__ = [
 TRAIN_KEYS = ("dwi", "adc", "mask", "lesion_ml")
 BBOX_KEYS = TRAIN_KEYS + ("bbox", "original_shape", "cropped_shape", "original_affine", "original_mask", "spacing")
 _FILE = re.compile(r"^(sub-[^_]+)_(ses-[^_]+)_(dwi|adc|msk)\.nii(\.gz)?$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class IslesCase:
-    """Paths of one ISLES case. A missing modality is None and a discovery problem (two files of
-    one kind) is a one-line ``problem``; both are reported when the case is read. ``root`` and
-    ``stem`` (``sub-X_ses-Y``) say where discovery looked, for that report."""
-
-    case_id: str
-    dwi: Path | None
-    adc: Path | None
-    mask: Path | None
-    problem: str = ""
-    root: Path | None = None
-    stem: str = ""
 
 
 _KIND_NAMES = {"dwi": "DWI", "adc": "ADC", "msk": "mask"}
@@ -84,7 +72,17 @@ def _find_isles_files(root: Path) -> dict[tuple[str, str], dict[str, list[Path]]
     return found
 
 
-def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) -> IslesCase:
+def isles_case(
+    case_id: str, dwi: Path | None, adc: Path | None, mask: Path | None, problem: str = "", root: Path | None = None, stem: str = ""
+) -> Case:
+    """An ISLES case found on disk, not read yet: ``sources`` dwi, adc and the label (None: not
+    found); ``meta`` a one-line discovery ``problem`` and, for its messages, ``root`` and ``stem``
+    (``sub-X_ses-Y``): where discovery looked."""
+    meta = {"dataset": "ISLES2022", "problem": problem, "root": root, "stem": stem}
+    return Case(case_id, sources={"dwi": dwi, "adc": adc, LABEL: mask}, meta={k: v for k, v in meta.items() if v})
+
+
+def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) -> Case:
     """The case of one subject/session; its id is spelled as in its first image file."""
     first = next(files[kind][0] for kind in ("dwi", "adc", "msk") if kind in files)
     match = _FILE.match(first.name)
@@ -96,10 +94,10 @@ def _isles_case(root: Path, files: dict[str, list[Path]], with_session: bool) ->
             problem = problem or f"{case_id}: {len(paths)} {_KIND_NAMES[kind]} files: {', '.join(str(p) for p in paths)}"
     single = {kind: files[kind][0] if files.get(kind) else None for kind in ("dwi", "adc", "msk")}
     stem = f"{match.group(1)}_{match.group(2)}"
-    return IslesCase(case_id, single["dwi"], single["adc"], single["msk"], problem, root, stem)
+    return isles_case(case_id, single["dwi"], single["adc"], single["msk"], problem, root, stem)
 
 
-def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
+def discover_isles_cases(isles_dir: str | Path) -> list[Case]:
     """Find every subject with any of DWI, ADC or mask under the dataset root, in either layout.
 
     Returns cases sorted by id (``sub-strokecaseNNNN``; the session is added only when a
@@ -118,32 +116,22 @@ def discover_isles_cases(isles_dir: str | Path) -> list[IslesCase]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _require(case: IslesCase, kind: str) -> Path:
+def _require(case: Case, kind: str) -> Path:
     """The case's file of ``kind`` (dwi, adc, msk); :class:`CaseError` saying where discovery
     looked when there is none."""
-    path = {"dwi": case.dwi, "adc": case.adc, "msk": case.mask}[kind]
+    path = case.source(LABEL if kind == "msk" else kind)
     if path is not None:
         return path
-    where = ""
-    if case.root is not None:
-        folder = f"{case.root / 'derivatives'}" if kind == "msk" else f"{case.root} outside derivatives/"
-        where = f" (looked for {case.stem}_{kind}.nii[.gz] under {folder})"
+    where, root = "", case.meta.get("root")
+    if root is not None:
+        folder = f"{root / 'derivatives'}" if kind == "msk" else f"{root} outside derivatives/"
+        where = f" (looked for {case.meta.get('stem', '')}_{kind}.nii[.gz] under {folder})"
     raise CaseError(f"{case.case_id}: no {_KIND_NAMES[kind]} file found{where}")
 
 
-@dataclass(frozen=True)
-class IslesVolumes:
-    """One case read and checked at the door: DWI and ADC on one grid, the lesion mask uint8
-    {0,1} (X, Y, Z) on that grid, or None when the case has none (prediction input). ADC is None
-    only for prediction with a model that reads the DWI alone."""
-
-    dwi: NiftiVolume
-    adc: NiftiVolume | None
-    mask: np.ndarray | None
-
-
-def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
-    """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case.
+def read_isles_case(case: Case, require_mask: bool = True) -> Case:
+    """Load DWI, ADC and (when present, or always when ``require_mask``) the mask of a case
+    (:func:`isles_case`): images ``dwi`` and ``adc``, the label uint8 {0,1} (X, Y, Z) or None.
 
     Raises :class:`CaseError` naming the file for a missing or duplicated modality, an
     unreadable, non-3-D or non-finite volume, a constant or near-empty DWI or ADC
@@ -153,20 +141,22 @@ def read_isles_case(case: IslesCase, require_mask: bool = True) -> IslesVolumes:
     if case.problem:
         raise CaseError(case.problem)
     dwi, adc = load_image(_require(case, "dwi")), load_image(_require(case, "adc"))
-    msk = load_nifti(_require(case, "msk")) if require_mask or case.mask is not None else None
+    msk = load_nifti(_require(case, "msk")) if require_mask or case.source(LABEL) is not None else None
     check_same_grid(dwi, "DWI", (adc, msk) if msk is not None else (adc,))
-    return IslesVolumes(dwi, adc, as_binary_mask(msk.data, msk.path) if msk is not None else None)
+    label = Image(as_binary_mask(msk.data, msk.path), msk.affine, msk.zooms, msk.path) if msk is not None else None
+    return case.replace(images={"dwi": dwi, "adc": adc}, label=label)
 
 
-def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
-    """The arrays of :data:`BBOX_KEYS` for a case (``mask``, ``lesion_ml`` and ``original_mask``
-    only with a mask).
+def isles_arrays(case: Case, target_shape: tuple[int, int, int], margin: int) -> dict[str, np.ndarray]:
+    """The arrays of :data:`BBOX_KEYS` for a read case (``dwi``, optional ``adc`` and label;
+    ``mask``, ``lesion_ml`` and ``original_mask`` only with a label).
 
     The volume is cropped to the DWI's non-zero box grown by ``margin`` voxels, resampled to
     ``target_shape`` (images trilinear, mask nearest) and DWI/ADC are z-scored on their non-zero
     voxels (no ``adc`` key when the case has no ADC). Raises :class:`CaseError` for an empty DWI.
     """
-    dwi, adc, mask = volumes.dwi, volumes.adc, volumes.mask
+    dwi, adc = case.image("dwi"), case.images.get("adc")
+    mask = None if case.label is None else case.label.data
     bbox = foreground_bbox(dwi.data, margin, path=dwi.path)
     arrays = {"dwi": zscore(resample_to_shape(crop(dwi.data, bbox), target_shape, is_label=False))}
     if adc is not None:
@@ -187,7 +177,7 @@ def isles_arrays(volumes: IslesVolumes, target_shape: tuple[int, int, int], marg
 
 
 def preprocess_isles_case(
-    case: IslesCase, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
+    case: Case, output_dir: Path, target_shape: tuple[int, int, int], margin: int, with_bbox: bool, overwrite: bool
 ) -> CaseResult:
     """Crop to the DWI brain, resample to ``target_shape``, z-score DWI/ADC, write ``<case>.npz``
     (:func:`read_isles_case`, :func:`isles_arrays`).
@@ -203,17 +193,17 @@ def preprocess_isles_case(
     out_path = output_dir / f"{case.case_id}.npz"
     if out_path.exists() and not overwrite:
         return CaseResult(case.case_id, "skipped", reason="output exists (use --overwrite)")
-    volumes = read_isles_case(case)
-    arrays = isles_arrays(volumes, target_shape, margin)
+    native = read_isles_case(case)
+    arrays = isles_arrays(native, target_shape, margin)
     save_npz(out_path, {key: arrays[key] for key in (BBOX_KEYS if with_bbox else TRAIN_KEYS)})
-    mask, dwi = volumes.mask, volumes.dwi
+    mask, dwi = native.label.data, native.image("dwi")
     info = {
         "lesion_voxels_native": int(mask.sum()),
         "lesion_ml": float(arrays["lesion_ml"]),
         "original_shape": list(dwi.data.shape),
         "spacing_mm": list(dwi.zooms),
         # the brain is the DWI's non-zero voxels, as its crop box
-        "fingerprint": case_fingerprint({"dwi": dwi.data, "adc": volumes.adc.data}, dwi.data != 0, dwi.zooms, float(arrays["lesion_ml"])),
+        "fingerprint": case_fingerprint({"dwi": dwi.data, "adc": native.image("adc").data}, dwi.data != 0, dwi.zooms, float(arrays["lesion_ml"])),
     }
     return CaseResult(case.case_id, "done", info=info)
 
@@ -265,9 +255,10 @@ def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]
 _EVAL_GEOMETRY = ("bbox", "cropped_shape", "original_shape", "original_affine", "original_mask", "spacing")
 
 
-def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> EvalCase:
+def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> Case:
     """Read ``<case_id>.npz`` written by ``preprocess_isles_WITH_BBOX.py`` (needs its bbox keys):
-    ``input_keys`` on the resampled crop, the reference on the native grid."""
+    a Case of ``input_keys`` float32 on the resampled crop and the label bool on the native
+    grid (its affine and spacing); ``meta`` ``bbox`` and ``cropped_shape`` map the crop back."""
     path = case_dir / f"{case_id}.npz"
     if not path.is_file():
         raise CaseError(f"{case_id}: listed in the splits file but {path} does not exist")
@@ -279,15 +270,46 @@ def load_isles_case(case_dir: Path, case_id: str, input_keys: Sequence[str]) -> 
     reference = data["original_mask"].astype(bool)
     if tuple(reference.shape) != tuple(int(s) for s in data["original_shape"]):
         raise CaseError(f"{path}: original_mask shape {reference.shape} differs from original_shape {data['original_shape'].tolist()}")
-    return EvalCase(
-        case_id=case_id,
-        inputs={key: data[key].astype(np.float32, copy=False) for key in input_keys},
-        reference=reference,
-        affine=data["original_affine"].astype(np.float64),
-        spacing=tuple(float(s) for s in data["spacing"]),
-        bbox=data["bbox"],
-        cropped_shape=tuple(int(s) for s in data["cropped_shape"]),
-    )
+    affine, spacing = data["original_affine"].astype(np.float64), tuple(float(s) for s in data["spacing"])
+    cropped_shape = tuple(int(s) for s in data["cropped_shape"])
+    crop_grid = crop_affine(affine, data["bbox"], data[input_keys[0]].shape)
+    images = {key: Image(data[key].astype(np.float32, copy=False), crop_grid, path=path) for key in input_keys}
+    meta = {"npz": path, "bbox": data["bbox"], "cropped_shape": cropped_shape}
+    return Case(case_id, images, Image(reference, affine, spacing, path), meta=meta)
+
+
+def prepare_isles_case(case: Case, settings: Mapping[str, Any]) -> Case:
+    """The network input of a read ISLES case (:func:`read_isles_case`; ``adc`` optional): the
+    DWI brain box grown by ``settings["margin"]`` voxels, resampled to
+    ``settings["target_shape"]`` and z-scored (:func:`isles_arrays`). Returns a Case of ``dwi``
+    (and ``adc``) float32 on that grid, the label resampled nearest-neighbour (None stays None),
+    and ``meta`` ``bbox`` (3, 2) [start, stop), ``cropped_shape`` and ``lesion_ml`` (native)."""
+    target_shape, margin = isles_settings(settings, "preprocessing settings")
+    arrays = isles_arrays(case, target_shape, margin)
+    native = case.image("dwi")
+    grid = crop_affine(native.affine, arrays["bbox"], target_shape)
+    images = {key: Image(arrays[key], grid, path=native.path) for key in ("dwi", "adc") if key in arrays}
+    label = Image(arrays["mask"], grid, path=native.path) if "mask" in arrays else None
+    meta = {"bbox": arrays["bbox"], "cropped_shape": tuple(int(s) for s in arrays["cropped_shape"])}
+    if "lesion_ml" in arrays:
+        meta["lesion_ml"] = float(arrays["lesion_ml"])
+    return case.replace(images=images, label=label, meta=meta)
+
+
+def isles_settings(settings: Mapping[str, Any], where: object) -> tuple[tuple[int, int, int], int]:
+    """target_shape (3 positive voxel counts) and margin (voxels >= 0) from recorded ISLES
+    preprocessing settings; :class:`ValueError` naming ``where`` when they are missing or wrong."""
+    shape, margin = settings.get("target_shape"), settings.get("margin")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"{where}: preprocessing.target_shape must be 3 positive ints, got {shape!r}")
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"{where}: preprocessing.margin must be an int >= 0, got {margin!r}")
+    return tuple(shape), margin  # type: ignore[return-value]
+
+
+def read_isles_root(root: Path) -> list[Case]:
+    """ISLES 2022's ``reader``: :func:`discover_isles_cases` under ``root`` (layout A or B)."""
+    return discover_isles_cases(root)
 
 
 ISLES2022 = register_dataset(DatasetSpec(
@@ -299,7 +321,6 @@ ISLES2022 = register_dataset(DatasetSpec(
     preset="isles22",
     table_layout="strategy",
     whole_brain=False,  # cropped to the DWI brain bounding box
-    stage="isles",
     find_case_dir=same_folder,
     read_preprocessing=functools.partial(settings_from_run_args, keys=("target_shape", "margin")),
     load_eval_case=load_isles_case,
@@ -309,4 +330,10 @@ ISLES2022 = register_dataset(DatasetSpec(
     # The challenge's DWI is the b=1000 trace image; its ADC maps hold 10^-3 mm²/s-like values
     # (brain median about 0.8-0.9).
     acquisition=(("dwi_b_value", 1000.0), ("adc_unit", 1e-3)),
+    modalities=(("dwi", "**/*_dwi.nii*"), ("adc", "**/*_adc.nii*")),
+    label_pattern="derivatives/**/*_msk.nii*",
+    reader=read_isles_root,
+    prepare=prepare_isles_case,
+    scoring_grid="native",
+    validate_settings=isles_settings,
 ))

@@ -6,62 +6,44 @@ Each spec is defined beside its dataset's preprocessing code (ISLES 2022 in
 the checkpoint data contract read every dataset fact from it and never compare dataset names.
 Add a dataset with :func:`register_dataset` (see README "Extending").
 
-An evaluation case (:class:`EvalCase`) is the one in-memory form every dataset's evaluation
-loader returns.
+A cohort that needs no new preprocessing math (any T1w dataset) is a ``datasets`` entry of
+config.json and nothing else: the first look-up registers every entry of :func:`config_path`
+(:func:`strokeseg.datasets.foundation.register_config_datasets`). Every case, whatever the
+stage, is a :class:`strokeseg.core.case.Case`.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 
+from ..core.case import Case
 from ..core.io import CaseError, read_json
 
 __all__ = [
-    "EvalCase",
     "DatasetSpec",
     "register_dataset",
     "dataset_spec",
     "dataset_names",
+    "registered_names",
+    "config_path",
+    "CONFIG_ENV",
     "spec_named_like",
     "same_folder",
     "settings_from_run_args",
     "RUN_ARGS_NAME",
+    "SCORING_GRIDS",
 ]
 
+SCORING_GRIDS = ("native", "preprocessed")
 RUN_ARGS_NAME = "run_args.json"  # what every stage writes into its output folder
 # Modules whose import registers the built-in datasets (imported on the first look-up, so the
 # registry module itself imports no dataset code).
 _BUILTIN_MODULES = ("strokeseg.datasets.isles", "strokeseg.datasets.foundation", "strokeseg.datasets.brats")
-
-
-@dataclass(frozen=True)
-class EvalCase:
-    """One case ready for inference and scoring.
-
-    inputs: npz key -> float32 (X, Y, Z) network input on the inference grid (ISLES: the crop
-    resampled to the target shape; ATLAS/UOA: the whole preprocessed volume). reference: bool
-    lesion mask on the scoring grid (ISLES: native; ATLAS/UOA: the preprocessed grid). affine
-    (4, 4) and spacing (mm, array axis order) of the scoring grid. bbox (3, 2) [start, stop) and
-    cropped_shape: the crop that maps the inference grid onto the scoring grid (None when the two
-    grids are one).
-    """
-
-    case_id: str
-    inputs: dict[str, np.ndarray]
-    reference: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
-    bbox: np.ndarray | None = None
-    cropped_shape: tuple[int, int, int] | None = None
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -77,17 +59,37 @@ class DatasetSpec:
     of :func:`strokeseg.evaluation.report.results_markdown` ("strategy": Strategy | Init | Mean DSC;
     "dataset": the ATLAS/UOA table); pretrained_label: a pretrained start in that table
     ("BraTS", "Transfer"). whole_brain: volumes hold the whole head or brain (not cropped to it),
-    so inference may first crop to the brain. stage: the preprocessing stage that makes the
-    network input from NIfTI ("isles", "foundation", "brats"; prediction reads raw cases with it). find_case_dir(data_dir, name): the folder holding
+    so inference may first crop to the brain. find_case_dir(data_dir, name): the folder holding
     ``<case>.npz`` given what a user passes as ``--data-dir``. read_preprocessing(case_dir):
     the settings that shaped the files of a case folder, ``{"source": <file>, <setting>: value}``
-    ({} when the folder records none). load_eval_case(case_dir, case_id, input_keys): an
-    :class:`EvalCase` (None: the dataset is not evaluated by ``evaluate.py``). run_config_key: the
+    ({} when the folder records none). load_eval_case(case_dir, case_id, input_keys): a
+    :class:`~strokeseg.core.case.Case` of the network inputs (``input_keys``, on the inference
+    grid) and the label (bool, on the scoring grid, its affine and zooms the scoring grid's);
+    ``meta`` ``bbox`` (3, 2) [start, stop) and ``cropped_shape`` map the inference grid onto the
+    scoring grid (absent when the two are one). None: the dataset is not evaluated by
+    ``evaluate.py``. run_config_key: the
     training script's data-folder argument that identifies the dataset in checkpoints written
     before data contracts (None: such checkpoints name it as "dataset"). bids_suffixes:
     (modality key, BIDS file suffixes in lower case) pairs that name the raw files of each input
     key and of the reference ("mask"), e.g. ("dwi", ("dwi",)): how prediction finds them and
-    tells a wrong modality. acquisition: facts about the training images that prediction
+    tells a wrong modality. modalities: (image key, glob relative to the raw dataset root) pairs
+    in channel order, and label_pattern the glob of the lesion masks ("" when the reader finds
+    its files another way). reader(root): the raw cases under ``root``, sorted by id, as
+    :class:`~strokeseg.core.case.Case` s whose ``sources`` name the files (images not read yet;
+    a pairing problem in ``meta["problem"]``). prepare(case, settings): a read native case ->
+    the network input, a Case on the network grid (keys ``input_keys``; label resampled when the
+    native case has one) whose ``meta`` holds ``bbox`` (3, 2) [start, stop) and
+    ``cropped_shape``, the native region that grid covers, and anything else the stage records;
+    ``settings`` are the preprocessing settings (a stage folder's or a data contract's). The
+    same ``prepare`` serves the preprocessing stage and prediction; validate_settings(settings,
+    where) raises ValueError naming ``where`` for settings ``prepare`` cannot apply (checked
+    before any case runs). scoring_grid: "native" (the
+    reference on the raw grid; predictions are mapped back) or "preprocessed". split_group(case
+    id) -> patient id: the cases one patient contributes stay on one side of every split (None:
+    each case its own group). patch_size: default training patch edge in voxels (None: the
+    architecture's). id_markers: where the case id ends in a raw file name (earliest marker
+    wins, :func:`strokeseg.datasets.foundation.case_id_from_filename`; empty: the name without its
+    ``_<suffix>``). acquisition: facts about the training images that prediction
     reproduces, recorded in every data contract (:func:`strokeseg.datasets.contract.build_data_contract`):
     ``dwi_b_value`` (s/mm², the b-value of the DWI the network was trained on) and ``adc_unit``
     (mm²/s per stored ADC unit, e.g. 1e-3).
@@ -101,15 +103,27 @@ class DatasetSpec:
     preset: str
     table_layout: str
     whole_brain: bool
-    stage: str
     find_case_dir: Callable[[Path, str], Path]
     read_preprocessing: Callable[[Path], dict[str, Any]]
-    load_eval_case: Callable[[Path, str, Sequence[str]], EvalCase] | None = None
+    load_eval_case: Callable[[Path, str, Sequence[str]], Case] | None = None
     brain_key: str | None = None
     pretrained_label: str = "Transfer"
     run_config_key: str | None = None
     bids_suffixes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     acquisition: tuple[tuple[str, float], ...] = ()
+    modalities: tuple[tuple[str, str], ...] = ()
+    label_pattern: str = ""
+    reader: Callable[[Path], list[Case]] | None = None
+    prepare: Callable[[Case, Mapping[str, Any]], Case] | None = None
+    validate_settings: Callable[[Mapping[str, Any], Any], object] | None = None
+    scoring_grid: str = "preprocessed"
+    split_group: Callable[[str], str] | None = None
+    patch_size: int | None = None
+    id_markers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scoring_grid not in SCORING_GRIDS:
+            raise ValueError(f"dataset {self.name!r}: scoring_grid must be one of {SCORING_GRIDS}, got {self.scoring_grid!r}")
 
     def case_dir(self, data_dir: str | Path) -> Path:
         """The folder holding this dataset's ``<case>.npz`` under ``data_dir`` (checked to exist)."""
@@ -119,8 +133,18 @@ class DatasetSpec:
         return self.find_case_dir(data_dir, self.name)
 
 
+CONFIG_ENV = "STROKESEG_CONFIG"  # a config.json whose datasets to register instead of the repository's
+_REPOSITORY_CONFIG = Path(__file__).resolve().parents[2] / "config.json"
 _DATASETS: dict[str, DatasetSpec] = {}
 _loaded = False
+_configs_read: set[Path] = set()
+
+
+def config_path() -> Path:
+    """The config.json whose ``datasets`` entries the registry adds on look-up: the file named
+    by the environment variable ``STROKESEG_CONFIG`` when set, else the repository's config.json."""
+    named = os.environ.get(CONFIG_ENV)
+    return Path(named).resolve() if named else _REPOSITORY_CONFIG
 
 
 def _load_builtins() -> None:
@@ -129,6 +153,15 @@ def _load_builtins() -> None:
         _loaded = True
         for module in _BUILTIN_MODULES:
             importlib.import_module(module)
+    path = config_path()
+    if path not in _configs_read:
+        importlib.import_module("strokeseg.datasets.foundation").register_config_datasets(path)
+        _configs_read.add(path)
+
+
+def registered_names() -> tuple[str, ...]:
+    """The names registered so far, without loading built-ins or config entries."""
+    return tuple(_DATASETS)
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:

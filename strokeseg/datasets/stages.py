@@ -13,6 +13,7 @@ import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..core.case import Case
 from ..core.io import load_npz, read_json
 from ..core.runner import RunReport
 from ..core.stage import SplitsWriter, Stage
@@ -88,8 +89,8 @@ def brats_stage(brats_dir: Path, output_dir: Path, target_shape: tuple[int, int,
             return info["lesion_voxels"]
         return load_npz(output_dir / f"{case_id}.npz", keys=("mask",))["mask"].sum()
 
-    def describe(cases: Mapping[str, brats.BratsCase]) -> str:
-        n_patients = len({case.patient_id for case in cases.values()})
+    def describe(cases: Mapping[str, Case]) -> str:
+        n_patients = len({case.meta["patient_id"] for case in cases.values()})
         return f"{len(cases)} BraTS visits of {n_patients} patients under {brats_dir}; target shape {tuple(target_shape)}"
 
     return Stage(
@@ -102,7 +103,7 @@ def brats_stage(brats_dir: Path, output_dir: Path, target_shape: tuple[int, int,
         summary_name=PREPROCESSING_SUMMARY,
         summary_fields={"dataset": spec.name, "keys": list(brats.BRATS_KEYS)},
         describe=describe,
-        splits=_splits_writer(output_dir / spec.splits_name, spec.name, test_fraction, seed, volume, group=brats.patient_id),
+        splits=_splits_writer(output_dir / spec.splits_name, spec.name, test_fraction, seed, volume, group=spec.split_group),
         split_settings=SPLIT_SETTINGS,
     )
 

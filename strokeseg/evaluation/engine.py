@@ -26,7 +26,8 @@ from ..datasets.contract import THRESHOLD
 from ..core.geometry import uncrop_to_native
 from ..core.io import CaseError, read_json, save_nifti
 from ..core.runner import CaseResult, RunReport, get_logger, run_cases
-from ..datasets.registry import EvalCase, dataset_spec
+from ..core.case import Case
+from ..datasets.registry import dataset_spec
 from ..datasets.splits import load_split
 from ..inference.fold_models import FoldModel, InferenceSettings, predict_probability
 from ..core.metrics import METRICS, PRESETS, case_metrics
@@ -125,7 +126,7 @@ def split_cases(splits_file: Path, dataset: str, fold_models: Sequence[FoldModel
     return dict(sorted(cases.items()))
 
 
-def load_case(case_dir: Path, case_id: str, dataset: str, channels: Sequence[str]) -> EvalCase:
+def load_case(case_dir: Path, case_id: str, dataset: str, channels: Sequence[str]) -> Case:
     """The dataset spec's evaluation loader (``load_eval_case``) for one case."""
     loader = dataset_spec(dataset).load_eval_case
     if loader is None:
@@ -133,26 +134,26 @@ def load_case(case_dir: Path, case_id: str, dataset: str, channels: Sequence[str
     return loader(case_dir, case_id, channels)
 
 
-def display_volume(case: EvalCase) -> np.ndarray:
+def display_volume(case: Case) -> np.ndarray:
     """First input channel on the scoring grid, float32 (ISLES: the crop resampled back)."""
-    image = next(iter(case.inputs.values()))
-    return to_scoring_grid(image, case)
+    return to_scoring_grid(case.first.data, case)
 
 
-def to_scoring_grid(volume: np.ndarray, case: EvalCase) -> np.ndarray:
-    """Map a float32 (X, Y, Z) volume from the inference grid onto the scoring grid.
+def to_scoring_grid(volume: np.ndarray, case: Case) -> np.ndarray:
+    """Map a float32 (X, Y, Z) volume from the inference grid onto the scoring grid (the label's).
 
-    ISLES: trilinear resampling to the crop size, pasted at the bbox into zeros of the native
-    shape; ATLAS/UOA: unchanged (the grids are one).
+    With ``bbox`` in the case's meta (ISLES): trilinear resampling to the crop size, pasted at
+    the bbox into zeros of the native shape; without (ATLAS/UOA): unchanged (the grids are one).
     """
-    if case.bbox is None:
-        if volume.shape != case.reference.shape:
-            raise ValueError(f"{case.case_id}: prediction shape {volume.shape} differs from reference {case.reference.shape}")
+    reference = case.label.data
+    if "bbox" not in case.meta:
+        if volume.shape != reference.shape:
+            raise ValueError(f"{case.case_id}: prediction shape {volume.shape} differs from reference {reference.shape}")
         return volume
-    return uncrop_to_native(volume, case.bbox, case.cropped_shape, case.reference.shape, is_label=False)
+    return uncrop_to_native(volume, case.meta["bbox"], case.meta["cropped_shape"], reference.shape, is_label=False)
 
 
-def score_probability(probability: np.ndarray, case: EvalCase, preset: str, threshold: float = THRESHOLD) -> tuple[np.ndarray, dict]:
+def score_probability(probability: np.ndarray, case: Case, preset: str, threshold: float = THRESHOLD) -> tuple[np.ndarray, dict]:
     """Threshold a foreground probability map and score it against the case's reference.
 
     probability: float (X, Y, Z) on the inference grid (ISLES: the 96³ crop). It is mapped to
@@ -161,8 +162,8 @@ def score_probability(probability: np.ndarray, case: EvalCase, preset: str, thre
     from :func:`strokeseg.core.metrics.case_metrics` plus "ref_voxels" and "pred_voxels").
     """
     prediction = to_scoring_grid(np.asarray(probability, dtype=np.float32), case) >= threshold
-    metrics = case_metrics(prediction, case.reference, case.voxel_volume_ml, preset)
-    metrics["ref_voxels"] = int(np.count_nonzero(case.reference))
+    metrics = case_metrics(prediction, case.label.data, case.label.voxel_volume_ml, preset)
+    metrics["ref_voxels"] = int(np.count_nonzero(case.label.data))
     metrics["pred_voxels"] = int(np.count_nonzero(prediction))
     return prediction, metrics
 
@@ -177,13 +178,14 @@ def score_probability(probability: np.ndarray, case: EvalCase, preset: str, thre
 
 
 
-def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, threshold: float, outputs: CaseOutputs, image: np.ndarray | None) -> dict:
+def _record(case: Case, fold: str, probability: np.ndarray, preset: str, threshold: float, outputs: CaseOutputs, image: np.ndarray | None) -> dict:
     prediction, metrics = score_probability(probability, case, preset, threshold)
     if outputs.nifti_dir is not None:
-        save_nifti(outputs.nifti_dir / fold / f"{case.case_id}.nii.gz", prediction.astype(np.uint8), case.affine)
+        save_nifti(outputs.nifti_dir / fold / f"{case.case_id}.nii.gz", prediction.astype(np.uint8), case.label.affine)
     if outputs.figures is not None and image is not None:
-        z = axial_slice_index(case.reference, prediction)
-        outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
+        reference = case.label.data
+        z = axial_slice_index(reference, prediction)
+        outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], reference[:, :, z], prediction[:, :, z], z)
     row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in csv_columns()[len(_ROW_KEYS):]}}
     return {**row, "lesions": metrics["lesions"]}
 
@@ -211,7 +213,7 @@ def evaluate_case(
     image = display_volume(case) if outputs.figures is not None else None
     rows, total = [], None
     for fold_model in fold_models:
-        probability = predict_probability(case.inputs, fold_model, settings)
+        probability = predict_probability(case.arrays(), fold_model, settings)
         rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, fold_model.contract.threshold, outputs, image))
         total = probability if total is None else total + probability
     if ensemble:

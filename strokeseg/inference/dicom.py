@@ -35,7 +35,8 @@ from scipy import ndimage
 
 from ..core.io import CaseError, atomic_path, one_line, read_json, walk_files, write_json
 from ..core.runner import RunReport, get_logger
-from .prediction import MASK_SUFFIX, SIDECAR_SUFFIX, InputSpec, PredictCase
+from ..core.case import Case
+from .prediction import MASK_SUFFIX, SIDECAR_SUFFIX, InputSpec
 
 __all__ = ["INSTALL", "SERIES_ROLES", "CONVERTED", "MANIFEST", "SEG_SUFFIX", "require_extra", "is_dicom_folder", "series_role",
            "dicom_case_id", "convert_folder", "dicom_input", "frame_voxels", "mask_frames", "write_case_seg", "write_segs"]
@@ -267,21 +268,21 @@ def write_case_seg(mask_path: Path, source: Path, output_dir: Path, model_label:
     return seg_path
 
 
-def write_segs(cases: Mapping[str, PredictCase], report: RunReport, output_dir: Path, model_label: str, version: str) -> dict:
+def write_segs(cases: Mapping[str, Case], report: RunReport, output_dir: Path, model_label: str, version: str) -> dict:
     """:func:`write_case_seg` for each done case and each skipped case without a SEG (its mask
     is unchanged: an existing SEG is kept). Returns {"written": [paths], "failed": {case id: reason}},
     each failure logged on one ERROR line."""
     written, failed = [], {}
     for result in report.results:
         case = cases.get(result.case_id)
-        if case is None or case.source is None or result.status not in ("done", "skipped"):
+        if case is None or case.meta.get("source") is None or result.status not in ("done", "skipped"):
             continue
-        mask_path = output_dir / f"{case.out_stem}{MASK_SUFFIX}"
+        mask_path = output_dir / f"{case.meta['out_stem']}{MASK_SUFFIX}"
         if result.status == "skipped" and mask_path.with_name(mask_path.name.replace(MASK_SUFFIX, SEG_SUFFIX)).is_file():
             continue
         try:
-            sidecar = read_json(output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}")
-            path = write_case_seg(mask_path, case.source, output_dir, model_label, version, sidecar.get("DwiBValue"))
+            sidecar = read_json(output_dir / f"{case.meta['out_stem']}{SIDECAR_SUFFIX}")
+            path = write_case_seg(mask_path, case.meta["source"], output_dir, model_label, version, sidecar.get("DwiBValue"))
         except CaseError as err:
             failed[case.case_id] = one_line(err)
             get_logger().info(f"ERROR {case.case_id}: {failed[case.case_id]}")

@@ -15,20 +15,20 @@ Every choice is returned as a record for the mask's sidecar and logged on one li
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import nibabel as nib
 import numpy as np
 
-from ..core.io import CaseError, NiftiVolume, check_image_content, check_same_grid, load_image, load_nifti, one_line, read_json
+from ..core.case import LABEL, Case, Image
+from ..core.io import CaseError, check_image_content, check_same_grid, load_image, load_nifti, one_line, read_json
 from ..core.geometry import as_binary_mask
 from ..core.runner import get_logger
-from ..datasets.isles import IslesCase, IslesVolumes, read_isles_case
+from ..datasets.isles import isles_case, read_isles_case
 
 __all__ = [
-    "DiffusionItem",
+    "diffusion_case",
     "B0_MAX",
     "read_b_values",
     "select_dwi",
@@ -56,21 +56,17 @@ ADC_LIKE_RATIO = 3.0
 DWI_LIKE_RATIO = 1.8
 
 
-@dataclass(frozen=True)
-class DiffusionItem:
-    """One case of a DWI model to predict: file paths (None when absent; ``adc`` None also when
-    the model reads the DWI alone or the ADC is computed), a discovery ``problem`` (one line),
-    ``root``/``stem`` of the ISLES layouts (for their messages), and ``dwi_volume``: the volume
-    of a 4-D DWI to use (None: by b-value)."""
-
-    case_id: str
-    dwi: Path | None
-    adc: Path | None
-    mask: Path | None
-    problem: str = ""
-    root: Path | None = None
-    stem: str = ""
-    dwi_volume: int | None = None
+def diffusion_case(
+    case_id: str, dwi: Path | None, adc: Path | None, mask: Path | None, problem: str = "",
+    root: Path | None = None, stem: str = "", dwi_volume: int | None = None,
+) -> Case:
+    """One case of a DWI model to predict (:func:`strokeseg.datasets.isles.isles_case`): file
+    paths in ``sources`` (None when absent; ``adc`` None also when the model reads the DWI alone
+    or the ADC is computed), a discovery ``problem`` (one line), ``root``/``stem`` of the ISLES
+    layouts (for their messages) and ``dwi_volume`` in ``meta``: the volume of a 4-D DWI to use
+    (None: by b-value)."""
+    case = isles_case(case_id, dwi, adc, mask, problem, root, stem)
+    return case if dwi_volume is None else case.replace(meta={"dwi_volume": dwi_volume})
 
 
 def _sidecar(path: Path, ext: str) -> Path:
@@ -173,7 +169,7 @@ def adc_unit(median: float, path: Path) -> float:
     raise CaseError(f"{path}: ADC brain median {median:.4g} fits no unit (about 0.0008 in mm²/s, 0.8 in 10⁻³ mm²/s, 800 in 10⁻⁶ mm²/s): not an ADC map?")
 
 
-def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tuple[NiftiVolume | None, dict]:
+def check_dwi_adc(dwi: Image, adc: Image | None, unit: float) -> tuple[Image | None, dict]:
     """Refuse a DWI that looks like an ADC map, and DWI/ADC passed the other way round
     (:func:`adc_likeness` over :func:`brain_region` of the DWI); convert the ADC map to the training
     ``unit`` (mm²/s per value). Returns the ADC (converted; None stays None) and the record
@@ -192,13 +188,13 @@ def check_dwi_adc(dwi: NiftiVolume, adc: NiftiVolume | None, unit: float) -> tup
     found = adc_unit(float(np.median(adc.data[brain])), adc.path)
     record = {"AdcUnit": ADC_UNITS[found]}
     if found != unit:
-        adc = NiftiVolume((adc.data * np.float32(found / unit)).astype(np.float32), adc.affine, adc.zooms, adc.path)
+        adc = Image((adc.data * np.float32(found / unit)).astype(np.float32), adc.affine, adc.zooms, adc.path)
         record["AdcConvertedTo"] = ADC_UNITS.get(unit, f"{unit:g} mm²/s")
     return adc, record
 
 
-def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
-    """A 3-D or 4-D DWI as float32 (X, Y, Z[, N]) and a NiftiVolume of its grid (first volume)."""
+def _load_series(path: Path) -> tuple[np.ndarray, Image]:
+    """A 3-D or 4-D DWI as float32 (X, Y, Z[, N]) and a Image of its grid (first volume)."""
     if not _is_series(path):  # 3-D (or one volume): read and checked as every stage reads it
         volume = load_nifti(path)
         return volume.data, volume
@@ -212,7 +208,7 @@ def _load_series(path: Path) -> tuple[np.ndarray, NiftiVolume]:
     if not np.isfinite(series).all():
         raise CaseError(f"{path}: {int(series.size - np.isfinite(series).sum())} NaN/Inf voxel(s)")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return series, NiftiVolume(series[..., 0], np.asarray(img.affine, dtype=np.float64), zooms, path)
+    return series, Image(series[..., 0], np.asarray(img.affine, dtype=np.float64), zooms, path)
 
 
 def _is_series(path: Path | None) -> bool:
@@ -224,45 +220,54 @@ def _is_series(path: Path | None) -> bool:
     return len(shape) == 4 and shape[3] > 1
 
 
-def _read_dwi(item: DiffusionItem, acquisition: Mapping[str, float]) -> tuple[NiftiVolume, np.ndarray | None, float | None, dict]:
+def _read_dwi(item: Case, acquisition: Mapping[str, float]) -> tuple[Image, np.ndarray | None, float | None, dict]:
     """The DWI to use (3-D, checked), the b=0 mean or None, the DWI's b-value or None, record."""
-    series, grid = _load_series(item.dwi)  # type: ignore[arg-type]
+    path = item.source("dwi")
+    series, grid = _load_series(path)  # type: ignore[arg-type]
     if series.ndim == 3:
         return check_image_content(grid), None, None, {}
-    b_values = read_b_values(item.dwi)  # type: ignore[arg-type]
-    dwi, b0, b, record = select_dwi(series, b_values, float(acquisition["dwi_b_value"]), item.dwi_volume, item.dwi)  # type: ignore[arg-type]
-    return check_image_content(NiftiVolume(dwi, grid.affine, grid.zooms, grid.path)), b0, b, record
+    b_values = read_b_values(path)  # type: ignore[arg-type]
+    dwi, b0, b, record = select_dwi(series, b_values, float(acquisition["dwi_b_value"]), item.meta.get("dwi_volume"), path)  # type: ignore[arg-type]
+    return check_image_content(Image(dwi, grid.affine, grid.zooms, grid.path)), b0, b, record
 
 
-def read_diffusion_case(item: DiffusionItem, needs_adc: bool, acquisition: Mapping[str, float]) -> tuple[IslesVolumes, dict]:
+def read_diffusion_case(item: Case, needs_adc: bool, acquisition: Mapping[str, float]) -> tuple[Case, dict]:
     """Read a case for a model reading DWI (and ADC when ``needs_adc``), checked as the ISLES
     preprocessing stage checks it (:func:`strokeseg.datasets.isles.read_isles_case`, whose
     messages a 3-D DWI with an ADC file gets), plus :func:`check_dwi_adc`. A 4-D DWI gives the
     volume of :func:`select_dwi`; a missing ADC is computed from its b=0 (:func:`compute_adc`).
     ``acquisition``: the contract's ``dwi_b_value`` (s/mm²) and ``adc_unit`` (mm²/s). Returns the
-    volumes and the record for the sidecar; raises :class:`CaseError` (one line naming the file)."""
+    read case (images ``dwi`` and, when ``needs_adc``, ``adc``; the label or None) and the record
+    for the sidecar; raises :class:`CaseError` (one line naming the file)."""
     if item.problem:
         raise CaseError(item.problem)
     unit = float(acquisition["adc_unit"])
-    series = _is_series(item.dwi)
-    if item.dwi is None or (needs_adc and not series and (item.adc is not None or item.root is not None)):
-        volumes = read_isles_case(IslesCase(item.case_id, item.dwi, item.adc if needs_adc else item.dwi, item.mask, "", item.root, item.stem), require_mask=False)
-        adc, record = check_dwi_adc(volumes.dwi, volumes.adc if needs_adc else None, unit)
-        return IslesVolumes(volumes.dwi, adc, volumes.mask), record
+    dwi_path, adc_path, mask_path = item.source("dwi"), item.source("adc"), item.source(LABEL)
+    series = _is_series(dwi_path)
+    if dwi_path is None or (needs_adc and not series and (adc_path is not None or item.meta.get("root") is not None)):
+        pair = item.replace(sources={**item.sources, "adc": adc_path if needs_adc else dwi_path})
+        volumes = read_isles_case(pair, require_mask=False)
+        adc, record = check_dwi_adc(volumes.image("dwi"), volumes.image("adc") if needs_adc else None, unit)
+        return _diffusion_volumes(item, volumes.image("dwi"), adc, volumes.label), record
     dwi, b0, b, record = _read_dwi(item, acquisition)
     adc = None
-    if needs_adc and item.adc is not None:
-        adc = load_image(item.adc)
+    if needs_adc and adc_path is not None:
+        adc = load_image(adc_path)
     elif needs_adc:
         if b0 is None or b is None:
-            raise CaseError(f"{item.dwi}: no ADC map for {item.case_id} and no b=0 volume with b-values in the DWI to compute one: give --adc FILE (or an *_adc file)")
-        adc = NiftiVolume(compute_adc(b0, dwi.data, b, unit), dwi.affine, dwi.zooms, dwi.path)
-        record["AdcSource"] = f"computed ln(S0/Sb)/b from {item.dwi} (b=0 and b={b:g}) in {ADC_UNITS.get(unit, f'{unit:g} mm²/s')}"
-    mask = load_nifti(item.mask, dtype=None) if item.mask is not None else None
+            raise CaseError(f"{dwi_path}: no ADC map for {item.case_id} and no b=0 volume with b-values in the DWI to compute one: give --adc FILE (or an *_adc file)")
+        adc = Image(compute_adc(b0, dwi.data, b, unit), dwi.affine, dwi.zooms, dwi.path)
+        record["AdcSource"] = f"computed ln(S0/Sb)/b from {dwi_path} (b=0 and b={b:g}) in {ADC_UNITS.get(unit, f'{unit:g} mm²/s')}"
+    mask = load_nifti(mask_path, dtype=None) if mask_path is not None else None
     check_same_grid(dwi, "DWI", [v for v in (adc, mask) if v is not None])
     adc, checked = check_dwi_adc(dwi, adc, unit) if "AdcSource" not in record else (adc, {})
-    volumes = IslesVolumes(dwi, adc, None if mask is None else as_binary_mask(mask.data, mask.path))
-    return volumes, {**record, **checked}
+    label = None if mask is None else Image(as_binary_mask(mask.data, mask.path), mask.affine, mask.zooms, mask.path)
+    return _diffusion_volumes(item, dwi, adc, label), {**record, **checked}
+
+
+def _diffusion_volumes(item: Case, dwi: Image, adc: Image | None, label: Image | None) -> Case:
+    """``item`` read: images ``dwi`` (and ``adc`` when not None) and the label."""
+    return item.replace(images={"dwi": dwi, **({} if adc is None else {"adc": adc})}, label=label)
 
 
 def log_record(case_id: str, record: Mapping[str, Any]) -> None:

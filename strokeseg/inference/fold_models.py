@@ -253,7 +253,7 @@ def report_unfinished(labelled: Iterable[tuple[str, FoldModel]], allowed: bool, 
 
 def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
     """Foreground probability float32 (X, Y, Z) on the inference grid of ``inputs`` (npz key ->
-    float32 (X, Y, Z), e.g. :attr:`EvalCase.inputs`), by sliding windows of the model's window
+    float32 (X, Y, Z), e.g. :meth:`strokeseg.core.case.Case.arrays`), by sliding windows of the model's window
     size over the whole input (one whole-volume pass when the window covers it), or over the box
     of its non-zero voxels with ``settings.brain_crop`` (0 outside the box), grown to the
     network's grid (:func:`strokeseg.inference.sliding_window.crop_alignment`). A non-finite

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ..core.io import CaseError, glob_regex, walk_files
-from ..datasets.foundation import DatasetConfig, FoundationItem, case_id_from_filename, discover_foundation_cases
+from ..core.case import LABEL, Case
+from ..datasets.foundation import ID_MARKERS, case_id_from_filename, read_t1w_root, t1w_case
 from ..datasets.isles import discover_isles_cases
 from ..datasets.registry import DatasetSpec, dataset_names, dataset_spec
-from .diffusion import DiffusionItem
+from .diffusion import diffusion_case
 
 if TYPE_CHECKING:
     from .prediction import InputSpec
@@ -112,7 +113,7 @@ def single_case_id(path: Path, key: str, spec: DatasetSpec) -> str:
     ``_<suffix>`` of ``key`` (``sub-01_dwi`` -> ``sub-01``; T1w names by
     :func:`strokeseg.datasets.foundation.case_id_from_filename`), or the folder's name when
     the file name is generic (``patient07/DWI.nii.gz`` -> ``patient07``)."""
-    stem = case_id_from_filename(path.name) if spec.stage == "foundation" else _stem(path.name)
+    stem = case_id_from_filename(path.name, spec.id_markers) if spec.id_markers else _stem(path.name)
     for suffix in dict(spec.bids_suffixes).get(key, ()):
         if stem.lower().endswith(f"_{suffix}") and len(stem) > len(suffix) + 1:
             stem = stem[: -len(suffix) - 1]
@@ -227,8 +228,8 @@ def _folder_cases(root: Path, spec: DatasetSpec, keys: Sequence[str], globs: Map
     raise _nothing_found(root, spec, keys, _looked_for(spec, keys))
 
 
-def diffusion_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, DiffusionItem]:
-    """Case id -> :class:`DiffusionItem` for a DWI model reading ``inputs.input_keys`` (the
+def diffusion_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, Case]:
+    """Case id -> case (:func:`strokeseg.inference.diffusion.diffusion_case`) for a DWI model reading ``inputs.input_keys`` (the
     contract's; empty: the spec's). A folder in the ISLES 2022 layouts is found as the
     preprocessing stage finds it; an ADC map is looked for only when the model reads one."""
     keys = tuple(inputs.input_keys) or spec.input_keys
@@ -239,23 +240,24 @@ def diffusion_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, Diffusion
         case_id = inputs.case_id or single_case_id(inputs.dwi, "dwi", spec)
         given = {"dwi": [inputs.dwi], **({"adc": [inputs.adc]} if inputs.adc is not None and "adc" in keys else {})}
         problem = _problem(case_id, given, ("dwi",), spec, "--dwi")
-        return {case_id: DiffusionItem(case_id, inputs.dwi, wanted(inputs.adc), inputs.mask, problem, dwi_volume=inputs.dwi_volume)}
+        return {case_id: diffusion_case(case_id, inputs.dwi, wanted(inputs.adc), inputs.mask, problem, dwi_volume=inputs.dwi_volume)}
     root, globs = Path(inputs.input_dir), dict(inputs.modalities)
     if not globs and Path(root).is_dir() and bids_cases(root, spec, keys)[1]:
-        return {case.case_id: DiffusionItem(case.case_id, case.dwi, wanted(case.adc), case.mask, case.problem, case.root, case.stem, inputs.dwi_volume)
+        return {case.case_id: diffusion_case(case.case_id, case.source("dwi"), wanted(case.source("adc")), case.source(LABEL), case.problem,
+                                             case.meta.get("root"), case.meta.get("stem", ""), inputs.dwi_volume)
                 for case in discover_isles_cases(root)}
     found, how = _folder_cases(root, spec, keys, globs)
     items = {}
     for case_id, files in sorted(found.values()):
         first = {key: paths[0] if paths else None for key, paths in files.items()}
-        items[case_id] = DiffusionItem(case_id, first.get("dwi"), wanted(first.get("adc")), first.get("mask"),
+        items[case_id] = diffusion_case(case_id, first.get("dwi"), wanted(first.get("adc")), first.get("mask"),
                                        _problem(case_id, files, ("dwi",), spec, how), dwi_volume=inputs.dwi_volume)
     return items
 
 
-def t1w_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, FoundationItem]:
-    """Case id -> :class:`FoundationItem` for a T1w model: a folder by --modality globs, else by
-    the config's or --pattern globs (:func:`strokeseg.datasets.foundation.discover_foundation_cases`),
+def t1w_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, Case]:
+    """Case id -> case (:func:`strokeseg.datasets.foundation.t1w_case`) for a T1w model: a folder
+    by --modality globs, else by the config's or --pattern globs (:func:`strokeseg.datasets.foundation.read_t1w_root`),
     else BIDS or nnU-Net names; or the single ``--image``."""
     keys = tuple(inputs.input_keys) or spec.input_keys
     if inputs.input_dir is None:
@@ -263,13 +265,13 @@ def t1w_items(inputs: InputSpec, spec: DatasetSpec) -> dict[str, FoundationItem]
             raise CaseError(f"this model reads one T1w image ({spec.name}): give --input DIR or --image FILE")
         case_id = inputs.case_id or single_case_id(inputs.image, "image", spec)
         problem = _problem(case_id, {"image": [inputs.image]}, ("image",), spec, "--image")
-        return {case_id: FoundationItem(case_id, spec.name, inputs.image, inputs.mask, problem)}
+        return {case_id: t1w_case(case_id, spec.name, inputs.image, inputs.mask, problem)}
     if inputs.image_pattern and not inputs.modalities:
-        config = DatasetConfig(spec.name, Path(inputs.input_dir), inputs.image_pattern, inputs.mask_pattern)
-        return discover_foundation_cases(config, require_masks=False)
+        markers = spec.id_markers or ID_MARKERS
+        return {case.case_id: case for case in read_t1w_root(Path(inputs.input_dir), spec.name, inputs.image_pattern, inputs.mask_pattern, markers)}
     found, how = _folder_cases(Path(inputs.input_dir), spec, keys, dict(inputs.modalities))
     items = {}
     for case_id, files in sorted(found.values()):
         image, mask = (files.get(key, [None])[0] for key in ("image", "mask"))
-        items[case_id] = FoundationItem(case_id, spec.name, image, mask, _problem(case_id, files, ("image",), spec, how))
+        items[case_id] = t1w_case(case_id, spec.name, image, mask, _problem(case_id, files, ("image",), spec, how))
     return items

@@ -4,8 +4,8 @@ lesion table out (the tables: :mod:`strokeseg.inference.tables`).
 A *model set* is the fold checkpoints of one or more training runs (or model folders written
 by :mod:`strokeseg.export`) sharing one data contract: the dataset whose preprocessing made the
 training data, the input keys in channel order, the threshold and the preprocessing settings.
-Each case is preprocessed by the functions the preprocessing stage runs
-(:func:`strokeseg.datasets.isles.isles_arrays`, :func:`strokeseg.datasets.foundation.normalise_foundation_case`)
+Each case is read (:func:`read_case`), then preprocessed by its dataset's ``prepare``, the
+function the preprocessing stage runs (:attr:`strokeseg.datasets.registry.DatasetSpec.prepare`),
 with the contract's settings, predicted with the mean probability of the fold models
 (:func:`strokeseg.inference.fold_models.predict_probability`, as ``evaluate.py`` does), mapped back to the
 native grid (:func:`strokeseg.core.geometry.uncrop_to_native`, trilinear on probabilities) and
@@ -19,7 +19,7 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -29,17 +29,17 @@ import models
 
 from ..datasets.contract import DataContract, contract_from_checkpoint, preprocessing_differences
 from ..core.geometry import as_binary_mask, uncrop_to_native
-from ..core.io import CaseError, NiftiVolume, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
+from ..core.case import LABEL, Case
+from ..core.case_io import read_images
+from ..core.io import CaseError, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
-from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
-from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
 from .fold_models import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
 from ..core.metrics import PRESETS, case_metrics
 from . import qc
 from .html_report import save_case_overview
 from .uncertainty import STDDEV_SUFFIX, ensemble_mean, fold_probabilities, fold_review, lesion_labels
-from .diffusion import DiffusionItem, log_record, read_diffusion_case
+from .diffusion import log_record, read_diffusion_case
 from .inputs import diffusion_items, t1w_items
 from .model_folders import check_exported, distinct_runs, empty_fold_folders
 
@@ -49,8 +49,6 @@ __all__ = [
     "SIDECAR_SUFFIX",
     "ModelSet",
     "InputSpec",
-    "PredictCase",
-    "PreparedCase",
     "PredictOptions",
     "settings_id",
     "voxel_volume_ml",
@@ -61,6 +59,7 @@ __all__ = [
     "shared_contract",
     "load_model_set",
     "discover_cases",
+    "read_case",
     "prepare_case",
     "lesion_table",
     "predict_case",
@@ -88,16 +87,6 @@ def code_version() -> str:
 # --------------------------------------------------------------------------- models
 
 
-def _isles_settings(block: Mapping[str, Any], source: str | Path) -> tuple[tuple[int, int, int], int]:
-    """(target_shape, margin) of an ISLES contract's preprocessing block; ValueError if invalid."""
-    shape, margin = block.get("target_shape"), block.get("margin")
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ValueError(f"{source}: data contract preprocessing.target_shape must be 3 positive ints, got {shape!r}")
-    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
-        raise ValueError(f"{source}: data contract preprocessing.margin must be an int >= 0, got {margin!r}")
-    return tuple(shape), margin  # type: ignore[return-value]
-
-
 def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
     """The data contract stored in a loaded checkpoint (:func:`strokeseg.datasets.contract.contract_from_checkpoint`),
     checked to hold preprocessing settings prediction can apply.
@@ -113,7 +102,11 @@ def stored_contract(checkpoint: Mapping[str, Any], path: Path) -> DataContract:
     if not contract.preprocessing:
         raise CaseError(f"{path}: data contract records no preprocessing settings (its training data had no run_args.json); prediction cannot reproduce them")
     try:
-        _raw_input(dataset_spec(contract.dataset), path).check(contract.preprocessing, path)
+        spec = dataset_spec(contract.dataset)
+        if spec.prepare is None:
+            raise ValueError(f"{path}: dataset {spec.name} has no prepare function; prediction cannot preprocess its raw data")
+        if spec.validate_settings is not None:
+            spec.validate_settings(contract.preprocessing, f"{path}: data contract")
     except (ValueError, TypeError) as err:
         raise CaseError(one_line(err)) from err
     return contract
@@ -216,16 +209,10 @@ class InputSpec:
     dwi_volume: int | None = None
 
 
-@dataclass(frozen=True)
-class PredictCase:
-    """One case: item holds its paths (mask None when it has no reference); source is the image
-    whose grid and header the outputs take (None when the case has a pairing problem); out_stem
-    the output path without suffix, relative to the output folder."""
-
-    case_id: str
-    item: DiffusionItem | FoundationItem
-    source: Path | None
-    out_stem: Path
+def _grid_source(case: Case, spec: DatasetSpec) -> Path | None:
+    """The image whose grid and header the outputs of ``case`` take: the file of the dataset's
+    first input key (None when the case has a pairing problem)."""
+    return case.source(spec.input_keys[0])
 
 
 def _strip_nii(name: str) -> str:
@@ -252,100 +239,57 @@ def _out_stem(case_id: str, source: Path | None, bids: bool) -> Path:
     return _bids_folder(source) / entities  # type: ignore[operator]
 
 
-def discover_cases(inputs: InputSpec, spec: DatasetSpec) -> tuple[dict[str, PredictCase], bool]:
-    """case id -> :class:`PredictCase`, found as ``spec``'s preprocessing stage finds them (ISLES:
-    layouts A and B; T1w: the glob patterns, paired by case id), and whether the output is a
-    BIDS derivatives tree (a folder input whose every image lies under a ``sub-*`` folder).
-    Masks are optional. Raises :class:`CaseError` when nothing is found."""
-    raw = _raw_input(spec, spec.name)
-    items = raw.items(inputs, spec.name)
-    sources = {case_id: raw.source(item) for case_id, item in items.items()}
+def discover_cases(inputs: InputSpec, spec: DatasetSpec) -> tuple[dict[str, Case], bool]:
+    """case id -> :class:`~strokeseg.core.case.Case` (not read; ``meta``: ``source``, the image
+    whose grid and header the outputs take, None when the case has a pairing problem, and
+    ``out_stem``, the output path without suffix, relative to the output folder), found as ``spec``'s preprocessing stage
+    finds them (ISLES: layouts A and B; T1w: the glob patterns, paired by case id), and whether
+    the output is a BIDS derivatives tree (a folder input whose every image lies under a
+    ``sub-*`` folder). Masks are optional. Raises :class:`CaseError` when nothing is found."""
+    items = diffusion_items(inputs, spec) if _reads_dwi(spec) else t1w_items(inputs, spec)
+    sources = {case_id: _grid_source(item, spec) for case_id, item in items.items()}
     found = [source for source in sources.values() if source is not None]
     bids = inputs.input_dir is not None and bool(found) and all(_bids_folder(source) is not None for source in found)
-    cases = {case_id: PredictCase(case_id, item, sources[case_id], _out_stem(case_id, sources[case_id], bids)) for case_id, item in items.items()}
+    cases = {case_id: item.replace(meta={"source": sources[case_id], "out_stem": _out_stem(case_id, sources[case_id], bids)}) for case_id, item in items.items()}
     return dict(sorted(cases.items())), bids
+
+
+def _reads_dwi(spec: DatasetSpec) -> bool:
+    """Whether the dataset's network reads a DWI: its raw cases may hold a 4-D series and
+    computed or differently scaled ADC maps (:mod:`strokeseg.inference.diffusion`)."""
+    return "dwi" in spec.input_keys
 
 
 # --------------------------------------------------------------------------- one case
 
 
-@dataclass(frozen=True)
-class PreparedCase:
-    """A case ready for the network. inputs: npz key -> float32 (X, Y, Z) on the network grid;
-    bbox (3, 2) [start, stop) and cropped_shape: the native region that grid covers (the whole
-    volume for T1w data); source: the native image (grid, affine, zooms); reference: the lesion
-    mask, bool on the native grid, or None; images: modality -> the native input (X, Y, Z) on
-    the source's grid, for the overview figure (empty: the source's data); record: how the inputs
-    were made (4-D DWI volumes, computed or converted ADC; :mod:`strokeseg.inference.diffusion`),
-    for the mask's sidecar."""
-
-    inputs: dict[str, np.ndarray]
-    bbox: np.ndarray
-    cropped_shape: tuple[int, int, int]
-    source: NiftiVolume
-    reference: np.ndarray | None
-    images: Mapping[str, np.ndarray] = field(default_factory=dict)
-    record: dict = field(default_factory=dict)
+def read_case(case: Case, contract: DataContract) -> tuple[Case, dict]:
+    """Read a discovered case on its native grid for the contract's model: images of the
+    contract's input keys (DWI data through :func:`strokeseg.inference.diffusion.read_diffusion_case`:
+    4-D series, computed or converted ADC) and the reference label when there is one. Returns
+    the case and the record of how its inputs were made (for the mask's sidecar); bad input
+    raises :class:`CaseError` (one line naming the file)."""
+    spec = dataset_spec(contract.dataset)
+    if not _reads_dwi(spec):
+        return read_images(case, contract.input_keys, require_label=False), {}
+    native, record = read_diffusion_case(case, "adc" in contract.input_keys, contract.acquisition or dict(spec.acquisition))
+    log_record(case.case_id, record)
+    return native, record
 
 
-def _prepare_isles(item: DiffusionItem, contract: DataContract) -> PreparedCase:
-    target_shape, margin = _isles_settings(contract.preprocessing, "data contract")
-    volumes, record = read_diffusion_case(item, "adc" in contract.input_keys, contract.acquisition or dict(dataset_spec(contract.dataset).acquisition))
-    log_record(item.case_id, record)
-    arrays = isles_arrays(volumes, target_shape, margin)
-    reference = None if volumes.mask is None else volumes.mask.astype(bool)
-    inputs = {key: arrays[key] for key in contract.input_keys}
-    images = {"dwi": volumes.dwi.data, **({} if volumes.adc is None else {"adc": volumes.adc.data})}
-    return PreparedCase(inputs, arrays["bbox"], tuple(int(s) for s in arrays["cropped_shape"]), volumes.dwi, reference, images, record)  # type: ignore[arg-type]
+def prepare_case(native: Case, contract: DataContract) -> Case:
+    """The network input of a read case: its dataset's ``prepare`` (the preprocessing stage's
+    own) with the contract's settings. Returns a Case on the network grid whose ``meta`` holds
+    ``bbox`` and ``cropped_shape``, the native region it covers."""
+    spec = dataset_spec(contract.dataset)
+    if spec.prepare is None:
+        raise CaseError(f"{native.case_id}: dataset {spec.name} has no prepare function")
+    return spec.prepare(native.replace(label=None), contract.preprocessing)
 
 
-def _prepare_foundation(item: FoundationItem, contract: DataContract) -> PreparedCase:
-    settings = preprocessing_from_dict(contract.preprocessing, "data contract")
-    image, lesion = read_foundation_case(item, require_mask=False)
-    normalised = normalise_foundation_case(image, None, settings, device=None)
-    shape = tuple(int(s) for s in image.data.shape)
-    bbox = np.array([[0, n] for n in shape], dtype=np.int64)
-    return PreparedCase({"image": normalised.image}, bbox, shape, image, None if lesion is None else lesion.astype(bool))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class _RawInput:
-    """How prediction reads new NIfTI cases of one preprocessing stage (a dataset spec's
-    ``stage``): check(preprocessing settings, where) validates a contract's settings;
-    items(inputs, dataset) finds the cases; source(item) is the image whose grid the outputs
-    take; prepare(item, contract) reads and preprocesses one case."""
-
-    check: Callable[[Mapping[str, Any], Any], object]
-    items: Callable[[InputSpec, str], Mapping[str, Any]]
-    source: Callable[[Any], Path | None]
-    prepare: Callable[[Any, DataContract], PreparedCase]
-    images: Callable[[Any], Mapping[str, Path | None]]  # modality -> the image file the network reads
-
-
-_RAW_INPUTS = {
-    "isles": _RawInput(_isles_settings, lambda inputs, dataset: diffusion_items(inputs, dataset_spec(dataset)), lambda item: item.dwi, _prepare_isles,
-                       lambda item: {"dwi": item.dwi, "adc": item.adc}),
-    "foundation": _RawInput(preprocessing_from_dict, lambda inputs, dataset: t1w_items(inputs, dataset_spec(dataset)), lambda item: item.image,
-                            _prepare_foundation, lambda item: {"image": item.image}),
-}
-
-
-def _raw_input(spec: DatasetSpec, where: object) -> _RawInput:
-    raw = _RAW_INPUTS.get(spec.stage)
-    if raw is None:
-        raise CaseError(f"{where}: {spec.name} data comes from the {spec.stage!r} stage; prediction reads raw data of the {sorted(_RAW_INPUTS)} stages")
-    return raw
-
-
-def prepare_case(case: PredictCase, contract: DataContract) -> PreparedCase:
-    """Read and preprocess one case exactly as the contract's preprocessing stage does; bad input
-    raises the stage's :class:`CaseError` (one line naming the file)."""
-    return _raw_input(dataset_spec(contract.dataset), case.case_id).prepare(case.item, contract)
-
-
-def _to_native(prepared: PreparedCase, probability: np.ndarray) -> np.ndarray:
-    """A network-grid probability of ``prepared`` on its native grid (trilinear)."""
-    return uncrop_to_native(probability, prepared.bbox, prepared.cropped_shape, prepared.source.data.shape, is_label=False)
+def _to_native(prepared: Case, shape: tuple[int, int, int], probability: np.ndarray) -> np.ndarray:
+    """A network-grid probability of ``prepared`` on its native grid of ``shape`` (trilinear)."""
+    return uncrop_to_native(probability, prepared.meta["bbox"], prepared.meta["cropped_shape"], shape, is_label=False)
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, voxel_ml: float, connectivity: int) -> list[dict]:
@@ -442,9 +386,9 @@ def _made_with(sidecar: Path, wanted: str) -> bool:
     return _read_sidecar(sidecar).get("SettingsId") == wanted
 
 
-def source_images(case: PredictCase, dataset: str) -> dict[str, Path]:
+def source_images(case: Case, dataset: str) -> dict[str, Path]:
     """Modality -> the image file of ``case`` the network reads (missing ones left out)."""
-    images = _raw_input(dataset_spec(dataset), case.case_id).images(case.item)
+    images = {key: case.source(key) for key in dataset_spec(dataset).input_keys}
     return {key: path for key, path in images.items() if path is not None}
 
 
@@ -471,21 +415,21 @@ def stale_masks(output_dir: Path, wanted: str) -> list[str]:
     return [str(m.relative_to(output_dir)) for m in masks if not _made_with(m.with_name(m.name.replace(MASK_SUFFIX, SIDECAR_SUFFIX)), wanted)]
 
 
-def _finished_case(case: PredictCase, mask_path: Path, model_set: ModelSet, recorded: Mapping[str, Any]) -> CaseResult:
+def _finished_case(case: Case, mask_path: Path, model_set: ModelSet, recorded: Mapping[str, Any]) -> CaseResult:
     """A case whose mask exists: its rows are read back from that mask (and its reference), its
     quality flags and lesion uncertainty from its sidecar ``recorded``."""
     saved = load_nifti(mask_path, dtype=None)
     mask = saved.data.astype(bool)
     reference = None
-    if case.item.mask is not None:
-        stored = load_nifti(case.item.mask, dtype=None)
+    if case.source(LABEL) is not None:
+        stored = load_nifti(case.source(LABEL), dtype=None)
         reference = as_binary_mask(stored.data, stored.path).astype(bool)
     info = _case_info(case.case_id, mask, saved.affine, saved.zooms, reference, model_set)
     qc.annotate_rows(info, recorded)
     return CaseResult(case.case_id, "skipped", reason=f"{mask_path} exists (use --overwrite)", info=info)
 
 
-def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions) -> CaseResult:
+def predict_case(case: Case, model_set: ModelSet, options: PredictOptions) -> CaseResult:
     """Preprocess, predict and write one case: ``<out_stem>_desc-lesion_mask.nii.gz`` (uint8
     {0,1}, the source image's grid, affine and header geometry; written last, so its presence
     marks the case finished) after its sidecar ``_desc-lesion_mask.json`` (source images and their
@@ -497,8 +441,9 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
     (:func:`strokeseg.inference.html_report.save_case_overview`). The quality flags and per-lesion
     uncertainty (:mod:`strokeseg.inference.qc`, :mod:`strokeseg.inference.uncertainty`) go into
     the rows and the sidecar. Returns a :class:`CaseResult` whose info holds its table rows."""
-    mask_path = options.output_dir / f"{case.out_stem}{MASK_SUFFIX}"
-    sidecar = options.output_dir / f"{case.out_stem}{SIDECAR_SUFFIX}"
+    out_stem = case.meta["out_stem"]
+    mask_path = options.output_dir / f"{out_stem}{MASK_SUFFIX}"
+    sidecar = options.output_dir / f"{out_stem}{SIDECAR_SUFFIX}"
     images = source_images(case, model_set.contract.dataset)
     digests = {key: file_digest(path) for key, path in images.items()}
     if mask_path.exists() and not options.overwrite:
@@ -506,32 +451,35 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         _check_same_source(mask_path, recorded, images, digests)
         if recorded.get("SettingsId") == options.settings_id:
             return _finished_case(case, mask_path, model_set, recorded)
-    prepared = prepare_case(case, model_set.contract)
-    folds = fold_probabilities(prepared.inputs, model_set.fold_models, options.settings)
-    probability = _to_native(prepared, ensemble_mean(folds))
+    native, record = read_case(case, model_set.contract)
+    prepared = prepare_case(native, model_set.contract)
+    folds = fold_probabilities(prepared.arrays(model_set.contract.input_keys), model_set.fold_models, options.settings)
+    source = native.first
+    to_native = functools.partial(_to_native, prepared, source.shape)
+    probability = to_native(ensemble_mean(folds))
     mask = probability >= model_set.contract.threshold
-    source = prepared.source
-    info = _case_info(case.case_id, mask, source.affine, source.zooms, prepared.reference, model_set)
+    reference = None if native.label is None else native.label.data.astype(bool)
+    info = _case_info(case.case_id, mask, source.affine, source.zooms, reference, model_set)
     header = nib.load(str(source.path)).header
     connectivity = PRESETS[model_set.spec.preset].connectivity
-    lesions, stddev = fold_review(folds, functools.partial(_to_native, prepared), mask, probability, model_set.contract.threshold, connectivity, options.save_uncertainty)
+    lesions, stddev = fold_review(folds, to_native, mask, probability, model_set.contract.threshold, connectivity, options.save_uncertainty)
     review = {"QcFlags": qc.case_flags(mask, source, header.get_zooms()[:3], model_set.contract), "LesionUncertainty": lesions}
     qc.annotate_rows(info, review)
     if options.save_probabilities:
-        save_nifti(options.output_dir / f"{case.out_stem}{PROB_SUFFIX}", probability.astype(np.float32), source.affine, header)
+        save_nifti(options.output_dir / f"{out_stem}{PROB_SUFFIX}", probability.astype(np.float32), source.affine, header)
     if stddev is not None:
-        save_nifti(options.output_dir / f"{case.out_stem}{STDDEV_SUFFIX}", stddev, source.affine, header)
+        save_nifti(options.output_dir / f"{out_stem}{STDDEV_SUFFIX}", stddev, source.affine, header)
     title = f"{case.case_id}: {info['volume']['lesion_volume_ml']:.2f} ml in {info['volume']['lesion_count']} lesion(s)"
     if info["scores"] is not None:
         title += f", Dice {info['scores']['dice']:.3f}"
-    save_case_overview(options.output_dir / "overlays" / f"{case.case_id}.png", prepared.images or {"image": source.data}, source.affine, mask, prepared.reference, title)
+    save_case_overview(options.output_dir / "overlays" / f"{case.case_id}.png", native.arrays(), source.affine, mask, reference, title)
     write_json(sidecar, {"Sources": [str(path) for path in images.values()], "SourceDigests": digests, "Model": model_set.label,
-                         "Folds": model_set.members, "SettingsId": options.settings_id, **prepared.record, **review})
+                         "Folds": model_set.members, "SettingsId": options.settings_id, **record, **review})
     save_nifti(mask_path, mask.astype(np.uint8), source.affine, header)
     return CaseResult(case.case_id, "done", info=info)
 
 
-def predict_cases(cases: Mapping[str, PredictCase], model_set: ModelSet, options: PredictOptions, workers: int = 1) -> RunReport:
+def predict_cases(cases: Mapping[str, Case], model_set: ModelSet, options: PredictOptions, workers: int = 1) -> RunReport:
     """:func:`predict_case` for every case (in ``workers`` processes; CPU only), failures
     collected as one-line reasons."""
     process = functools.partial(predict_case, model_set=model_set, options=options)

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..datasets.contract import DataContract
-from ..core.io import CaseError, NiftiVolume, read_json
+from ..core.case import Image
+from ..core.io import CaseError, read_json
 from ..core.runner import CaseResult, RunReport
 from ..datasets.foundation import brain_mask_from_image
 
@@ -52,7 +53,7 @@ def _volume_flag(volume_ml: float, quantiles: Mapping[str, float] | None) -> lis
     return [f"lesion_volume_outside_training ({volume_ml:.4g} ml, training {quantiles['min']:.4g} to {quantiles['max']:.4g} ml)"]
 
 
-def case_flags(mask: np.ndarray, source: NiftiVolume, pixdim: Sequence[float], contract: DataContract) -> list[str]:
+def case_flags(mask: np.ndarray, source: Image, pixdim: Sequence[float], contract: DataContract) -> list[str]:
     """The quality flags (module docstring) of a prediction: ``mask`` bool (X, Y, Z) on the grid
     of ``source`` (the image whose grid the outputs take), ``pixdim`` the header's voxel sizes
     (mm, first three). Fingerprint flags only when ``contract.fingerprint`` is not None."""

@@ -15,11 +15,12 @@ from typing import Any
 
 import models
 
+from ..core.case import Case
 from ..core.io import CaseError, write_json
 from ..core.runner import RunReport
 from ..core.stage import Stage
 from ..datasets.splits import load_split
-from .patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
+from .patches import CENTERS_ONLY_KEYS, PATCH_KEYS, extract_case_patches, stored_case
 
 __all__ = ["DEFAULT_PATCH_SIZE", "patch_dir_name", "patch_summary_name", "PatchSettings", "CaseSelection", "select_patch_cases", "patch_stage"]
 
@@ -62,7 +63,7 @@ class CaseSelection:
     fold: int | None = None
 
 
-def select_patch_cases(in_dir: Path, dataset: str, selection: CaseSelection) -> dict[str, PatchItem]:
+def select_patch_cases(in_dir: Path, dataset: str, selection: CaseSelection) -> dict[str, Case]:
     """Case id -> item: every ``<case>.npz`` of ``in_dir``, or the chosen split's cases (an item
     without its .npz fails when processed). Raises :class:`CaseError` for a missing folder or no cases."""
     if not in_dir.is_dir():
@@ -74,7 +75,7 @@ def select_patch_cases(in_dir: Path, dataset: str, selection: CaseSelection) -> 
         wanted = sorted(getattr(load_split(selection.splits_file, selection.fold, dataset), selection.split))
     if not wanted:
         raise CaseError(f"{in_dir}: no cases to process (split {selection.split})")
-    return {c: PatchItem(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
+    return {c: stored_case(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
 
 
 def _kinds(report: RunReport) -> dict[str, list[str]]:

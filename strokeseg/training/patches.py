@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..core.case import Case
 from ..core.geometry import as_binary_mask, crop, foreground_bbox
 from ..core.io import CaseError, load_npz, read_json, save_npz
 from ..core.runner import CaseResult
@@ -28,7 +28,7 @@ from ..core.runner import CaseResult
 __all__ = [
     "PATCH_KEYS",
     "CENTERS_ONLY_KEYS",
-    "PatchItem",
+    "stored_case",
     "case_rng",
     "clamp_centers",
     "lesion_fraction",
@@ -276,14 +276,11 @@ def extract_patches(volume: np.ndarray, centers: np.ndarray, patch_size: int) ->
 # --------------------------------------------------------------------------- one case
 
 
-@dataclass(frozen=True)
-class PatchItem:
-    """One preprocessed case: its ``<case>.npz`` (None when a splits file names a case that has
-    none) and ``<case>_metadata.json`` from ``preprocess_stroke_foundation.py``."""
-
-    case_id: str
-    npz: Path | None
-    metadata: Path
+def stored_case(case_id: str, npz: Path | None, metadata: Path) -> Case:
+    """One preprocessed case to cut patches from: ``sources`` its ``npz`` (``<case>.npz``; None
+    when a splits file names a case that has none) and its ``metadata`` (``<case>_metadata.json``)
+    from ``preprocess_stroke_foundation.py``."""
+    return Case(case_id, sources={"npz": npz, "metadata": metadata})
 
 
 def _skipped(case_id: str, out_path: Path, keys: tuple[str, ...]) -> CaseResult:
@@ -300,34 +297,35 @@ def _skipped(case_id: str, out_path: Path, keys: tuple[str, ...]) -> CaseResult:
     return CaseResult(case_id, "skipped", reason="output exists (use --overwrite)", info={"patch_kind": kind})
 
 
-def _load_case(item: PatchItem) -> tuple[dict[str, np.ndarray], list[float]]:
+def _load_case(item: Case) -> tuple[dict[str, np.ndarray], list[float]]:
     """``image``, ``lesion_mask`` (binary) and ``brain_mask`` (X, Y, Z) of one case, checked, and
     its spacing (mm) from the metadata JSON."""
-    data = load_npz(item.npz, keys=("image", "lesion_mask", "brain_mask"))
-    data["lesion_mask"] = as_binary_mask(data["lesion_mask"], item.npz)
+    npz, metadata = item.source("npz"), item.source("metadata")
+    data = load_npz(npz, keys=("image", "lesion_mask", "brain_mask"))
+    data["lesion_mask"] = as_binary_mask(data["lesion_mask"], npz)
     if len({v.shape for v in data.values()}) != 1 or data["image"].ndim != 3:
         shapes = {k: v.shape for k, v in data.items()}
-        raise CaseError(f"{item.npz}: image, lesion_mask and brain_mask must be equal 3-D shapes, got {shapes}")
-    spacing = read_json(item.metadata).get("spacing")
+        raise CaseError(f"{npz}: image, lesion_mask and brain_mask must be equal 3-D shapes, got {shapes}")
+    spacing = read_json(metadata).get("spacing")
     if not isinstance(spacing, list) or len(spacing) != 3:
-        raise CaseError(f"{item.metadata}: 'spacing' must be a list of 3 numbers (mm), got {spacing!r}")
+        raise CaseError(f"{metadata}: 'spacing' must be a list of 3 numbers (mm), got {spacing!r}")
     return data, spacing
 
 
 def _case_centers(
-    data: dict[str, np.ndarray], item: PatchItem, patch_size: int, max_patches: int, min_overlap: float, rng: np.random.Generator
+    data: dict[str, np.ndarray], item: Case, patch_size: int, max_patches: int, min_overlap: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, str]:
     """Centres (N, 3) int64 of one case and their ``patch_kind`` (see :func:`extract_case_patches`)."""
     if data["lesion_mask"].any():
         centers, fallback = lesion_centers(data["lesion_mask"], max_patches, patch_size, min_overlap, rng)
         return centers, "fallback" if fallback else "lesion"
     if not data["brain_mask"].any():
-        raise CaseError(f"{item.npz}: no lesion and an empty brain_mask: nothing to sample")
+        raise CaseError(f"{item.source('npz')}: no lesion and an empty brain_mask: nothing to sample")
     return tissue_centers(data["brain_mask"], max_patches, patch_size, rng), "tissue"
 
 
 def extract_case_patches(
-    item: PatchItem,
+    item: Case,
     output_dir: Path,
     patch_size: int,
     max_patches: int,
@@ -355,7 +353,7 @@ def extract_case_patches(
     """
     out_path = output_dir / f"{item.case_id}.npz"
     keys = CENTERS_ONLY_KEYS if centers_only else PATCH_KEYS
-    if item.npz is None:
+    if item.source("npz") is None:
         raise CaseError(f"{item.case_id}: listed in the splits file but no {item.case_id}.npz in the input folder")
     if out_path.exists() and not overwrite:
         return _skipped(item.case_id, out_path, keys)
