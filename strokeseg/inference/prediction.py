@@ -34,7 +34,8 @@ from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.foundation import FoundationItem, normalise_foundation_case, preprocessing_from_dict, read_foundation_case
 from ..datasets.isles import isles_arrays
 from ..datasets.registry import DatasetSpec, dataset_spec
-from .fold_models import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
+from .fold_models import FoldModel, discover_checkpoints, load_fold_model
+from .inferer import Inferer
 from ..core.metrics import PRESETS, case_metrics
 from . import qc
 from .html_report import save_case_overview
@@ -409,12 +410,12 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """output_dir: where masks, tables and overlays go; settings: the sliding-window settings;
+    """output_dir: where masks, tables and overlays go; inferer: how the networks run;
     save_probabilities: also write the native-grid probability (float32 NIfTI); overwrite:
     predict cases whose mask exists again (default: keep it and read its rows from it)."""
 
     output_dir: Path
-    settings: InferenceSettings
+    inferer: Inferer
     save_probabilities: bool = False
     overwrite: bool = False
     settings_id: str = ""  # :func:`settings_id` of the models and settings the folder records
@@ -507,7 +508,7 @@ def predict_case(case: PredictCase, model_set: ModelSet, options: PredictOptions
         if recorded.get("SettingsId") == options.settings_id:
             return _finished_case(case, mask_path, model_set, recorded)
     prepared = prepare_case(case, model_set.contract)
-    folds = fold_probabilities(prepared.inputs, model_set.fold_models, options.settings)
+    folds = fold_probabilities(prepared.inputs, model_set.fold_models, options.inferer)
     probability = _to_native(prepared, ensemble_mean(folds))
     mask = probability >= model_set.contract.threshold
     source = prepared.source
