@@ -181,10 +181,11 @@ def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict],
 
 
 def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[dict]:
-    """The --compare pairs on every metric (:func:`strokeseg.evaluation.engine.compare_runs`), one
-    log line each; one that cannot be computed (fewer than 5 paired cases, a run without scores)
-    is a WARNING, not a failure: results.md notes it."""
-    comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].table_metrics, args.bootstrap, args.seed)
+    """The --compare pairs on every metric of the preset (:func:`strokeseg.evaluation.engine.compare_runs`:
+    the primary and the secondary metrics, each a Holm family of its own), one log line each;
+    one that cannot be computed (fewer than 5 paired cases, a run without scores) is a WARNING,
+    not a failure: results.md notes it."""
+    comparisons = ev.compare_runs([tuple(pair) for pair in args.compare], summaries, PRESETS[args.preset].report_metrics, args.bootstrap, args.seed)
     for comp in comparisons:
         if "error" in comp:
             get_logger().info(f"WARNING compare {comp['a']} vs {comp['b']}: not computed ({comp['error']}); noted in results.md")
@@ -210,7 +211,7 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
 def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:
     """per_case.csv, lesions.csv and results.md (printed too) in ``--output-dir``; preset:
     :func:`strokeseg.evaluation.engine.preset_record`; scoring: :func:`strokeseg.evaluation.report.scoring_record`."""
-    write_csv(args.output_dir / "per_case.csv", rows, ev.CSV_COLUMNS)
+    write_csv(args.output_dir / "per_case.csv", rows, ev.csv_columns())
     write_csv(args.output_dir / "lesions.csv", ev.lesion_rows(rows), ev.LESION_COLUMNS)
     good = [summary for summary in summaries.values() if "error" not in summary]
     text = report.results_markdown(args.dataset, good, preset, comparisons, args.split, scoring) if good else "no run could be summarised\n"

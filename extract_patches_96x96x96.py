@@ -25,10 +25,9 @@ import functools
 import sys
 from pathlib import Path
 
-from strokeseg.core.io import CaseError, write_json
-from strokeseg.core.runner import RunReport, add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.datasets.splits import load_split
-from strokeseg.training.patches import CENTERS_ONLY_KEYS, PATCH_KEYS, PatchItem, extract_case_patches
+from strokeseg.core.runner import add_run_arguments
+from strokeseg.core.stage import run_stages
+from strokeseg.training.patch_stage import DEFAULT_PATCH_SIZE, CaseSelection, PatchSettings, patch_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_dir", "--input-dir", type=Path, required=True, help="root holding <dataset>/<case>.npz from the foundation stage")
     parser.add_argument("--output_dir", "--output-dir", type=Path, required=True, help="root where <dataset>_patches_<size>/ folders are created")
     parser.add_argument("--datasets", nargs="+", default=["ATLAS", "UOA_Private"], help="dataset sub-folder names (default ATLAS UOA_Private)")
-    parser.add_argument("--patch_size", "--patch-size", type=int, default=96, help="isotropic patch size in voxels (96 for ResNet-18, 64 for UCTransNet3D)")
+    parser.add_argument("--patch_size", "--patch-size", type=int, default=DEFAULT_PATCH_SIZE, help=f"isotropic patch size in voxels ({DEFAULT_PATCH_SIZE} for ResNet-18, 64 for UCTransNet3D)")
     parser.add_argument("--max_patches", "--max-patches", type=int, default=20, help="most patches per case (default 20)")
     parser.add_argument("--min_lesion_overlap", "--min-lesion-overlap", type=float, default=0.01, help="least lesion fraction (lesion voxels / patch voxels) per patch, in [0, 1] (default 0.01)")
     parser.add_argument("--seed", type=int, default=42, help="seed; each case's draw depends on (seed, case id) only (default 42)")
@@ -54,64 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def select_cases(args: argparse.Namespace, dataset: str) -> dict[str, PatchItem]:
-    """Case id -> item: every ``<case>.npz`` of the dataset folder, or the chosen split's cases."""
-    in_dir = args.input_dir / dataset
-    if not in_dir.is_dir():
-        raise CaseError(f"{in_dir}: dataset folder not found")
-    found = {p.stem: p for p in sorted(in_dir.glob("*.npz")) if not p.name.startswith(".")}
-    if args.split == "all":
-        wanted = sorted(found)
-    else:
-        wanted = sorted(getattr(load_split(args.splits_file, args.fold, dataset), args.split))
-    if not wanted:
-        raise CaseError(f"{in_dir}: no cases to process (split {args.split})")
-    return {c: PatchItem(c, found.get(c), in_dir / f"{c}_metadata.json") for c in wanted}
-
-
-def _kinds(report: RunReport, kind: str) -> list[str]:
-    return sorted(r.case_id for r in report.results if r.info.get("patch_kind") == kind)
-
-
-def patch_settings(args: argparse.Namespace, dataset: str) -> dict:
-    """The settings that shape a patch folder; ``--split/--fold/--splits_file`` only choose cases."""
-    return {
-        "input_dir": str((args.input_dir / dataset).resolve()), "patch_size": args.patch_size, "max_patches": args.max_patches,
-        "min_lesion_overlap": args.min_lesion_overlap, "seed": args.seed, "compressed": args.compress,
-        "centers_only": args.centers_only,
-    }
-
-
-def run_dataset(args: argparse.Namespace, dataset: str) -> int:
-    """Extract the patches of one dataset; returns its exit status. Raises :class:`CaseError`
-    for a run-level problem (no input, an unusable folder, a folder made with other settings)."""
-    log = get_logger()
-    out_dir = args.output_dir / f"{dataset}_patches_{args.patch_size}"
-    cases = select_cases(args, dataset)
-    prepare_output_dir(out_dir)
-    check_settings(out_dir, patch_settings(args, dataset), args.overwrite)
-    write_run_args(out_dir, args)
-    log.info(f"{dataset}: {len(cases)} cases ({args.split}), {args.patch_size}^3 patches, at most {args.max_patches} each -> {out_dir}")
-    process = functools.partial(
-        extract_case_patches, output_dir=out_dir, patch_size=args.patch_size, max_patches=args.max_patches,
-        min_overlap=args.min_lesion_overlap, seed=args.seed, overwrite=args.overwrite, compress=args.compress,
-        centers_only=args.centers_only,
-    )
-    report = run_cases(cases, process, workers=args.workers, desc=dataset)
-    written = sorted(r.case_id for r in report.results if r.status in ("done", "skipped"))
-    write_json(out_dir / "patient_ids.json", written)
-    extra = {
-        "dataset": dataset, "keys": list(CENTERS_ONLY_KEYS if args.centers_only else PATCH_KEYS), "centers_only": args.centers_only, "patch_size": args.patch_size, "max_patches": args.max_patches,
-        "min_lesion_overlap": args.min_lesion_overlap, "seed": args.seed, "split": args.split, "fold": args.fold,
-        "splits_file": args.splits_file, "compressed": args.compress, "border": "windows kept inside the volume; shorter axes padded with 0",
-        "lesion_free": _kinds(report, "tissue"), "fallback": _kinds(report, "fallback"),
-    }
-    return finish(out_dir / f"{dataset}_{args.patch_size}_summary.json", report, extra)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return max(guard_stage(functools.partial(run_dataset, args, dataset)) for dataset in args.datasets)
+    settings = PatchSettings(args.patch_size, args.max_patches, args.min_lesion_overlap, args.seed, args.compress, args.centers_only)
+    selection = CaseSelection(args.split, args.splits_file, args.fold)
+    stages = [functools.partial(patch_stage, args.input_dir, args.output_dir, dataset, settings, selection) for dataset in args.datasets]
+    return run_stages(stages, vars(args), args.workers, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ the 5-digit patient id (visits -100/-101 of one patient stay on one side), datas
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
-from strokeseg.core.io import load_npz
-from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.datasets.brats import BRATS2024, BRATS_KEYS, discover_brats_cases, patient_id, preprocess_brats_case
-from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from strokeseg.core.runner import add_run_arguments
+from strokeseg.core.stage import run_stages
+from strokeseg.datasets.splits import add_rebuild_splits_argument
+from strokeseg.datasets.stages import brats_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,43 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Preprocess every visit (unless ``--rebuild-splits``), then write or keep the splits; the exit status."""
-    settings = {
-        "brats_dir": str(args.brats_dir.resolve()), "target_shape": list(args.target_shape),
-        "test_fraction": args.test_fraction, "seed": args.seed,
-    }
-    if args.rebuild_splits:
-        case_ids, status, voxels = cases_to_rebuild(args.output_dir, settings), 0, {}
-    else:
-        cases = {case.case_id: case for case in discover_brats_cases(args.brats_dir)}
-        prepare_output_dir(args.output_dir)
-        check_settings(args.output_dir, settings, args.overwrite)
-        write_run_args(args.output_dir, args)
-        n_patients = len({c.patient_id for c in cases.values()})
-        get_logger().info(f"{len(cases)} BraTS visits of {n_patients} patients under {args.brats_dir}; target shape {tuple(args.target_shape)}")
-        process = functools.partial(
-            preprocess_brats_case, output_dir=args.output_dir, target_shape=tuple(args.target_shape), overwrite=args.overwrite
-        )
-        report = run_cases(cases, process, workers=args.workers, desc="BraTS")
-        status = finish(args.output_dir / "preprocessing_summary.json", report, {"dataset": BRATS2024.name, "keys": list(BRATS_KEYS)})
-        case_ids, voxels = report.with_output(), {r.case_id: r.info["lesion_voxels"] for r in report.results if "lesion_voxels" in r.info}
-
-    # Tumour volume on the common output grid orders the cases for stratification.
-    def volume(case_id: str) -> float:
-        if case_id in voxels:
-            return voxels[case_id]
-        return load_npz(args.output_dir / f"{case_id}.npz", keys=("mask",))["mask"].sum()
-
-    groups = {case_id: patient_id(case_id) for case_id in case_ids}
-    splits_path = args.output_dir / BRATS2024.splits_name
-    overwrite = args.overwrite or args.rebuild_splits
-    return max(status, write_stage_splits(splits_path, case_ids, volume, BRATS2024.name, args.test_fraction, args.seed, overwrite, groups))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return guard_stage(lambda: run(args))
+    stage = lambda: brats_stage(args.brats_dir, args.output_dir, tuple(args.target_shape), args.test_fraction, args.seed)  # noqa: E731
+    return run_stages([stage], vars(args), args.workers, args.overwrite, args.rebuild_splits)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from strokeseg.core.runner import guard_stage
-from strokeseg.datasets.isles import IslesSettings, add_isles_arguments, preprocess_isles
+from strokeseg.core.stage import run_stages
+from strokeseg.datasets.isles import IslesSettings, add_isles_arguments
+from strokeseg.datasets.stages import isles_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,9 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = IslesSettings(tuple(args.target_shape), args.margin, with_bbox=True, test_fraction=args.test_fraction, seed=args.seed)
-    return guard_stage(lambda: preprocess_isles(
-        args.isles_dir, args.output_dir, settings, args.workers, args.overwrite, vars(args), args.rebuild_splits
-    ))
+    stage = lambda: isles_stage(args.isles_dir, args.output_dir, settings)  # noqa: E731
+    return run_stages([stage], vars(args), args.workers, args.overwrite, args.rebuild_splits)
 
 
 if __name__ == "__main__":

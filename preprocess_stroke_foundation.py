@@ -18,19 +18,12 @@ from pathlib import Path
 
 import torch
 
-from strokeseg.core.io import CaseError, read_json
-from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, guard_stage, prepare_output_dir, run_cases, write_run_args
-from strokeseg.datasets.foundation import (
-    FOUNDATION_KEYS,
-    DatasetConfig,
-    FoundationConfig,
-    discover_foundation_cases,
-    foundation_splits_name,
-    load_config,
-    preprocess_foundation_case,
-)
-from strokeseg.datasets.fingerprint import write_dataset_fingerprint
-from strokeseg.datasets.splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from strokeseg.core.io import CaseError
+from strokeseg.core.runner import add_run_arguments, get_logger
+from strokeseg.core.stage import run_stages
+from strokeseg.datasets.foundation import load_config
+from strokeseg.datasets.splits import add_rebuild_splits_argument
+from strokeseg.datasets.stages import foundation_stage
 
 
 def _name_path(text: str) -> tuple[str, str]:
@@ -53,40 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dataset_settings(dataset: DatasetConfig, config: FoundationConfig, args: argparse.Namespace) -> dict:
-    """The settings that shape ``<output_base_dir>/<name>/`` (``use_gpu`` only picks the device)."""
-    preprocessing = {k: v for k, v in config.as_dict()["preprocessing"].items() if k != "use_gpu"}
-    return {
-        "dataset": dataset.name, "data_dir": str(dataset.data_dir.resolve()), "image_pattern": dataset.image_pattern,
-        "mask_pattern": dataset.mask_pattern, "id_markers": list(dataset.id_markers), "preprocessing": preprocessing,
-        "test_fraction": args.test_fraction, "seed": args.seed,
-    }
-
-
-def run_dataset(dataset: DatasetConfig, config: FoundationConfig, args: argparse.Namespace) -> int:
-    """Preprocess one dataset into ``<output_base_dir>/<name>/`` (or only rebuild its splits);
-    returns its exit status. Raises :class:`CaseError` for a run-level problem."""
-    out_dir = config.output_base_dir / dataset.name
-    if args.rebuild_splits:
-        case_ids, status = cases_to_rebuild(out_dir, dataset_settings(dataset, config, args), "_metadata.json"), 0
-    else:
-        cases = discover_foundation_cases(dataset)
-        prepare_output_dir(out_dir)
-        check_settings(out_dir, dataset_settings(dataset, config, args), args.overwrite)
-        write_run_args(out_dir, {**vars(args), "resolved_config": config.as_dict()})
-        get_logger().info(f"{dataset.name}: {len(cases)} cases under {dataset.data_dir} -> {out_dir}")
-        process = functools.partial(preprocess_foundation_case, output_dir=out_dir, settings=config.preprocessing, overwrite=args.overwrite)
-        report = run_cases(cases, process, workers=args.workers, desc=dataset.name)
-        extra = {"dataset": dataset.name, "keys": list(FOUNDATION_KEYS), "preprocessing": config.as_dict()["preprocessing"]}
-        status = finish(out_dir / f"{dataset.name}_summary.json", report, extra)
-        write_dataset_fingerprint(out_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
-        case_ids = report.with_output()
-    volume = lambda case_id: read_json(out_dir / f"{case_id}_metadata.json")["lesion_ml"]  # noqa: E731
-    splits = out_dir / foundation_splits_name(dataset.name)
-    overwrite = args.overwrite or args.rebuild_splits
-    return max(status, write_stage_splits(splits, case_ids, volume, dataset.name, args.test_fraction, args.seed, overwrite))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = get_logger()
@@ -102,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if config.preprocessing.use_gpu and not torch.cuda.is_available():
         log.info("use_gpu requested but CUDA unavailable; running on CPU")
-    status = 0
-    for dataset in config.datasets:
-        if args.datasets is None or dataset.name in args.datasets:
-            status = max(status, guard_stage(functools.partial(run_dataset, dataset, config, args)))
-    return status
+    chosen = [d for d in config.datasets if args.datasets is None or d.name in args.datasets]
+    stages = [functools.partial(foundation_stage, dataset, config, args.test_fraction, args.seed) for dataset in chosen]
+    run_args = {**vars(args), "resolved_config": config.as_dict()}
+    return run_stages(stages, run_args, args.workers, args.overwrite, args.rebuild_splits)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from strokeseg.datasets.splits import load_split
 from strokeseg.training import engine as training
 from strokeseg.training.augment import augment_preset
 from strokeseg.training.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.training.patch_stage import patch_dir_name
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
 
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.splits_file is None:
         args.splits_file = args.data_dir / args.dataset / dataset_spec(args.dataset).splits_name
     if args.patch_dir is None:
-        args.patch_dir = args.data_dir / f"{args.dataset}_patches_{args.patch_size}"
+        args.patch_dir = args.data_dir / patch_dir_name(args.dataset, args.patch_size)
     return args
 
 

@@ -109,6 +109,7 @@ def test_case_metrics_agree_with_single_metrics(preset):
         "abs_volume_diff_ml": ml,
         "lesion_f1": lesion_f1(pred, ref, connectivity, PRESETS[preset].match_iou),
         "abs_lesion_count_diff": lesion_count_difference(pred, ref, connectivity),
+        "precision": np.count_nonzero(pred & ref) / np.count_nonzero(pred),
         "preset": preset,
         "connectivity": connectivity,
         "match_iou": PRESETS[preset].match_iou,

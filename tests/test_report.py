@@ -153,10 +153,10 @@ def test_write_figures_draws_selected_pngs(tmp_path: Path) -> None:
 
 
 def test_tables_and_csv_columns_derive_from_the_metrics_table() -> None:
-    from strokeseg.evaluation.engine import CSV_COLUMNS
+    from strokeseg.evaluation.engine import csv_columns
     from strokeseg.core.metrics import METRICS, PRESETS
 
-    assert [c for c in CSV_COLUMNS if c in METRICS] == list(METRICS)
+    assert [c for c in csv_columns() if c in METRICS] == list(METRICS)
     assert PRESETS["isles22"].table_metrics == ("dice", "abs_volume_diff_ml", "lesion_f1", "abs_lesion_count_diff")
     run = _run("a", "Scratch", [0, 1], [[0.4, 0.6], [0.6, 0.8]])
     header = report.details_table([run], PRESETS["atlas22"].table_metrics).splitlines()[0]

@@ -4,13 +4,16 @@ A plan is the experiment grid as data: stages, each one stage script with its ar
 folds it runs (one task per fold), the resources a task asks for and the stages it needs. It is
 built from one JSON file (``ablation.json`` at the repository root: the paper's grid with
 placeholder paths; relative paths are relative to that file), validated completely first (an
-invalid entry is one ERROR line naming its key, exit 2). Two executors run the same plan:
+invalid entry is one ERROR line naming its key, exit 2). Each stage's command, outputs and
+settings check come from its script's declaration (:mod:`strokeseg.stages`), never from flags or
+paths typed here. Two executors run the same plan:
 
 - :func:`run_local`: subprocesses on this machine, as many at once as the CPU (and GPU) budget
   allows, after checking that no input path is a placeholder or missing. A task is complete
   when its outputs say so (:func:`is_complete`) and its record ``<task>.plan.json`` beside them
   holds the settings the grid gives it now (:func:`task_state`: resolved arguments, comparison
-  pairs, epochs, and its inputs' records). A rerun skips complete tasks, redoes stale ones
+  pairs, epochs, and its inputs' records), and the stage's own ``run_args.json`` records the
+  declared settings the plan asks for (:func:`settings_mismatches`). A rerun skips complete tasks, redoes stale ones
   (recorded with other settings) with ``--overwrite``, and continues the rest (training resumes
   its ``last.pth``: every training task has ``--resume-if-exists``). The stages' WARNING and
   ERROR lines are printed; a preprocessing task that leaves cases in no fold fails.
@@ -38,10 +41,10 @@ import torch
 
 from ..core.io import CaseError
 from .local import run_local
-from .plan import FOLD, FOLDERS, REPO, Plan, Resources, Stage, Task, build_plan, command, input_problems, is_complete, load_plan, record_path, record_text, task_state
+from .plan import FOLD, FOLDERS, REPO, Plan, Resources, Stage, Task, build_plan, command, input_problems, is_complete, load_plan, record_path, record_text, settings_mismatches, task_state
 from .slurm import emit_slurm
 
-__all__ = ["FOLD", "FOLDERS", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "is_complete", "task_state", "record_path", "record_text",
+__all__ = ["FOLD", "FOLDERS", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "is_complete", "task_state", "record_path", "record_text", "settings_mismatches",
            "command", "run_local", "emit_slurm", "main"]
 
 

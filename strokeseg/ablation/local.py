@@ -13,7 +13,7 @@ from typing import Any
 from ..core.io import write_text
 from ..core.runner import get_logger
 from ..datasets.splits import IN_NO_FOLD
-from .plan import FOLDERS, REDO_FLAG, REPO, Plan, Task, command, record_path, record_text, task_state
+from .plan import FOLDERS, REDO_FLAG, REPO, Plan, Task, command, record_path, record_text, settings_mismatches, task_state
 
 __all__ = ["run_local"]
 
@@ -37,6 +37,8 @@ def _launch(plan: Plan, task: Task, redo: bool, cpus: int, gpus: list[int] | Non
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     if redo:
+        for problem in settings_mismatches(task):
+            get_logger().info(f"{task.key}: {problem}")
         record_path(task).unlink(missing_ok=True)
         get_logger().info(f"{task.key}: settings changed since it completed; redone with {REDO_FLAG}")
     log = open(plan.work_dir / FOLDERS["logs"] / f"{task.key}.log", "a")

@@ -1,6 +1,8 @@
 """The ablation plan as data: stages, tasks, their dependencies and commands, built from the
-grid (``ablation.json``), and when a task is complete: its outputs say so (:func:`is_complete`)
-and its record (:func:`record_path`) holds the settings the grid now gives it (:func:`task_state`).
+grid (``ablation.json``) and the stages' declarations (:mod:`strokeseg.stages`: each script's
+flags, outputs and settings record), and when a task is complete: its outputs say so
+(:func:`is_complete`), its record (:func:`record_path`) holds the settings the grid now gives it
+and the stage's own record of its settings agrees (:func:`task_state`).
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -16,13 +18,14 @@ import models
 
 from ..core.io import CaseError, read_json
 from ..evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
+from ..datasets.registry import dataset_spec
+from ..stages import BEST_CHECKPOINT, FOLD, REDO_FLAG, RUN_ONLY, STAGES, StageDecl
 from .grid import PLACEHOLDER, validate_grid
 
 __all__ = ["FOLD", "FOLDERS", "REPO", "Resources", "Stage", "Task", "Plan", "build_plan", "load_plan", "input_problems", "is_complete",
-           "task_state", "task_record", "record_text", "record_path", "command"]
+           "task_state", "task_record", "record_text", "record_path", "command", "settings_mismatches"]
 
 REPO = Path(__file__).resolve().parents[2]
-FOLD = "{fold}"  # stands for the fold in a per-fold stage's arguments
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Stage:
     ``{fold}`` replaced, is a summary JSON with ``n_failed`` 0), ``"training"`` (outputs[0] is the run folder;
     ``fold_<k>/best_model.pth`` exists and ``fold_<k>/last.pth`` finished ``epochs`` epochs) or
     ``"evaluation"`` (outputs[0] is evaluate.py's summary.json, successful, of the inputs as they are now).
+    A planned stage is made from its script's declaration ``decl`` (:data:`strokeseg.stages.STAGES`)
+    and ``settings`` (flag dest -> value): args, done and outputs come from them, and the stage's
+    own settings record is checked against them (:func:`settings_mismatches`).
     """
 
     name: str
@@ -59,6 +65,8 @@ class Stage:
     needs: tuple[str, ...] = ()
     needs_fold: tuple[str, ...] = ()
     epochs: int = 0
+    settings: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    decl: StageDecl | None = field(default=None, hash=False)
 
     def argv(self, fold: int | None) -> list[str]:
         """The arguments of the task of ``fold`` (None for a stage that runs once)."""
@@ -132,7 +140,7 @@ def _summaries_done(stage: Stage, fold: int | None) -> bool:
 
 def _training_done(stage: Stage, fold: int | None) -> bool:
     fold_dir = Path(stage.outputs[0]) / f"fold_{fold}"
-    if not (fold_dir / "best_model.pth").is_file() or not (fold_dir / "last.pth").is_file():
+    if not (fold_dir / BEST_CHECKPOINT).is_file() or not (fold_dir / "last.pth").is_file():
         return False
     try:
         last = models.load_checkpoint(fold_dir / "last.pth", mmap=True)  # the weights stay on disk
@@ -164,10 +172,6 @@ def is_complete(task: Task) -> bool:
 
 
 # --------------------------------------------------------------------------- what made a task complete
-
-RUN_ONLY = {"--workers": 1, "--resume-if-exists": 0, "--overwrite": 0}  # flag -> values: how a task runs, not what it makes
-REDO_FLAG = "--overwrite"  # every stage script's flag to redo outputs made with other settings
-
 
 def settings_args(argv: Sequence[str]) -> list[str]:
     """``argv`` less the flags of :data:`RUN_ONLY` (and their values)."""
@@ -202,10 +206,19 @@ def record_path(task: Task) -> Path:
     return Path(task.stage.outputs[0].replace(FOLD, str(task.fold))).parent / f"{task.key}.plan.json"
 
 
+def settings_mismatches(task: Task) -> list[str]:
+    """Where the stage's own settings records (its run_args.json, :meth:`StageDecl.mismatches`)
+    disagree with the settings the plan gives ``task``; empty for an undeclared stage."""
+    return task.stage.decl.mismatches(task.stage.settings, task.fold) if task.stage.decl else []
+
+
 def task_state(plan: Plan, task: Task) -> str:
-    """``"complete"``: outputs complete (:func:`is_complete`) and recorded with the grid's current
-    settings; ``"stale"``: recorded with other settings (its redo passes ``--overwrite``);
-    ``"pending"``: otherwise (not run, unfinished, or finished without a record)."""
+    """``"complete"``: outputs complete (:func:`is_complete`), recorded with the grid's current
+    settings, and the stage's own records agree (:func:`settings_mismatches`); ``"stale"``:
+    outputs recorded (by the plan or the stage) with other settings (its redo passes
+    ``--overwrite``); ``"pending"``: otherwise (not run, unfinished, or finished without a record)."""
+    if settings_mismatches(task):
+        return "stale"
     try:
         recorded = record_path(task).read_text()
     except OSError:
@@ -249,11 +262,12 @@ def _extra(config: Mapping[str, Any], kind: str, arch: str | None = None) -> lis
     return [str(v) for v in _per_arch(config, "args", kind, arch, [])]
 
 
-def _training_args(config: Mapping[str, Any], kind: str, arch: str, res: Resources, epochs: int) -> list[str]:
-    """The flags every training task gets: fold, epochs, the grid's extra flags (all training,
-    then this kind's), DataLoader workers (the task's CPUs less one per GPU rank) and resuming."""
-    workers = max(res.cpus // max(res.gpus, 1) - 1, 0)
-    return ["--fold", FOLD, "--epochs", str(epochs), *_extra(config, "train"), *_extra(config, kind, arch), "--workers", str(workers), "--resume-if-exists"]
+def _declared(name: str, script: str, settings: Mapping[str, Any], extra: Sequence[str], res: Resources, **plan: Any) -> Stage:
+    """The stage ``name`` of ``script``'s declaration (:data:`strokeseg.stages.STAGES`) with
+    ``settings`` (flag dest -> value) and the grid's ``extra`` arguments; ``plan``: folds,
+    needs, needs_fold, epochs."""
+    decl = STAGES[script]
+    return Stage(name, script, decl.argv(settings, extra), res, decl.done, decl.outputs(settings), settings=dict(settings), decl=decl, **plan)
 
 
 def _brats_archs(config: Mapping[str, Any]) -> list[str]:
@@ -264,28 +278,27 @@ def _brats_archs(config: Mapping[str, Any]) -> list[str]:
     return [arch for arch in config["architectures"] if arch in wanted]
 
 
-def _per_case(name: str, script: str, args: list[str], res: Resources, summaries: list[Path], needs: tuple[str, ...] = ()) -> Stage:
-    return Stage(name, script, (*args, "--workers", str(res.cpus)), res, "summaries", tuple(map(str, summaries)), needs=needs)
+def _per_case(name: str, script: str, settings: dict[str, Any], extra: list[str], res: Resources, needs: tuple[str, ...] = ()) -> Stage:
+    """A per-case stage of ``script``, with ``--workers`` its CPUs."""
+    return _declared(name, script, {**settings, "workers": res.cpus}, extra, res, needs=needs)
 
 
 def _preprocessing(config: Mapping[str, Any], base: Path, work: Path) -> list[Stage]:
     """ISLES (training and evaluation), BraTS and foundation preprocessing, then patches."""
     res, data, stages = _resources(config, "preprocess"), config["data"], []
     if config["isles"]["arms"]:
-        isles_in = ["--isles-dir", str(base / data["isles"]), *_extra(config, "preprocess_isles")]
         for name, folder in (("preprocess_v2_isles", "isles_train"), ("preprocess_isles_WITH_BBOX", "isles_eval")):
-            out = work / FOLDERS[folder]
-            stages.append(_per_case(name, f"{name}.py", [*isles_in, "--output-dir", str(out)], res, [out / "preprocessing_summary.json"]))
+            settings = {"isles_dir": str(base / data["isles"]), "output_dir": str(work / FOLDERS[folder])}
+            stages.append(_per_case(name, f"{name}.py", settings, _extra(config, "preprocess_isles"), res))
     if _brats_archs(config):
-        out = work / FOLDERS["brats"]
-        args = ["--brats-dir", str(base / data["brats"]), "--output-dir", str(out), *_extra(config, "preprocess_brats")]
-        stages.append(_per_case("preprocess_brats2024_t2flair", "preprocess_brats2024_t2flair.py", args, res, [out / "preprocessing_summary.json"]))
+        settings = {"brats_dir": str(base / data["brats"]), "output_dir": str(work / FOLDERS["brats"])}
+        stages.append(_per_case("preprocess_brats2024_t2flair", "preprocess_brats2024_t2flair.py", settings, _extra(config, "preprocess_brats"), res))
     datasets = list(config["stroke"]["datasets"])
     if datasets:
-        out = work / FOLDERS["foundation"]
-        args = ["--config", str(base / data["foundation_config"]), "--output-base-dir", str(out), "--datasets", *datasets, *_extra(config, "preprocess_foundation")]
-        stages.append(_per_case("preprocess_stroke_foundation", "preprocess_stroke_foundation.py", args, res, [out / d / f"{d}_summary.json" for d in datasets]))
-        stages += _patch_stages(config, out, datasets)
+        foundation = work / FOLDERS["foundation"]
+        settings = {"config": str(base / data["foundation_config"]), "output_base_dir": str(foundation), "datasets": datasets}
+        stages.append(_per_case("preprocess_stroke_foundation", "preprocess_stroke_foundation.py", settings, _extra(config, "preprocess_foundation"), res))
+        stages += _patch_stages(config, foundation, datasets)
     return stages
 
 
@@ -294,35 +307,37 @@ def _patch_stages(config: Mapping[str, Any], foundation: Path, datasets: list[st
     res, stages = _resources(config, "extract_patches"), {}
     for spec in config["architectures"].values():
         size = int(spec["patch_size"])
-        args = ["--input_dir", str(foundation), "--output_dir", str(foundation), "--datasets", *datasets, "--patch_size", str(size),
-                "--min_lesion_overlap", str(spec["min_lesion_overlap"]), *_extra(config, "extract_patches")]
-        summaries = [foundation / f"{d}_patches_{size}" / f"{d}_{size}_summary.json" for d in datasets]
-        stage = _per_case(f"extract_patches_{size}", "extract_patches_96x96x96.py", args, res, summaries, ("preprocess_stroke_foundation",))
+        settings = {"input_dir": str(foundation), "output_dir": str(foundation), "datasets": datasets,
+                    "patch_size": size, "min_lesion_overlap": spec["min_lesion_overlap"]}
+        stage = _per_case(f"extract_patches_{size}", "extract_patches_96x96x96.py", settings, _extra(config, "extract_patches"), res, ("preprocess_stroke_foundation",))
         if stages.setdefault(size, stage) != stage:
             raise ValueError(f"architectures share patch size {size} but differ in min_lesion_overlap")
     return list(stages.values())
 
 
-def _training(config: Mapping[str, Any], kind: str, arch: str, run: Path, script: str, args: list[str], needs: tuple[str, ...], needs_fold: tuple[str, ...]) -> Stage:
-    """A per-fold training stage named ``train_<run folder>``."""
+def _training(config: Mapping[str, Any], kind: str, arch: str, script: str, settings: Mapping[str, Any], needs: tuple[str, ...], needs_fold: tuple[str, ...]) -> Stage:
+    """A per-fold training stage named ``train_<run folder>``: ``settings`` plus what every
+    training task gets (fold, epochs, DataLoader workers: the task's CPUs less one per GPU rank,
+    resuming) and the grid's extra flags (all training, then this kind's)."""
     res = _resources(config, kind)
     epochs = int(_per_arch(config, "epochs", kind, arch, None))
-    return Stage(f"train_{run.name}", script, (*args, *_training_args(config, kind, arch, res, epochs)), res, "training", (str(run),),
-                 tuple(config["folds"]), needs, needs_fold, epochs)
+    run = dict(settings, fold=FOLD, epochs=epochs, workers=max(res.cpus // max(res.gpus, 1) - 1, 0), resume_if_exists=True)
+    extra = [*_extra(config, "train"), *_extra(config, kind, arch)]
+    return _declared(f"train_{Path(settings['output_dir']).name}", script, run, extra, res,
+                     folds=tuple(config["folds"]), needs=needs, needs_fold=needs_fold, epochs=epochs)
 
 
 def _pretrained(runs: Path, arch: str) -> str:
     """The BraTS checkpoint a fold fine-tunes from: the same fold (the paper's pairing)."""
-    return str(runs / f"brats_{arch}" / f"fold_{FOLD}" / "best_model.pth")
+    return str(runs / f"brats_{arch}" / f"fold_{FOLD}" / BEST_CHECKPOINT)
 
 
 def _brats_training(config: Mapping[str, Any], work: Path) -> list[Stage]:
     runs, data = work / FOLDERS["runs"], work / FOLDERS["brats"]
     stages = []
     for arch in _brats_archs(config):
-        run = runs / f"brats_{arch}"
-        args = ["--brats-dir", str(data), "--output-dir", str(run), "--arch", arch, "--patch-size", str(config["architectures"][arch]["patch_size"])]
-        stages.append(_training(config, "train_brats", arch, run, "train_brats_uctransnet3d.py", args, ("preprocess_brats2024_t2flair",), ()))
+        settings = {"brats_dir": str(data), "output_dir": str(runs / f"brats_{arch}"), "arch": arch, "patch_size": config["architectures"][arch]["patch_size"]}
+        stages.append(_training(config, "train_brats", arch, "train_brats_uctransnet3d.py", settings, ("preprocess_brats2024_t2flair",), ()))
     return stages
 
 
@@ -331,12 +346,11 @@ def _isles_training(config: Mapping[str, Any], work: Path) -> dict[str, Stage]:
     fold k needs BraTS fold k."""
     runs, arch, stages = work / FOLDERS["runs"], config["isles"]["pretrain_arch"], {}
     for strategy, init in config["isles"]["arms"]:
-        run = runs / f"isles_{strategy}_{init}"
         pretrained = init != "scratch"
-        init_args = ["--init", init, *(["--pretrain-ckpt", _pretrained(runs, arch)] if pretrained else [])]
-        args = ["--isles-dir", str(work / FOLDERS["isles_train"]), "--output-dir", str(run), "--strategy", strategy, *init_args]
+        settings = {"isles_dir": str(work / FOLDERS["isles_train"]), "output_dir": str(runs / f"isles_{strategy}_{init}"), "strategy": strategy,
+                    "init": init, "pretrain_ckpt": _pretrained(runs, arch) if pretrained else None}
         needs_fold = (f"train_brats_{arch}",) if pretrained else ()
-        stages[f"{strategy}_{init}"] = _training(config, "train_isles", arch, run, "train_isles_resnet18.py", args, ("preprocess_v2_isles",), needs_fold)
+        stages[f"{strategy}_{init}"] = _training(config, "train_isles", arch, "train_isles_resnet18.py", settings, ("preprocess_v2_isles",), needs_fold)
     return stages
 
 
@@ -346,24 +360,22 @@ def _stroke_training(config: Mapping[str, Any], work: Path, dataset: str) -> dic
     runs, foundation, stages = work / FOLDERS["runs"], work / FOLDERS["foundation"], {}
     for arch, spec in config["architectures"].items():
         for arm in config["stroke"]["arms"]:
-            run = runs / f"{dataset.lower()}_{arch}_{arm}"
             pretrained = arm != "scratch"
-            args = ["--dataset", dataset, "--data-dir", str(foundation), "--arch", arch, "--output-dir", str(run), "--patch-size", str(spec["patch_size"])]
-            args += ["--pretrain-ckpt", _pretrained(runs, arch)] if pretrained else []
+            settings = {"dataset": dataset, "data_dir": str(foundation), "arch": arch, "output_dir": str(runs / f"{dataset.lower()}_{arch}_{arm}"),
+                        "patch_size": spec["patch_size"], "pretrain_ckpt": _pretrained(runs, arch) if pretrained else None}
             needs = ("preprocess_stroke_foundation", f"extract_patches_{spec['patch_size']}")
-            stages[f"{arch}_{arm}"] = _training(config, "train_stroke", arch, run, "train_stroke.py", args, needs, (f"train_brats_{arch}",) if pretrained else ())
+            stages[f"{arch}_{arm}"] = _training(config, "train_stroke", arch, "train_stroke.py", settings, needs, (f"train_brats_{arch}",) if pretrained else ())
     return stages
 
 
-def _evaluation(config: Mapping[str, Any], work: Path, dataset: str, runs: Mapping[str, Stage], data_args: list[str], data_stage: str) -> Stage:
-    """``evaluate.py`` of one dataset over its runs (``--run label=folder``), with the grid's
-    ``compare`` pairs of that dataset; needs every fold of every run and ``data_stage``."""
-    out = work / FOLDERS["results"] / dataset
-    run_args = [arg for label, stage in runs.items() for arg in ("--run", f"{label}={stage.outputs[0]}")]
-    compare_args = [arg for pair in config.get("compare", {}).get(dataset, []) for arg in ("--compare", *pair)]
-    args = ["--dataset", dataset, *data_args, *run_args, *compare_args, *_extra(config, "evaluate"), "--output-dir", str(out)]
+def _evaluation(config: Mapping[str, Any], work: Path, dataset: str, runs: Mapping[str, Stage], data: Mapping[str, str], data_stage: str) -> Stage:
+    """``evaluate.py`` of one dataset (``data``: its data_dir, splits_file) over its runs
+    (``--run label=folder``), with the grid's ``compare`` pairs of that dataset; needs every fold
+    of every run and ``data_stage``."""
+    settings = {"dataset": dataset, **data, "run": [f"{label}={stage.outputs[0]}" for label, stage in runs.items()],
+                "compare": [list(pair) for pair in config.get("compare", {}).get(dataset, [])], "output_dir": str(work / FOLDERS["results"] / dataset)}
     needs = (data_stage, *(stage.name for stage in runs.values()))
-    return Stage(f"evaluate_{dataset}", "evaluate.py", tuple(args), _resources(config, "evaluate"), "evaluation", (str(out / "summary.json"),), needs=needs)
+    return _declared(f"evaluate_{dataset}", "evaluate.py", settings, _extra(config, "evaluate"), _resources(config, "evaluate"), needs=needs)
 
 
 def build_plan(config: Mapping[str, Any], base: Path, config_path: Path) -> Plan:
@@ -374,12 +386,11 @@ def build_plan(config: Mapping[str, Any], base: Path, config_path: Path) -> Plan
     stages = _preprocessing(config, base, work) + _brats_training(config, work)
     isles = _isles_training(config, work)
     if isles:
-        isles_data = ["--data-dir", str(work / FOLDERS["isles_eval"]), "--splits-file", str(work / FOLDERS["isles_train"] / "isles2022_splits_5fold.json")]
+        isles_data = {"data_dir": str(work / FOLDERS["isles_eval"]), "splits_file": str(work / FOLDERS["isles_train"] / dataset_spec("ISLES2022").splits_name)}
         stages += [*isles.values(), _evaluation(config, work, "ISLES2022", isles, isles_data, "preprocess_isles_WITH_BBOX")]
     for dataset in config["stroke"]["datasets"]:
         runs = _stroke_training(config, work, dataset)
-        data_args = ["--data-dir", str(work / FOLDERS["foundation"])]
-        stages += [*runs.values(), _evaluation(config, work, dataset, runs, data_args, "preprocess_stroke_foundation")]
+        stages += [*runs.values(), _evaluation(config, work, dataset, runs, {"data_dir": str(work / FOLDERS["foundation"])}, "preprocess_stroke_foundation")]
     check_order(stages)
     data, used = config["data"], {"isles": bool(isles), "brats": bool(_brats_archs(config)), "foundation_config": bool(config["stroke"]["datasets"])}
     return Plan(tuple(stages), work, config_path, tuple(base / data[key] for key, needed in used.items() if needed))

@@ -11,6 +11,7 @@ Paths are never written into ``#SBATCH`` lines (SLURM does not read shell quotin
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.io import write_text
+from ..stages import MISMATCH_EXIT
 from .plan import FOLD, FOLDERS, REDO_FLAG, REPO, Plan, Stage, Task, record_path, record_text
 
 __all__ = ["emit_slurm", "JOBS_FILE"]
@@ -54,6 +56,19 @@ def _records(stage: Stage, plan: Plan) -> list[str]:
     return ['case "$FOLD" in', *cases, '    *) echo "fold $FOLD is not one of this stage\'s folds" >&2; exit 2 ;;', "esac"]
 
 
+def _settings_check(stage: Stage) -> list[str]:
+    """Shell lines of a declared stage (none otherwise): when the stage's own settings records
+    (its run_args.json) disagree with the plan's settings (``python -m strokeseg.stages --check``),
+    the task's record is marked stale, so :data:`REDO` redoes it with ``--overwrite``; a check
+    that cannot run leaves the task as it is."""
+    if stage.decl is None:
+        return []
+    settings, fold = shlex.quote(json.dumps(stage.settings, sort_keys=True)), '"$FOLD"' if stage.folds else "-"
+    return [f'if "$PYTHON" -m strokeseg.stages --check {shlex.quote(stage.decl.script)} {settings} {fold}; then :',
+            f'elif [ $? -eq {MISMATCH_EXIT} ]; then printf \'stale\\n\' > "$RECORD_FILE"  # the stage\'s outputs were made with other settings',
+            'else echo "WARNING the check of the stage\'s recorded settings did not run" >&2', 'fi']
+
+
 REDO = f'''if [ -f "$RECORD_FILE" ] && [ "$(cat "$RECORD_FILE")" != "$RECORD" ]; then
     echo "$(date +%T) the task's settings changed since it completed: redone with {REDO_FLAG}"
     rm -f "$RECORD_FILE"  # a preempted redo then resumes as a plain pending task
@@ -85,7 +100,7 @@ def _sbatch_script(stage: Stage, plan: Plan, python: str) -> str:
     if stage.folds:
         head.append('FOLD=${SLURM_ARRAY_TASK_ID:?"run as an array task (sbatch) or set SLURM_ARRAY_TASK_ID to the fold"}')
     resume = "--resume-if-exists" in stage.args
-    head += [*_records(stage, plan), f"MODE=({'--resume-if-exists' if resume else ''})", REDO]
+    head += [*_records(stage, plan), *_settings_check(stage), f"MODE=({'--resume-if-exists' if resume else ''})", REDO]
     launcher = '"$PYTHON"' + (f" -m torch.distributed.run --standalone --nproc_per_node {res.gpus}" if res.gpus > 1 else "")
     args = [arg for arg in stage.args if arg != "--resume-if-exists"]
     return "\n".join(head) + f'\nrequeueable {launcher} {_shell_args([stage.script, *args])} \\\n    ${{MODE[@]+"${{MODE[@]}}"}}\n' + RECORD

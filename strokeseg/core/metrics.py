@@ -4,13 +4,15 @@ Every metric takes a prediction P and a reference G as boolean arrays of one sha
 Lesions are connected components under 6-connectivity (faces, ATLAS'22) or 26-connectivity
 (faces, edges and corners, ISLES'22 and '24); :data:`PRESETS` names the challenge conventions.
 
-Each metric's name, unit, decimals, direction and empty rule live in :data:`METRICS`, from
-which the CSV columns, summaries, tables and comparisons derive.
+A metric is one :class:`Metric` entry of :data:`METRICS`: its function, direction, empty-case
+rule, format and role (primary or secondary, column of the paper's table); :func:`case_metrics`,
+the CSV columns, summaries, tables and comparisons all iterate that registry.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -18,14 +20,15 @@ from scipy import ndimage
 __all__ = [
     "Preset",
     "PRESETS",
+    "MetricInputs",
     "Metric",
     "METRICS",
-    "METRIC_NAMES",
     "label_components",
     "dice",
     "volume_difference",
     "lesion_f1",
     "lesion_count_difference",
+    "voxel_precision",
     "LesionMatch",
     "match_lesions",
     "case_metrics",
@@ -57,7 +60,14 @@ class Preset:
 
     @property
     def table_metrics(self) -> tuple[str, ...]:
-        """Keys of :data:`METRICS` shown in tables: the unitless ones and those in this preset's volume unit."""
+        """Keys of the primary :data:`METRICS` in this preset's volume unit (and the unitless
+        ones): the paper's metrics, one Holm family in comparisons."""
+        return tuple(key for key in self.report_metrics if METRICS[key].primary)
+
+    @property
+    def report_metrics(self) -> tuple[str, ...]:
+        """Keys of every :data:`METRICS` entry, primary and secondary, in this preset's volume
+        unit (and the unitless ones), in registry order: the extended tables and comparisons."""
         return tuple(key for key, metric in METRICS.items() if metric.unit in ("", self.volume_unit))
 
 
@@ -70,39 +80,6 @@ PRESETS: dict[str, Preset] = {
     "isles24_2024": Preset(connectivity=26, volume_unit="ml", match_iou=0.5),
 }
 
-
-@dataclass(frozen=True)
-class Metric:
-    """One per-case metric, the single source of CSV columns, summaries, tables and comparisons.
-
-    key: column in per_case.csv and key in summaries; label: table header; unit: "" when
-    unitless, else appended to the header ("Vol Diff (ml)"); decimals: digits in tables;
-    higher_is_better: the direction of a better score; empty: the value when P and/or G are empty.
-    """
-
-    key: str
-    label: str
-    unit: str
-    decimals: int
-    higher_is_better: bool
-    empty: str
-
-    @property
-    def header(self) -> str:
-        return f"{self.label} ({self.unit})" if self.unit else self.label
-
-
-METRICS: dict[str, Metric] = {
-    m.key: m
-    for m in (
-        Metric("dice", "DSC", "", 4, True, "1 when both empty, 0 when only one is"),
-        Metric("abs_volume_diff_voxels", "Vol Diff", "voxels", 0, False, "0 when both empty, else the other's volume"),
-        Metric("abs_volume_diff_ml", "Vol Diff", "ml", 2, False, "0 when both empty, else the other's volume"),
-        Metric("lesion_f1", "Lesion F1", "", 4, True, "1 when both empty, 0 when only one is"),
-        Metric("abs_lesion_count_diff", "Lesion Count Diff", "", 2, False, "0 when both empty, else the other's count"),
-    )
-}
-METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
 _STRUCTURES = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
 
@@ -236,13 +213,129 @@ def lesion_count_difference(pred: np.ndarray, ref: np.ndarray, connectivity: int
     return abs(label_components(pred, connectivity)[1] - label_components(ref, connectivity)[1])
 
 
+@dataclass(frozen=True, eq=False)
+class MetricInputs:
+    """What a :class:`Metric` computes from, counted once per case by :func:`case_metrics`.
+
+    pred, ref: bool (X, Y, Z), the prediction P and the reference G; voxel_volume_ml: ml per
+    voxel; preset: the challenge's conventions; n_pred, n_ref, n_overlap: voxels in P, G and
+    P ∩ G (true-positive voxels); match: the lesions of P and G matched by the preset's rule.
+    """
+
+    pred: np.ndarray
+    ref: np.ndarray
+    voxel_volume_ml: float
+    preset: Preset
+    n_pred: int
+    n_ref: int
+    n_overlap: int
+    match: LesionMatch
+
+    @property
+    def n_pred_lesions(self) -> int:
+        """Connected components of P under the preset's connectivity."""
+        return int(self.match.pred_matched.size)
+
+    @property
+    def n_ref_lesions(self) -> int:
+        """Connected components of G under the preset's connectivity."""
+        return int(self.match.ref_detected.size)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-case metric: the single entry from which :func:`case_metrics`, the CSV columns,
+    summaries, tables and comparisons derive.
+
+    key: column in per_case.csv and key in summaries; label: table header; unit: "" when
+    unitless, else appended to the header ("Vol Diff (ml)"), and a preset's tables show the
+    unitless metrics and those in its volume unit; decimals: digits in tables;
+    higher_is_better: the direction of a better score (comparison tables, "favours");
+    compute: :class:`MetricInputs` -> value, called unless an empty rule below applies;
+    both_empty / pred_empty / ref_empty: the value when P and G are both empty / only P is
+    empty / only G is empty (None: ``compute``'s value, whose docstring states it);
+    primary: one of the paper's metrics (Holm family of comparisons); secondary ones reach
+    the CSVs, summaries and extended tables and are corrected in their own family;
+    paper_column: position in the paper's ATLAS/UOA table (None: not one of its columns);
+    paper_header: its header there when it differs from :attr:`header`.
+    """
+
+    key: str
+    label: str
+    unit: str
+    decimals: int
+    higher_is_better: bool
+    compute: Callable[[MetricInputs], float]
+    both_empty: float | None = None
+    pred_empty: float | None = None
+    ref_empty: float | None = None
+    primary: bool = False
+    paper_column: int | None = None
+    paper_header: str = ""
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def value(self, inputs: MetricInputs) -> float:
+        """The metric of one case: the empty rule when P and/or G are empty and it names a value, else ``compute``."""
+        rule = {(True, True): self.both_empty, (True, False): self.pred_empty, (False, True): self.ref_empty}.get((inputs.n_pred == 0, inputs.n_ref == 0))
+        return rule if rule is not None else self.compute(inputs)
+
+
+def _dice(inputs: MetricInputs) -> float:
+    """2|P∩G| / (|P|+|G|); 0.0 when only one of P and G is empty."""
+    return _dice_from_counts(inputs.n_overlap, inputs.n_pred, inputs.n_ref)
+
+
+def _volume_voxels(inputs: MetricInputs) -> int:
+    """| |P| - |G| | in voxels: 0 when both are empty, the other's volume when one is."""
+    return abs(inputs.n_pred - inputs.n_ref)
+
+
+def _volume_ml(inputs: MetricInputs) -> float:
+    """| |P| - |G| | in ml: 0.0 when both are empty, the other's volume when one is."""
+    return abs(inputs.n_pred - inputs.n_ref) * float(inputs.voxel_volume_ml)
+
+
+def _lesion_f1(inputs: MetricInputs) -> float:
+    """:attr:`LesionMatch.f1` under the preset's matching rule; 0.0 when only one is empty."""
+    return inputs.match.f1
+
+
+def _lesion_count(inputs: MetricInputs) -> int:
+    """|#components(P) - #components(G)|: 0 when both are empty, the other's count when one is."""
+    return abs(inputs.n_pred_lesions - inputs.n_ref_lesions)
+
+
+def _voxel_precision(inputs: MetricInputs) -> float:
+    """TP / (TP + FP) over voxels: |P∩G| / |P|; 0.0 when G is empty and P is not (all false
+    positives). P empty: by the entry's rule, 1.0 when G is empty too, else 0.0."""
+    return inputs.n_overlap / inputs.n_pred
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("dice", "DSC", "", 4, True, _dice, both_empty=1.0, primary=True, paper_column=0, paper_header="DSC ± std"),
+        Metric("abs_volume_diff_voxels", "Vol Diff", "voxels", 0, False, _volume_voxels, primary=True, paper_column=3),
+        Metric("abs_volume_diff_ml", "Vol Diff", "ml", 2, False, _volume_ml, primary=True),
+        Metric("lesion_f1", "Lesion F1", "", 4, True, _lesion_f1, both_empty=1.0, primary=True, paper_column=1),
+        Metric("abs_lesion_count_diff", "Lesion Count Diff", "", 2, False, _lesion_count, primary=True, paper_column=2),
+        # Both empty: 1.0 (nothing to find, nothing wrongly found; as Dice). Only P empty: 0.0,
+        # not NaN (nnU-Net's rule), so a missed lesion lowers the mean instead of leaving it.
+        Metric("precision", "Precision", "", 4, True, _voxel_precision, both_empty=1.0, pred_empty=0.0),
+    )
+}
+
+
 def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, preset: str) -> dict:
     """All metrics of one case under a named preset (a key of :data:`PRESETS`).
 
     pred, ref: boolean (X, Y, Z); voxel_volume_ml: ml per voxel. Components of P and G are
-    labelled once and shared by lesion F1, the count difference and detection. Returns a
-    JSON-able dict: the keys of :data:`METRIC_NAMES`; "preset", "connectivity", "match_iou"
-    (the preset's IoU for a lesion match, None: any overlap);
+    labelled once and shared by every metric and detection (:class:`MetricInputs`). Returns a
+    JSON-able dict: the keys of :data:`METRICS` (each :meth:`Metric.value`); "preset",
+    "connectivity", "match_iou" (the preset's IoU for a lesion match, None: any overlap);
     "ref_volume_ml", "pred_volume_ml"; "n_ref_lesions", "n_pred_lesions"; "fp_lesions"
     (predicted components counted as false positives); "lesions": one dict per reference
     lesion ("lesion_id" 1.., "ref_volume_ml", "detected" by the preset's rule,
@@ -250,28 +343,24 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume_ml: float, pres
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    connectivity = PRESETS[preset].connectivity
-    voxels, ml = volume_difference(pred, ref, voxel_volume_ml)  # also validates the pair
+    found = PRESETS[preset]
+    volume_difference(pred, ref, voxel_volume_ml)  # validates the pair and the voxel volume
     overlap = pred & ref
-    pred_labels, n_pred = label_components(pred, connectivity)
-    ref_labels, n_ref = label_components(ref, connectivity)
-    match = match_lesions(pred_labels, n_pred, ref_labels, n_ref, overlap, PRESETS[preset].match_iou)
-    n_pred_voxels, n_ref_voxels = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    pred_labels, n_pred = label_components(pred, found.connectivity)
+    ref_labels, n_ref = label_components(ref, found.connectivity)
+    match = match_lesions(pred_labels, n_pred, ref_labels, n_ref, overlap, found.match_iou)
+    inputs = MetricInputs(pred, ref, voxel_volume_ml, found, int(np.count_nonzero(pred)), int(np.count_nonzero(ref)), int(np.count_nonzero(overlap)), match)
     lesions = [
         {"lesion_id": i + 1, "ref_volume_ml": int(size) * voxel_volume_ml, "detected": bool(hit), "overlap_fraction": int(inter) / int(size)}
         for i, (size, inter, hit) in enumerate(zip(match.ref_sizes, match.ref_overlap, match.ref_detected))
     ]
     return {
-        "dice": _dice_from_counts(int(np.count_nonzero(overlap)), n_pred_voxels, n_ref_voxels),
-        "abs_volume_diff_voxels": voxels,
-        "abs_volume_diff_ml": ml,
-        "lesion_f1": match.f1,
-        "abs_lesion_count_diff": abs(n_pred - n_ref),
+        **{key: metric.value(inputs) for key, metric in METRICS.items()},
         "preset": preset,
-        "connectivity": connectivity,
-        "match_iou": PRESETS[preset].match_iou,
-        "ref_volume_ml": n_ref_voxels * voxel_volume_ml,
-        "pred_volume_ml": n_pred_voxels * voxel_volume_ml,
+        "connectivity": found.connectivity,
+        "match_iou": found.match_iou,
+        "ref_volume_ml": inputs.n_ref * voxel_volume_ml,
+        "pred_volume_ml": inputs.n_pred * voxel_volume_ml,
         "n_ref_lesions": n_ref,
         "n_pred_lesions": n_pred,
         "fp_lesions": n_pred - int(match.pred_matched.sum()),

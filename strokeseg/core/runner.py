@@ -1,9 +1,10 @@
 """The per-case loop every stage script shares: progress, one log line per case, failures
 collected instead of raised, optional process parallelism, a summary JSON and the exit status.
 
-A stage script maps case ids to work items (paths, records) and provides
+A caller maps case ids to work items (paths, records) and provides
 ``process(item) -> CaseResult``, a top-level function or ``functools.partial`` of one so it can
-run in worker processes, then calls :func:`run_cases` and :func:`finish`.
+run in worker processes, then calls :func:`run_cases` and :func:`finish`. Preprocessing and patch
+stages do not call these themselves: they declare a :class:`strokeseg.core.stage.Stage`.
 """
 from __future__ import annotations
 

@@ -12,18 +12,16 @@ import functools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..core.geometry import as_binary_mask, crop, foreground_bbox, resample_to_shape, zscore
 from ..core.io import CaseError, NiftiVolume, check_finite, check_same_grid, load_image, load_nifti, load_npz, save_npz, walk_files
-from ..core.runner import (
-    CaseResult, add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, run_cases, write_run_args,
-)
-from .fingerprint import case_fingerprint, write_dataset_fingerprint
+from ..core.runner import CaseResult, add_run_arguments
+from .fingerprint import case_fingerprint
 from .registry import DatasetSpec, EvalCase, register_dataset, same_folder, settings_from_run_args
-from .splits import add_rebuild_splits_argument, cases_to_rebuild, write_stage_splits
+from .splits import add_rebuild_splits_argument
 
 __all__ = [
     "IslesCase",
@@ -34,7 +32,6 @@ __all__ = [
     "preprocess_isles_case",
     "add_isles_arguments",
     "IslesSettings",
-    "preprocess_isles",
     "load_isles_case",
     "ISLES2022",
     "TRAIN_KEYS",
@@ -250,53 +247,6 @@ class IslesSettings:
         settings and the resolved dataset root (so ``ROOT`` and ``ROOT/derivatives`` agree)."""
         root = _dataset_root(Path(isles_dir)).resolve()
         return {"isles_dir": str(root), **asdict(self), "target_shape": list(self.target_shape)}
-
-
-def preprocess_isles(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any],
-    rebuild_splits: bool = False,
-) -> int:
-    """Discover and preprocess every case into ``output_dir`` (:func:`_preprocess_cases`), then
-    write ``isles2022_splits_5fold.json`` over the cases with output (stratified by the native
-    lesion volume, :func:`lesion_volumes_ml`, so both ISLES stages write the same file for the
-    same cases and seed; an existing file is kept unless ``overwrite``). With ``rebuild_splits``
-    nothing is preprocessed: the folds are dealt again from every case on disk (the folder's
-    recorded settings must match, except the splits' own). Returns the exit status: 1 when any
-    case failed or no splits could be written. Raises :class:`CaseError` for a missing or empty
-    ``isles_dir``, an unusable output folder, or a folder made with other settings."""
-    if rebuild_splits:
-        case_ids, status = cases_to_rebuild(output_dir, settings.recorded(isles_dir)), 0
-    else:
-        case_ids, status = _preprocess_cases(isles_dir, output_dir, settings, workers, overwrite, run_args)
-    volume = lambda case_id: lesion_volumes_ml(output_dir, [case_id])[case_id]  # noqa: E731
-    # Evaluation data may be too few cases for splits of its own (evaluate.py then takes --splits-file).
-    splits = write_stage_splits(
-        output_dir / ISLES2022.splits_name, case_ids, volume, ISLES2022.name, settings.test_fraction, settings.seed,
-        overwrite or rebuild_splits, required=not settings.with_bbox,
-    )
-    return max(status, splits)
-
-
-def _preprocess_cases(
-    isles_dir: Path, output_dir: Path, settings: IslesSettings, workers: int, overwrite: bool, run_args: Mapping[str, Any]
-) -> tuple[list[str], int]:
-    """Every case into ``output_dir`` after the folder's settings check; writes ``run_args.json``
-    and ``preprocessing_summary.json``. Returns the ids with output and the exit status."""
-    log = get_logger()
-    cases = {case.case_id: case for case in discover_isles_cases(isles_dir)}
-    prepare_output_dir(output_dir)
-    check_settings(output_dir, settings.recorded(isles_dir), overwrite)
-    write_run_args(output_dir, dict(run_args))
-    log.info(f"{len(cases)} ISLES cases under {isles_dir}; target shape {settings.target_shape}; bbox metadata: {settings.with_bbox}")
-    process = functools.partial(
-        preprocess_isles_case, output_dir=output_dir, target_shape=tuple(settings.target_shape), margin=settings.margin,
-        with_bbox=settings.with_bbox, overwrite=overwrite,
-    )
-    report = run_cases(cases, process, workers=workers, desc="ISLES")
-    keys = BBOX_KEYS if settings.with_bbox else TRAIN_KEYS
-    status = finish(output_dir / "preprocessing_summary.json", report, {"dataset": ISLES2022.name, "keys": list(keys)})
-    write_dataset_fingerprint(output_dir, {r.case_id: r.info["fingerprint"] for r in report.by_status("done")}, report.with_output())
-    return report.with_output(), status
 
 
 def lesion_volumes_ml(output_dir: Path, case_ids: list[str]) -> dict[str, float]:

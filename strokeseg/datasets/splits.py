@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..core.io import CaseError, read_json, write_json
-from ..core.runner import SETTINGS_NAME, check_settings, get_logger
+from ..core.runner import get_logger
 
 __all__ = [
     "Split",
@@ -28,8 +28,6 @@ __all__ = [
     "write_stage_splits",
     "SPLIT_SETTINGS",
     "add_rebuild_splits_argument",
-    "cases_to_rebuild",
-    "cases_on_disk",
 ]
 
 IN_NO_FOLD = "preprocessed case(s) are in no fold"  # the warning strokeseg.ablation looks for in a stage's log
@@ -270,32 +268,3 @@ def add_rebuild_splits_argument(parser: argparse.ArgumentParser) -> None:
         help="only deal the folds again from every case already preprocessed in the output folder (after a fixed "
         "case was added), with the same other arguments; the folds change, so retrain every fold",
     )
-
-
-REBUILD_ADVICE = (
-    "--rebuild-splits keeps the cases, so pass the settings they were made with "
-    "(or run without --rebuild-splits, with --overwrite, to redo every case)"
-)
-
-
-def cases_to_rebuild(folder: Path, settings: Mapping[str, Any], suffix: str = ".npz") -> list[str]:
-    """``--rebuild-splits``' door check and its cases: ``folder`` must be a stage's output
-    folder (with its ``stage_settings.json``) made with these ``settings``
-    (:func:`strokeseg.core.runner.check_settings`; the splits' own, :data:`SPLIT_SETTINGS`, may
-    change). Returns :func:`cases_on_disk`; raises :class:`CaseError` naming the folder, before
-    anything is written."""
-    if not Path(folder).is_dir():
-        raise CaseError(f"{folder}: {'not a' if Path(folder).exists() else 'no such'} folder; --rebuild-splits deals the folds of the cases already preprocessed there")
-    if not (Path(folder) / SETTINGS_NAME).is_file():
-        raise CaseError(
-            f"{folder}: no {SETTINGS_NAME} (not preprocessed by this version of the stage): the settings of its cases are "
-            "unknown; run the stage without --rebuild-splits (with --overwrite for an older folder)"
-        )
-    check_settings(folder, settings, overwrite=False, may_change=SPLIT_SETTINGS, advice=REBUILD_ADVICE)
-    return cases_on_disk(folder, suffix)
-
-
-def cases_on_disk(folder: Path, suffix: str = ".npz") -> list[str]:
-    """Case ids of the finished outputs ``<case><suffix>`` in ``folder`` (hidden temporary files
-    of atomic writes excluded), sorted."""
-    return sorted(p.name[: -len(suffix)] for p in Path(folder).glob(f"*{suffix}") if not p.name.startswith("."))

@@ -14,6 +14,7 @@ channels, window and identity are checked against the dataset before any case ru
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,12 @@ from ..datasets.registry import EvalCase, dataset_spec
 from ..datasets.splits import load_split
 from ..inference.fold_models import FoldModel, predict_probability
 from ..inference.inferer import Inferer
-from ..core.metrics import METRIC_NAMES, PRESETS, case_metrics
+from ..core.metrics import METRICS, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
 from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
 
 __all__ = [
-    "CSV_COLUMNS",
+    "csv_columns",
     "LESION_COLUMNS",
     "CaseOutputs",
     "FigureSlices",
@@ -60,7 +61,14 @@ __all__ = [
 
 _ROW_KEYS = ("run", "seed", "fold", "case_id")  # identify a row; the rest comes from :func:`score_probability`
 _CASE_KEYS = ("ref_voxels", "pred_voxels", "ref_volume_ml", "pred_volume_ml", "n_ref_lesions", "n_pred_lesions", "fp_lesions")
-CSV_COLUMNS = (*_ROW_KEYS, *METRIC_NAMES, *_CASE_KEYS, "preset", "connectivity", "match_iou")
+
+
+def csv_columns() -> tuple[str, ...]:
+    """Columns of per_case.csv: the row keys, every metric of :data:`strokeseg.core.metrics.METRICS`
+    in registry order, the case's counts and the preset."""
+    return (*_ROW_KEYS, *METRICS, *_CASE_KEYS, "preset", "connectivity", "match_iou")
+
+
 # lesions.csv: one row per reference lesion and scoring model (see strokeseg.core.metrics.case_metrics)
 LESION_COLUMNS = (*_ROW_KEYS, "lesion_id", "ref_volume_ml", "detected", "overlap_fraction")
 
@@ -177,7 +185,7 @@ def _record(case: EvalCase, fold: str, probability: np.ndarray, preset: str, thr
     if outputs.figures is not None and image is not None:
         z = axial_slice_index(case.reference, prediction)
         outputs.figures[(fold, case.case_id)] = FigureSlices(image[:, :, z], case.reference[:, :, z], prediction[:, :, z], z)
-    row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in CSV_COLUMNS[len(_ROW_KEYS):]}}
+    row = {"fold": fold, "case_id": case.case_id, **{k: metrics[k] for k in csv_columns()[len(_ROW_KEYS):]}}
     return {**row, "lesions": metrics["lesions"]}
 
 
@@ -281,18 +289,21 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
     of the two) and "detection"
     (:func:`strokeseg.evaluation.statistics.detection`: each lesion once, with the share of the
     scoring models detecting it; bootstrap CI over cases).
-    Raises ValueError without fold rows.
+    Every metric of :data:`strokeseg.core.metrics.METRICS` is summarised, except a secondary one
+    that the rows lack (rows scored before it was registered). Raises ValueError without fold
+    rows, or when a row lacks a primary metric.
     """
     fold_rows = [row for row in rows if row["fold"] != "ensemble"]
     if not fold_rows:
         raise ValueError("no case was scored")
+    metrics = [m for m in METRICS if METRICS[m].primary or all(m in row for row in rows)]
     ensemble_rows = [row for row in rows if row["fold"] == "ensemble"]
     source = ensemble_rows or fold_rows
     volumes = {"pred": case_values(source, "pred_volume_ml"), "ref": case_values(source, "ref_volume_ml")}
     return {
-        "fold_summary": summarize(fold_rows, METRIC_NAMES, n_bootstrap, seed),
-        "ensemble_summary": summarize(ensemble_rows, METRIC_NAMES, n_bootstrap, seed) if ensemble_rows else None,
-        "per_case": {metric: case_values(source, metric) for metric in METRIC_NAMES},
+        "fold_summary": summarize(fold_rows, metrics, n_bootstrap, seed),
+        "ensemble_summary": summarize(ensemble_rows, metrics, n_bootstrap, seed) if ensemble_rows else None,
+        "per_case": {metric: case_values(source, metric) for metric in metrics},
         "per_case_source": "ensemble" if ensemble_rows else "mean over fold models",
         "volumes_ml": volumes,
         "volume_agreement": volume_agreement(volumes["pred"], volumes["ref"]),
@@ -302,10 +313,18 @@ def summarize_run(rows: Sequence[Mapping], n_bootstrap: int, seed: int) -> dict:
 
 def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], metrics: Sequence[str], n_bootstrap: int, seed: int) -> list[dict]:
     """Paired comparisons of run summaries (from :func:`summarize_run`), one per (a, b) pair:
-    for every metric of ``metrics`` (the preset's table metrics: one volume unit, not both)
-    :func:`strokeseg.evaluation.statistics.paired_difference` of a - b over the cases both scored, plus
-    "p_holm": Holm-adjusted over every (pair, metric) p-value of this call.
-    A pair that cannot be tested gets {"a", "b", "error"}."""
+    for every metric of ``metrics`` (the preset's report metrics: one volume unit, not both)
+    :func:`strokeseg.evaluation.statistics.paired_difference` of a - b over the cases both scored,
+    plus "favours" (a or b, the run the mean difference favours by the metric's direction; None
+    for no difference) and "p_holm": Holm-adjusted over the p-values of its family in this call.
+    The primary metrics (:attr:`strokeseg.core.metrics.Metric.primary`) are one family, under
+    "metrics"; the secondary ones another, under "secondary_metrics" (left out when none), so a
+    secondary metric leaves the primary p-values unchanged. A pair that cannot be tested gets
+    {"a", "b", "error"}. A secondary metric that a run's summary lacks is left out."""
+    scored = [runs[label]["per_case"] for pair in pairs for label in pair if "per_case" in runs[label]]
+    summarized = [m for m in metrics if METRICS[m].primary or all(m in per_case for per_case in scored)]
+    families = {"metrics": [m for m in summarized if METRICS[m].primary], "secondary_metrics": [m for m in summarized if not METRICS[m].primary]}
+    families = {name: keys for name, keys in families.items() if keys}
     out = []
     for a, b in pairs:
         comp: dict = {"a": a, "b": b, "per_case": runs[a].get("per_case_source")}
@@ -313,14 +332,24 @@ def compare_runs(pairs: Sequence[tuple[str, str]], runs: Mapping[str, Mapping], 
         try:
             if missing:
                 raise ValueError(f"run(s) {missing} have no scored case")
-            comp["metrics"] = {m: paired_difference(runs[a]["per_case"][m], runs[b]["per_case"][m], n_bootstrap, seed) for m in metrics}
+            for name, keys in families.items():
+                comp[name] = {m: _paired(m, a, b, runs, n_bootstrap, seed) for m in keys}
         except ValueError as err:
-            comp["error"] = str(err)
+            comp = {"a": a, "b": b, "per_case": comp["per_case"], "error": str(err)}
         out.append(comp)
-    tests = [test for comp in out for test in comp.get("metrics", {}).values()]
-    for test, adjusted in zip(tests, holm([test["p_value"] for test in tests])):
-        test["p_holm"] = adjusted
+    for name in families:
+        tests = [test for comp in out for test in comp.get(name, {}).values()]
+        for test, adjusted in zip(tests, holm([test["p_value"] for test in tests])):
+            test["p_holm"] = adjusted
     return out
+
+
+def _paired(metric: str, a: str, b: str, runs: Mapping[str, Mapping], n_bootstrap: int, seed: int) -> dict:
+    """:func:`strokeseg.evaluation.statistics.paired_difference` of runs a - b on ``metric``, with "favours"."""
+    test = paired_difference(runs[a]["per_case"][metric], runs[b]["per_case"][metric], n_bootstrap, seed)
+    difference = test["mean_difference"]
+    better = None if not difference or math.isnan(difference) else (difference > 0) == METRICS[metric].higher_is_better
+    return {**test, "favours": None if better is None else (a if better else b)}
 
 
 def preset_record(preset: str) -> dict:

@@ -4,8 +4,10 @@ Tables take run summaries as built by :func:`strokeseg.evaluation.engine.describ
 :func:`strokeseg.evaluation.engine.summarize_run` ("label", "strategy", "init", "folds", "n_test_cases",
 "fold_summary"/"ensemble_summary" from :func:`strokeseg.evaluation.statistics.summarize`, "volume_agreement",
 "detection"). Paper-layout cells are "mean ± std" with the sample std (ddof=1) across the per-fold
-means, the paper's convention; "n/a" when undefined (one fold). Columns, headers and decimals
-come from :data:`strokeseg.core.metrics.METRICS`. Figures are drawn with the Agg canvas (no pyplot).
+means, the paper's convention; "n/a" when undefined (one fold). Columns, headers, decimals and
+directions come from :data:`strokeseg.core.metrics.METRICS`: the paper's ATLAS/UOA table shows
+the entries with a ``paper_column``, the extended tables every metric in the preset's unit.
+Figures are drawn with the Agg canvas (no pyplot).
 """
 from __future__ import annotations
 
@@ -45,9 +47,6 @@ __all__ = [
     "write_figures",
 ]
 
-# The paper's ATLAS/UOA table: its metric columns and where its headers differ from METRICS.
-_ATLAS_METRICS = ("dice", "lesion_f1", "abs_lesion_count_diff", "abs_volume_diff_voxels")
-_PAPER_HEADERS = {"dice": "DSC ± std"}
 PNG_MODES = ("none", "all", "best-median-worst")
 
 # Run-config values → the wording of the paper's ISLES table.
@@ -128,14 +127,15 @@ def atlas_table(dataset_name: str, runs: Sequence[Mapping]) -> str:
     words (Transfer / Scratch; the label when unknown). A Folds column is added when the runs use
     different fold sets (as in the paper's UCTransNet3D table)."""
     with_folds = len({tuple(sorted(run["folds"])) for run in runs}) > 1
+    columns = sorted((key for key, m in METRICS.items() if m.paper_column is not None), key=lambda key: METRICS[key].paper_column)
     header = ["Dataset", "Strategy"] + (["Folds"] if with_folds else [])
-    header += [_PAPER_HEADERS.get(m, METRICS[m].header) for m in _ATLAS_METRICS]
+    header += [METRICS[m].paper_header or METRICS[m].header for m in columns]
     strategies = _distinct([(run["init"], tuple(sorted(run["folds"]))) for run in runs], runs)
     rows = []
     for name, run in zip(strategies, runs):
         summary = run["fold_summary"]
         row = [dataset_name, name] + ([_folds_text(run["folds"])] if with_folds else [])
-        row += [_cell(summary, m) for m in _ATLAS_METRICS]
+        row += [_cell(summary, m) for m in columns]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -230,17 +230,19 @@ def detection_table(runs: Sequence[Mapping]) -> str:
 
 
 def comparison_table(comparisons: Sequence[Mapping]) -> str:
-    """One row per comparison and metric: n, mean difference A − B [bootstrap 95 % CI], median
-    difference, Wilcoxon p, Holm-adjusted p; comparisons that failed are listed below."""
+    """One row per comparison and metric (primary ones, then secondary ones marked so): n, mean
+    difference A − B [bootstrap 95 % CI], median difference, Wilcoxon p, Holm-adjusted p (within
+    the metric's family); comparisons that failed are listed below."""
     rows, notes = [], []
     for comp in comparisons:
         if "error" in comp:
             notes.append(f"- WARNING {comp['a']} vs {comp['b']}: not computed ({comp['error']})")
             continue
-        for metric, test in comp["metrics"].items():
+        tests = [(m, t, "") for m, t in comp["metrics"].items()] + [(m, t, "; secondary") for m, t in comp.get("secondary_metrics", {}).items()]
+        for metric, test, role in tests:
             d = METRICS[metric].decimals + 1
             better = "higher" if METRICS[metric].higher_is_better else "lower"
-            rows.append([f"{comp['a']} − {comp['b']}", f"{METRICS[metric].header} ({better} is better)", str(test["n"]),
+            rows.append([f"{comp['a']} − {comp['b']}", f"{METRICS[metric].header} ({better} is better{role})", str(test["n"]),
                          f"{test['mean_difference']:+.{d}f} {_pair(test['ci95'], d)}", f"{test['median_difference']:+.{d}f}",
                          _p(test["p_value"]), _p(test["p_holm"])])
     header = ["A − B", "Metric", "Cases", "Mean difference [95 % CI]", "Median difference", "Wilcoxon p", "Holm p"]
@@ -278,7 +280,7 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
     spec = dataset_spec(dataset)
     name = spec.display_name
     table = _TABLE_LAYOUTS[spec.table_layout](name, runs)
-    metrics = PRESETS[preset["name"]].table_metrics
+    metrics = [m for m in PRESETS[preset["name"]].report_metrics if all(m in run["fold_summary"]["metrics"] for run in runs)]
     match = f"matched one-to-one at IoU >= {preset['match_iou']}" if preset.get("match_iou") else "hit by one predicted voxel"
     parts = [
         f"# {name}: {split} set",
@@ -309,10 +311,13 @@ def results_markdown(dataset: str, runs: Sequence[Mapping], preset: Mapping, com
         "FP lesions: predicted components not matched to a reference lesion, mean per case. Per lesion and model: lesions.csv.",
     ]
     if comparisons:
+        secondary = any(comp.get("secondary_metrics") for comp in comparisons)
+        family = ("every comparison and primary metric above; the secondary metrics form a family of their own, "
+                  "so they leave the primary p-values unchanged") if secondary else "every comparison and metric above"
         parts += ["## Paired comparisons", comparison_table(comparisons),
                   "Per case: the ensemble's value, else the mean over fold models and seeds; difference "
                   "A − B over the cases both scored, bootstrap 95 % CI of its mean; two-sided Wilcoxon "
-                  "signed-rank p (zero differences dropped); Holm: adjusted over every comparison and metric above."]
+                  f"signed-rank p (zero differences dropped); Holm: adjusted over {family}."]
     return "\n\n".join(part for part in parts if part) + "\n"
 
 

@@ -10,17 +10,22 @@ from pathlib import Path
 import numpy as np
 
 from ..core.runner import RunReport
-from ..core.metrics import METRIC_NAMES
+from ..core.metrics import METRICS
 from ..core.io import write_csv
 from . import qc
 from .prediction import ModelSet
 
-__all__ = ["VOLUME_COLUMNS", "LESION_COLUMNS", "SCORE_COLUMNS", "ROLES", "case_role", "write_tables"]
+__all__ = ["VOLUME_COLUMNS", "LESION_COLUMNS", "score_columns", "ROLES", "case_role", "write_tables"]
 
 VOLUME_COLUMNS = ("case_id", "status", "reason", "lesion_volume_ml", "lesion_count", "largest_lesion_ml", "qc_flags", "model", "folds", "unfinished")
 LESION_COLUMNS = ("case_id", "lesion_id", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "mean_probability", "fold_detection")
-SCORE_COLUMNS = ("case_id", "role", *METRIC_NAMES, "ref_voxels", "pred_voxels", "preset", "connectivity")
 ROLES = ("train", "val", "unseen", "unknown")  # a scored case's role for the models (:func:`case_role`)
+
+
+def score_columns() -> tuple[str, ...]:
+    """Columns of scores.csv: case id, role, every metric of :data:`strokeseg.core.metrics.METRICS`
+    in registry order, the voxel counts and the preset."""
+    return ("case_id", "role", *METRICS, "ref_voxels", "pred_voxels", "preset", "connectivity")
 
 
 def case_role(case_id: str, model_set: ModelSet) -> str:
@@ -57,7 +62,7 @@ def write_tables(output_dir: Path, report: RunReport, model_set: ModelSet, keep_
     write_csv(output_dir / "lesions.csv", rows("lesions.csv", [row for r in results for row in r.info["lesions"]]), LESION_COLUMNS)
     scores = [{**row, "role": case_role(row["case_id"], model_set)} for row in rows("scores.csv", [r.info["scores"] for r in results if r.info["scores"] is not None])]
     if scores:
-        write_csv(output_dir / "scores.csv", scores, SCORE_COLUMNS)
+        write_csv(output_dir / "scores.csv", scores, score_columns())
     unseen = [float(s["dice"]) for s in scores if s["role"] == "unseen"]
     roles = {role: n for role in ROLES if (n := sum(s["role"] == role for s in scores))}
     return {"n_scored": len(scores), "roles": roles, "mean_dice": float(np.mean(unseen)) if unseen else None}
