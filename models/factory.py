@@ -6,7 +6,8 @@ the keys and defaults are the fields of the architecture's config dataclass in t
 (:mod:`models.registry`), e.g. ``resnet18``: variant ('single' | 'dwi_only' | 'separate' |
 'shared'), in_channels (the variant's), num_classes (2), width (64), norm ('batch');
 ``uctransnet3d``: in_channels (1), num_classes (2), width (64), norm ('group'), patch_size (64),
-layers (4), heads (4), dropout (0.1).
+layers (4), heads (4), dropout (0.1); ``resenc_unet``: variant (as resnet18's), in_channels,
+num_classes (2), width (32), norm ('instance'), stages (6).
 
 Checkpoint file (``torch.save`` of a dict, read with ``torch.load(weights_only=True)``)::
 
@@ -347,10 +348,11 @@ def load_pretrained(
 ) -> TransferReport:
     """Copy pretrained weights from a checkpoint into ``model`` (in place) and report what moved.
 
-    scope: 'encoder' (ResNet U-Net: the ResNet-18 encoder(s); UCTransNet3D: the CNN encoder,
-    not the channel transformer) or 'all' (every tensor). A 'separate' target gets the
-    pretrained encoder in both U-Nets; a 2-channel stem ('shared') is inflated from a
-    1-channel kernel (duplicated across input channels and halved). ``model_config`` is the
+    scope: 'encoder' (networks laid out by :mod:`models.strategies`, e.g. the ResNet U-Net and
+    the ResEnc U-Net: every ``encoders.<i>``; UCTransNet3D: the CNN encoder, not the channel
+    transformer) or 'all' (every tensor). A 'separate' target gets the pretrained encoder in
+    every branch; a multi-channel stem ('shared') is inflated from a 1-channel kernel
+    (duplicated across input channels and divided by their number). ``model_config`` is the
     target's config. Raises FileNotFoundError for a missing file and ValueError for a file
     that is not a checkpoint, a different arch, a different norm (BatchNorm vs GroupNorm), a
     different UCTransNet3D patch size, or any shape mismatch (key and both shapes named).

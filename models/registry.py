@@ -5,7 +5,7 @@ The name is used on the command line (``--arch resnet18``), in checkpoints (``mo
 dataclass (whose fields are the model config keys and, except those the training script sets,
 the command-line model flags with their defaults), the network class, the paper's training patch
 edge and whether the network runs only at its training input size. Add a network with
-:func:`register_arch` (the built-in two are registered below); nothing else in the repository
+:func:`register_arch` (the built-in three are registered below); nothing else in the repository
 names an architecture.
 
 Checkpoints written before the registry call the ResNet-18 U-Net ``resnet18_unet``; they load
@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .resenc_unet import ResEncUNet, ResEncUNetConfig
 from .resnet_unet import ResNetUNet, ResNetUNetConfig
 from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
 
@@ -127,3 +128,4 @@ def arch_of_network(net: nn.Module) -> ArchSpec:
 register_arch(ArchSpec("resnet18", ResNetUNetConfig, ResNetUNet, default_patch=96, downsampling=32))
 # The paper's code transfers the whole UCTransNet3D (CNN encoder, channel transformer, decoder, head).
 register_arch(ArchSpec("uctransnet3d", UCTransNet3DConfig, UCTransNet3D, default_patch=64, fixed_input_size=True, transfer_scope="all", downsampling=16))
+register_arch(ArchSpec("resenc_unet", ResEncUNetConfig, ResEncUNet, default_patch=96, downsampling=32))

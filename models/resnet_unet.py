@@ -13,15 +13,16 @@ again, which keeps the 96³ activations affordable and brings the network to 42.
 (1 input channel), the paper's "about 42 M". Those two levels keep at least 8 channels, which
 changes only widths below 32 (tests, the small demo).
 
-Configurations (``variant``):
+Configurations (``variant``, the ISLES strategies of :mod:`models.strategies`, which lays
+the network out as ``encoders.<i>`` / ``decoders.<i>``):
 
 - 'single': one U-Net on any number of input channels (BraTS, ATLAS, UOA: 1 channel).
 - 'dwi_only': one U-Net on DWI (1 channel).
-- 'separate': two independent U-Nets; input (B, 2, X, Y, Z) = [DWI, ADC], channel 0 feeds the
-  DWI U-Net (head 0), channel 1 the ADC U-Net (head 1). Both heads are trained; inference uses
-  head 0 only.
-- 'shared': one encoder on the 2-channel [DWI, ADC] input and two decoders (head 0 "DWI",
-  head 1 "ADC"), both supervised with the lesion mask; inference averages both heads.
+- 'separate': one independent U-Net per input channel; with (B, 2, X, Y, Z) = [DWI, ADC],
+  channel 0 feeds the DWI U-Net (head 0), channel 1 the ADC U-Net (head 1). Every head is
+  trained; inference uses head 0 only.
+- 'shared': one encoder on the stacked channels ([DWI, ADC]) and one decoder per channel
+  (head 0 "DWI", head 1 "ADC"), all supervised with the lesion mask; inference averages the heads.
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import strategies
 from .common import NORMS, ConvNormReLU, check_choice, check_int, make_norm
 
 __all__ = ["VARIANTS", "ResNetUNetConfig", "ResNetUNet"]
 
-VARIANTS = ("single", "dwi_only", "separate", "shared")
-_VARIANT_CHANNELS = {"dwi_only": 1, "separate": 2, "shared": 2}
+VARIANTS = strategies.STRATEGIES
 # The full-resolution decoder levels never get narrower than this: at width 8, w/4 would leave
 # 2 channels, too few for a reliable start (small runs then often predicted a constant).
 _MIN_DECODER_WIDTH = 8
@@ -45,7 +46,7 @@ _MIN_DECODER_WIDTH = 8
 @dataclass(frozen=True)
 class ResNetUNetConfig:
     variant: str = "single"  # 'single' | 'dwi_only' | 'separate' | 'shared' (see module docstring)
-    # input channels; None: the variant's (2 for 'separate' and 'shared', else 1), which it must equal
+    # input channels (modalities); None: the variant's default (2 for 'separate' and 'shared', else 1)
     in_channels: int | None = None
     num_classes: int = 2  # 2: softmax (background, lesion); 1: sigmoid lesion logit
     width: int = field(default=64, metadata={"help": "base channel width w: encoder stages w, 2w, 4w, 8w"})
@@ -53,15 +54,10 @@ class ResNetUNetConfig:
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
-        if self.in_channels is None:
-            object.__setattr__(self, "in_channels", _VARIANT_CHANNELS.get(self.variant, 1))
-        check_int("in_channels", self.in_channels)
+        object.__setattr__(self, "in_channels", strategies.resolve_in_channels(self.variant, self.in_channels))
         check_int("num_classes", self.num_classes)
         check_int("width", self.width)
         check_choice("norm", self.norm, NORMS)
-        wanted = _VARIANT_CHANNELS.get(self.variant, self.in_channels)
-        if self.in_channels != wanted:
-            raise ValueError(f"variant {self.variant!r} needs in_channels={wanted}, got {self.in_channels}")
 
 
 class BasicBlock(nn.Module):
@@ -95,6 +91,8 @@ def _stage(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Se
 
 class ResNet18Encoder(nn.Module):
     """(B, C_in, X, Y, Z) → features at 1/2, 1/4, 1/8, 1/16, 1/32 with w, w, 2w, 4w, 8w channels."""
+
+    input_conv_key = "stem.0.weight"
 
     def __init__(self, in_channels: int, width: int, norm: str):
         super().__init__()
@@ -162,36 +160,22 @@ class ResNetUNet(nn.Module):
 
     ``forward(x)``: x (B, in_channels, X, Y, Z) float, any edge >= 32 voxels (multiples of 32
     give exact ×2 levels) → tuple of logits (B, num_classes, X, Y, Z), one per head:
-    1 head for 'single'/'dwi_only', 2 (DWI, ADC) for 'separate'/'shared'. BatchNorm in training
-    needs more than one value per channel at the 1/32 bottleneck (batch > 1 or edge > 32);
-    InstanceNorm needs edge > 32.
+    1 head for 'single'/'dwi_only', one per input channel (DWI, ADC) for 'separate'/'shared'.
+    BatchNorm in training needs more than one value per channel at the 1/32 bottleneck
+    (batch > 1 or edge > 32); InstanceNorm needs edge > 32.
     """
-
-    encoder_prefixes = ("encoders.",)
 
     def __init__(self, config: ResNetUNetConfig):
         super().__init__()
         self.config = config
         self.num_classes = config.num_classes
-        separate = config.variant == "separate"
-        two_heads = config.variant in ("separate", "shared")
-        encoder_in = 1 if separate else config.in_channels
-        self.encoders = nn.ModuleList(
-            ResNet18Encoder(encoder_in, config.width, config.norm) for _ in range(2 if separate else 1)
+        strategies.attach(
+            self,
+            config.variant,
+            config.in_channels,
+            lambda channels: ResNet18Encoder(channels, config.width, config.norm),
+            lambda: UNetDecoder(config.width, config.num_classes, config.norm),
         )
-        self.decoders = nn.ModuleList(
-            UNetDecoder(config.width, config.num_classes, config.norm) for _ in range(2 if two_heads else 1)
-        )
-        self.inference_heads = (0, 1) if config.variant == "shared" else (0,)
-        self.input_conv_keys = tuple(f"encoders.{i}.stem.0.weight" for i in range(len(self.encoders)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected input (B, {self.config.in_channels}, X, Y, Z), got {tuple(x.shape)}")
-        size = tuple(x.shape[2:])
-        if self.config.variant == "separate":
-            # channel i → U-Net i: (DWI, ADC)
-            branches = enumerate(zip(self.encoders, self.decoders))
-            return tuple(dec(enc(x[:, i : i + 1]), size) for i, (enc, dec) in branches)
-        features = self.encoders[0](x)
-        return tuple(dec(features, size) for dec in self.decoders)
+        return strategies.forward(self, self.config.variant, x)

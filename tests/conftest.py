@@ -10,15 +10,23 @@ Synthetic datasets (all written by :mod:`strokeseg.datasets.synthetic`, seconds 
 - ``synthetic_brats``: 4 patients 48x48x32 (00005, 00007, 00009, 00011); 00007 and 00011 also
   have visit -101 (6 visits in all).
 Treat them as read-only: they are shared by every test in the session.
+
+``make_sphere_isles`` writes an easy set in the ISLES training format (bright DWI, dark ADC
+sphere in noise); ``one_thread`` runs a module's tests with one intra-op thread.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Callable
+
+import numpy as np
 import pytest
 import torch
 
+from strokeseg.core.io import save_npz, write_json
 from strokeseg.datasets import synthetic
+from strokeseg.datasets.splits import make_splits
 
 ISLES_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isles22_sample"
 
@@ -78,6 +86,41 @@ def brats_seven(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_intra_op_thread():
     """One intra-op torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(
     "one_intra_op_thread")``): tiny steps on a busy machine slow down when threads spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_sphere_isles(root: Path, cases: int, edge: int) -> Path:
+    """``cases`` volumes edge³ in the ISLES training format (<case>.npz with float32 dwi, adc and
+    uint8 mask, plus isles2022_splits_5fold.json without a test set): a sphere of radius
+    3/16..5/16 of the edge, DWI +3 and ADC -2 inside, unit Gaussian noise; seed 0."""
+    rng = np.random.default_rng(0)
+    grid = np.indices((edge,) * 3)
+    volumes = {}
+    for i in range(cases):
+        centre, radius = rng.integers(edge * 5 // 16, edge * 11 // 16, 3), rng.integers(edge * 3 // 16, edge * 5 // 16)
+        mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).astype(np.uint8)
+        dwi = (rng.standard_normal(mask.shape) + 3 * mask).astype(np.float32)
+        adc = (rng.standard_normal(mask.shape) - 2 * mask).astype(np.float32)
+        save_npz(root / f"case{i:02d}.npz", {"dwi": dwi, "adc": adc, "mask": mask})
+        volumes[f"case{i:02d}"] = float(mask.sum())
+    write_json(root / "isles2022_splits_5fold.json", make_splits(volumes, "ISLES2022", test_fraction=0.0))
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_sphere_isles() -> Callable[[Path, int, int], Path]:
+    """``make(root, cases, edge)``: an easy ISLES-format set (see :func:`_write_sphere_isles`)."""
+    return _write_sphere_isles
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    on a busy 2-core machine, OpenMP threads outnumbering the free cores spin-wait and a tiny
+    step slows down up to 40-fold."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -169,3 +169,20 @@ def test_the_brain_crop_of_an_empty_volume_runs_it_whole() -> None:
     net = _pointwise_net(1)
     volume = np.zeros((1, 10, 9, 8), dtype=np.float32)
     np.testing.assert_array_equal(Inferer(brain_crop=True)(volume, net, 16), Inferer()(volume, net, 16))
+
+
+# --------------------------------------------------------------------------- training validation
+
+
+@pytest.mark.parametrize("amp, precision", [("auto", None), ("off", "fp32")])
+def test_training_validation_runs_the_same_inferer(amp: str, precision: str | None) -> None:
+    from pathlib import Path
+
+    from strokeseg.training.settings import TrainSettings
+    from strokeseg.training.validation import validation_inferer
+
+    values = dict(output_dir=Path("run"), fold=0, epochs=1, batch_size=1, lr=1e-3, weight_decay=0.0, optimizer="adamw", momentum=0.9,
+                  schedule="cosine", warmup_epochs=0.0, grad_clip=1.0, loss="gdice", amp=amp, seed=0, workers=0, overlap=0.25, sw_batch_size=3)
+    inferer = validation_inferer(TrainSettings(**values), torch.device("cpu"))
+    assert inferer == Inferer(overlap=0.25, sw_batch_size=3, precision=precision)
+    assert inferer.resolved_precision == "fp32"  # validation on the CPU is reproducible whatever --amp says

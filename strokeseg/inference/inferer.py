@@ -20,9 +20,23 @@ import numpy as np
 import torch
 
 from .precision import resolve_precision
-from .sliding_window import Predictor, crop_alignment, nonzero_box, sample_shape, sliding_window_inference
+from .sliding_window import Predictor, crop_alignment, nonzero_box, sliding_window_inference
 
-__all__ = ["Inferer", "inference_window"]
+__all__ = ["Inferer", "inference_window", "sample_shape"]
+
+
+def sample_shape(patch_size: int | Sequence[int], volume_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Spatial shape (voxels) of what a network sees of a volume: the whole volume when the
+    patch covers it in every axis, else the patch.
+
+    Training samples follow this rule, and so do the windows of validation and evaluation: a
+    network trained on whole 32³ volumes (``--patch-size 96``) is run on whole 32³ volumes,
+    not on a zero-padded 96³ window it never saw. E.g. (96, (32, 32, 32)) -> (32, 32, 32);
+    (96, (197, 233, 189)) -> (96, 96, 96).
+    """
+    patch = (patch_size,) * 3 if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
+    shape = tuple(int(s) for s in volume_shape)
+    return shape if all(p >= s for p, s in zip(patch, shape)) else tuple(int(p) for p in patch)  # type: ignore[return-value]
 
 
 def inference_window(window: int | Sequence[int], shape: Sequence[int], fixed_input_size: bool = False) -> tuple[int, int, int]:

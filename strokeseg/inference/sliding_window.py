@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.geometry import foreground_bbox
-from .precision import AMP_MODES, amp_autocast, autocast_dtype, training_precision  # noqa: F401  (AMP_MODES, training_precision: training/engine.py until it imports .precision)
+from .precision import amp_autocast, autocast_dtype
 
 __all__ = [
     "Predictor",
-    "sample_shape",
     "sliding_window_inference",
     "ensemble_predictors",
     "importance_map",
@@ -300,17 +299,3 @@ def ensemble_predictors(predictors: Sequence[Predictor]) -> Predictor:
         return total.div_(len(predictors))
 
     return mean_probability
-
-
-def sample_shape(patch_size: int | Sequence[int], volume_shape: Sequence[int]) -> tuple[int, int, int]:
-    """Spatial shape (voxels) of what a network sees of a volume: the whole volume when the
-    patch covers it in every axis, else the patch.
-
-    Training samples follow this rule, and so do the windows of validation and evaluation: a
-    network trained on whole 32³ volumes (``--patch-size 96``) is run on whole 32³ volumes,
-    not on a zero-padded 96³ window it never saw. E.g. (96, (32, 32, 32)) -> (32, 32, 32);
-    (96, (197, 233, 189)) -> (96, 96, 96).
-    """
-    patch = (patch_size,) * 3 if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
-    shape = tuple(int(s) for s in volume_shape)
-    return shape if all(p >= s for p, s in zip(patch, shape)) else tuple(int(p) for p in patch)  # type: ignore[return-value]
