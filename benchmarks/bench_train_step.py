@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from strokeseg.core.io import write_json  # noqa: E402
-from strokeseg.inference.sliding_window import autocast_dtype, training_precision  # noqa: E402
+from strokeseg.inference.precision import autocast_dtype, training_precision  # noqa: E402
 from strokeseg.training.optimization import make_grad_scaler, train_step  # noqa: E402
 from strokeseg.training.losses import build_loss  # noqa: E402
 

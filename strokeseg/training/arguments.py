@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import models
 
-from ..inference.sliding_window import AMP_MODES
+from ..inference.precision import AMP_MODES
 from .augment import AUGMENT_PRESETS
 from .losses import LOSS_NAMES
 

@@ -33,7 +33,7 @@ import models
 from ..core.io import CaseError, one_line
 from ..core.runner import get_logger, progress
 from ..datasets.contract import check_pretrained
-from ..inference.sliding_window import autocast_dtype, training_precision
+from ..inference.precision import autocast_dtype, training_precision
 from .checkpointing import best_checkpoint_missing, restore_training_state, save_best, save_last, save_run_args
 from .data import BatchLoader, CaseFiles, EpochSampler, TrainingSet
 from .distributed import DistContext, all_sum, check_replicas_agree, setup_distributed, teardown_distributed
