@@ -29,7 +29,8 @@ from strokeseg.inference import fold_models as fm
 from strokeseg.evaluation import report
 from strokeseg.core.metrics import PRESETS
 from strokeseg.inference.model_folders import empty_fold_folders
-from strokeseg.inference.sliding_window import PRECISIONS
+from strokeseg.inference.inferer import Inferer
+from strokeseg.inference.precision import PRECISIONS
 
 _LABEL = re.compile(r"^[A-Za-z0-9._-]+$")
 # Arguments that do not change an evaluation's results ("runs" is parsed from --run).
@@ -147,7 +148,7 @@ def report_unfinished(runs: dict[str, list[list[fm.FoldModel]]], allowed: bool) 
     return int(fm.report_unfinished(labelled, allowed, "scored and marked anyway"))
 
 
-def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, settings: fm.InferenceSettings) -> tuple[list[dict], list[CaseResult], dict]:
+def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict], args: argparse.Namespace, case_dir: Path, inferer: Inferer) -> tuple[list[dict], list[CaseResult], dict]:
     """Every seed of one arm on its cases. Returns rows (with "run" and "seed"), case results
     (named "<label>/<case>" or "<label>/seed_<s>/<case>") and the arm's summary (an "error"
     when nothing was scored). Case figures show the first seed; the Bland-Altman PNG all."""
@@ -161,7 +162,7 @@ def evaluate_arm(label: str, seeds: list[list[fm.FoldModel]], cases: list[dict],
     for seed, (fold_models, seed_cases) in enumerate(zip(seeds, cases)):
         name = f"{label}/seed_{seed}" if len(seeds) > 1 else label
         outputs = ev.CaseOutputs(args.output_dir / "predictions" / name if args.save_nifti else None, {} if args.png != "none" and seed == 0 else None)
-        run_report = ev.evaluate_run(fold_models, seed_cases, case_dir, args.dataset, args.ensemble, settings, outputs, args.preset)
+        run_report = ev.evaluate_run(fold_models, seed_cases, case_dir, args.dataset, args.ensemble, inferer, outputs, args.preset)
         seed_rows = [{"run": label, "seed": seed, **row} for r in run_report.results if r.status == "done" for row in r.info["rows"]]
         rows += seed_rows
         results += [CaseResult(f"{name}/{r.case_id}", r.status, r.reason, r.seconds, r.info) for r in run_report.results]
@@ -236,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print((args.output_dir / "results.md").read_text(), flush=True)
         return 0
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    precision = args.precision or ("auto" if device.type == "cuda" else "fp32")
     spec = dataset_spec(args.dataset)
     brain_crop = spec.whole_brain and args.brain_crop
-    settings = fm.InferenceSettings(args.overlap, args.mode, args.sw_batch_size, device, args.tta, precision, brain_crop)
+    inferer = Inferer(args.overlap, args.mode, args.sw_batch_size, device, args.tta, args.precision, brain_crop)
     args.preset = args.preset or spec.preset
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_run_args(args.output_dir, args)
@@ -253,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"ERROR {err}")
         return 1
     preset = ev.preset_record(args.preset)
-    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity, lesion match {'IoU >= ' + str(preset['match_iou']) if preset['match_iou'] else 'any overlap'}); device {device}, precision {precision}, brain crop {'on' if brain_crop else 'off'}")
+    log.info(f"{args.dataset}: {len(runs)} run(s), {args.split} split of {splits_file}; preset {preset['name']} ({preset['connectivity']}-connectivity, lesion match {'IoU >= ' + str(preset['match_iou']) if preset['match_iou'] else 'any overlap'}); device {device}, precision {inferer.resolved_precision}, brain crop {'on' if brain_crop else 'off'}")
 
     results, rows, summaries = [], [], {}
     for label, seeds in runs.items():
-        run_rows, run_results, summaries[label] = evaluate_arm(label, seeds, cases[label], args, case_dir, settings)
+        run_rows, run_results, summaries[label] = evaluate_arm(label, seeds, cases[label], args, case_dir, inferer)
         rows += run_rows
         results += run_results
     status = max(report_unfinished(runs, args.allow_unfinished), int(any("error" in summary for summary in summaries.values())))

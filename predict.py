@@ -37,13 +37,14 @@ from strokeseg.core.io import CaseError, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config, register_config_datasets
 from strokeseg.evaluation.engine import file_fingerprints
-from strokeseg.inference.fold_models import InferenceSettings, report_unfinished
+from strokeseg.inference.fold_models import report_unfinished
 from strokeseg.inference import dicom, qc
 from strokeseg.inference import prediction as pr
 from strokeseg.inference.html_report import write_html_report
+from strokeseg.inference.inferer import Inferer
 from strokeseg.inference.inputs import parse_modalities
+from strokeseg.inference.precision import PRECISIONS
 from strokeseg.inference.tables import write_tables
-from strokeseg.inference.sliding_window import PRECISIONS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace, model_set: pr.ModelSet, cases: dict, bids: boo
     error of the run (not of one case) raises OSError."""
     log = get_logger()
     brain_crop = model_set.spec.whole_brain and not args.no_brain_crop
-    settings = InferenceSettings(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
+    inferer = Inferer(sw_batch_size=args.sw_batch_size, device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=brain_crop)
     recorded = output_settings(args, model_set, brain_crop)
     prepare_output_dir(args.output_dir)
     same_models = check_settings(args.output_dir, recorded, args.overwrite)
@@ -170,13 +171,13 @@ def run(args: argparse.Namespace, model_set: pr.ModelSet, cases: dict, bids: boo
         pr.write_dataset_description(args.output_dir, model_set)
     log.info(
         f"{len(cases)} case(s); model {model_set.label} ({model_set.contract.dataset}, {len(model_set.fold_models)} fold model(s): "
-        f"{' '.join(model_set.members)}); device {device}, precision {args.precision}, brain crop {'on' if brain_crop else 'off'}, "
+        f"{' '.join(model_set.members)}); device {device}, precision {args.precision} ({inferer.resolved_precision}), brain crop {'on' if brain_crop else 'off'}, "
         f"TTA {'on' if args.tta else 'off'}; output {'BIDS derivatives' if bids else 'flat'} in {args.output_dir}"
     )
     note = qc.fingerprint_note(model_set.contract, model_set.label)
     if note:
         log.info(note)
-    options = pr.PredictOptions(args.output_dir, settings, args.save_probabilities, args.overwrite, pr.settings_id(recorded), save_uncertainty=args.save_uncertainty)
+    options = pr.PredictOptions(args.output_dir, inferer, args.save_probabilities, args.overwrite, pr.settings_id(recorded), save_uncertainty=args.save_uncertainty)
     report = pr.predict_cases(cases, model_set, options, args.workers)
     qc_warnings = {r.case_id: r.info["qc"] for r in report.results if r.info and r.info.get("qc")}
     for warning in qc_warnings.values():

@@ -28,9 +28,11 @@ from strokeseg.datasets.contract import build_data_contract
 from strokeseg.core.runner import get_logger
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.datasets.splits import load_split
-from strokeseg.training import engine as training
+from strokeseg.training.arguments import add_model_arguments, add_training_arguments, model_config_from_args, parse_training_arguments
 from strokeseg.training.augment import augment_preset
 from strokeseg.training.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.training.engine import fit, run_guarded
+from strokeseg.training.settings import InitSpec, TrainSettings
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
 DATASET = "BraTS2024"
@@ -43,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patches-per-volume", type=int, default=10, help="patches per volume per epoch (default 10)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of tumour-centred patches (default 0.67; rest random)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="checkpoint to fine-tune from (all weights; a missing or mismatched file is an error)")
-    training.add_model_arguments(parser, "uctransnet3d")
-    training.add_training_arguments(parser, DEFAULTS)
-    args = training.parse_training_arguments(parser, argv)
+    add_model_arguments(parser, "uctransnet3d")
+    add_training_arguments(parser, DEFAULTS)
+    args = parse_training_arguments(parser, argv)
     if args.splits_file is None:
         args.splits_file = args.brats_dir / dataset_spec(DATASET).splits_name
     return args
@@ -59,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
     get_logger().info(f"BraTS 2024 fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches")
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args.arch, vars(args), len(spec.input_keys))
-    init = training.InitSpec("finetune", args.pretrain_ckpt, "all", None, tuple(split.test)) if args.pretrain_ckpt else training.InitSpec()
+    model_config = model_config_from_args(args.arch, vars(args), len(spec.input_keys))
+    init = InitSpec("finetune", args.pretrain_ckpt, "all", None, tuple(split.test)) if args.pretrain_ckpt else InitSpec()
     contract = build_data_contract(spec.name, args.brats_dir, spec.input_keys, args.patch_size, args.fold, split.train, split.val)
-    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
+    return fit(TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.run_guarded(run, parse_args(argv))
+    return run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

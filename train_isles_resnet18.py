@@ -42,9 +42,13 @@ from strokeseg.datasets.brats import BRATS2024
 from strokeseg.datasets.isles import isles_datasets
 from strokeseg.datasets.registry import dataset_spec
 from strokeseg.datasets.splits import load_split
-from strokeseg.training import engine as training
+from strokeseg.training.arguments import (
+    add_fold_mismatch_argument, add_model_arguments, add_training_arguments, add_transfer_scope_argument, model_config_from_args, parse_training_arguments, resolve_transfer_scope,
+)
 from strokeseg.training.augment import augment_preset
 from strokeseg.training.data import SampleMix, TrainingSet, find_case_files
+from strokeseg.training.engine import fit, run_guarded
+from strokeseg.training.settings import InitSpec, TrainSettings
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
 DATASET = "ISLES2022"
@@ -84,19 +88,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modalities", default=None, help="inputs: dwi_only, dwi_adc, all or KEY,KEY,... (default: DWI for --strategy dwi_only, DWI and ADC otherwise)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: the network's encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
-    training.add_transfer_scope_argument(parser)
-    training.add_fold_mismatch_argument(parser)
+    add_transfer_scope_argument(parser)
+    add_fold_mismatch_argument(parser)
     parser.add_argument("--patches-per-volume", type=int, default=1, help="samples per volume per epoch (default 1)")
     parser.add_argument("--lesion-patch-fraction", type=float, default=0.67, help="share of lesion-centred samples when --patch-size < volume (default 0.67; rest random)")
-    training.add_model_arguments(parser, "resnet18", strategy_archs())
-    training.add_training_arguments(parser, DEFAULTS)
-    args = training.parse_training_arguments(parser, argv)
+    add_model_arguments(parser, "resnet18", strategy_archs())
+    add_training_arguments(parser, DEFAULTS)
+    args = parse_training_arguments(parser, argv)
     if args.init == "brats" and args.pretrain_ckpt is None:
         parser.error("--init brats requires --pretrain-ckpt (there is no silent fallback to scratch)")
     if args.init == "scratch" and args.pretrain_ckpt is not None:
         parser.error("--pretrain-ckpt given with --init scratch; use --init brats to load it")
     try:
-        args.transfer_scope = training.resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
+        args.transfer_scope = resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
     except ValueError as err:
         parser.error(str(err))
     try:
@@ -117,14 +121,14 @@ def run(args: argparse.Namespace) -> int:
     get_logger().info(f"{spec.display_name} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val cases, {args.arch} {args.strategy} on {', '.join(keys)}, init {args.init}")
     mix = SampleMix.from_fraction(args.patches_per_volume, args.lesion_patch_fraction, "lesion")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})
-    init = training.InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test), args.fold, args.allow_fold_mismatch) if args.pretrain_ckpt else training.InitSpec(args.init)
+    model_config = model_config_from_args(args.arch, vars(args), len(keys), {"variant": args.strategy})
+    init = InitSpec(args.init, args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test), args.fold, args.allow_fold_mismatch) if args.pretrain_ckpt else InitSpec(args.init)
     contract = build_data_contract(spec.name, args.isles_dir, keys, args.patch_size, args.fold, split.train, split.val)
-    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
+    return fit(TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.run_guarded(run, parse_args(argv))
+    return run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

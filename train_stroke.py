@@ -31,10 +31,14 @@ from strokeseg.core.runner import get_logger
 from strokeseg.datasets.brats import BRATS2024
 from strokeseg.datasets.registry import dataset_names, dataset_spec
 from strokeseg.datasets.splits import load_split
-from strokeseg.training import engine as training
+from strokeseg.training.arguments import (
+    add_fold_mismatch_argument, add_model_arguments, add_training_arguments, add_transfer_scope_argument, model_config_from_args, parse_training_arguments, resolve_transfer_scope,
+)
 from strokeseg.training.augment import augment_preset
 from strokeseg.training.data import SampleMix, TrainingSet, find_case_files
 from strokeseg.training.patch_stage import patch_dir_name
+from strokeseg.training.engine import fit, run_guarded
+from strokeseg.training.settings import InitSpec, TrainSettings
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "flip"}
 
@@ -49,16 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patches-per-volume", type=int, default=10, help="samples per volume per epoch (default 10)")
     parser.add_argument("--random-patch-fraction", type=float, default=0.3, help="share of samples cut at random brain positions, the rest from the stored lesion patches (default 0.3)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint to start from (transfer; what is copied: --transfer-scope); a missing or mismatched file is an error")
-    training.add_transfer_scope_argument(parser)
-    training.add_fold_mismatch_argument(parser)
-    training.add_model_arguments(parser, "resnet18")
-    training.add_training_arguments(parser, DEFAULTS)
+    add_transfer_scope_argument(parser)
+    add_fold_mismatch_argument(parser)
+    add_model_arguments(parser, "resnet18")
+    add_training_arguments(parser, DEFAULTS)
     chosen = dataset_spec(parser.parse_known_args(argv)[0].dataset)
     if chosen.patch_size is not None:  # the dataset's default patch (a config.json entry's patch_size) before the architecture's
         parser.set_defaults(patch_size=chosen.patch_size)
-    args = training.parse_training_arguments(parser, argv)
+    args = parse_training_arguments(parser, argv)
     try:
-        args.transfer_scope = training.resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
+        args.transfer_scope = resolve_transfer_scope(args.arch, args.transfer_scope, args.pretrain_ckpt is not None)
     except ValueError as err:
         parser.error(str(err))
     if args.splits_file is None:
@@ -77,17 +81,17 @@ def run(args: argparse.Namespace) -> int:
     keys = (spec.input_keys, spec.mask_key, spec.brain_key)
     train_cases = find_case_files(volume_dir, split.train, *keys, patch_dir=args.patch_dir)
     val_cases = find_case_files(volume_dir, split.val, *keys)
-    init = training.InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test), args.fold, args.allow_fold_mismatch) if args.pretrain_ckpt else training.InitSpec()
+    init = InitSpec("transfer", args.pretrain_ckpt, args.transfer_scope, BRATS2024.name, tuple(split.test), args.fold, args.allow_fold_mismatch) if args.pretrain_ckpt else InitSpec()
     get_logger().info(f"{args.dataset} fold {args.fold}: {len(train_cases)} train / {len(val_cases)} val volumes, {args.arch}, {args.patch_size}^3 patches, init {init.label}")
     mix = SampleMix.from_fraction(args.patches_per_volume, 1.0 - args.random_patch_fraction, "stored")
     train_set = TrainingSet(train_cases, args.patch_size, mix, augment_preset(args.augment), args.seed, args.chunk_cases)
-    model_config = training.model_config_from_args(args.arch, vars(args), len(spec.input_keys))
+    model_config = model_config_from_args(args.arch, vars(args), len(spec.input_keys))
     contract = build_data_contract(spec.name, volume_dir, spec.input_keys, args.patch_size, args.fold, split.train, split.val)
-    return training.fit(training.TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
+    return fit(TrainSettings.from_args(vars(args)), model_config, train_set, val_cases, vars(args), init, contract)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training.run_guarded(run, parse_args(argv))
+    return run_guarded(run, parse_args(argv))
 
 
 if __name__ == "__main__":

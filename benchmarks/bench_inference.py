@@ -58,7 +58,8 @@ from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.core.case import Case  # noqa: E402
 from strokeseg.datasets.foundation import prepare_foundation_case  # noqa: E402
 from strokeseg.core.metrics import dice  # noqa: E402
-from strokeseg.inference.sliding_window import PRECISIONS, amp_autocast, crop_alignment, nonzero_box, sliding_window_inference  # noqa: E402
+from strokeseg.inference.precision import PRECISIONS, amp_autocast  # noqa: E402
+from strokeseg.inference.sliding_window import crop_alignment, nonzero_box, sliding_window_inference  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

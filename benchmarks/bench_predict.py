@@ -35,9 +35,9 @@ from benchmarks.bench_roofline import matmul_rate, window_flops  # noqa: E402
 from strokeseg.datasets.contract import THRESHOLD, DataContract  # noqa: E402
 from strokeseg.datasets import synthetic  # noqa: E402
 from strokeseg.datasets.registry import dataset_spec  # noqa: E402
-from strokeseg.inference.fold_models import InferenceSettings  # noqa: E402
+from strokeseg.inference.inferer import Inferer  # noqa: E402
 from strokeseg.inference import prediction as pr  # noqa: E402
-from strokeseg.inference.sliding_window import autocast_dtype  # noqa: E402
+from strokeseg.inference.precision import autocast_dtype  # noqa: E402
 
 _SETTINGS = {
     "atlas": ("ATLAS", ["image"], {"target_spacing": [1.0, 1.0, 1.0], "clip_percentile": 99.5, "brain_threshold": 0.0}),
@@ -115,11 +115,11 @@ def main(argv=None) -> int:
         spec = model_set.spec
         pattern = "**/*_T1w.nii.gz" if args.dataset == "atlas" else None
         cases, _ = pr.discover_cases(pr.InputSpec(root / "data", image_pattern=pattern), spec)
-        settings = InferenceSettings(device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=spec.whole_brain)
-        options = pr.PredictOptions(root / "out", settings)
+        inferer = Inferer(device=device, mirror_tta=args.tta, precision=args.precision, brain_crop=spec.whole_brain)
+        options = pr.PredictOptions(root / "out", inferer)
         spent = time_forward_passes(model_set, device)
         first = dict(list(cases.items())[:1])
-        pr.predict_cases(first, model_set, pr.PredictOptions(root / "warm", settings))  # warm-up: allocator, oneDNN kernels
+        pr.predict_cases(first, model_set, pr.PredictOptions(root / "warm", inferer))  # warm-up: allocator, oneDNN kernels
         print(f"{args.dataset}: {len(cases)} case(s), native shape {args.shape or 'default'}, {args.folds} fold model(s), ResNet-18 U-Net width {args.width}, "
               f"window {args.window}, precision {args.precision}, TTA {args.tta}, brain crop {spec.whole_brain}, device {device}, {torch.get_num_threads()} threads")
         fold = model_set.fold_models[0]

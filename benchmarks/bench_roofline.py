@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import models  # noqa: E402
 from strokeseg.core.io import write_json  # noqa: E402
-from strokeseg.inference.sliding_window import amp_autocast, cpu_supports_bf16  # noqa: E402
+from strokeseg.inference.precision import amp_autocast, cpu_supports_bf16  # noqa: E402
 
 # The paper's inference cases beyond the registry's defaults: the ISLES ResNet-18 U-Net on
 # DWI+ADC with a shared encoder (the slowest inference variant but 'separate').

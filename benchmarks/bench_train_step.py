@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Samples per second of a full training step (forward, loss, backward, AdamW step, clipping),
-the engine's own strokeseg.training.engine.train_step, on random batches already on the device.
+the engine's own strokeseg.training.optimization.train_step, on random batches already on the device.
 
 Both networks at the paper's sizes (README "Resources per stage": ResNet-18 U-Net width 64,
 96³, batch 4; UCTransNet3D width 64, 64³, batch 4 for ATLAS and 8 for BraTS), with automatic mixed precision on (bfloat16, or float16 + GradScaler
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from strokeseg.core.io import write_json  # noqa: E402
-from strokeseg.inference.sliding_window import autocast_dtype, training_precision  # noqa: E402
-from strokeseg.training.engine import make_grad_scaler, train_step  # noqa: E402
+from strokeseg.inference.precision import autocast_dtype, training_precision  # noqa: E402
+from strokeseg.training.optimization import make_grad_scaler, train_step  # noqa: E402
 from strokeseg.training.losses import build_loss  # noqa: E402
 
 # label: (arch, width, patch edge, batch)

@@ -23,6 +23,7 @@ from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import load_npz, read_json, save_npz, write_json
 from strokeseg.datasets.isles import load_isles_case
 from strokeseg.inference import fold_models as fm
+from strokeseg.inference.inferer import Inferer
 from strokeseg.evaluation.engine import score_probability
 from strokeseg.core.metrics import PRESETS
 from strokeseg.core.metrics import dice as metrics_dice
@@ -260,7 +261,7 @@ def test_whole_volume_is_scored_by_default_and_the_brain_crop_is_opt_in(atlas_ba
     _checkpoint(run / "fold_0" / "best_model.pth", {"arch": "resnet18", "width": 4}, {"dataset": "ATLAS", "fold": 0, "patch_size": 32},
                 val_cases=splits["fold_0"]["ATLAS"]["val"])
     # a network that calls every voxel it is shown lesion
-    monkeypatch.setattr(fm, "sliding_window_inference", lambda region, *a, **k: np.ones(region.shape[1:], np.float32))
+    monkeypatch.setattr("strokeseg.inference.inferer.sliding_window_inference", lambda region, *a, **k: np.ones(region.shape[1:], np.float32))
     base = ["--dataset", "ATLAS", "--data-dir", str(data), "--run", f"all={run}", "--png", "none", "--bootstrap", "20"]
     assert evaluate.main([*base, "--output-dir", str(tmp_path / "whole")]) == 0
     assert evaluate.main([*base, "--output-dir", str(tmp_path / "crop"), "--brain-crop"]) == 0
@@ -314,7 +315,7 @@ def test_the_ensemble_thresholds_the_mean_of_the_fold_models_probabilities(atlas
         fold = int(predictor.args[0].decoders[0].head.bias[1].item())
         return ramp(region.shape[1:], fold)
 
-    monkeypatch.setattr(fm, "sliding_window_inference", fold_output)
+    monkeypatch.setattr("strokeseg.inference.inferer.sliding_window_inference", fold_output)
     out = tmp_path / "out"
     argv = ["--dataset", "ATLAS", "--data-dir", str(atlas_base), "--run", f"r={run}", "--ensemble", "--save-nifti", "--png", "none",
             "--bootstrap", "20", "--output-dir", str(out)]
@@ -564,14 +565,14 @@ def test_brain_crop_predicts_the_box_of_nonzero_voxels_on_the_network_grid_and_z
     fold_model = fm.FoldModel(0, Path("m.pth"), models.build_model(config).eval(), models.resolve_model_config(config), {}, contract, (16, 16, 16))
     image = np.zeros((44, 42, 38), dtype=np.float32)
     image[12:37, 3:21, 5:35] = np.random.default_rng(0).standard_normal((25, 18, 30))
-    cropped = fm.predict_probability({"image": image}, fold_model, fm.InferenceSettings(brain_crop=True))
+    cropped = fm.predict_probability({"image": image}, fold_model, Inferer(brain_crop=True))
     # window 16, step 8, the ResNet's grid 32: starts and distances from the end grow to multiples of 8
     box = (slice(8, 44), slice(0, 26), slice(0, 38))
-    alone = fm.predict_probability({"image": image[box]}, fold_model, fm.InferenceSettings())
+    alone = fm.predict_probability({"image": image[box]}, fold_model, Inferer())
     np.testing.assert_array_equal(cropped[box], alone)
     cropped[box] = 0
     assert not cropped.any()
-    whole = fm.predict_probability({"image": image}, fold_model, fm.InferenceSettings())
+    whole = fm.predict_probability({"image": image}, fold_model, Inferer())
     assert whole[0, 0, 0] > 0  # without the crop the background is predicted too
 
 

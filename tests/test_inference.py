@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from strokeseg.inference.precision import autocast_dtype
 from strokeseg.inference.sliding_window import (
-    autocast_dtype,
     crop_alignment,
     ensemble_predictors,
     importance_map,
@@ -212,9 +212,9 @@ def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, None) is None and autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") == torch.bfloat16
-    monkeypatch.setattr("strokeseg.inference.sliding_window.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("strokeseg.inference.precision.cpu_supports_bf16", lambda: False)
     assert autocast_dtype(cpu, "auto") is None
-    monkeypatch.setattr("strokeseg.inference.sliding_window.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("strokeseg.inference.precision.cpu_supports_bf16", lambda: True)
     assert autocast_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be one of"):
         sliding_window_inference(_volume((1, 8, 8, 8)), lambda x: x.sigmoid(), 8, precision="fp16")

@@ -22,7 +22,7 @@ from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets import synthetic
 from strokeseg.datasets.foundation import foundation_dataset
 from strokeseg.datasets.registry import dataset_spec, register_dataset
-from strokeseg.training import engine as training
+from strokeseg.training.arguments import model_config_from_args
 
 PATCH = 16
 
@@ -127,7 +127,7 @@ def test_flags_of_another_architecture_are_usage_errors(toy_arch, foundation: Pa
     assert info.value.code == 2
     assert "--layers: not a flag of toynet (its model flags: --width, --norm, --kernel)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown architecture 'vnet'; known: resnet18, uctransnet3d, resenc_unet, toynet"):
-        training.model_config_from_args("vnet", {}, in_channels=1)
+        model_config_from_args("vnet", {}, in_channels=1)
 
 
 def test_toy_dataset_trains_and_evaluates_through_the_scripts(toy_dataset, foundation: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ import train_stroke
 from strokeseg.datasets.contract import DataContract
 from strokeseg.core.io import load_npz, read_json, save_npz, write_json
 from strokeseg.datasets.splits import load_split
-from strokeseg.training.engine import LOCK_NAME
+from strokeseg.training.fold_folder import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["16", "16", "16"]  # preprocessed grid of the tiny ISLES / BraTS volumes (voxels)

@@ -22,7 +22,7 @@ import train_isles_resnet18
 from strokeseg.core import runner
 from strokeseg.core.io import load_npz, read_json, save_npz, write_json
 from strokeseg.datasets import isles
-from strokeseg.training import engine as training
+from strokeseg.training import engine
 
 GRID = ["16", "16", "16"]
 SPLITS = "isles2022_splits_5fold.json"
@@ -375,13 +375,13 @@ def test_item15_mixed_volume_shapes_name_both_files(isles_train: Path, tmp_path:
 def test_item15_diverged_training_names_the_step_and_the_batch_cases(isles_train: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A loss that is not finite (here from step 2 on) ends training with one line naming the
     step and the cases of that batch, which are training cases of the fold."""
-    real_step, steps = training.train_step, []
+    real_step, steps = engine.train_step, []
 
     def diverging_step(*args, **kwargs) -> torch.Tensor:
         steps.append(real_step(*args, **kwargs))
         return steps[-1] if len(steps) < 2 else torch.tensor(float("nan"))
 
-    monkeypatch.setattr(training, "train_step", diverging_step)
+    monkeypatch.setattr(engine, "train_step", diverging_step)
     capsys.readouterr()
     assert train_isles_resnet18.main(_train(isles_train, tmp_path / "run", "--workers", "0")) == 2
     line = _one_error_line(capsys)

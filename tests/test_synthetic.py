@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from strokeseg.core.io import affines_match, load_nifti
-from strokeseg.datasets import synthetic
-from strokeseg.datasets.synthetic import Tissue
+from strokeseg.datasets import phantom, synthetic
+from strokeseg.datasets.phantom import Tissue
 
 ISLES_IDS = [f"sub-strokecase{i:04d}" for i in range(1, 7)]
 ATLAS_SUBJECTS = [("R001", "sub-r001s001"), ("R001", "sub-r001s002"), ("R001", "sub-r001s003"),
@@ -78,31 +78,31 @@ def test_case_rng_depends_only_on_its_key():
 
 
 def test_smooth_field_is_unit_variance_and_smooth():
-    fields = np.stack([synthetic.smooth_field(np.random.default_rng(i), (7, 6, 5), 3) for i in range(400)])
+    fields = np.stack([phantom.smooth_field(np.random.default_rng(i), (7, 6, 5), 3) for i in range(400)])
     assert fields.shape == (400, 7, 6, 5) and fields.dtype == np.float32
     per_voxel_sd = fields.std(axis=0)
     assert 0.85 < per_voxel_sd.min() and per_voxel_sd.max() < 1.15
     assert np.abs(fields.mean(axis=0)).max() < 0.2
-    big = synthetic.smooth_field(np.random.default_rng(0), (64, 64, 64), 4)
+    big = phantom.smooth_field(np.random.default_rng(0), (64, 64, 64), 4)
     assert np.abs(np.diff(big, axis=0)).mean() < 0.15  # neighbours nearly equal: smooth, not white noise
 
 
 def test_oblique_affine_hand_computed():
-    plain = synthetic.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), centre_mm=(10.0, 20.0, 30.0))
+    plain = phantom.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), centre_mm=(10.0, 20.0, 30.0))
     expected = np.array([[2, 0, 0, 6], [0, 3, 0, 11], [0, 0, 4, 14], [0, 0, 0, 1]], dtype=float)
     np.testing.assert_allclose(plain, expected)
-    flipped = synthetic.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), centre_mm=(10.0, 20.0, 30.0), axis_signs=(-1, 1, 1))
+    flipped = phantom.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), centre_mm=(10.0, 20.0, 30.0), axis_signs=(-1, 1, 1))
     np.testing.assert_allclose(flipped[:3, 0], [-2, 0, 0])
     np.testing.assert_allclose(flipped[:3, 3], [14, 11, 14])
-    turned = synthetic.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), angles_deg=(0, 0, 90))
+    turned = phantom.oblique_affine((5, 7, 9), (2.0, 3.0, 4.0), angles_deg=(0, 0, 90))
     np.testing.assert_allclose(turned[:3, 0], [0, 2, 0], atol=1e-12)  # voxel axis 0 now runs along world y
     np.testing.assert_allclose(turned @ [2, 3, 4, 1], [0, 0, 0, 1], atol=1e-12)  # centre voxel -> centre_mm
     with pytest.raises(ValueError, match="spacing_mm"):
-        synthetic.oblique_affine((5, 7, 9), (2.0, 0.0, 4.0))
+        phantom.oblique_affine((5, 7, 9), (2.0, 0.0, 4.0))
 
 
 def test_brain_phantom_has_nested_tissues():
-    labels = synthetic.brain_phantom(np.random.default_rng(0), (40, 48, 36), (0.36, 0.38, 0.34))
+    labels = phantom.brain_phantom(np.random.default_rng(0), (40, 48, 36), (0.36, 0.38, 0.34))
     assert labels.dtype == np.uint8 and labels.shape == (40, 48, 36)
     present = set(np.unique(labels).tolist())
     assert {Tissue.BACKGROUND, Tissue.SCALP, Tissue.SKULL, Tissue.CSF, Tissue.GM, Tissue.WM} <= present
@@ -116,24 +116,24 @@ def test_brain_phantom_has_nested_tissues():
 
 
 def test_lesion_mask_stays_inside_and_varies_in_size():
-    allowed = synthetic.brain_phantom(np.random.default_rng(1), (40, 40, 40), (0.36, 0.36, 0.36))
+    allowed = phantom.brain_phantom(np.random.default_rng(1), (40, 40, 40), (0.36, 0.36, 0.36))
     allowed = (allowed == Tissue.GM) | (allowed == Tissue.WM)
-    assert not synthetic.lesion_mask(np.random.default_rng(0), allowed, 0).any()
+    assert not phantom.lesion_mask(np.random.default_rng(0), allowed, 0).any()
     sizes = []
     for i in range(40):
-        lesion = synthetic.lesion_mask(np.random.default_rng(i), allowed, 1)
+        lesion = phantom.lesion_mask(np.random.default_rng(i), allowed, 1)
         assert lesion.dtype == bool and lesion.any() and not (lesion & ~allowed).any()
         sizes.append(int(lesion.sum()))
     assert min(sizes) < 30 and max(sizes) > 20 * min(sizes)
     # a tiny size fraction: the semi-axes are min_radius voxels, the surfaces warped by at most x0.3-1.5
-    small, bigger = ([synthetic.lesion_mask(np.random.default_rng(i), allowed, 1, (0.01, 0.01), min_radius=r).sum() for i in range(10)] for r in (1.0, 3.5))
+    small, bigger = ([phantom.lesion_mask(np.random.default_rng(i), allowed, 1, (0.01, 0.01), min_radius=r).sum() for i in range(10)] for r in (1.0, 3.5))
     assert max(small) < 4 / 3 * np.pi * 2.5**3 < 0.5 * 4 / 3 * np.pi * 3.5**3 < np.median(bigger)
-    multi = synthetic.lesion_mask(np.random.default_rng(5), allowed, 4)
+    multi = phantom.lesion_mask(np.random.default_rng(5), allowed, 4)
     assert ndimage.label(multi, np.ones((3, 3, 3)))[1] >= 2
     with pytest.raises(ValueError, match="n_lesions"):
-        synthetic.lesion_mask(np.random.default_rng(0), allowed, -1)
+        phantom.lesion_mask(np.random.default_rng(0), allowed, -1)
     with pytest.raises(ValueError, match="empty parenchyma"):
-        synthetic.lesion_mask(np.random.default_rng(0), np.zeros((9, 9, 9), bool), 1)
+        phantom.lesion_mask(np.random.default_rng(0), np.zeros((9, 9, 9), bool), 1)
 
 
 def test_render_maps_contrast_and_zeroes_missing_tissues():
@@ -141,7 +141,7 @@ def test_render_maps_contrast_and_zeroes_missing_tissues():
     labels[:5] = Tissue.SKULL
     labels[15:] = Tissue.STROKE
     contrast = {Tissue.WM: 1.0, Tissue.STROKE: 2.5}
-    image = synthetic.render(np.random.default_rng(0), labels, contrast, noise_sd=0.01, bias_sd=0.0)
+    image = phantom.render(np.random.default_rng(0), labels, contrast, noise_sd=0.01, bias_sd=0.0)
     assert image.dtype == np.float32
     assert (image[:5] == 0).all()
     assert abs(image[5:15].mean() - 1.0) < 0.05 and abs(image[15:].mean() - 2.5) < 0.15

@@ -34,8 +34,13 @@ import train_stroke
 from strokeseg.core.io import read_json, write_json
 from strokeseg.datasets import synthetic
 from strokeseg.core.metrics import dice as dice_score
-from strokeseg.training import engine as training
+from strokeseg.training import engine, validation
+from strokeseg.training.arguments import add_training_arguments
 from strokeseg.training.data import find_case_files, load_case_volume
+from strokeseg.training.distributed import weights_digest
+from strokeseg.training.fold_folder import LOCK_NAME
+from strokeseg.training.optimization import lr_at
+from strokeseg.training.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("best_model.pth", "last.pth", "history.csv", "curves.png", "run_args.json")
@@ -116,14 +121,14 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> 
     ],
 )
 def test_lr_schedule(step, schedule, expected):
-    assert training.lr_at(step, total_steps=14, base_lr=1.0, warmup_steps=4, schedule=schedule) == pytest.approx(expected)
+    assert lr_at(step, total_steps=14, base_lr=1.0, warmup_steps=4, schedule=schedule) == pytest.approx(expected)
 
 
 def test_training_defaults_reject_unknown_keys():
     import argparse
 
     with pytest.raises(ValueError, match="learning_rate"):
-        training.add_training_arguments(argparse.ArgumentParser(), {"learning_rate": 1.0})
+        add_training_arguments(argparse.ArgumentParser(), {"learning_rate": 1.0})
 
 
 # --------------------------------------------------------------------------- the three scripts
@@ -381,7 +386,7 @@ def test_second_training_into_a_fold_folder_fails_naming_the_holder(data, tmp_pa
     argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES]
     first = subprocess.Popen([sys.executable, "train_isles_resnet18.py", *argv, "--epochs", "100"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
-    lock = tmp_path / "fold_0" / training.LOCK_NAME
+    lock = tmp_path / "fold_0" / LOCK_NAME
     try:
         deadline = time.monotonic() + 120
         while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()):
@@ -444,7 +449,7 @@ def test_sigterm_saves_mid_epoch_exits_75_and_resumes_exactly(resume_args, tmp_p
     _wait_for(tmp_path / "fold_0" / "last.pth", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == training.EXIT_PREEMPTED, output
+    assert process.returncode == EXIT_PREEMPTED, output
     saved = models.load_checkpoint(tmp_path / "fold_0" / "last.pth")
     assert saved["progress"]["step"] >= 1 and saved["progress"]["epoch"] < 3  # mid-epoch state
     assert "SIGTERM: saved" in output
@@ -492,7 +497,7 @@ def test_group_sigterm_with_workers_saves_exits_75_and_resumes(data, tmp_path, p
     argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(out), *TINY_ISLES, "--epochs", "4", "--patches-per-volume", "2"]
     watched = log if point is _logged_start else out / "fold_0"
     result = _group_sigterm_when([*argv, "--workers", "2"], point(watched), log)
-    assert result.returncode == training.EXIT_PREEMPTED, result.stdout
+    assert result.returncode == EXIT_PREEMPTED, result.stdout
     assert "SIGTERM: saved" in result.stdout and "killed by signal" not in result.stdout
     assert models.load_checkpoint(out / "fold_0" / "last.pth")["progress"]["epoch"] < 4
     assert train_isles_resnet18.main(argv + ["--resume"]) == 0
@@ -500,15 +505,15 @@ def test_group_sigterm_with_workers_saves_exits_75_and_resumes(data, tmp_path, p
 
 
 @pytest.mark.parametrize(
-    "where, epoch, step",
-    [("make_optimizer", 0, 0), ("load_case_volume", 0, None), ("plot_curves", 1, 1)],
+    "module, where, epoch, step",
+    [(engine, "make_optimizer", 0, 0), (validation, "load_case_volume", 0, None), (engine, "plot_curves", 1, 1)],
     ids=["start", "validation", "plotting"],
 )
-def test_sigterm_during_start_validation_or_plotting_saves_and_resumes(data, tmp_path, monkeypatch, capsys, where, epoch, step):
+def test_sigterm_during_start_validation_or_plotting_saves_and_resumes(data, tmp_path, monkeypatch, capsys, module, where, epoch, step):
     """The signal arrives while the run is set up, validates or draws curves.png: last.pth holds
     the state reached (validation: every step of epoch 1 done, None below; plotting: the step
     after it), exit 75, --resume completes."""
-    original = getattr(training, where)
+    original = getattr(module, where)
     sent = []
 
     def signalling(*args, **kwargs):
@@ -516,9 +521,9 @@ def test_sigterm_during_start_validation_or_plotting_saves_and_resumes(data, tmp
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training, where, signalling)
+    monkeypatch.setattr(module, where, signalling)
     argv = ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--epochs", "2"]
-    assert train_isles_resnet18.main(argv) == training.EXIT_PREEMPTED
+    assert train_isles_resnet18.main(argv) == EXIT_PREEMPTED
     assert "SIGTERM: saved" in capsys.readouterr().out
     monkeypatch.undo()
     saved = models.load_checkpoint(tmp_path / "fold_0" / "last.pth")
@@ -536,7 +541,7 @@ def test_torchrun_two_ranks_agree(data, tmp_path):
     line = next(l for l in result.stdout.splitlines() if "final weights identical on all 2 ranks" in l)
     digest = line.rsplit(" ", 1)[1].rstrip(")")
     model, checkpoint = models.model_from_checkpoint(tmp_path / "fold_0" / "last.pth")
-    assert training._weights_digest(model) == digest  # rank 0 saved the weights and BatchNorm statistics every rank holds
+    assert weights_digest(model) == digest  # rank 0 saved the weights and BatchNorm statistics every rank holds
     assert checkpoint["world_size"] == 2
     assert result.stdout.count("epoch 2/2") == 1  # only rank 0 logs
 

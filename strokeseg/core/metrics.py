@@ -28,7 +28,6 @@ __all__ = [
     "volume_difference",
     "lesion_f1",
     "lesion_count_difference",
-    "voxel_precision",
     "LesionMatch",
     "match_lesions",
     "case_metrics",

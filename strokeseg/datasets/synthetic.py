@@ -1,9 +1,7 @@
 """Synthetic MRI datasets written in the real on-disk layouts (SPEC.md section 1).
 
-Every dataset is built from the same pure building blocks: :func:`smooth_field` (cheap smooth
-random fields), :func:`brain_phantom` (a tissue label map: head, CSF, grey and white matter),
-:func:`lesion_mask` (irregular blobs inside the parenchyma), :func:`render` (tissue contrast,
-bias field, noise) and :func:`oblique_affine` (voxel-to-world matrix). Case ``i`` is drawn from
+Every dataset is built from the same pure building blocks of :mod:`strokeseg.datasets.phantom`
+(tissue label maps, lesions, rendering, oblique affines). Case ``i`` is drawn from
 its own generator (:func:`synthetic_rng`), so its content depends on ``seed`` and ``i`` only, never
 on how many cases are generated. Files are written with :func:`strokeseg.core.io.save_nifti`.
 
@@ -15,30 +13,22 @@ Example (tiny test-sized ISLES data, every 3rd case lesion-free)::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from enum import IntEnum
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from ..core.geometry import rotation_matrix
 from ..core.io import save_nifti
 from ..core.runner import progress, write_run_args
+from .phantom import CONTRASTS, Tissue, blob, brain_phantom, check_shape, draw_centre, extent, lesion_mask, oblique_affine, render
 
 __all__ = [
     "MARKER",
     "is_generated",
-    "Tissue",
     "synthetic_rng",
-    "smooth_field",
-    "oblique_affine",
-    "brain_phantom",
-    "lesion_mask",
-    "render",
     "make_isles",
     "make_atlas",
     "make_uoa",
@@ -56,45 +46,6 @@ def is_generated(folder: str | Path) -> bool:
     return (folder / MARKER).is_file() or (folder.parent / MARKER).is_file()
 
 
-class Tissue(IntEnum):
-    """Labels of a phantom label map (uint8). Values >= CSF are inside the brain."""
-
-    BACKGROUND = 0
-    SCALP = 1
-    SKULL = 2
-    CSF = 3
-    GM = 4
-    WM = 5
-    STROKE = 6
-    CORE = 7  # BraTS label 1, non-enhancing tumour core
-    OEDEMA = 8  # BraTS label 2, surrounding FLAIR hyperintensity
-    ENHANCING = 9  # BraTS label 3
-    CAVITY = 10  # BraTS label 4, resection cavity
-    GLIOSIS = 11  # gliotic rim of a chronic stroke lesion (T1: between CSF and grey matter)
-
-
-# Relative intensities per tissue (white matter about 0.8). Tissues left out render as exactly 0,
-# which is how skull stripping is expressed. ADC is in 1e-3 mm^2/s.
-_CONTRASTS: dict[str, dict[Tissue, float]] = {
-    "dwi": {Tissue.CSF: 0.3, Tissue.GM: 1.0, Tissue.WM: 0.8, Tissue.STROKE: 2.4},
-    "adc": {Tissue.CSF: 3.0, Tissue.GM: 0.9, Tissue.WM: 0.75, Tissue.STROKE: 0.4},
-    "flair": {
-        Tissue.CSF: 0.15, Tissue.GM: 0.9, Tissue.WM: 0.7, Tissue.STROKE: 1.3,
-        Tissue.CORE: 1.6, Tissue.OEDEMA: 1.9, Tissue.ENHANCING: 1.7, Tissue.CAVITY: 0.2,
-    },
-    "t1": {
-        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85, Tissue.STROKE: 0.3, Tissue.GLIOSIS: 0.42,
-        Tissue.CORE: 0.4, Tissue.OEDEMA: 0.6, Tissue.ENHANCING: 0.55, Tissue.CAVITY: 0.2,
-    },
-    "t1c": {
-        Tissue.CSF: 0.25, Tissue.GM: 0.55, Tissue.WM: 0.85,
-        Tissue.CORE: 0.35, Tissue.OEDEMA: 0.6, Tissue.ENHANCING: 1.5, Tissue.CAVITY: 0.2,
-    },
-    "t2": {
-        Tissue.CSF: 1.0, Tissue.GM: 0.55, Tissue.WM: 0.4,
-        Tissue.CORE: 0.85, Tissue.OEDEMA: 0.8, Tissue.ENHANCING: 0.7, Tissue.CAVITY: 1.0,
-    },
-}
 _GLIOTIC_RIM_VOXELS = 2  # chronic lesions: a CSF-dark core inside a rim this thick (both lesion)
 _MNI_MIN_LESION_RADIUS = _GLIOTIC_RIM_VOXELS + 1.5  # voxels: room for a core inside the rim
 _HEAD = {Tissue.SCALP: 0.75, Tissue.SKULL: 0.08}  # T1 of a head that was not skull-stripped
@@ -123,212 +74,8 @@ def synthetic_rng(seed: int, dataset: str, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, _DATASET_KEYS[dataset], *key]))
 
 
-def _upsampling_matrix(n_out: int, n_coarse: int) -> np.ndarray:
-    """(n_out, n_coarse) Gaussian interpolation weights, rows of unit L2 norm (unit variance out)."""
-    position = (np.arange(n_out) + 0.5) * (n_coarse / n_out) - 0.5  # output voxel in coarse units
-    weights = np.exp(-0.5 * ((position[:, None] - np.arange(n_coarse)[None, :]) / 0.8) ** 2)
-    return (weights / np.linalg.norm(weights, axis=1, keepdims=True)).astype(np.float32)
-
-
-def smooth_field(rng: np.random.Generator, shape: Sequence[int], n_coarse: int = 6) -> np.ndarray:
-    """Smooth random field, (X, Y, Z) float32, standard normal at every voxel.
-
-    A coarse ``n_coarse``^3 grid of N(0, 1) values is upsampled separably with Gaussian weights
-    (features about ``shape / n_coarse`` voxels across): three small matrix products, about
-    0.05 s for 197x233x189, instead of full-resolution filtering.
-    """
-    coarse = rng.standard_normal((n_coarse,) * 3).astype(np.float32)
-    wx, wy, wz = (_upsampling_matrix(int(n), n_coarse) for n in shape)
-    field = np.einsum("kc,abc->abk", wz, coarse)
-    field = np.einsum("jb,abk->ajk", wy, field)
-    return np.ascontiguousarray(np.einsum("ia,ajk->ijk", wx, field))
-
-
-def oblique_affine(
-    shape: Sequence[int],
-    spacing_mm: Sequence[float],
-    angles_deg: Sequence[float] = (0.0, 0.0, 0.0),
-    centre_mm: Sequence[float] = (0.0, 0.0, 0.0),
-    axis_signs: Sequence[int] = (1, 1, 1),
-) -> np.ndarray:
-    """(4, 4) float64 voxel-to-world affine (RAS, mm) of a grid of ``shape`` voxels.
-
-    Column ``i`` of the 3x3 part is ``axis_signs[i] * spacing_mm[i]`` along world axis ``i``,
-    rotated about world x, then y, then z by ``angles_deg`` (degrees). The grid's centre voxel,
-    ``(shape - 1) / 2``, maps to ``centre_mm``. ``axis_signs=(-1, 1, 1)`` gives the LAS layout of
-    scanner (ISLES) and FSL MNI images; BraTS uses ``(-1, -1, 1)``.
-    """
-    spacing = np.asarray(spacing_mm, dtype=np.float64)
-    if spacing.shape != (3,) or np.any(spacing <= 0):
-        raise ValueError(f"spacing_mm must be 3 positive values, got {tuple(spacing_mm)}")
-    matrix = rotation_matrix(np.deg2rad(angles_deg)) @ np.diag(spacing * np.asarray(axis_signs, dtype=np.float64))
-    affine = np.eye(4)
-    affine[:3, :3] = matrix
-    affine[:3, 3] = np.asarray(centre_mm, dtype=np.float64) - matrix @ ((np.asarray(shape) - 1) / 2.0)
-    return affine
-
-
-def _normalised_radius(shape: Shape3, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) float32 ellipsoidal radius: 1 on the ellipsoid surface."""
-    axes = [((np.arange(n, dtype=np.float32) - c) / r) ** 2 for n, c, r in zip(shape, centre, radii)]
-    return np.sqrt(axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :])
-
-
-def _blob(
-    rng: np.random.Generator,
-    shape: Shape3,
-    centre: np.ndarray,
-    radii: np.ndarray,
-    n_lobes: int = 1,
-    roughness: float = 0.25,
-) -> tuple[tuple[slice, slice, slice], np.ndarray]:
-    """Union of ``n_lobes`` ellipsoids (semi-axes ``radii`` voxels, extra lobes smaller and
-    offset) around ``centre`` (voxels), their surfaces warped by ``roughness`` x a smooth field.
-
-    Returns the bounding box as slices and the box's bool mask; the centre voxel is always set.
-    Only the box is computed, so small lesions in large volumes cost almost nothing.
-    """
-    lobes = [(np.asarray(centre, float), np.asarray(radii, float))]
-    for _ in range(n_lobes - 1):
-        lobes.append((lobes[0][0] + rng.uniform(-0.8, 0.8, 3) * radii, radii * rng.uniform(0.4, 0.8, 3)))
-    reach = 1.0 + 2.0 * roughness
-    size = np.asarray(shape)
-    low = np.clip(np.floor(np.min([c - reach * r for c, r in lobes], axis=0)), 0, size - 1).astype(int)
-    high = np.clip(np.ceil(np.max([c + reach * r for c, r in lobes], axis=0)) + 1, 1, size).astype(int)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
-    box_shape = tuple(int(b - a) for a, b in zip(low, high))
-    mask = np.zeros(box_shape, dtype=bool)
-    for c, r in lobes:
-        inside = 1.0
-        if roughness > 0:
-            inside = np.clip(1.0 + roughness * smooth_field(rng, box_shape, 4), 0.3, reach)
-        mask |= _normalised_radius(box_shape, c - low, r) < inside
-    mask[tuple(np.clip(np.round(centre).astype(int), 0, size - 1) - low)] = True
-    return box, mask
-
-
-def brain_phantom(rng: np.random.Generator, shape: Sequence[int], radii_frac: Sequence[float]) -> np.ndarray:
-    """Tissue label map of a head, (X, Y, Z) uint8 :class:`Tissue` values.
-
-    Axes run left-right, posterior-anterior, inferior-superior. The brain is an ellipsoid with
-    semi-axes ``radii_frac`` x ``shape`` (voxels), warped by a smooth field; it is wrapped in
-    skull and scalp (clipped at the grid edge) and holds an outer CSF layer, a cortex of varying
-    thickness, white matter, deep grey nuclei and two lateral ventricles.
-    """
-    shape = _check_shape(shape)
-    size = np.asarray(shape, dtype=np.float64)
-    centre = (size - 1) / 2 + rng.uniform(-0.02, 0.02, 3) * size
-    radii = np.asarray(radii_frac, dtype=np.float64) * size
-    rho = _normalised_radius(shape, centre, radii)
-    rho *= 1.0 + 0.06 * smooth_field(rng, shape, 4)
-    cortex = rho + 0.03 * smooth_field(rng, shape, 12)
-    white = rho + 0.05 * smooth_field(rng, shape, 8)
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[rho < 1.25] = Tissue.SCALP
-    labels[rho < 1.15] = Tissue.SKULL
-    brain = rho < 1.0
-    labels[brain] = Tissue.CSF
-    labels[brain & (cortex < 0.95)] = Tissue.GM
-    labels[brain & (white < 0.78)] = Tissue.WM
-    for side in (-1.0, 1.0):
-        nuclei = centre + radii * np.array([0.22 * side, 0.0, 0.0])
-        box, mask = _blob(rng, shape, nuclei, radii * np.array([0.1, 0.16, 0.12]), roughness=0.1)
-        labels[box][mask] = Tissue.GM
-        ventricle = centre + radii * np.array([0.09 * side, -0.05, 0.12])
-        box, mask = _blob(rng, shape, ventricle, radii * np.array([0.06, 0.3, 0.1]), roughness=0.1)
-        labels[box][mask] = Tissue.CSF
-    return labels
-
-
-def _extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and half-extent (voxels) of the bounding box of the allowed region (bool mask)."""
-    if not mask.any():
-        raise ValueError("no voxel where a lesion may lie (empty parenchyma)")
-    first, last = [], []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        first.append(hits[0])
-        last.append(hits[-1])
-    first_a, last_a = np.asarray(first, float), np.asarray(last, float)
-    return (first_a + last_a) / 2, (last_a - first_a + 1) / 2
-
-
-def _draw_centre(rng: np.random.Generator, allowed: np.ndarray, spread: float) -> np.ndarray:
-    """A voxel of ``allowed`` (voxel coordinates, float), drawn uniformly from the ellipsoid of
-    ``spread`` x the mask's bounding box; falls back to any allowed voxel."""
-    centre, half = _extent(allowed)
-    for _ in range(100):
-        direction = rng.standard_normal(3)
-        offset = direction / np.linalg.norm(direction) * rng.uniform() ** (1 / 3)
-        voxel = np.round(centre + spread * half * offset).astype(int)
-        if allowed[tuple(voxel)]:
-            return voxel.astype(float)
-    return np.asarray(np.unravel_index(rng.choice(np.flatnonzero(allowed)), allowed.shape), dtype=float)
-
-
-def lesion_mask(
-    rng: np.random.Generator,
-    allowed: np.ndarray,
-    n_lesions: int,
-    size_frac: tuple[float, float] = (0.04, 0.4),
-    min_radius: float = 1.0,
-) -> np.ndarray:
-    """Union of ``n_lesions`` irregular blobs inside ``allowed``, (X, Y, Z) bool.
-
-    allowed: (X, Y, Z) bool, where lesions may lie (the parenchyma). Each blob is 1-3 warped
-    ellipsoids around a centre drawn inside ``allowed``; its semi-axes are a log-uniform
-    fraction in ``size_frac`` of the allowed region's half-extent per axis (at least
-    ``min_radius`` voxels), so sizes run from a few voxels to a large territory. Blobs may touch
-    and merge. ``n_lesions=0`` gives an empty mask.
-    """
-    if n_lesions < 0:
-        raise ValueError(f"n_lesions must be >= 0, got {n_lesions}")
-    lesion = np.zeros(allowed.shape, dtype=bool)
-    if n_lesions == 0:
-        return lesion
-    _, half = _extent(allowed)
-    for _ in range(n_lesions):
-        centre = _draw_centre(rng, allowed, 0.75)
-        frac = math.exp(rng.uniform(math.log(size_frac[0]), math.log(size_frac[1])))
-        radii = np.maximum(frac * half * rng.uniform(0.7, 1.3, 3), min_radius)
-        box, mask = _blob(rng, allowed.shape, centre, radii, n_lobes=int(rng.integers(1, 4)))
-        lesion[box] |= mask & allowed[box]
-    return lesion
-
-
-def render(
-    rng: np.random.Generator,
-    labels: np.ndarray,
-    contrast: Mapping[Tissue, float],
-    noise_sd: float,
-    bias_sd: float = 0.1,
-) -> np.ndarray:
-    """MR-like image of a label map, (X, Y, Z) float32 in the units of ``contrast``.
-
-    Each voxel is ``contrast[label]`` x a smooth multiplicative field (bias ``bias_sd`` plus a
-    faint tissue texture) + Gaussian noise of ``noise_sd``. Tissues missing from ``contrast``
-    (background, and skull and scalp for skull-stripped images) are exactly 0.
-    """
-    table = np.zeros(len(Tissue), dtype=np.float32)
-    for tissue, value in contrast.items():
-        table[tissue] = value
-    base = table[labels]
-    gain = 1.0 + bias_sd * smooth_field(rng, labels.shape, 3)
-    gain += 0.03 * smooth_field(rng, labels.shape, 12)
-    image = base * gain
-    image += np.float32(noise_sd) * rng.standard_normal(labels.shape, dtype=np.float32)
-    image[base == 0] = 0
-    return image
-
-
 # --------------------------------------------------------------------------- shared case logic
 
-
-def _check_shape(shape: Sequence[int], minimum: int = 8) -> Shape3:
-    values = tuple(int(s) for s in shape)
-    if len(values) != 3 or min(values) < minimum:
-        raise ValueError(f"shape must be 3 sizes >= {minimum} voxels, got {tuple(shape)}")
-    return values  # type: ignore[return-value]
 
 
 def _check_count(value: int, name: str, minimum: int) -> None:
@@ -355,7 +102,7 @@ def _mni_case(rng: np.random.Generator, shape: Shape3, empty: bool, head: bool) 
     lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.05, 0.4), _MNI_MIN_LESION_RADIUS)
     labels[lesion] = Tissue.GLIOSIS  # the core alone would be as dark as CSF
     labels[ndimage.binary_erosion(lesion, iterations=_GLIOTIC_RIM_VOXELS)] = Tissue.STROKE
-    contrast = {**_CONTRASTS["t1"], **_HEAD} if head else _CONTRASTS["t1"]
+    contrast = {**CONTRASTS["t1"], **_HEAD} if head else CONTRASTS["t1"]
     t1 = render(rng, labels, contrast, noise_sd=0.04) * np.float32(rng.uniform(60.0, 120.0))
     return t1, lesion
 
@@ -369,9 +116,9 @@ def _isles_grid(rng: np.random.Generator, shape: Shape3 | None) -> tuple[Shape3,
     spacing = np.array([in_plane, in_plane, slices])
     if shape is None:
         fov_mm = np.array([rng.uniform(210, 240)] * 2 + [rng.uniform(130, 160)])
-        return _check_shape(np.round(fov_mm / spacing)), spacing
+        return check_shape(np.round(fov_mm / spacing)), spacing
     jitter = rng.uniform(0.9, 1.1, 2)
-    return _check_shape(np.round(np.asarray(shape) * jitter[[0, 0, 1]])), spacing
+    return check_shape(np.round(np.asarray(shape) * jitter[[0, 0, 1]])), spacing
 
 
 def _isles_case(seed: int, index: int, shape: Shape3 | None, empty: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -387,8 +134,8 @@ def _isles_case(seed: int, index: int, shape: Shape3 | None, empty: bool) -> dic
     lesion = lesion_mask(rng, _parenchyma(labels), _lesion_count(rng, empty), (0.04, 0.4))
     labels[lesion] = Tissue.STROKE
     integer_scale = rng.random() < 0.5  # centres store 0-4095 integers or ~0-5 floats
-    dwi = render(rng, labels, _CONTRASTS["dwi"], noise_sd=0.05) * np.float32(rng.uniform(150, 1200))
-    adc = render(rng, labels, _CONTRASTS["adc"], noise_sd=0.08, bias_sd=0.03)
+    dwi = render(rng, labels, CONTRASTS["dwi"], noise_sd=0.05) * np.float32(rng.uniform(150, 1200))
+    adc = render(rng, labels, CONTRASTS["adc"], noise_sd=0.08, bias_sd=0.03)
     if integer_scale:
         brain = labels >= Tissue.CSF
         dwi = np.where(brain, np.clip(np.round(dwi), 1, 32767), 0).astype(np.int16)
@@ -400,7 +147,7 @@ def _isles_case(seed: int, index: int, shape: Shape3 | None, empty: bool) -> dic
     flair_labels = ndimage.affine_transform(
         labels, to_dwi[:3, :3], offset=to_dwi[:3, 3], output_shape=flair_grid, order=0, cval=0
     )
-    flair = render(rng, flair_labels, _CONTRASTS["flair"], noise_sd=0.04) * np.float32(rng.uniform(200, 2000))
+    flair = render(rng, flair_labels, CONTRASTS["flair"], noise_sd=0.04) * np.float32(rng.uniform(200, 2000))
     return {
         "dwi": (dwi, affine),
         "adc": (adc, affine),
@@ -416,7 +163,7 @@ def _flair_grid(
     in_plane = rng.uniform(0.8, 1.0)
     flair_spacing = np.array([in_plane, in_plane, rng.uniform(4.0, 6.0)])
     fov_mm = np.asarray(grid) * spacing * rng.uniform(1.0, 1.1)
-    flair_grid = _check_shape(np.maximum(np.round(fov_mm / flair_spacing), 8))
+    flair_grid = check_shape(np.maximum(np.round(fov_mm / flair_spacing), 8))
     flair_angles = angles + rng.uniform(-3, 3, 3)
     flair_centre = centre_mm + rng.uniform(-4, 4, 3)
     return flair_grid, oblique_affine(flair_grid, flair_spacing, flair_angles, flair_centre, axis_signs=(-1, 1, 1))
@@ -459,7 +206,7 @@ def make_isles(
         raise ValueError(f"layout must be 'A' or 'B', got {layout!r}")
     _check_count(n_cases, "n_cases", 1)
     _check_count(empty_every, "empty_every", 0)
-    nominal = None if shape is None else _check_shape(shape)
+    nominal = None if shape is None else check_shape(shape)
     root = Path(root)
     case_ids = []
     for index in progress(range(n_cases), total=n_cases, desc="isles"):
@@ -493,7 +240,7 @@ def make_atlas(
     """
     _check_count(n_cases, "n_cases", 1)
     _check_count(empty_every, "empty_every", 0)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     affine = oblique_affine(shape, (1.0, 1.0, 1.0), centre_mm=_MNI_CENTRE_MM)
     case_ids = []
     for index in progress(range(n_cases), total=n_cases, desc="atlas"):
@@ -527,11 +274,11 @@ def make_uoa(
     _check_count(n_cases, "n_cases", 1)
     _check_count(empty_every, "empty_every", 0)
     _check_count(spacing_every, "spacing_every", 0)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     case_ids = []
     for index in progress(range(n_cases), total=n_cases, desc="uoa"):
         spacing = _UOA_ALT_SPACING_MM if _every(index, spacing_every) else (1.0, 1.0, 1.0)
-        grid = _check_shape(np.round(np.asarray(shape) / np.asarray(spacing)))
+        grid = check_shape(np.round(np.asarray(shape) / np.asarray(spacing)))
         affine = oblique_affine(grid, spacing, centre_mm=_MNI_CENTRE_MM, axis_signs=(-1, 1, 1))
         t1, lesion = _mni_case(synthetic_rng(seed, "uoa", index), grid, _every(index, empty_every), head=False)
         case_id = f"UOA{index + 1:03d}"
@@ -553,19 +300,19 @@ def _brats_labels(seed: int, patient: int, visit: int, shape: Shape3) -> np.ndar
     rng = synthetic_rng(seed, "brats", patient)
     labels = brain_phantom(rng, shape, np.asarray(_BRATS_RADII) * rng.uniform(0.97, 1.03, 3))
     parenchyma = _parenchyma(labels)
-    centre = _draw_centre(rng, parenchyma, 0.6)
-    oedema_radii = rng.uniform(0.3, 0.5) * _extent(parenchyma)[1] * rng.uniform(0.8, 1.2, 3)
+    centre = draw_centre(rng, parenchyma, 0.6)
+    oedema_radii = rng.uniform(0.3, 0.5) * extent(parenchyma)[1] * rng.uniform(0.8, 1.2, 3)
     visit_rng = synthetic_rng(seed, "brats", patient, visit)
     post_op = visit > 100 or visit_rng.random() < 0.3
     radii = oedema_radii * (0.7 if visit > 100 else 1.0)
     brain = labels >= Tissue.CSF
     for tissue, frac, lobes in ((Tissue.OEDEMA, 1.0, 2), (Tissue.ENHANCING, 0.6, 1), (Tissue.CORE, 0.4, 1)):
-        box, mask = _blob(visit_rng, shape, centre, radii * frac, n_lobes=lobes, roughness=0.15)
+        box, mask = blob(visit_rng, shape, centre, radii * frac, n_lobes=lobes, roughness=0.15)
         labels[box][mask & brain[box]] = tissue
     if post_op:
         direction = visit_rng.standard_normal(3)
         cavity = centre + 0.45 * oedema_radii * direction / np.linalg.norm(direction)
-        box, mask = _blob(visit_rng, shape, cavity, 0.3 * oedema_radii, roughness=0.1)
+        box, mask = blob(visit_rng, shape, cavity, 0.3 * oedema_radii, roughness=0.1)
         labels[box][mask & brain[box]] = Tissue.CAVITY
     return labels
 
@@ -587,7 +334,7 @@ def make_brats(
     """
     _check_count(n_patients, "n_patients", 1)
     _check_count(second_visit_every, "second_visit_every", 0)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     # BraTS headers: diag(-1, -1, 1) with the origin at (0, Y - 1, 0)
     centre_mm = (np.asarray(shape) - 1) / 2 * np.array([-1, 1, 1])
     affine = oblique_affine(shape, (1.0, 1.0, 1.0), centre_mm=centre_mm, axis_signs=(-1, -1, 1))
@@ -602,7 +349,7 @@ def make_brats(
             labels = _brats_labels(seed, patient, visit, shape)
             rng = synthetic_rng(seed, "brats", patient, visit, 1)  # image noise, separate from the tumour draw
             for suffix, modality in _BRATS_MODALITIES.items():
-                image = render(rng, labels, _CONTRASTS[modality], noise_sd=0.04) * np.float32(rng.uniform(300, 3000))
+                image = render(rng, labels, CONTRASTS[modality], noise_sd=0.04) * np.float32(rng.uniform(300, 3000))
                 save_nifti(Path(root) / case_id / f"{case_id}-{suffix}.nii.gz", image, affine)
             save_nifti(Path(root) / case_id / f"{case_id}-seg.nii.gz", seg_table[labels], affine)
             case_ids.append(case_id)

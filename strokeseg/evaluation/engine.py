@@ -29,7 +29,8 @@ from ..core.runner import CaseResult, RunReport, get_logger, run_cases
 from ..core.case import Case
 from ..datasets.registry import dataset_spec
 from ..datasets.splits import load_split
-from ..inference.fold_models import FoldModel, InferenceSettings, predict_probability
+from ..inference.fold_models import FoldModel, predict_probability
+from ..inference.inferer import Inferer
 from ..core.metrics import METRICS, PRESETS, case_metrics
 from .report import axial_slice_index, paper_init, paper_strategy
 from .statistics import case_values, detection, holm, paired_difference, summarize, volume_agreement
@@ -196,11 +197,11 @@ def evaluate_case(
     dataset: str,
     fold_models: Sequence[FoldModel],
     ensemble: bool,
-    settings: InferenceSettings,
+    inferer: Inferer,
     outputs: CaseOutputs,
     preset: str | None = None,
 ) -> CaseResult:
-    """Predict one case with every fold model given (and their mean probability when
+    """Predict one case with every fold model given by ``inferer`` (and their mean probability when
     ``ensemble``), score each prediction under ``preset`` (None: the dataset's), write the side outputs.
 
     Returns a done :class:`CaseResult` whose info["rows"] holds one metrics dict per prediction
@@ -213,7 +214,7 @@ def evaluate_case(
     image = display_volume(case) if outputs.figures is not None else None
     rows, total = [], None
     for fold_model in fold_models:
-        probability = predict_probability(case.arrays(), fold_model, settings)
+        probability = predict_probability(case.arrays(), fold_model, inferer)
         rows.append(_record(case, f"fold_{fold_model.fold}", probability, preset, fold_model.contract.threshold, outputs, image))
         total = probability if total is None else total + probability
     if ensemble:
@@ -227,20 +228,20 @@ def evaluate_run(
     case_dir: Path,
     dataset: str,
     ensemble: bool,
-    settings: InferenceSettings,
+    inferer: Inferer,
     outputs: CaseOutputs,
     preset: str | None = None,
 ) -> RunReport:
     """:func:`evaluate_case` for every case id -> folds of ``cases`` (from :func:`split_cases`),
-    in one process; the run's models sit on ``settings.device`` only for its duration."""
+    in one process; the run's models sit on ``inferer.device`` only for its duration."""
     by_fold = {fm.fold: fm for fm in fold_models}
     items = {case_id: (case_id, [by_fold[fold] for fold in folds]) for case_id, folds in cases.items()}
 
     def process(item: tuple[str, list[FoldModel]]) -> CaseResult:
-        return evaluate_case(item[0], case_dir, dataset, item[1], ensemble, settings, outputs, preset)
+        return evaluate_case(item[0], case_dir, dataset, item[1], ensemble, inferer, outputs, preset)
 
     for fm in fold_models:
-        fm.model.to(settings.device)
+        fm.model.to(inferer.device)
     try:
         return run_cases(items, process, workers=1, desc="cases")
     finally:

@@ -22,11 +22,10 @@ from ..core.io import CaseError, one_line
 from ..core.runner import get_logger
 from ..datasets.contract import DataContract, contract_from_checkpoint
 from ..datasets.registry import dataset_spec
-from .sliding_window import crop_alignment, nonzero_box, sample_shape, sliding_window_inference
+from .inferer import Inferer, inference_window
 
 __all__ = [
     "FoldModel",
-    "InferenceSettings",
     "discover_checkpoints",
     "fold_of_path",
     "load_fold_model",
@@ -72,18 +71,19 @@ class FoldModel:
         return models.arch_spec(self.model_config["arch"]).downsampling
 
     @property
+    def fixed_input_size(self) -> bool:
+        """Whether the network runs only at its training window (the architecture's spec)."""
+        return models.arch_spec(self.model_config["arch"]).fixed_input_size
+
+    @property
     def val_cases(self) -> tuple[str, ...] | None:
         """The validation case ids the checkpoint was selected on (None when not recorded)."""
         return self.contract.val_cases
 
     def window_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """The window for a volume of spatial ``shape``: a fixed-input-size architecture (e.g.
-        UCTransNet3D) always its training size; others what they saw in training
-        (:func:`strokeseg.training.data.sample_shape`: the whole volume when the window covers it, else
-        the window)."""
-        if models.arch_spec(self.model_config["arch"]).fixed_input_size:
-            return self.window
-        return sample_shape(self.window, shape)
+        """The window for a volume of spatial ``shape``: the inferer's window rule
+        (:func:`strokeseg.inference.inferer.inference_window`) for this network."""
+        return inference_window(self.window, shape, self.fixed_input_size)
 
     def record(self) -> dict:
         """JSON-able description for summary.json."""
@@ -96,21 +96,6 @@ class FoldModel:
             "unfinished": self.unfinished,
             "run_config": self.run_config,
         }
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Sliding-window settings (see :func:`strokeseg.inference.sliding_window.sliding_window_inference`);
-    brain_crop: run the windows over the box of the input's non-zero (brain) voxels only, the
-    rest is background (:func:`strokeseg.inference.sliding_window.nonzero_box`)."""
-
-    overlap: float = 0.5
-    mode: str = "gaussian"
-    sw_batch_size: int = 4
-    device: torch.device = torch.device("cpu")
-    mirror_tta: bool = False
-    precision: str | None = None
-    brain_crop: bool = False
 
 
 def discover_checkpoints(run_dir: Path, folds: Sequence[int] | None, name: str = "best_model.pth") -> dict[int, Path]:
@@ -197,7 +182,7 @@ def load_fold_model(path: Path, fold: int | None, dataset: str, device: torch.de
     model_config = checkpoint["model_config"]
     fold = _check_fits(contract, model_config, fold, dataset, path)
     init = checkpoint.get("init")
-    models.prepare_for_inference(model)  # eval, BatchNorm folded, channels-last: the layout sliding_window_inference feeds
+    models.prepare_for_inference(model)  # eval, BatchNorm folded, channels-last: the layout the inferer feeds
     return FoldModel(
         fold=int(fold),
         path=path,
@@ -251,34 +236,15 @@ def report_unfinished(labelled: Iterable[tuple[str, FoldModel]], allowed: bool, 
     return bool(unfinished) and not allowed
 
 
-def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel, settings: InferenceSettings) -> np.ndarray:
+def predict_probability(inputs: Mapping[str, np.ndarray], fold_model: FoldModel, inferer: Inferer) -> np.ndarray:
     """Foreground probability float32 (X, Y, Z) on the inference grid of ``inputs`` (npz key ->
-    float32 (X, Y, Z), e.g. :meth:`strokeseg.core.case.Case.arrays`), by sliding windows of the model's window
-    size over the whole input (one whole-volume pass when the window covers it), or over the box
-    of its non-zero voxels with ``settings.brain_crop`` (0 outside the box), grown to the
-    network's grid (:func:`strokeseg.inference.sliding_window.crop_alignment`). A non-finite
-    probability raises :class:`CaseError` naming the checkpoint."""
+    float32 (X, Y, Z), e.g. :meth:`strokeseg.core.case.Case.arrays`): ``inferer`` run with the fold model's
+    network, window, downsampling and fixed input size (:class:`strokeseg.inference.inferer.Inferer`).
+    A non-finite probability raises :class:`CaseError` naming the checkpoint."""
     volume = np.stack([inputs[key] for key in fold_model.channels])
-    align = crop_alignment(fold_model.window, settings.overlap, fold_model.downsampling)
-    box = nonzero_box(volume, align) if settings.brain_crop else None
-    region = volume if box is None else volume[(slice(None), *box)]
-    probability = sliding_window_inference(
-        region,
-        functools.partial(models.foreground_probability, fold_model.model),
-        fold_model.window_for(region.shape[1:]),
-        overlap=settings.overlap,
-        mode=settings.mode,
-        sw_batch_size=settings.sw_batch_size,
-        device=settings.device,
-        mirror_tta=settings.mirror_tta,
-        precision=settings.precision,
-    )
+    predictor = functools.partial(models.foreground_probability, fold_model.model)
+    probability = inferer(volume, predictor, fold_model.window, fold_model.downsampling, fold_model.fixed_input_size)
     bad = int(np.count_nonzero(~np.isfinite(probability)))
     if bad:  # never thresholded into an empty mask
-        raise CaseError(f"{fold_model.path}: {bad} non-finite probabilities (NaN/inf) at precision {settings.precision}; the model's weights or this input are broken")
-    if box is None:
-        return probability
-    out = np.zeros(volume.shape[1:], dtype=np.float32)
-    out[box] = probability
-    return out
-
+        raise CaseError(f"{fold_model.path}: {bad} non-finite probabilities (NaN/inf) at precision {inferer.resolved_precision}; the model's weights or this input are broken")
+    return probability

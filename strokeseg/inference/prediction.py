@@ -34,7 +34,8 @@ from ..core.case_io import read_images
 from ..core.io import CaseError, file_digest, load_nifti, one_line, read_json, save_nifti, write_json
 from ..core.runner import CaseResult, RunReport, run_cases
 from ..datasets.registry import DatasetSpec, dataset_spec
-from .fold_models import FoldModel, InferenceSettings, discover_checkpoints, load_fold_model
+from .fold_models import FoldModel, discover_checkpoints, load_fold_model
+from .inferer import Inferer
 from ..core.metrics import PRESETS, case_metrics
 from . import qc
 from .html_report import save_case_overview
@@ -364,12 +365,12 @@ def _case_info(case_id: str, mask: np.ndarray, affine: np.ndarray, zooms: Sequen
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """output_dir: where masks, tables and overlays go; settings: the sliding-window settings;
+    """output_dir: where masks, tables and overlays go; inferer: how the networks run;
     save_probabilities: also write the native-grid probability (float32 NIfTI); overwrite:
     predict cases whose mask exists again (default: keep it and read its rows from it)."""
 
     output_dir: Path
-    settings: InferenceSettings
+    inferer: Inferer
     save_probabilities: bool = False
     overwrite: bool = False
     settings_id: str = ""  # :func:`settings_id` of the models and settings the folder records
@@ -464,7 +465,7 @@ def predict_case(case: Case, model_set: ModelSet, options: PredictOptions) -> Ca
             return _finished_case(case, mask_path, model_set, recorded)
     native, record = read_case(case, model_set.contract)
     prepared = prepare_case(native, model_set.contract)
-    folds = fold_probabilities(prepared.arrays(model_set.contract.input_keys), model_set.fold_models, options.settings)
+    folds = fold_probabilities(prepared.arrays(model_set.contract.input_keys), model_set.fold_models, options.inferer)
     source = native.first
     to_native = functools.partial(_to_native, prepared, source.shape)
     probability = to_native(ensemble_mean(folds))

@@ -8,7 +8,6 @@ device to foreground probabilities (B, 1, wx, wy, wz): for a model,
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -20,32 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from ..core.geometry import foreground_bbox
+from .precision import amp_autocast, autocast_dtype
 
 __all__ = [
     "Predictor",
-    "sample_shape",
-    "PRECISIONS",
     "sliding_window_inference",
     "ensemble_predictors",
     "importance_map",
-    "amp_autocast",
-    "autocast_dtype",
-    "training_precision",
-    "AMP_MODES",
-    "cpu_supports_bf16",
     "nonzero_box",
     "crop_alignment",
 ]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-AMP_MODES = ("auto", "off")  # --amp of the training scripts (see training_precision)
 
 # Weight floor of the Gaussian map: window corners keep a nonzero weight, so every voxel has a
 # positive total weight (the same floor as MONAI, which keeps the two comparable).
 _MIN_WEIGHT = 1e-3
-# --precision values: float32 throughout; bfloat16 autocast; bfloat16 where the hardware runs it
-# natively (CUDA: bfloat16, else float16; CPU: bfloat16 with AVX512-BF16 or AMX, else float32).
-PRECISIONS = ("fp32", "bf16", "auto")
 # The 8 subsets of the spatial axes of a (B, C, X, Y, Z) batch, identity first.
 _FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]
 
@@ -131,48 +120,6 @@ def _predict_tta(predictor: Predictor, batch: torch.Tensor) -> torch.Tensor:
     return total.div_(len(_FLIPS))
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX tiles)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a PyTorch without these probes: assume no
-        return False
-
-
-def training_precision(amp: str) -> str | None:
-    """The precision of the training scripts' ``--amp`` (:data:`AMP_MODES`), for training steps
-    and validation alike: 'auto' is None (the training-time policy of :func:`autocast_dtype`),
-    'off' is 'fp32'."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
-    return None if amp == "auto" else "fp32"
-
-
-def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype | None:
-    """The one autocast policy of training, validation and inference: the autocast dtype of a
-    :data:`PRECISIONS` value on ``device`` (None: float32). ``precision`` None is the
-    training-time policy: autocast on CUDA (bfloat16 where supported, else float16), float32
-    elsewhere."""
-    if precision not in (None, *PRECISIONS):
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
-        return torch.bfloat16
-    return None
-
-
-def amp_autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager:
-    """Autocast for inference on ``device`` at ``precision`` (see :data:`PRECISIONS`). The
-    default (None) is bfloat16 (else float16) autocast on CUDA and plain float32 elsewhere."""
-    dtype = autocast_dtype(device, precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def nonzero_box(volume: np.ndarray, align: int | Sequence[int] = 1) -> tuple[slice, slice, slice] | None:
     """Bounding box of the voxels non-zero in any channel of ``volume`` (C, X, Y, Z), as
     slices of the spatial axes; None when every voxel is zero. For a preprocessed input (0
@@ -250,9 +197,10 @@ def sliding_window_inference(
         sw_batch_size: windows per predictor call.
         device: where windows run and are stitched; default the volume's device. Stitching is
             always float32.
-        precision: the predictor's arithmetic, one of :data:`PRECISIONS` ("fp32", "bf16",
-            "auto"); None (default): autocast on CUDA (bfloat16 where supported, else float16),
-            float32 elsewhere.
+        precision: the predictor's arithmetic, one of
+            :data:`strokeseg.inference.precision.PRECISIONS` ("fp32", "bf16", "auto") or None
+            (default: autocast on CUDA, float32 elsewhere); see
+            :func:`strokeseg.inference.precision.resolve_precision`.
         mirror_tta: average over the 8 flips of the spatial axes (8 predictor calls per batch).
         sigma_scale: Gaussian σ as a fraction of the window size.
 
@@ -351,17 +299,3 @@ def ensemble_predictors(predictors: Sequence[Predictor]) -> Predictor:
         return total.div_(len(predictors))
 
     return mean_probability
-
-
-def sample_shape(patch_size: int | Sequence[int], volume_shape: Sequence[int]) -> tuple[int, int, int]:
-    """Spatial shape (voxels) of what a network sees of a volume: the whole volume when the
-    patch covers it in every axis, else the patch.
-
-    Training samples follow this rule, and so do the windows of validation and evaluation: a
-    network trained on whole 32³ volumes (``--patch-size 96``) is run on whole 32³ volumes,
-    not on a zero-padded 96³ window it never saw. E.g. (96, (32, 32, 32)) -> (32, 32, 32);
-    (96, (197, 233, 189)) -> (96, 96, 96).
-    """
-    patch = (patch_size,) * 3 if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
-    shape = tuple(int(s) for s in volume_shape)
-    return shape if all(p >= s for p, s in zip(patch, shape)) else tuple(int(p) for p in patch)  # type: ignore[return-value]

@@ -13,7 +13,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.geometry import foreground_bbox
-from .fold_models import FoldModel, InferenceSettings, predict_probability
+from .fold_models import FoldModel, predict_probability
+from .inferer import Inferer
 from ..core.metrics import label_components
 
 __all__ = ["STDDEV_SUFFIX", "fold_probabilities", "ensemble_mean", "lesion_labels", "fold_review"]
@@ -21,9 +22,9 @@ __all__ = ["STDDEV_SUFFIX", "fold_probabilities", "ensemble_mean", "lesion_label
 STDDEV_SUFFIX = "_desc-lesion_stddev.nii.gz"  # BIDS derivative: std of the fold probabilities
 
 
-def fold_probabilities(inputs: Mapping[str, np.ndarray], fold_models: Sequence[FoldModel], settings: InferenceSettings) -> list[np.ndarray]:
-    """Each fold model's foreground probability, float32 (X, Y, Z) on the network grid of ``inputs``."""
-    return [predict_probability(inputs, fold_model, settings) for fold_model in fold_models]
+def fold_probabilities(inputs: Mapping[str, np.ndarray], fold_models: Sequence[FoldModel], inferer: Inferer) -> list[np.ndarray]:
+    """Each fold model's foreground probability by ``inferer``, float32 (X, Y, Z) on the network grid of ``inputs``."""
+    return [predict_probability(inputs, fold_model, inferer) for fold_model in fold_models]
 
 
 def ensemble_mean(folds: Sequence[np.ndarray]) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.io import CaseError, NotMemoryMappable, check_finite, load_npz, load_npz_mmap, npz_shapes
-from ..inference.sliding_window import sample_shape
+from ..inference.inferer import sample_shape
 from .augment import AugmentConfig, augment_sample
 from .patches import extract_patch, lesion_centers, random_centers, tissue_centers
 
