@@ -8,7 +8,7 @@ Per case ``sub-strokeNNNN`` (``N`` = case index + 1)::
     ROOT/derivatives/<sub>/ses-02/<sub>_ses-02_lesion-msk.nii.gz
 
 Every volume lies on the case's NCCT grid (the raw CTA and CTP too: the release registers them,
-here they are born registered). The head is the phantom of :mod:`strokeseg.datasets.synthetic`
+here they are born registered). The head is the phantom of :mod:`strokeseg.datasets.phantom`
 rendered in CT units: NCCT and CTA in Hounsfield units (int16, air -1024), the perfusion maps
 (float32, 0 outside the brain) in their clinical units: CBF ml/100 g/min, CBV ml/100 g, MTT and
 Tmax in seconds. The final infarct (the ``ses-02`` label) is the learnable signal: Tmax high,
@@ -33,9 +33,8 @@ from scipy import ndimage
 
 from ..core.io import save_nifti
 from ..core.runner import progress, write_run_args
-from .synthetic import (
-    Tissue, _check_count, _check_shape, _every, brain_phantom, lesion_mask, oblique_affine, render, synthetic_rng,
-)
+from .phantom import Tissue, brain_phantom, check_shape, lesion_mask, oblique_affine, render
+from .synthetic import _check_count, _every, synthetic_rng
 
 __all__ = ["PERFUSION_MAPS", "AIR_HU", "isles24_paths", "isles24_case", "make_isles24", "main"]
 
@@ -85,7 +84,7 @@ def _grid(rng: np.random.Generator, shape: Shape3 | None) -> tuple[Shape3, np.nd
     if shape is None:
         return (512, 512, int(rng.integers(70, 101))), spacing
     jitter = rng.uniform(0.9, 1.1)
-    return _check_shape((round(shape[0] * jitter), round(shape[1] * jitter), shape[2])), spacing
+    return check_shape((round(shape[0] * jitter), round(shape[1] * jitter), shape[2])), spacing
 
 
 def _ct(rng: np.random.Generator, labels: np.ndarray, name: str) -> np.ndarray:
@@ -120,7 +119,7 @@ def isles24_case(seed: int, index: int, shape: Sequence[int] | None, empty: bool
     """Arrays of case ``index`` (keys of :func:`isles24_paths`; ``msk`` uint8 {0,1}) and their
     common (4, 4) affine: LAS or LPS, tilted about the left-right axis like a CT gantry."""
     rng = synthetic_rng(seed, "isles24", index)
-    grid, spacing = _grid(rng, None if shape is None else _check_shape(shape))
+    grid, spacing = _grid(rng, None if shape is None else check_shape(shape))
     angles = (rng.uniform(-15.0, 15.0), 0.0, 0.0)
     signs = (-1, 1, 1) if rng.random() < 0.5 else (-1, -1, 1)
     affine = oblique_affine(grid, spacing, angles, rng.uniform([-5, -25, 5], [5, -10, 25]), axis_signs=signs)
