@@ -52,7 +52,7 @@ from strokeseg.training.settings import InitSpec, TrainSettings
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
 DATASET = "ISLES2022"
-INPUTS = {"dwi_only": 1, "separate": 2, "shared": 2}  # strategy -> leading ISLES input keys read by default (DWI, ADC)
+STRATEGIES = ("separate", "shared", "dwi_only")  # dwi_only reads the first input key by default, the others every one
 MODALITIES = {"dwi_only": 1, "dwi_adc": 2}  # --modalities name -> leading input keys; also 'all' or KEY,KEY,...
 
 
@@ -66,7 +66,7 @@ def select_modalities(choice: str | None, strategy: str, input_keys: tuple[str, 
     dataset's ``input_keys``; ValueError for an unknown key or a count the strategy cannot take
     (dwi_only: one modality; separate, shared: two or more)."""
     if choice is None:
-        keys = input_keys[: INPUTS[strategy]]
+        keys = input_keys[:1] if strategy == "dwi_only" else input_keys
     elif choice in MODALITIES:
         keys = input_keys[: MODALITIES[choice]]
     else:
@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=isles_datasets(), default=DATASET, help=f"the ISLES release preprocessed in --isles-dir (default {DATASET}; ISLES2024: NCCT, CBF, CBV, MTT, Tmax)")
     parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with the dataset's inputs (ISLES 2022: dwi, adc) and mask")
     parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json, ISLES2024: isles2024_splits_5fold.json)")
-    parser.add_argument("--strategy", choices=tuple(INPUTS), default="shared", help="separate | shared | dwi_only (default shared)")
-    parser.add_argument("--modalities", default=None, help="inputs: dwi_only, dwi_adc, all or KEY,KEY,... (default: DWI for --strategy dwi_only, DWI and ADC otherwise)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="shared", help="separate | shared | dwi_only (default shared)")
+    parser.add_argument("--modalities", default=None, help="inputs: dwi_only, dwi_adc, all or KEY,KEY,... (default: the first input, the DWI, for --strategy dwi_only; every input of the dataset otherwise: DWI and ADC for ISLES 2022)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: the network's encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")
     add_transfer_scope_argument(parser)

@@ -143,6 +143,8 @@ def test_modalities_choice(tiny_isles, capsys):
     select = train_isles_resnet18.select_modalities
     assert select(None, "shared", ("dwi", "adc")) == ("dwi", "adc") and select(None, "dwi_only", ("dwi", "adc")) == ("dwi",)
     assert select("adc", "dwi_only", ("dwi", "adc")) == ("adc",) and select("all", "separate", ("a", "b", "c")) == ("a", "b", "c")
+    perfusion = ("ncct", "cbf", "cbv", "mtt", "tmax")  # a multimodal strategy reads every input by default
+    assert select(None, "shared", perfusion) == perfusion and select(None, "dwi_only", perfusion) == ("ncct",)
     assert train_isles_resnet18.parse_args(base).arch == "resnet18"  # the paper's commands are unchanged
     for argv, message in [(["--strategy", "shared", "--modalities", "dwi_only"], "cannot read 1 modalities"),
                           (["--strategy", "dwi_only", "--modalities", "dwi_adc"], "cannot read 2 modalities"),
