@@ -385,9 +385,9 @@ def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any]
     def canonical(values: Mapping[str, Any]) -> dict:
         return json.loads(json.dumps({k: v for k, v in values.items() if k not in result_free}, default=str))
 
-    def short(value: Any) -> str:
+    def short(value: Any) -> str:  # both ends kept: paths differ in their tails as often as their heads
         text = json.dumps(value)
-        return text if len(text) <= 80 else text[:77] + "..."
+        return text if len(text) <= 400 else f"{text[:190]} ... {text[-190:]}"
 
     old, new = canonical(recorded), canonical(current)
     keys = sorted(key for key in set(old) | set(new) if old.get(key, "(absent)") != new.get(key, "(absent)"))
