@@ -12,10 +12,11 @@ Synthetic datasets (all written by :mod:`strokeseg.datasets.synthetic`, seconds 
 Treat them as read-only: they are shared by every test in the session.
 
 ``make_sphere_isles`` writes an easy set in the ISLES training format (bright DWI, dark ADC
-sphere in noise); ``one_thread`` runs a module's tests with one intra-op thread.
+sphere in noise); ``one_intra_op_thread`` runs a module's tests with one intra-op thread.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from typing import Callable
@@ -27,6 +28,10 @@ import torch
 from strokeseg.core.io import save_npz, write_json
 from strokeseg.datasets import synthetic
 from strokeseg.datasets.splits import make_splits
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2 (the README's test command): one core per
+    os.environ["OMP_NUM_THREADS"] = "1"    # worker, in-process and in the scripts it runs; more
+    torch.set_num_threads(1)               # threads than free cores only spin-wait
 
 ISLES_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isles22_sample"
 
@@ -114,14 +119,3 @@ def _write_sphere_isles(root: Path, cases: int, edge: int) -> Path:
 def make_sphere_isles() -> Callable[[Path, int, int], Path]:
     """``make(root, cases, edge)``: an easy ISLES-format set (see :func:`_write_sphere_isles`)."""
     return _write_sphere_isles
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
-    on a busy 2-core machine, OpenMP threads outnumbering the free cores spin-wait and a tiny
-    step slows down up to 40-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -11,7 +11,7 @@ from models import ResEncUNetConfig, build_model, count_parameters, model_from_c
 TINY = {"arch": "resenc_unet", "width": 4, "stages": 3}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.mark.parametrize(

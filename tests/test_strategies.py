@@ -16,7 +16,7 @@ from models.strategies import STRATEGIES, resolve_in_channels
 from strokeseg.core.io import read_json
 from strokeseg.training.losses import DiceCELoss, multi_head_loss
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # tiny config per network that offers the strategies (its config has a 'variant' field)

@@ -48,16 +48,7 @@ OUTPUTS = ("best_model.pth", "last.pth", "history.csv", "curves.png", "run_args.
 TINY_ISLES = ["--width", "4", "--patch-size", "32", "--batch-size", "2", "--workers", "0", "--strategy", "dwi_only"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: on a busy 2-core machine, OpenMP
-    threads outnumbering the free cores spin-wait and a tiny step slows down up to 40-fold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # and ONE_THREAD_ENV in the subprocesses
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
