@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from strokeseg.datasets.contract import check_preprocessing
-from strokeseg.core.io import CaseError, write_csv, write_text
+from strokeseg.core.io import CaseError, file_fingerprints, write_csv, write_text
 from strokeseg.core.runner import CaseResult, RunReport, finish, get_logger, write_run_args
 from strokeseg.datasets.registry import dataset_names, dataset_spec
 from strokeseg.evaluation import engine as ev
@@ -197,7 +197,7 @@ def compare_arms(args: argparse.Namespace, summaries: dict[str, dict]) -> list[d
 
 
 def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
-    """Fingerprints (:func:`strokeseg.evaluation.engine.file_fingerprints`) of every file the
+    """Fingerprints (:func:`strokeseg.core.io.file_fingerprints`) of every file the
     evaluation reads: the checkpoints, the splits file and the data folder's ``.npz`` files."""
     spec = dataset_spec(args.dataset)
     case_dir = spec.case_dir(args.data_dir)
@@ -205,7 +205,7 @@ def evaluation_inputs(args: argparse.Namespace) -> dict[str, list[int] | None]:
         checkpoints = list(args.checkpoints)
     else:
         checkpoints = [path for dirs in args.runs.values() for d in dirs for path in fm.discover_checkpoints(d, args.folds, args.checkpoint_name).values()]
-    return ev.file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
+    return file_fingerprints([*checkpoints, args.splits_file or case_dir / spec.splits_name, *case_dir.glob("*.npz")])
 
 
 def write_tables(args: argparse.Namespace, rows: list[dict], summaries: dict[str, dict], preset: dict, comparisons: list[dict], scoring: dict) -> None:

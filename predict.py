@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 from strokeseg.datasets.contract import DataContract
-from strokeseg.core.io import CaseError, one_line
+from strokeseg.core.io import CaseError, file_fingerprints, one_line
 from strokeseg.core.runner import add_run_arguments, check_settings, finish, get_logger, prepare_output_dir, write_run_args
 from strokeseg.datasets.foundation import load_config, register_config_datasets
-from strokeseg.evaluation.engine import file_fingerprints
 from strokeseg.inference.fold_models import report_unfinished
 from strokeseg.inference import dicom, qc
 from strokeseg.inference import prediction as pr

@@ -17,6 +17,7 @@ sphere in noise); ``one_intra_op_thread`` runs a module's tests with one intra-o
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 from typing import Callable
@@ -32,6 +33,26 @@ from strokeseg.datasets.splits import make_splits
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2 (the README's test command): one core per
     os.environ["OMP_NUM_THREADS"] = "1"    # worker, in-process and in the scripts it runs; more
     torch.set_num_threads(1)               # threads than free cores only spin-wait
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow(seconds): a test of ten seconds or more (a chain of scripts or processes) and its rough "
+        "duration on one busy core; files holding them run first, the slowest first, so that the two "
+        "workers of `pytest -n 2 --dist worksteal` finish together. `-m 'not slow'` skips them.",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files ordered by the seconds of their slow tests, most first; each file's tests stay
+    together and in order (the sort is stable), so a module fixture is built once per worker."""
+    seconds: dict[Path, float] = defaultdict(float)
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        seconds[item.path] += float(marker.args[0]) if marker else 0.0
+    items.sort(key=lambda item: -seconds[item.path])
+
 
 ISLES_SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isles22_sample"
 

@@ -16,7 +16,7 @@ import pytest
 import models
 from strokeseg import ablation, demo
 from strokeseg.ablation import FOLD, Plan, Resources, Stage, Task
-from strokeseg.evaluation.engine import file_fingerprints
+from strokeseg.core.io import file_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH_PATCH = {"resnet18": 96, "uctransnet3d": 64}
@@ -233,6 +233,7 @@ def _mark_complete(plan: Plan, stages) -> None:
             ablation.record_path(task).write_text(ablation.record_text(plan, task))
 
 
+@pytest.mark.slow(25)
 def test_submit_sh_order_and_afterok_ids(tmp_path):
     plan = ablation.load_plan(_paper_grid_in(tmp_path))
     jobs = tmp_path / "jobs"

@@ -146,6 +146,7 @@ def test_training_record_is_checked_per_fold_and_older_records_still_read(tmp_pa
     assert FOLD in train[0].stage.decl.recorded(train[0].stage.settings)[0]
 
 
+@pytest.mark.slow(11)
 def test_emitted_job_redoes_a_task_whose_stage_recorded_other_settings(tmp_path):
     from test_ablation import _notes, _stage, _started_argv
     settings = {"brats_dir": str(tmp_path / "brats"), "output_dir": str(tmp_path / "out"), "workers": 1}

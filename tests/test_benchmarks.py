@@ -16,6 +16,7 @@ import models  # noqa: E402
 from benchmarks import gpu_check_report  # noqa: E402
 
 
+@pytest.mark.slow(45)
 def test_gpu_check_dry_run_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}

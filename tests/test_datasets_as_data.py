@@ -116,6 +116,7 @@ def _whole_brain_dice(folder: Path, case_ids: list[str]) -> float:
     return float(np.mean(scores))
 
 
+@pytest.mark.slow(13)
 def test_isles2026_runs_every_stage_from_its_config_entry(cohort: tuple[Path, Path, dict]) -> None:
     root, config, shapes = cohort
     out = root / "foundation"

@@ -233,10 +233,12 @@ def shared_run(chain: Path) -> Path:
     return _train(chain, "shared", "all", "--strategy", "shared")
 
 
+@pytest.mark.slow(27)
 def test_train_shared_learns(chain: Path, shared_run: Path) -> None:
     _assert_learned(chain, shared_run)
 
 
+@pytest.mark.slow(30)
 def test_train_separate_and_the_third_network_learn(chain: Path) -> None:
     # two perfusion maps keep these runs small; separate infers with its first (Tmax) network
     _assert_learned(chain, _train(chain, "separate", "tmax,cbf", "--strategy", "separate"))
@@ -264,6 +266,7 @@ def _raw_of(chain: Path) -> Path:
     return Path(read_json(chain / "train" / "run_args.json")["args"]["isles_dir"])
 
 
+@pytest.mark.slow(13)
 def test_predict_reads_the_raw_release_and_writes_masks_on_the_ncct_grid(chain: Path, shared_run: Path) -> None:
     raw = _raw_of(chain)
     out = chain / "prediction"

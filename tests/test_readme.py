@@ -8,7 +8,8 @@ So that README commands cannot rot. The mechanism (README, "The README is tested
 - ``python <script>.py`` and ``python -m strokeseg...`` run this checkout's code with the test's
   interpreter; the repository files commands name (``config.json``) are copied beside them.
 - Sizes shrink, behaviour does not: the values in :data:`SHRINK` are replaced (96³ ISLES
-  volumes become 32³, 96³/64³ patches 48³/32³, 100 epochs 1, fold loops run fold 0) and :data:`TINY_FLAGS` are
+  volumes become 32³, MNI-space
+  volumes 48 x 56 x 48, 96³/64³ patches 48³/32³, 100 epochs 1, fold loops run fold 0) and :data:`TINY_FLAGS` are
   appended to the training scripts (argparse keeps the last value of a flag).
 - A block right after a ``<!-- readme-test: skip REASON -->`` line is not run (set-up commands,
   SLURM submission, GPU-only commands); the reason is required.
@@ -30,7 +31,7 @@ from strokeseg.datasets.synthetic import make_atlas, make_brats, make_isles
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-MNI_SHAPE = (64, 72, 60)
+MNI_SHAPE = (48, 56, 48)  # the tiny MNI grid: 197 x 233 x 189 in the paper's commands
 
 
 def _hospital_exports(root: Path) -> None:
@@ -55,14 +56,14 @@ def _hospital_exports(root: Path) -> None:
 
 
 DATASETS = {  # path under /data -> writer of the synthetic dataset in that release's layout
-    "ISLES-2022": lambda root: make_isles(root, 30, layout="A", seed=3, shape=(32, 32, 32), empty_every=8),
+    "ISLES-2022": lambda root: make_isles(root, 12, layout="A", seed=3, shape=(32, 32, 32), empty_every=8),
     "BraTS2024/training_data": lambda root: make_brats(root, 8, seed=3, shape=MNI_SHAPE),
-    "ATLAS_2": lambda root: make_atlas(root, 40, seed=3, shape=MNI_SHAPE),
+    "ATLAS_2": lambda root: make_atlas(root, 12, seed=3, shape=MNI_SHAPE),
     ".": _hospital_exports,  # hospital/, hospital_flat/, dwi_4d/
 }
 SHRINK = (  # (pattern, replacement): sizes of the paper's commands -> the test's tiny sizes
     (r"--target-shape 96 96 96", "--target-shape 32 32 32"),
-    (r"--target-shape 197 233 189", "--target-shape 64 72 60"),
+    (r"--target-shape 197 233 189", "--target-shape " + " ".join(map(str, MNI_SHAPE))),
     (r"(--patch[_-]size) 96\b", r"\1 48"),
     (r"(--patch[_-]size) 64\b", r"\1 32"),
     (r"--epochs \d+", "--epochs 1"),
@@ -72,8 +73,8 @@ SHRINK = (  # (pattern, replacement): sizes of the paper's commands -> the test'
     (r"--max_patches \d+", "--max_patches 4"),
 )
 TINY_FLAGS = {  # appended to every command running the script
-    "preprocess_brats2024_t2flair.py": "--target-shape 64 72 60",
-    "train_brats_uctransnet3d.py": "--width 8 --epochs 1 --workers 0 --batch-size 2",
+    "preprocess_brats2024_t2flair.py": "--target-shape " + " ".join(map(str, MNI_SHAPE)),
+    "train_brats_uctransnet3d.py": "--width 8 --epochs 1 --workers 0 --batch-size 2 --patches-per-volume 2",
     "train_isles_resnet18.py": "--width 8 --epochs 1 --workers 0 --batch-size 2",
     "train_stroke.py": "--width 8 --epochs 1 --workers 0 --batch-size 2 --patches-per-volume 2",
     "evaluate.py": "--bootstrap 200",
@@ -155,6 +156,7 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow(300)
 def test_every_readme_block_runs(data_root, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -164,7 +166,7 @@ def test_every_readme_block_runs(data_root, tmp_path):
     (bin_dir / "python").chmod(0o755)
     for name in REPO_FILES:
         shutil.copy(REPO / name, work / name)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(REPO))
     ran = 0
     for line, code, skip in readme_blocks(README.read_text()):
         if skip:

@@ -74,6 +74,7 @@ def isles_train(synthetic_isles_a: Path, tmp_path_factory: pytest.TempPathFactor
 # --------------------------------------------------------------------------- item 4
 
 
+@pytest.mark.slow(19)
 def test_item4_worker_killed_fails_its_case_and_the_others_finish(synthetic_isles_b: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """A worker process dying (SIGKILL) on one case: that case is failed by name, every other
     case is written, the summary and splits exist, exit status 1."""

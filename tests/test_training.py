@@ -171,6 +171,7 @@ def test_memory_format_option_sets_the_layout_of_weights_and_optimizer_state(dat
             assert models.foreground_probability(model.eval(), torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
 
 
+@pytest.mark.slow(10)
 def test_validation_dice_rises_on_an_easy_set(easy_isles, tmp_path):
     """A tiny DWI-only network learns the bright spheres: whole-volume validation Dice rises.
     The default --patch-size 96 covers the 32³ volumes, so training and validation see them
@@ -421,6 +422,7 @@ def _assert_same_run(resumed: dict, reference: dict) -> None:
     assert resumed["best_score"] == reference["best_score"]
 
 
+@pytest.mark.slow(35)
 def test_sigkill_then_resume_equals_uninterrupted_run(resume_args, tmp_path):
     """Killed hard after epoch 1 (with 2 loader workers), resumed in-process without workers:
     the same weights, bit for bit, and the same history (CPU)."""
@@ -434,6 +436,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(resume_args, tmp_path):
     _assert_same_run(models.load_checkpoint(tmp_path / "fold_0" / "last.pth"), reference)
 
 
+@pytest.mark.slow(25)
 def test_sigterm_saves_mid_epoch_exits_75_and_resumes_exactly(resume_args, tmp_path):
     args, reference = resume_args
     process = _start(args, tmp_path, workers=0)
@@ -480,6 +483,7 @@ def _into_epoch_2(fold: Path):
     return lambda: (fold / "curves.png").exists()  # noqa: E731
 
 
+@pytest.mark.slow(16)
 @pytest.mark.parametrize("point", [_logged_start, _end_of_epoch_1, _into_epoch_2], ids=lambda f: f.__name__.strip("_"))
 def test_group_sigterm_with_workers_saves_exits_75_and_resumes(data, tmp_path, point):
     """SIGTERM to the process group with 2 DataLoader workers: the workers ignore it, the main
@@ -524,6 +528,7 @@ def test_sigterm_during_start_validation_or_plotting_saves_and_resumes(data, tmp
     assert [int(r["epoch"]) for r in _history(tmp_path / "fold_0")] == [1, 2]
 
 
+@pytest.mark.slow(22)
 def test_torchrun_two_ranks_agree(data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_isles_resnet18.py"]
     command += ["--isles-dir", str(data / "isles"), "--output-dir", str(tmp_path), *TINY_ISLES, "--strategy", "shared", "--epochs", "2"]
@@ -552,6 +557,7 @@ def test_requeue_wrapper_forwards_the_warning_and_requeues(tmp_path):
     assert (tmp_path / "called").read_text().strip() == "requeue 4242"
 
 
+@pytest.mark.slow(18)
 def test_third_network_pretrains_on_brats_and_transfers_to_stroke_and_isles_strategy(data, tmp_path):
     """resenc_unet through all three scripts: BraTS pretraining, the stroke transfer and scratch
     arms, and an ISLES strategy started from the BraTS encoder (one branch into both)."""

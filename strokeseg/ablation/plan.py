@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import models
 
-from ..core.io import CaseError, read_json
-from ..evaluation.engine import changed_inputs, evaluation_problems, file_fingerprints
+from ..core.io import CaseError, changed_inputs, file_fingerprints, read_json
+from ..evaluation.engine import evaluation_problems
 from ..datasets.registry import dataset_spec
 from ..stages import BEST_CHECKPOINT, FOLD, REDO_FLAG, RUN_ONLY, STAGES, StageDecl
 from .grid import PLACEHOLDER, validate_grid

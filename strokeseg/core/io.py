@@ -20,7 +20,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -54,6 +54,8 @@ __all__ = [
     "check_same_grid",
     "one_line",
     "file_digest",
+    "file_fingerprints",
+    "changed_inputs",
 ]
 
 
@@ -530,3 +532,23 @@ def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str])
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+
+def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int] | None]:
+    """Absolute path (links resolved, so ``runs/a`` and ``./runs/a/`` are one file) -> [size
+    in bytes, modification time in ns], None for a missing file: what
+    identifies the files a run read (a retrained fold, a re-preprocessed case or a
+    rebuilt splits file changes them)."""
+    fingerprints: dict[str, list[int] | None] = {}
+    for path in sorted({str(Path(p).resolve()) for p in paths}):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            fingerprints[path] = None
+            continue
+        fingerprints[path] = [stat.st_size, stat.st_mtime_ns]
+    return fingerprints
+
+
+def changed_inputs(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The paths added, removed or changed between two :func:`file_fingerprints`, sorted."""
+    return sorted(path for path in set(recorded) | set(current) if recorded.get(path) != current.get(path))

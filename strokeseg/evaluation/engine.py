@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from ..datasets.contract import THRESHOLD
 from ..core.geometry import uncrop_to_native
-from ..core.io import CaseError, read_json, save_nifti
+from ..core.io import CaseError, changed_inputs, read_json, save_nifti
 from ..core.runner import CaseResult, RunReport, get_logger, run_cases
 from ..core.case import Case
 from ..datasets.registry import dataset_spec
@@ -53,9 +52,7 @@ __all__ = [
     "compare_runs",
     "preset_record",
     "evaluation_problems",
-    "file_fingerprints",
     "absolute_paths",
-    "changed_inputs",
     "reusable_evaluation",
     "unfinished_notes",
 ]
@@ -394,21 +391,6 @@ def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any]
     return [f"--{key.replace('_', '-')} (was {short(old.get(key, '(absent)'))}, now {short(new.get(key, '(absent)'))})" for key in keys]
 
 
-def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int] | None]:
-    """Absolute path (links resolved, so ``runs/a`` and ``./runs/a/`` are one file) -> [size
-    in bytes, modification time in ns], None for a missing file: what
-    identifies the files an evaluation read (a retrained fold, a re-preprocessed case or a
-    rebuilt splits file changes them)."""
-    fingerprints: dict[str, list[int] | None] = {}
-    for path in sorted({str(Path(p).resolve()) for p in paths}):
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            fingerprints[path] = None
-            continue
-        fingerprints[path] = [stat.st_size, stat.st_mtime_ns]
-    return fingerprints
-
 
 def absolute_paths(value: Any) -> Any:
     """``value`` (arguments: dicts, lists, scalars) with every :class:`~pathlib.Path` made
@@ -421,10 +403,6 @@ def absolute_paths(value: Any) -> Any:
         return [absolute_paths(item) for item in value]
     return value
 
-
-def changed_inputs(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The paths added, removed or changed between two :func:`file_fingerprints`, sorted."""
-    return sorted(path for path in set(recorded) | set(current) if recorded.get(path) != current.get(path))
 
 
 def reusable_evaluation(
