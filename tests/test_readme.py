@@ -8,9 +8,9 @@ So that README commands cannot rot. The mechanism (README, "The README is tested
 - ``python <script>.py`` and ``python -m strokeseg...`` run this checkout's code with the test's
   interpreter; the repository files commands name (``config.json``) are copied beside them.
 - Sizes shrink, behaviour does not: the values in :data:`SHRINK` are replaced (96³ ISLES
-  volumes become 32³, MNI-space
-  volumes 48 x 56 x 48, 96³/64³ patches 48³/32³, 100 epochs 1, fold loops run fold 0) and :data:`TINY_FLAGS` are
-  appended to the training scripts (argparse keeps the last value of a flag).
+  volumes become 32³, MNI-space volumes 48 x 56 x 48, 96³/64³ patches 48³/32³, 100 epochs 1,
+  fold loops run fold 0) and :data:`TINY_FLAGS` are appended to the training scripts (argparse
+  keeps the last value of a flag).
 - A block right after a ``<!-- readme-test: skip REASON -->`` line is not run (set-up commands,
   SLURM submission, GPU-only commands); the reason is required.
 """
