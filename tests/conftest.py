@@ -40,7 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "slow(seconds): a test of ten seconds or more (a chain of scripts or processes) and its rough "
         "duration on one busy core; files holding them run first, the slowest first, so that the two "
-        "workers of `pytest -n 2 --dist worksteal` finish together. `-m 'not slow'` skips them.",
+        "workers of `pytest -n 2 --dist loadfile --no-loadscope-reorder` finish together. "
+        "`-m 'not slow'` skips them.",
     )
 
 
