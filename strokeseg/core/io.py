@@ -533,6 +533,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str])
             writer.writeheader()
             writer.writerows(rows)
 
+
 def file_fingerprints(paths: Iterable[str | os.PathLike]) -> dict[str, list[int] | None]:
     """Absolute path (links resolved, so ``runs/a`` and ``./runs/a/`` are one file) -> [size
     in bytes, modification time in ns], None for a missing file: what
