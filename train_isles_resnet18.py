@@ -7,7 +7,8 @@ Strategies (models.strategies, over any network whose config has a ``variant``):
 stacked modalities, one decoder per modality, heads averaged at inference), ``dwi_only`` (one
 network on one modality). ``--modalities`` picks the inputs: dwi_only (the DWI alone), dwi_adc
 (DWI and ADC), all (every input of the dataset) or a comma-separated list of input keys; default
-the strategy's (DWI for dwi_only, DWI and ADC otherwise). ``--init brats`` copies the encoder of
+the strategy's (the first input, the DWI, for dwi_only; every input of the dataset
+otherwise: DWI and ADC for ISLES 2022). ``--init brats`` copies the encoder of
 a BraTS checkpoint of the same network (train_brats_uctransnet3d.py --arch resnet18;
 ``--transfer-scope all``: every tensor) and requires ``--pretrain-ckpt``; both init arms
 use the same hyper-parameters (the flag changes nothing else). The volumes are already 96³: a
@@ -52,7 +53,6 @@ from strokeseg.training.settings import InitSpec, TrainSettings
 
 DEFAULTS = {"epochs": 100, "batch_size": 4, "lr": 1e-4, "augment": "full"}
 DATASET = "ISLES2022"
-STRATEGIES = ("separate", "shared", "dwi_only")  # dwi_only reads the first input key by default, the others every one
 MODALITIES = {"dwi_only": 1, "dwi_adc": 2}  # --modalities name -> leading input keys; also 'all' or KEY,KEY,...
 
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=isles_datasets(), default=DATASET, help=f"the ISLES release preprocessed in --isles-dir (default {DATASET}; ISLES2024: NCCT, CBF, CBV, MTT, Tmax)")
     parser.add_argument("--isles-dir", "--data-dir", dest="isles_dir", type=Path, required=True, help="preprocess_v2_isles.py output: <case>.npz with the dataset's inputs (ISLES 2022: dwi, adc) and mask")
     parser.add_argument("--splits-file", type=Path, default=None, help="splits JSON (default <isles-dir>/isles2022_splits_5fold.json, ISLES2024: isles2024_splits_5fold.json)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="shared", help="separate | shared | dwi_only (default shared)")
+    parser.add_argument("--strategy", choices=models.ISLES_STRATEGIES, default="shared", help="separate | shared | dwi_only (default shared)")
     parser.add_argument("--modalities", default=None, help="inputs: dwi_only, dwi_adc, all or KEY,KEY,... (default: the first input, the DWI, for --strategy dwi_only; every input of the dataset otherwise: DWI and ADC for ISLES 2022)")
     parser.add_argument("--init", choices=("scratch", "brats"), default="scratch", help="scratch, or brats: the network's encoder from --pretrain-ckpt (default scratch)")
     parser.add_argument("--pretrain-ckpt", type=Path, default=None, help="BraTS checkpoint for --init brats (required there; a missing file is an error)")

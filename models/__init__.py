@@ -28,7 +28,7 @@ from .factory import (
 from .resenc_unet import ResEncUNet, ResEncUNetConfig
 from .registry import ArchSpec, arch_names, arch_spec, register_arch
 from .resnet_unet import VARIANTS, ResNetUNet, ResNetUNetConfig
-from .strategies import STRATEGIES
+from .strategies import ISLES_STRATEGIES, STRATEGIES
 from .uctransnet3d import UCTransNet3D, UCTransNet3DConfig
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "DIGEST_KEY",
     "FORMAT_VERSION",
     "NORMS",
+    "ISLES_STRATEGIES",
     "STRATEGIES",
     "VARIANTS",
     "ResEncUNet",

@@ -30,9 +30,10 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-__all__ = ["STRATEGIES", "resolve_in_channels", "attach", "forward"]
+__all__ = ["STRATEGIES", "ISLES_STRATEGIES", "resolve_in_channels", "attach", "forward"]
 
 STRATEGIES = ("single", "dwi_only", "separate", "shared")
+ISLES_STRATEGIES = tuple(s for s in STRATEGIES if s != "single")  # the ISLES arms; 'single' is the stroke datasets' one-channel model
 _MULTI_HEAD = ("separate", "shared")  # one head per modality
 
 

@@ -2,15 +2,14 @@
 
 :func:`validate_grid` checks the whole grid when it is loaded, before any task runs, and raises
 ValueError with one line naming the key (``isles.arms[2][0]: unknown strategy 'shard' ...``).
-Architectures and datasets are looked up in their registries; ISLES strategies are the ResNet
-U-Net's two-input variants and its one-input DWI variant (:data:`models.resnet_unet.VARIANTS`).
+Architectures and datasets are looked up in their registries; ISLES strategies in
+:data:`models.ISLES_STRATEGIES` (separate, shared, dwi_only).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from models import arch_names
-from models.resnet_unet import VARIANTS
+from models import ISLES_STRATEGIES, arch_names
 
 from ..datasets.registry import dataset_names, dataset_spec
 
@@ -18,7 +17,6 @@ __all__ = ["validate_grid", "PLACEHOLDER"]
 
 N_FOLDS = 5  # the splits files hold fold_0 .. fold_4 (strokeseg.datasets.splits.make_splits)
 PLACEHOLDER = "/path/to"  # the shipped ablation.json's paths that must be replaced
-STRATEGIES = tuple(v for v in VARIANTS if v != "single")  # "single" is the stroke datasets' one-channel model
 ISLES_INITS = ("scratch", "brats")
 STROKE_ARMS = ("transfer", "scratch")
 TOP_KEYS = ("work_dir", "data", "folds", "architectures", "isles", "stroke", "compare", "epochs", "args", "resources")
@@ -91,7 +89,7 @@ def _arms(grid: Mapping[str, Any]) -> dict[str, set[str]]:
     isles, stroke = _table(grid, "isles"), _table(grid, "stroke")
     if isles.get("pretrain_arch") not in grid["architectures"]:
         _fail("isles.pretrain_arch", f"must be one of architectures, got {isles.get('pretrain_arch')!r}")
-    _pairs(isles.get("arms"), "isles.arms", (STRATEGIES, ISLES_INITS))
+    _pairs(isles.get("arms"), "isles.arms", (ISLES_STRATEGIES, ISLES_INITS))
     datasets = _list(stroke.get("datasets"), "stroke.datasets")
     for i, name in enumerate(datasets):
         if name not in dataset_names() or dataset_spec(name).brain_key is None:  # train_stroke.py's datasets

@@ -391,7 +391,6 @@ def _differing_arguments(recorded: Mapping[str, Any], current: Mapping[str, Any]
     return [f"--{key.replace('_', '-')} (was {short(old.get(key, '(absent)'))}, now {short(new.get(key, '(absent)'))})" for key in keys]
 
 
-
 def absolute_paths(value: Any) -> Any:
     """``value`` (arguments: dicts, lists, scalars) with every :class:`~pathlib.Path` made
     absolute with links resolved, as a string: one folder spelled two ways compares equal."""
@@ -402,7 +401,6 @@ def absolute_paths(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [absolute_paths(item) for item in value]
     return value
-
 
 
 def reusable_evaluation(
